@@ -1,0 +1,185 @@
+"""Command line: ``genunlearn forget|pretrain|methods|models`` and the scripts in ``scripts/``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from genunlearn.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a preset (see `genunlearn models`) or a timm model name")
+    parser.add_argument(
+        "--pretrained",
+        help="weights: a .safetensors/.pt file or a folder holding model.safetensors, or an hf-hub:ORG/NAME id "
+        "(needs network). Default: the preset's locally pretrained weights (trained on first use, then cached)",
+    )
+    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data")
+    parser.add_argument(
+        "--cache-dir", help="where pretrained models are cached (default: $GENUNLEARN_CACHE, else ~/.cache/genunlearn)"
+    )
+
+
+def forget_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forget_class.py",
+        description="Make a trained model forget a class (or a random subset, or a sub-class); evaluate before and "
+        "after; write the unlearned weights and report.json/report.md to --output-dir. The original weights are "
+        "never modified. Run it with `accelerate launch` for several processes or GPUs.",
+    )
+    add_model_arguments(parser)
+    what = parser.add_argument_group("what to forget (exactly one)")
+    what.add_argument("--class", dest="classes", type=int, nargs="+", default=[], metavar="C", help="class id(s) to forget")
+    what.add_argument("--random-fraction", type=float, help="forget this fraction of training samples, chosen by --seed")
+    what.add_argument("--subclass", dest="subclasses", type=int, nargs="+", default=[], metavar="S",
+                      help="sub-class id(s) to forget (data folder with superclasses.json)")
+    parser.add_argument("--method", default="random_label", help="unlearning method (see `genunlearn methods`; default: random_label)")
+    parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
+    parser.add_argument("--steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--batch-size", type=int, help="batch size per process")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and random labels (default 0)")
+    parser.add_argument("--log-every", type=int, help="log figures every N steps")
+    parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
+    parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", choices=["latest"],
+                        help="continue the unfinished run in --output-dir from its newest checkpoint")
+    return parser
+
+
+def forget_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.job import ForgetJob, run_forget_job
+
+    args = forget_parser().parse_args(argv)
+    settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                                   ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every)) if v is not None}
+    settings.update(dict(args.settings))
+    forgotten = "-".join(map(str, args.classes or args.subclasses)) or f"random{args.random_fraction}"
+    job = ForgetJob(
+        model=args.model,
+        method=args.method,
+        output_dir=args.output_dir or Path("outputs") / f"{args.model}-{forgotten}-{args.method}",
+        classes=args.classes,
+        random_fraction=args.random_fraction,
+        subclasses=args.subclasses,
+        settings=settings,
+        pretrained=args.pretrained,
+        data=args.data,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        resume=args.resume == "latest",
+    )
+    report = run_forget_job(job)
+    if _is_main_process():
+        before, after = report["before"], report["after"]
+        print(
+            f"{report['method']} on {report['model']}: forget_acc {before['forget_acc']:.3f} -> {after['forget_acc']:.3f}, "
+            f"retain_acc {before['retain_acc']:.3f} -> {after['retain_acc']:.3f}, test_acc {before['test_acc']:.3f} -> "
+            f"{after['test_acc']:.3f}, mia {before['mia']:.3f} -> {after['mia']:.3f} ({report['steps']} steps, "
+            f"{report['wall_time_s']:.1f} s); wrote {job.output_dir}/report.md"
+        )
+    return 0
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="Train a preset from scratch on its data (or --data) and cache it, or write it to --output-dir.",
+    )
+    parser.add_argument("--model", required=True, help="a preset (see `genunlearn models`) or a timm model name")
+    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data")
+    parser.add_argument("--cache-dir", help="cache to fill (default: $GENUNLEARN_CACHE, else ~/.cache/genunlearn)")
+    parser.add_argument("--output-dir", type=Path, help="also write model.safetensors + config.json here")
+    return parser
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    from accelerate import Accelerator
+
+    from genunlearn.eval.classify import accuracy, predict_logits
+    from genunlearn.models.loading import load_task
+    from genunlearn.models.store import save_model_dir
+
+    args = pretrain_parser().parse_args(argv)
+    if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()):
+        raise UserError(f"{args.output_dir} is not empty; choose a new --output-dir")
+    accelerator = Accelerator()
+    task = load_task(args.model, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator)
+    test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
+    if accelerator.is_main_process:
+        if args.output_dir is not None:
+            save_model_dir(task.model, {"preset": task.preset.to_dict(), "classes": task.train_data.classes}, args.output_dir)
+        print(f"{task.name}: test accuracy {test_acc:.4f}")
+    return 0
+
+
+def methods_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.methods import METHODS
+
+    argparse.ArgumentParser(prog="genunlearn methods", description="List the unlearning methods.").parse_args(argv)
+    for name, spec in sorted(METHODS.items()):
+        print(f"{name:14s} {spec.summary}")
+    return 0
+
+
+def models_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.models.presets import list_presets
+
+    argparse.ArgumentParser(prog="genunlearn models", description="List the model presets.").parse_args(argv)
+    for name, description in list_presets().items():
+        print(f"{name:18s} {description}")
+    print("(any timm model name is accepted too, e.g. --model resnet50)")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
+    "forget": (forget_main, "make a model forget a class and report before/after (same as scripts/forget_class.py)"),
+    "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
+    "methods": (methods_main, "list the unlearning methods"),
+    "models": (models_main, "list the model presets"),
+}
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
+    try:
+        return entry(argv)
+    except UserError as exc:
+        if _is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if _is_main_process():
+            print("interrupted; continue with --resume_from_checkpoint latest (if checkpoints were on)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: genunlearn COMMAND [options]   (genunlearn COMMAND --help for each)\n")
+        for name, (_, summary) in COMMANDS.items():
+            print(f"  {name:10s} {summary}")
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USER_ERROR
+    return guarded(COMMANDS[argv[0]][0], argv[1:])

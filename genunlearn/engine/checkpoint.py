@@ -1,0 +1,52 @@
+"""Periodic checkpoints of a loop: model (safetensors), optimizer (``weights_only`` torch file), loop state (JSON).
+
+We write these ourselves instead of ``accelerator.save_state``: its ``load_state`` unpickles RNG
+states with ``weights_only=False``, and our randomness is a function of (seed, step), so the
+model, the optimizer and the step are all a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from genunlearn.models.store import make_staging_dir
+
+CHECKPOINT_PREFIX = "step_"
+KEEP_CHECKPOINTS = 2
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict) -> Path:
+    """Write ``directory/step_<step>`` atomically and keep only the newest ``KEEP_CHECKPOINTS``. Main process only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(directory, "incomplete")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    (staging / "loop_state.json").write_text(json.dumps({"step": step, **loop_state}))
+    final = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under ``directory``, or None."""
+    found = sorted(p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(model state, optimizer state, loop state)`` from a checkpoint directory, loaded without unpickling code."""
+    model_state = load_file(str(path / "model.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    loop_state = json.loads((path / "loop_state.json").read_text())
+    return model_state, optimizer_state, loop_state

@@ -1,0 +1,202 @@
+"""The one training/unlearning loop every gradient method configures.
+
+A method supplies a *step function* that draws forget/retain batches from the context and
+calls ``ctx.backward_step(loss)`` once or more; the loop owns the optimizer, the learning-rate
+schedule, gradient clipping, the non-finite guard, accelerate's ``prepare``/``backward``, the
+progress bar, logged figures and periodic checkpoints with resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from genunlearn.engine.batches import BatchStream
+from genunlearn.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from genunlearn.errors import UserError
+from genunlearn.tasks.base import Task
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings shared by every loop-based method. ``batch_size`` is per process."""
+
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    clip_grad_norm: float | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw")
+        if self.schedule not in ("constant", "cosine"):
+            raise UserError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based ``step``."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
+
+
+def make_optimizer(cfg: LoopConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class StepContext:
+    """What a step function sees at one step."""
+
+    step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+    task: Task
+    cfg: LoopConfig
+    forget: BatchStream | None
+    retain: BatchStream | None
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded by (seed, step): identical on every process, and after a resume."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 7_919 + 17)
+
+    def global_randint(self, high: int, local_size: int) -> torch.Tensor:
+        """This process's slice of ``local_size * processes`` draws from ``[0, high)``: the values a single
+        process with the whole global batch would draw, so results do not depend on the process count."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        draws = torch.randint(0, high, (world * local_size,), generator=self.generator())
+        return draws[rank * local_size : (rank + 1) * local_size].to(self.accelerator.device)
+
+    def backward_step(self, loss: torch.Tensor) -> float:
+        """Zero grads, backward, clip (``cfg.clip_grad_norm``), guard against non-finite gradients, step.
+
+        Returns the gradient norm before clipping. The norm is taken after gradients are
+        all-reduced, so every process sees the same value and stops together on NaN.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
+        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(norm):
+            raise UserError(
+                f"the loss became non-finite at step {self.step} (gradient norm {norm}); lower the learning rate "
+                f"(--lr, now {self.cfg.lr}) or set a gradient clip; the last checkpoint is kept"
+            )
+        self.optimizer.step()
+        return norm
+
+
+StepFn = Callable[[StepContext], dict[str, float]]
+
+
+@dataclass
+class LoopResult:
+    """The trained model (unwrapped, on the accelerator's device), logged figures, steps run and wall time (s)."""
+
+    model: nn.Module
+    log: list[dict] = field(default_factory=list)
+    steps: int = 0
+    wall_time_s: float = 0.0
+
+
+def run_loop(
+    model: nn.Module,
+    task: Task,
+    step_fn: StepFn,
+    cfg: LoopConfig,
+    accelerator: Accelerator,
+    *,
+    forget_data: Dataset | None = None,
+    retain_data: Dataset | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    desc: str = "unlearning",
+) -> LoopResult:
+    """Run ``cfg.steps`` steps of ``step_fn`` on ``model`` (modified in place) and return it with its log.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every`` > 0, a checkpoint is written every that many
+    steps; ``resume=True`` continues from the newest one there (same config required).
+    """
+    optimizer = make_optimizer(cfg, model.parameters())
+    start_step, log, wall_before = 0, [], 0.0
+    optimizer_state = None
+    checkpoint = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+    if checkpoint is not None:
+        model_state, optimizer_state, loop_state = load_checkpoint(checkpoint)
+        model.load_state_dict(model_state)
+        start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    def stream(data: Dataset | None, offset: int) -> BatchStream | None:
+        if data is None:
+            return None
+        return BatchStream(data, cfg.batch_size, cfg.seed * 10 + offset, accelerator, start_step=start_step)
+
+    ctx = StepContext(start_step, model, optimizer, accelerator, task, cfg, stream(forget_data, 1), stream(retain_data, 2))
+    model.train()
+    window: dict[str, list[float]] = defaultdict(list)
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step in range(start_step, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        ctx.step = step
+        for key, value in step_fn(ctx).items():
+            window[key].append(float(value))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            entry = {"step": done, "lr": cfg.lr_at(step), **_mean_across_processes(window, accelerator)}
+            log.append(entry)
+            window.clear()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k != "step"})
+        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            wall = wall_before + time.perf_counter() - started
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, {"log": log, "wall_time_s": wall}
+                )
+            accelerator.wait_for_everyone()
+        bar.update(1)
+    bar.close()
+    return LoopResult(
+        model=accelerator.unwrap_model(model),
+        log=log,
+        steps=cfg.steps,
+        wall_time_s=wall_before + time.perf_counter() - started,
+    )
+
+
+def _mean_across_processes(window: dict[str, list[float]], accelerator: Accelerator) -> dict[str, float]:
+    keys = sorted(window)
+    local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], device=accelerator.device)
+    reduced = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+    return {k: float(v) for k, v in zip(keys, reduced.tolist())}

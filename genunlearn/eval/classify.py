@@ -1,0 +1,60 @@
+"""Classifier metrics: forget / retain / test accuracy and MIA on a forget split. Never trains."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from genunlearn.data.split import ForgetSplit
+from genunlearn.eval.mia import member_rate, softmax_entropy
+
+EVAL_BATCH_SIZE = 256
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N, K], labels [N])`` on the CPU, in dataset order, computed across processes and gathered on all."""
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False))
+    model.eval()
+    logits, labels = [], []
+    for images, batch_labels in loader:
+        batch_logits, batch_labels = accelerator.gather_for_metrics((model(images), batch_labels))
+        logits.append(batch_logits.float().cpu())
+        labels.append(batch_labels.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Fraction of rows whose arg-max equals the label; None for an empty set."""
+    if len(labels) == 0:
+        return None
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accelerator) -> dict:
+    """Accuracies (fractions in [0, 1]) and MIA for ``model`` on ``split``.
+
+    ``forget_acc``: on D_f; ``forget_test_acc``: on the forgotten classes' test samples (None for
+    random forgetting); ``retain_acc``: on D_r; ``test_acc``: on the retained classes' test samples;
+    ``mia``: fraction of D_f an entropy attack fitted on D_r (members) vs retained-class test
+    samples (non-members) calls member.
+    """
+    started = time.perf_counter()
+    model = model.to(accelerator.device)
+    outputs = {
+        part: predict_logits(model, getattr(split, part), accelerator) if len(getattr(split, part)) else None
+        for part in ("forget", "retain", "test_forget", "test_retain")
+    }
+    entropy = {part: softmax_entropy(out[0]) for part, out in outputs.items() if out is not None}
+    return {
+        "forget_acc": accuracy(*outputs["forget"]),
+        "forget_test_acc": accuracy(*outputs["test_forget"]) if outputs["test_forget"] else None,
+        "retain_acc": accuracy(*outputs["retain"]),
+        "test_acc": accuracy(*outputs["test_retain"]),
+        "mia": member_rate(entropy["retain"], entropy["test_retain"], entropy["forget"]),
+        "eval_time_s": time.perf_counter() - started,
+    }

@@ -1,0 +1,137 @@
+"""The main job: load a model, build the split, evaluate, unlearn, evaluate, write the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import Accelerator
+
+import genunlearn
+from genunlearn.data.split import SplitSpec, make_forget_split
+from genunlearn.errors import UserError
+from genunlearn.eval.classify import classifier_metrics
+from genunlearn.eval.report import SCHEMA_VERSION, write_report
+from genunlearn.methods import get_method
+from genunlearn.models.loading import load_task
+from genunlearn.models.presets import get_preset
+from genunlearn.models.store import atomic_write_text, save_model_dir
+from genunlearn.tasks.classifier import ClassifierTask
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+
+
+@dataclass
+class ForgetJob:
+    """One forgetting run. ``settings`` override the method's settings (after the preset's defaults)."""
+
+    model: str
+    method: str
+    output_dir: Path
+    classes: list[int] = field(default_factory=list)
+    random_fraction: float | None = None
+    subclasses: list[int] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    data: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (everything but where caches live and whether to resume)."""
+        return {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("cache_dir", "resume", "output_dir")
+        }
+
+    def split_spec(self) -> SplitSpec:
+        chosen = sum([bool(self.classes), self.random_fraction is not None, bool(self.subclasses)])
+        if chosen != 1:
+            raise UserError("say what to forget with exactly one of --class, --random-fraction or --subclass")
+        if self.random_fraction is not None:
+            return SplitSpec("random", fraction=self.random_fraction, seed=self.seed)
+        if self.subclasses:
+            return SplitSpec("subclass", classes=tuple(self.subclasses), seed=self.seed)
+        return SplitSpec("class", classes=tuple(self.classes), seed=self.seed)
+
+    def forgotten(self) -> int | list[int] | None:
+        ids = self.classes or self.subclasses
+        return None if not ids else ids[0] if len(ids) == 1 else list(ids)
+
+
+def check_output_dir(job: ForgetJob) -> None:
+    """Refuse to touch an output dir that holds anything but this job's unfinished run (resumable)."""
+    out = job.output_dir
+    if not out.exists() or not any(out.iterdir()):
+        return
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(f"{out} is not empty and holds no genunlearn run; choose a new --output-dir")
+    held = json.loads(run_file.read_text())
+    if held != job.identity():
+        differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
+        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir")
+    if (out / "report.json").is_file():
+        raise UserError(f"{out} already holds this finished run; choose a new --output-dir to run it again")
+    if not job.resume:
+        raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
+
+
+def method_config(method: str, task: ClassifierTask, settings: dict):
+    """``(method spec, config)``: its defaults, the pretraining recipe (retrain), the preset's, then ``settings``."""
+    spec = get_method(method)
+    layers = [task.preset.train.__dict__] if method == "retrain" else []
+    user = dict(settings)
+    if "steps" in user and "epochs" in {f.name for f in dataclasses.fields(spec.config_class)}:
+        user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
+    layers += [task.preset.methods.get(method, {}), user]
+    return spec, spec.make_config(*layers)
+
+
+def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
+    """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
+    accelerator = accelerator or Accelerator()
+    get_method(job.method)
+    preset = get_preset(job.model)
+    spec = job.split_spec()
+    check_output_dir(job)
+    task = load_task(job.model, pretrained=job.pretrained, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
+    split = make_forget_split(task.train_data, task.test_data, spec)
+    method, cfg = method_config(job.method, task, {"seed": job.seed, **job.settings})
+    if accelerator.is_main_process:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
+    before = classifier_metrics(task.model, split, accelerator)
+    result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
+    after = classifier_metrics(result.model, split, accelerator)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "genunlearn_version": genunlearn.__version__,
+        "model": preset.name,
+        "class": job.forgotten(),
+        "method": job.method,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "processes": accelerator.num_processes,
+        "split": split.summary(),
+        "config": dataclasses.asdict(cfg),
+        "before": before,
+        "after": after,
+        "log": result.log,
+        "weights": f"{MODEL_DIR}/model.safetensors",
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model_dir(result.model, {"preset": preset.to_dict(), "classes": task.train_data.classes, "unlearned": job.identity()}, job.output_dir / MODEL_DIR)
+        write_report(job.output_dir, report)
+        shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return report
+

@@ -1,0 +1,81 @@
+"""``load_task``: a preset or timm model, its data, and its weights (given, downloaded, cached or pretrained now)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from genunlearn.data.digits import load_digits_split
+from genunlearn.data.folders import ImageFolderDataset, default_transform
+from genunlearn.data.tensor_dataset import LabeledDataset
+from genunlearn.errors import UserError
+from genunlearn.models.cache import cache_root
+from genunlearn.models.presets import ClassifierPreset, get_preset
+from genunlearn.models.store import WEIGHTS_NAME, load_weights, save_model_dir
+from genunlearn.tasks.classifier import ClassifierTask, build_classifier
+from genunlearn.training import TrainConfig, train_from_scratch
+
+PRETRAIN_SEED = 0
+
+
+def load_datasets(preset: ClassifierPreset, data_dir: str | Path | None) -> tuple[LabeledDataset, LabeledDataset, str]:
+    """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size."""
+    if data_dir is not None:
+        transform = default_transform(preset.image_size, preset.channels)
+        train = ImageFolderDataset(data_dir, "train", transform)
+        test = ImageFolderDataset(data_dir, "test", transform)
+        return train, test, f"folder-{train.fingerprint()}"
+    if preset.dataset != "digits":
+        raise UserError(f"model {preset.name} is trained on {preset.dataset}, which is not embedded; pass --data DIR")
+    train, test = load_digits_split(preset.image_size)
+    return train, test, f"digits{preset.image_size}"
+
+
+def load_task(
+    model: str,
+    *,
+    pretrained: str | None = None,
+    data: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    accelerator: Accelerator | None = None,
+) -> ClassifierTask:
+    """Build the task for ``model`` (a preset or timm name).
+
+    Weights: ``pretrained`` as a local weights file or model folder, or an ``hf-hub:`` id; without it,
+    the cached locally pretrained weights, pretraining them now (with a progress bar) on first use.
+    """
+    preset = get_preset(model)
+    train, test, data_id = load_datasets(preset, data)
+    num_classes = len(train.classes)
+    if pretrained is None:
+        accelerator = accelerator or Accelerator()
+        network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator)
+    elif pretrained.startswith("hf-hub:"):
+        network = build_classifier(preset, num_classes, pretrained_id=pretrained)
+    else:
+        path = Path(pretrained)
+        network = build_classifier(preset, num_classes)
+        load_weights(network, path / WEIGHTS_NAME if path.is_dir() else path)
+    return ClassifierTask(preset, network.eval(), train, test)
+
+
+def _cached_or_pretrained(
+    preset: ClassifierPreset, train: LabeledDataset, data_id: str, root: Path, accelerator: Accelerator
+):
+    entry = root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{PRETRAIN_SEED}"
+    network = build_classifier(preset, len(train.classes))
+    if not (entry / WEIGHTS_NAME).is_file():
+        if accelerator.is_main_process:
+            print(f"pretraining {preset.name} on {data_id} (first use; cached in {entry})", flush=True)
+        task = ClassifierTask(preset, network, train, train)
+        cfg = TrainConfig.from_recipe(preset.train, seed=PRETRAIN_SEED, log_every=50)
+        trained = train_from_scratch(task, train, cfg, accelerator, desc=f"pretraining {preset.name}").model
+        if accelerator.is_main_process:
+            save_model_dir(trained, {"preset": preset.to_dict(), "data": data_id, "classes": train.classes}, entry)
+        accelerator.wait_for_everyone()
+    try:
+        load_weights(network, entry / WEIGHTS_NAME)
+    except UserError:
+        raise UserError(f"cached weights in {entry} are corrupt; delete that folder to pretrain again") from None
+    return network

@@ -1,0 +1,82 @@
+"""Saving and loading weights safely (safetensors, or ``torch.load(weights_only=True)``), atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from genunlearn.errors import UserError
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder in ``parent`` to build ``name`` in before renaming it into place."""
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
+    return staging
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.chmod(handle.name, 0o666 & ~_umask())
+    os.replace(handle.name, path)
+
+
+def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` atomically (built beside it, then renamed)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(directory.parent, directory.name)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(staging / WEIGHTS_NAME))
+    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch checkpoint (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; check the path or drop --pretrained to pretrain locally")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise UserError(f"weights file {path} is corrupt or unreadable ({str(exc).splitlines()[0][:80]}); delete it and re-create it") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} holds no state dict; save it with model.state_dict()")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load weights into ``model`` strictly; a shape or key mismatch is a UserError."""
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"weights in {path} do not fit this model ({first[:100]}); pass weights of the same architecture") from None

@@ -1,0 +1,80 @@
+"""Image classification with timm models: per-sample cross-entropy, predictions, parameter scopes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm
+from genunlearn.data.tensor_dataset import LabeledDataset
+from genunlearn.models import cnn as _register_cnn  # noqa: F401  (registers genunlearn_cnn with timm)
+from genunlearn.models.presets import ClassifierPreset
+from genunlearn.tasks.base import Batch, ParameterScope
+from genunlearn.errors import UserError
+
+
+def build_classifier(preset: ClassifierPreset, num_classes: int, pretrained_id: str | None = None) -> nn.Module:
+    """Create the preset's timm model with ``num_classes`` outputs; ``pretrained_id`` (``hf-hub:org/name``) downloads."""
+    name = pretrained_id or preset.timm_name
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained_id is not None, num_classes=num_classes, in_chans=preset.channels, **preset.model_args
+        )
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            f"could not fetch {pretrained_id} ({type(exc).__name__}: no network?); download its weights where there is a"
+            " network and pass --pretrained /path/to/model.safetensors"
+        ) from None
+    if preset.stem == "cifar":
+        _use_small_image_stem(model, preset.channels)
+    return model
+
+
+def _use_small_image_stem(model: nn.Module, channels: int) -> None:
+    """3x3 stride-1 first conv and no max-pool (the CIFAR ResNet stem), so 8-32 px inputs keep their resolution."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+        raise UserError(f"stem: cifar applies to timm ResNets only, not {type(model).__name__}")
+    model.conv1 = nn.Conv2d(channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+class ClassifierTask:
+    """A classifier, the preset that built it and the data it was trained on."""
+
+    def __init__(self, preset: ClassifierPreset, model: nn.Module, train_data: LabeledDataset, test_data: LabeledDataset) -> None:
+        self.preset = preset
+        self.name = preset.name
+        self.model = model
+        self.train_data = train_data
+        self.test_data = test_data
+        self.num_classes = len(train_data.classes)
+
+    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` images -> ``[B, num_classes]`` logits."""
+        return model(images)
+
+    def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample cross-entropy ``[B]`` (nats) against the batch's labels or ``labels``."""
+        images, batch_labels = batch
+        return F.cross_entropy(self.logits(model, images), batch_labels if labels is None else labels, reduction="none")
+
+    def fresh_model(self) -> nn.Module:
+        return build_classifier(self.preset, self.num_classes)
+
+    def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
+        """``all`` parameters, the affine ``batchnorm`` weights and biases, or the classifier ``head``."""
+        if scope == "all":
+            return list(model.named_parameters())
+        if scope == "batchnorm":
+            return [
+                (f"{module_name}.{param_name}", param)
+                for module_name, module in model.named_modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                for param_name, param in module.named_parameters(recurse=False)
+            ]
+        if scope == "head":
+            head = model.get_classifier()
+            head_ids = {id(p) for p in head.parameters()}
+            return [(n, p) for n, p in model.named_parameters() if id(p) in head_ids]
+        raise UserError(f"unknown parameter scope {scope!r}; use all, batchnorm or head")
