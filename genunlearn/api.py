@@ -26,7 +26,7 @@ def unlearn(
 
     ``settings`` override the method's config fields (e.g. ``steps=50, lr=0.01``) after the preset's defaults.
     """
-    spec, cfg = method_config(method, task, settings)
+    spec, cfg = method_config(method, task.preset, settings)
     return spec.run(
         task,
         split,

@@ -16,8 +16,8 @@ from genunlearn.errors import UserError
 from genunlearn.eval.classify import classifier_metrics
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.methods import get_method
-from genunlearn.models.loading import load_task
-from genunlearn.models.presets import get_preset
+from genunlearn.models.loading import load_datasets, load_network
+from genunlearn.models.presets import ClassifierPreset, get_preset
 from genunlearn.models.store import atomic_write_text, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask
 
@@ -84,27 +84,28 @@ def check_output_dir(job: ForgetJob) -> None:
         raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
 
 
-def method_config(method: str, task: ClassifierTask, settings: dict):
+def method_config(method: str, preset: ClassifierPreset, settings: dict):
     """``(method spec, config)``: its defaults, the pretraining recipe (retrain), the preset's, then ``settings``."""
     spec = get_method(method)
-    layers = [task.preset.train.__dict__] if method == "retrain" else []
+    layers = [preset.train.__dict__] if method == "retrain" else []
     user = dict(settings)
     if "steps" in user and "epochs" in {f.name for f in dataclasses.fields(spec.config_class)}:
         user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
-    layers += [task.preset.methods.get(method, {}), user]
+    layers += [preset.methods.get(method, {}), user]
     return spec, spec.make_config(*layers)
 
 
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     accelerator = accelerator or Accelerator()
-    get_method(job.method)
     preset = get_preset(job.model)
+    method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     check_output_dir(job)
-    task = load_task(job.model, pretrained=job.pretrained, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
-    split = make_forget_split(task.train_data, task.test_data, spec)
-    method, cfg = method_config(job.method, task, {"seed": job.seed, **job.settings})
+    train, test, data_id = load_datasets(preset, job.data)
+    split = make_forget_split(train, test, spec)
+    network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)
+    task = ClassifierTask(preset, network, train, test)
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))

@@ -40,24 +40,34 @@ def load_task(
     cache_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
 ) -> ClassifierTask:
-    """Build the task for ``model`` (a preset or timm name).
-
-    Weights: ``pretrained`` as a local weights file or model folder, or an ``hf-hub:`` id; without it,
-    the cached locally pretrained weights, pretraining them now (with a progress bar) on first use.
-    """
+    """Build the task for ``model`` (a preset or timm name) with its data and weights (see ``load_network``)."""
     preset = get_preset(model)
     train, test, data_id = load_datasets(preset, data)
+    network = load_network(preset, train, data_id, pretrained=pretrained, cache_dir=cache_dir, accelerator=accelerator)
+    return ClassifierTask(preset, network, train, test)
+
+
+def load_network(
+    preset: ClassifierPreset,
+    train: LabeledDataset,
+    data_id: str,
+    *,
+    pretrained: str | None = None,
+    cache_dir: str | Path | None = None,
+    accelerator: Accelerator | None = None,
+):
+    """The preset's network in eval mode. Weights: ``pretrained`` as a local weights file or model folder, or an
+    ``hf-hub:`` id; without it, the cached locally pretrained weights, pretrained now (with a progress bar) on first use."""
     num_classes = len(train.classes)
     if pretrained is None:
-        accelerator = accelerator or Accelerator()
-        network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator)
+        network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator or Accelerator())
     elif pretrained.startswith("hf-hub:"):
         network = build_classifier(preset, num_classes, pretrained_id=pretrained)
     else:
         path = Path(pretrained)
         network = build_classifier(preset, num_classes)
         load_weights(network, path / WEIGHTS_NAME if path.is_dir() else path)
-    return ClassifierTask(preset, network.eval(), train, test)
+    return network.eval()
 
 
 def _cached_or_pretrained(

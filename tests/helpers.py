@@ -1,0 +1,25 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from genunlearn.data.digits import load_digits_split
+
+
+def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | None = None) -> Path:
+    """Write a few digits per class as PNGs in ROOT/{train,test}/<class>/; ``empty_class`` gets a folder but no images."""
+    train, test = load_digits_split()
+    for split_name, data in (("train", train), ("test", test)):
+        counts = {c: 0 for c in range(10)}
+        for c in range(10):
+            (root / split_name / f"digit{c}").mkdir(parents=True, exist_ok=True)
+        for image, label in zip(data.images, data.targets.tolist()):
+            if label == empty_class or counts[label] >= per_class:
+                continue
+            pixels = ((image[0] + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
+            Image.fromarray(pixels, mode="L").save(root / split_name / f"digit{label}" / f"{counts[label]:03d}.png")
+            counts[label] += 1
+    return root

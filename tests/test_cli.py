@@ -1,0 +1,144 @@
+"""The main job through the CLI: report schema, resume, and every bad input (one line, exit 2, nothing overwritten)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genunlearn.cli import guarded, forget_main, main
+from genunlearn.eval.report import METRIC_KEYS, REQUIRED_KEYS
+from genunlearn.methods import random_label
+from helpers import export_digits_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def forget(*args: str) -> int:
+    return guarded(forget_main, ["--model", "cnn-digits", *args])
+
+
+@pytest.fixture(scope="module")
+def finished_run(cnn_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "rl"
+    assert forget("--class", "3", "--method", "random_label", "--output-dir", str(out)) == 0
+    return out
+
+
+def test_report_schema(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(report)
+    assert (report["model"], report["class"], report["method"]) == ("cnn-digits", 3, "random_label")
+    assert report["steps"] == report["config"]["steps"] > 0 and report["wall_time_s"] > 0
+    for phase in ("before", "after"):
+        assert all(0.0 <= report[phase][key] <= 1.0 for key in METRIC_KEYS)
+    assert report["after"]["forget_acc"] <= 0.05 <= report["before"]["forget_acc"]
+    assert report["split"]["forget"] + report["split"]["retain"] == 1437
+    assert report["log"] and report["log"][-1]["step"] == report["steps"]
+    assert (finished_run / "model" / "model.safetensors").is_file() and (finished_run / "report.md").is_file()
+    assert "| forget_acc |" in (finished_run / "report.md").read_text()
+    assert not (finished_run / "checkpoints").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model", "--class", "3"], "unknown model 'no-such-model'"),
+        (["--model", "cnn-digits", "--class", "3", "--method", "no-such-method"], "unknown method 'no-such-method'"),
+        (["--model", "cnn-digits", "--class", "10"], "class 10 is out of range"),
+        (["--model", "cnn-digits", "--class", "3", "--steps", "0"], "steps must be at least 1"),
+        (["--model", "cnn-digits", "--class", "3", "--pretrained", "/nonexistent/w.safetensors"], "does not exist"),
+        (["--model", "cnn-digits", "--class", "3", "--random-fraction", "0.1"], "exactly one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, cnn_task, tmp_path, capsys):
+    assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_corrupt_weights_file(tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a safetensors file at all")
+    assert forget("--class", "3", "--pretrained", str(weights), "--output-dir", str(tmp_path / "out")) == 2
+    assert "corrupt" in _one_error_line(capsys)
+    assert weights.read_bytes() == b"not a safetensors file at all"
+
+
+def test_class_with_no_samples(cnn_task, tmp_path, capsys):
+    data = export_digits_folder(tmp_path / "data", per_class=6, empty_class=4)
+    assert forget("--class", "4", "--data", str(data), "--output-dir", str(tmp_path / "out")) == 2
+    assert "has no training samples" in _one_error_line(capsys)
+
+
+def test_output_dir_holding_a_different_run_is_untouched(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert forget("--class", "5", "--output-dir", str(finished_run)) == 2
+    assert "holds a different run (differs in classes)" in _one_error_line(capsys)
+    assert forget("--class", "3", "--method", "random_label", "--output-dir", str(finished_run)) == 2
+    assert "already holds this finished run" in _one_error_line(capsys)
+    assert _snapshot(finished_run) == before
+
+
+def test_foreign_output_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert forget("--class", "3", "--output-dir", str(tmp_path)) == 2
+    assert "holds no genunlearn run" in _one_error_line(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_killed_job_resumes_to_the_same_weights(cnn_task, tmp_path, monkeypatch, capsys):
+    common = ["--class", "3", "--steps", "40", "--checkpoint-every", "10"]
+    assert forget(*common, "--output-dir", str(tmp_path / "straight")) == 0
+    real_step = random_label.random_label_step
+
+    def killed_at_25(ctx):
+        if ctx.step == 25:
+            raise KeyboardInterrupt
+        return real_step(ctx)
+
+    monkeypatch.setattr(random_label, "random_label_step", killed_at_25)
+    assert forget(*common, "--output-dir", str(tmp_path / "killed")) == 130
+    monkeypatch.setattr(random_label, "random_label_step", real_step)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    capsys.readouterr()
+    assert forget(*common, "--output-dir", str(tmp_path / "killed")) == 2
+    assert "--resume_from_checkpoint latest" in _one_error_line(capsys)
+    assert forget(*common, "--output-dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest") == 0
+    straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_script_runs_as_a_process_and_errors_without_traceback(cache_dir, tmp_path):
+    env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "forget_class.py"), "--model", "cnn-digits", "--class", "42"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: class 42 is out of range")
+
+
+def test_listing_commands(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("retrain", "finetune", "grad_ascent", "random_label"))
+    assert main(["models"]) == 0 and "resnet18-digits" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2

@@ -1,0 +1,73 @@
+"""The shared loop: batch streams, schedules, non-finite guard, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from genunlearn import UserError
+from genunlearn.engine.batches import StepBatchSampler
+from genunlearn.engine.checkpoint import latest_checkpoint
+from genunlearn.engine.loop import LoopConfig, run_loop
+from genunlearn.training import supervised_step
+
+
+def test_global_batch_is_the_same_for_any_process_count():
+    single = StepBatchSampler(size=50, batch_size=8, seed=3)
+    pair = [StepBatchSampler(size=50, batch_size=4, seed=3, rank=r, world=2) for r in (0, 1)]
+    for step in range(20):
+        assert single.indices(step) == pair[0].indices(step) + pair[1].indices(step)
+
+
+def test_each_epoch_is_a_fresh_permutation_and_resume_continues_the_stream():
+    sampler = StepBatchSampler(size=12, batch_size=4, seed=0)
+    epochs = [sum((sampler.indices(s) for s in range(3 * e, 3 * e + 3)), []) for e in range(3)]
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
+    assert epochs[0] != epochs[1]
+    resumed = iter(StepBatchSampler(size=12, batch_size=4, seed=0, start_step=5))
+    assert next(resumed) == sampler.indices(5)
+
+
+def test_cosine_schedule_and_bad_settings():
+    cfg = LoopConfig(steps=10, lr=1.0, schedule="cosine")
+    assert cfg.lr_at(0) == 1.0 and cfg.lr_at(5) == pytest.approx(0.5) and cfg.lr_at(10) == pytest.approx(0.0)
+    for bad in ({"steps": 0}, {"lr": -1.0}, {"optimizer": "lbfgs"}, {"schedule": "step"}, {"batch_size": 0}):
+        with pytest.raises(UserError):
+            LoopConfig(**bad)
+
+
+def _finetune(task, split, accelerator, cfg, checkpoint_dir=None, resume=False, step_fn=supervised_step):
+    model = copy.deepcopy(task.model)
+    return run_loop(model, task, step_fn, cfg, accelerator, retain_data=split.retain, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(cnn_task, class3_split, accelerator, tmp_path):
+    cfg = LoopConfig(steps=12, batch_size=32, lr=0.05, checkpoint_every=5, log_every=3)
+    straight = _finetune(cnn_task, class3_split, accelerator, cfg)
+
+    def dies_at_step_8(ctx):
+        if ctx.step == 8:
+            raise KeyboardInterrupt
+        return supervised_step(ctx)
+
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=dies_at_step_8)
+    assert latest_checkpoint(tmp_path).name == "step_0000005"
+    resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [e["step"] for e in resumed.log] == [3, 6, 9, 12]
+    assert resumed.log[-1]["retain_loss"] == pytest.approx(straight.log[-1]["retain_loss"])
+
+
+def test_non_finite_loss_stops_with_a_clear_error(cnn_task, class3_split, accelerator):
+    def nan_step(ctx):
+        images, labels = ctx.retain.next()
+        ctx.backward_step(ctx.task.loss(ctx.model, (images * float("nan"), labels)).mean())
+        return {}
+
+    with pytest.raises(UserError, match="non-finite.*lower the learning rate"):
+        _finetune(cnn_task, class3_split, accelerator, LoopConfig(steps=3), step_fn=nan_step)
+    assert all(torch.isfinite(p).all() for p in cnn_task.model.parameters())
