@@ -7,6 +7,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from genunlearn.data.split import ForgetSplit
+from genunlearn.distributed import make_accelerator
 from genunlearn.job import method_config
 from genunlearn.methods.registry import UnlearnResult
 from genunlearn.tasks.classifier import ClassifierTask
@@ -31,7 +32,7 @@ def unlearn(
         task,
         split,
         cfg,
-        accelerator or Accelerator(),
+        accelerator or make_accelerator(),
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
         resume=resume,
     )

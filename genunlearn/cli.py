@@ -111,8 +111,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
-    from accelerate import Accelerator
-
+    from genunlearn.distributed import make_accelerator
     from genunlearn.eval.classify import accuracy, predict_logits
     from genunlearn.models.loading import load_task
     from genunlearn.models.store import save_model_dir
@@ -120,7 +119,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     args = pretrain_parser().parse_args(argv)
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()):
         raise UserError(f"{args.output_dir} is not empty; choose a new --output-dir")
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     task = load_task(args.model, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator)
     test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
     if accelerator.is_main_process:

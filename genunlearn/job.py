@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 import genunlearn
 from genunlearn.data.split import SplitSpec, make_forget_split
+from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.classify import classifier_metrics
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
@@ -97,7 +98,7 @@ def method_config(method: str, preset: ClassifierPreset, settings: dict):
 
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     preset = get_preset(job.model)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()

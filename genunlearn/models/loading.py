@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from genunlearn.data.digits import load_digits_split
 from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.data.tensor_dataset import LabeledDataset
+from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.models.cache import cache_root
 from genunlearn.models.presets import ClassifierPreset, get_preset
@@ -60,7 +61,7 @@ def load_network(
     ``hf-hub:`` id; without it, the cached locally pretrained weights, pretrained now (with a progress bar) on first use."""
     num_classes = len(train.classes)
     if pretrained is None:
-        network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator or Accelerator())
+        network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator or make_accelerator())
     elif pretrained.startswith("hf-hub:"):
         network = build_classifier(preset, num_classes, pretrained_id=pretrained)
     else:
