@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from genunlearn.data.split import ForgetSplit
+from genunlearn.distributed import make_accelerator
 from genunlearn.eval.mia import member_rate, softmax_entropy
 
 EVAL_BATCH_SIZE = 256
@@ -35,7 +36,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     return float((logits.argmax(dim=1) == labels).double().mean())
 
 
-def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accelerator) -> dict:
+def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accelerator | None = None) -> dict:
     """Accuracies (fractions in [0, 1]) and MIA for ``model`` on ``split``.
 
     ``forget_acc``: on D_f; ``forget_test_acc``: on the forgotten classes' test samples (None for
@@ -44,6 +45,7 @@ def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accele
     samples (non-members) calls member.
     """
     started = time.perf_counter()
+    accelerator = accelerator or make_accelerator()
     model = model.to(accelerator.device)
     outputs = {
         part: predict_logits(model, getattr(split, part), accelerator) if len(getattr(split, part)) else None

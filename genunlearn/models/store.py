@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,7 +64,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"weights file {path} is corrupt or unreadable ({str(exc).splitlines()[0][:80]}); delete it and re-create it") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

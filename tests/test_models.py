@@ -1,0 +1,67 @@
+"""Presets, timm models by name, weights files, parameter scopes and the pretrain command."""
+
+from __future__ import annotations
+
+import argparse
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genunlearn import UserError
+from genunlearn.cli import guarded, pretrain_main
+from genunlearn.models.presets import get_preset, list_presets
+from genunlearn.models.store import load_weights, read_state_dict
+from genunlearn.tasks.classifier import build_classifier
+
+
+def test_presets_and_timm_names():
+    assert {"cnn-digits", "resnet18-digits"} <= set(list_presets())
+    resnet = build_classifier(get_preset("resnet18-digits"), 10)
+    assert resnet.conv1.stride == (1, 1) and resnet.conv1.in_channels == 1
+    assert resnet(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert get_preset("resnet10t").timm_name == "resnet10t"
+    with pytest.raises(UserError, match="unknown model 'resnet-9000'"):
+        get_preset("resnet-9000")
+
+
+def test_parameter_scopes(cnn_task):
+    model = cnn_task.model
+    batchnorm = cnn_task.trainable_parameters(model, "batchnorm")
+    assert sum(p.numel() for _, p in batchnorm) == 2 * (32 + 64 + 128)
+    assert all(".weight" in n or ".bias" in n for n, _ in batchnorm)
+    assert [n for n, _ in cnn_task.trainable_parameters(model, "head")] == ["fc.weight", "fc.bias"]
+    assert len(cnn_task.trainable_parameters(model, "all")) == len(list(model.parameters()))
+    with pytest.raises(UserError):
+        cnn_task.trainable_parameters(model, "prompts")
+
+
+def test_pretrain_command_writes_loadable_weights(cnn_task, cache_dir, tmp_path, capsys):
+    out = tmp_path / "pretrained"
+    assert guarded(pretrain_main, ["--model", "cnn-digits", "--output-dir", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in cnn_task.model.state_dict().items())
+    assert (out / "config.json").is_file()
+    assert guarded(pretrain_main, ["--model", "cnn-digits", "--output-dir", str(out)]) == 2  # never overwrites
+
+
+def test_torch_weights_file_is_loaded_safely(cnn_task, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": cnn_task.model.state_dict()}, path)
+    model = build_classifier(cnn_task.preset, 10)
+    load_weights(model, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), cnn_task.model.state_dict().values()))
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(UserError, match="do not fit this model"):
+        load_weights(model, path)
+    torch.save(argparse.Namespace(payload=1), path)  # an arbitrary pickled object: refused by weights_only loading
+    with pytest.raises(UserError, match="corrupt or unreadable"):
+        read_state_dict(path)
+
+
+def test_hub_id_without_network_names_the_fix(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="pass --pretrained /path/to/model.safetensors"):
+        build_classifier(get_preset("resnet18-digits"), 10, pretrained_id="hf-hub:timm/resnet18.a1_in1k")
