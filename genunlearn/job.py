@@ -103,6 +103,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     check_output_dir(job)
+    accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
     train, test, data_id = load_datasets(preset, job.data)
     split = make_forget_split(train, test, spec)
     network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)

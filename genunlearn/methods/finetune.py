@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from genunlearn.engine.loop import LoopConfig
 from genunlearn.methods.common import unlearn_with_loop
-from genunlearn.methods.registry import register_method
+from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.training import supervised_step
 
 
@@ -16,6 +15,8 @@ class FinetuneConfig(LoopConfig):
     """SGD on retain batches; defaults follow SalUn's classifier FT baseline (lr 0.01, momentum 0.9, wd 5e-4)."""
 
 
-run = register_method("finetune", "fine-tune on the retain set only (catastrophic forgetting baseline)", FinetuneConfig)(
-    partial(unlearn_with_loop, step_fn=supervised_step, uses_forget=False)
-)
+@register_method("finetune", "fine-tune on the retain set only (catastrophic forgetting baseline)", FinetuneConfig)
+def run(task, split, cfg: FinetuneConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
+    return unlearn_with_loop(
+        task, split, cfg, accelerator, supervised_step, checkpoint_dir=checkpoint_dir, resume=resume, uses_forget=False
+    )

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.objectives import gradient_ascent
 from genunlearn.methods.common import unlearn_with_loop
-from genunlearn.methods.registry import register_method
+from genunlearn.methods.registry import UnlearnResult, register_method
 
 
 @dataclass
@@ -25,6 +24,8 @@ def grad_ascent_step(ctx: StepContext) -> dict[str, float]:
     return {"forget_loss": -loss.item()}
 
 
-run = register_method("grad_ascent", "gradient ascent on the forget set's loss (ga objective only)", GradAscentConfig)(
-    partial(unlearn_with_loop, step_fn=grad_ascent_step, uses_retain=False)
-)
+@register_method("grad_ascent", "gradient ascent on the forget set's loss (ga objective only)", GradAscentConfig)
+def run(task, split, cfg: GradAscentConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
+    return unlearn_with_loop(
+        task, split, cfg, accelerator, grad_ascent_step, checkpoint_dir=checkpoint_dir, resume=resume, uses_retain=False
+    )

@@ -9,7 +9,7 @@ import torch
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.objectives import random_other_labels
 from genunlearn.methods.common import unlearn_with_loop
-from genunlearn.methods.registry import register_method
+from genunlearn.methods.registry import UnlearnResult, register_method
 
 
 @dataclass
@@ -32,8 +32,6 @@ def random_label_step(ctx: StepContext) -> dict[str, float]:
     return {"forget_rl_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 
 
-def run(task, split, cfg: RandomLabelConfig, accelerator, *, checkpoint_dir, resume):
+@register_method("random_label", "random other labels on the forget set plus retain descent, no mask", RandomLabelConfig)
+def run(task, split, cfg: RandomLabelConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(task, split, cfg, accelerator, random_label_step, checkpoint_dir=checkpoint_dir, resume=resume)
-
-
-register_method("random_label", "random other labels on the forget set plus retain descent, no mask", RandomLabelConfig)(run)

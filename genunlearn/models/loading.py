@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from genunlearn.data.digits import load_digits_split
 from genunlearn.data.folders import ImageFolderDataset, default_transform
@@ -76,7 +77,9 @@ def _cached_or_pretrained(
 ):
     entry = root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{PRETRAIN_SEED}"
     network = build_classifier(preset, len(train.classes))
-    if not (entry / WEIGHTS_NAME).is_file():
+    cached = [(entry / WEIGHTS_NAME).is_file()]
+    broadcast_object_list(cached)  # one decision for all processes, even if another job fills the cache meanwhile
+    if not cached[0]:
         if accelerator.is_main_process:
             print(f"pretraining {preset.name} on {data_id} (first use; cached in {entry})", flush=True)
         task = ClassifierTask(preset, network, train, train)
