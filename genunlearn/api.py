@@ -16,7 +16,7 @@ from genunlearn.tasks.classifier import ClassifierTask
 def unlearn(
     task: ClassifierTask,
     split: ForgetSplit,
-    method: str = "random_label",
+    method: str = "sfron",
     *,
     accelerator: Accelerator | None = None,
     checkpoint_dir: str | Path | None = None,

@@ -49,7 +49,7 @@ def forget_parser() -> argparse.ArgumentParser:
     what.add_argument("--random-fraction", type=float, help="forget this fraction of training samples, chosen by --seed")
     what.add_argument("--subclass", dest="subclasses", type=int, nargs="+", default=[], metavar="S",
                       help="sub-class id(s) to forget (data folder with superclasses.json)")
-    parser.add_argument("--method", default="random_label", help="unlearning method (see `genunlearn methods`; default: random_label)")
+    parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
     parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
     parser.add_argument("--steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
     parser.add_argument("--lr", type=float, help="learning rate")

@@ -17,6 +17,7 @@ from genunlearn.errors import UserError
 from genunlearn.eval.classify import classifier_metrics
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.methods import get_method
+from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.presets import ClassifierPreset, get_preset
 from genunlearn.models.store import atomic_write_text, save_model_dir
@@ -107,7 +108,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     train, test, data_id = load_datasets(preset, job.data)
     split = make_forget_split(train, test, spec)
     network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)
-    task = ClassifierTask(preset, network, train, test)
+    task = ClassifierTask(preset, network, train, test, cache_dir=cache_root(job.cache_dir))
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
@@ -127,6 +128,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
         "config": dataclasses.asdict(cfg),
         "before": before,
         "after": after,
+        "method_info": result.info,
         "log": result.log,
         "weights": f"{MODEL_DIR}/model.safetensors",
     }

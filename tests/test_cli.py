@@ -89,7 +89,7 @@ def test_class_with_no_samples(cnn_task, tmp_path, capsys):
 
 def test_output_dir_holding_a_different_run_is_untouched(finished_run, capsys):
     before = _snapshot(finished_run)
-    assert forget("--class", "5", "--output-dir", str(finished_run)) == 2
+    assert forget("--class", "5", "--method", "random_label", "--output-dir", str(finished_run)) == 2
     assert "holds a different run (differs in classes)" in _one_error_line(capsys)
     assert forget("--class", "3", "--method", "random_label", "--output-dir", str(finished_run)) == 2
     assert "already holds this finished run" in _one_error_line(capsys)
@@ -104,7 +104,7 @@ def test_foreign_output_dir_is_refused(tmp_path, capsys):
 
 
 def test_killed_job_resumes_to_the_same_weights(cnn_task, tmp_path, monkeypatch, capsys):
-    common = ["--class", "3", "--steps", "40", "--checkpoint-every", "10"]
+    common = ["--class", "3", "--method", "random_label", "--steps", "40", "--checkpoint-every", "10"]
     assert forget(*common, "--output-dir", str(tmp_path / "straight")) == 0
     real_step = random_label.random_label_step
 

@@ -26,7 +26,7 @@ def test_each_epoch_is_a_fresh_permutation_and_resume_continues_the_stream():
     epochs = [sum((sampler.indices(s) for s in range(3 * e, 3 * e + 3)), []) for e in range(3)]
     assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
     assert epochs[0] != epochs[1]
-    resumed = iter(StepBatchSampler(size=12, batch_size=4, seed=0, start_step=5))
+    resumed = iter(StepBatchSampler(size=12, batch_size=4, seed=0, start_batch=5))
     assert next(resumed) == sampler.indices(5)
 
 

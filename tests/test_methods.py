@@ -37,6 +37,16 @@ def test_method_forgets_the_class_and_keeps_the_rest(method, cnn_task, class3_sp
     assert all(torch.equal(v, original[k]) for k, v in cnn_task.model.state_dict().items()), "original modified"
 
 
+@pytest.mark.parametrize("method, settings", [("sfron", {}), ("salun", {}), ("sfron", {"joint": True})])
+def test_saliency_methods_forget_within_two_points(method, settings, cnn_task, class3_split, accelerator, before):
+    result = unlearn(cnn_task, class3_split, method, accelerator=accelerator, **settings)
+    after = classifier_metrics(result.model, class3_split, accelerator)
+    assert after["forget_acc"] <= 0.02 and after["forget_test_acc"] <= 0.05
+    assert after["retain_acc"] >= before["retain_acc"] - 0.02
+    assert after["test_acc"] >= before["test_acc"] - 0.02
+    assert 0.0 < result.info["mask_kept_fraction"] < 1.0 and result.info["mask_time_s"] >= 0.0
+
+
 def test_grad_ascent_forgets_at_some_cost(cnn_task, class3_split, accelerator, before):
     after = classifier_metrics(unlearn(cnn_task, class3_split, "grad_ascent", accelerator=accelerator).model, class3_split, accelerator)
     assert after["forget_acc"] <= 0.05
@@ -53,7 +63,7 @@ def test_finetune_raises_forget_loss_and_keeps_retain(cnn_task, class3_split, ac
 
 
 def test_registry_lists_the_baselines_and_rejects_unknown_settings(cnn_task, class3_split, accelerator):
-    assert {"retrain", "finetune", "grad_ascent", "random_label"} <= set(METHODS)
+    assert {"retrain", "finetune", "grad_ascent", "random_label", "sfron", "salun"} <= set(METHODS)
     assert all(spec.summary for spec in METHODS.values())
     with pytest.raises(UserError, match="no setting 'bogus'"):
         unlearn(cnn_task, class3_split, "random_label", accelerator=accelerator, bogus=1)

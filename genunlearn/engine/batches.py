@@ -1,10 +1,11 @@
 """Deterministic, resumable, process-count-independent batches.
 
-Step k's *global* batch is positions ``[k*B, (k+1)*B)`` of an index stream made of one seeded
-permutation per epoch (B = per-process batch x processes); process r takes its r-th slice.
-So step k sees the same samples whatever the number of processes, and a resumed run
-continues the stream exactly where it stopped, with no sampler state to save. (We shard
-ourselves rather than through ``accelerator.prepare(dataloader)`` for these two properties.)
+A stream's k-th *global* batch is positions ``[k*B, (k+1)*B)`` of an index stream made of one
+seeded permutation per epoch (B = per-process batch x processes); process r takes its r-th
+slice. So the k-th batch holds the same samples whatever the number of processes, and a
+resumed run continues the stream from its batch count alone, with no sampler state to save.
+(We shard ourselves rather than through ``accelerator.prepare(dataloader)`` for these two
+properties.)
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Endless batches of dataset indices for one process, starting at ``start_step``."""
+    """Endless batches of dataset indices for one process, starting at batch ``start_batch``."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_step: int = 0) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0) -> None:
         if size == 0:
             raise ValueError("cannot draw batches from an empty dataset")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world, self.start_step = rank, world, start_step
+        self.rank, self.world, self.start_batch = rank, world, start_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -32,9 +33,9 @@ class StepBatchSampler(Sampler[list[int]]):
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
         return self._perm
 
-    def indices(self, step: int) -> list[int]:
-        """This process's dataset indices at ``step``."""
-        start = (step * self.world + self.rank) * self.batch_size
+    def indices(self, batch: int) -> list[int]:
+        """This process's dataset indices in the stream's ``batch``-th batch."""
+        start = (batch * self.world + self.rank) * self.batch_size
         out = []
         for position in range(start, start + self.batch_size):
             epoch, offset = divmod(position, self.size)
@@ -42,14 +43,14 @@ class StepBatchSampler(Sampler[list[int]]):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
+        batch = self.start_batch
         while True:
-            yield self.indices(step)
-            step += 1
+            yield self.indices(batch)
+            batch += 1
 
 
 class BatchStream:
-    """Endless ``(images, labels)`` batches on the accelerator's device; see the module docstring."""
+    """Endless ``(images, labels)`` batches on the accelerator's device; ``position`` counts those drawn."""
 
     def __init__(
         self,
@@ -57,15 +58,17 @@ class BatchStream:
         batch_size: int,
         seed: int,
         accelerator: Accelerator,
-        start_step: int = 0,
+        start_batch: int = 0,
         num_workers: int = 0,
     ) -> None:
         sampler = StepBatchSampler(
-            len(dataset), batch_size, seed, accelerator.process_index, accelerator.num_processes, start_step
+            len(dataset), batch_size, seed, accelerator.process_index, accelerator.num_processes, start_batch
         )
+        self.position = start_batch
         self._device = accelerator.device
         self._batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = next(self._batches)
+        self.position += 1
         return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)

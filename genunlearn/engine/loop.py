@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
 from genunlearn.tasks.base import Task
 
@@ -93,22 +94,44 @@ class StepContext:
         draws = torch.randint(0, high, (world * local_size,), generator=self.generator())
         return draws[rank * local_size : (rank + 1) * local_size].to(self.accelerator.device)
 
-    def backward_step(self, loss: torch.Tensor) -> float:
-        """Zero grads, backward, clip (``cfg.clip_grad_norm``), guard against non-finite gradients, step.
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
 
-        Returns the gradient norm before clipping. The norm is taken after gradients are
-        all-reduced, so every process sees the same value and stops together on NaN.
+    def clip_gradients(self, max_norm: float | None) -> float:
+        """Clip to ``max_norm`` (None: no clipping) and return the norm before clipping.
+
+        The norm is taken after gradients are all-reduced, so every process sees the same value
+        and all stop together on a non-finite one.
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm else float("inf")
-        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm or float("inf")))
         if not math.isfinite(norm):
             raise UserError(
                 f"the loss became non-finite at step {self.step} (gradient norm {norm}); lower the learning rate "
                 f"(--lr, now {self.cfg.lr}) or set a gradient clip; the last checkpoint is kept"
             )
+        return norm
+
+    def optimizer_step(self, frozen: ParameterMask | None = None) -> None:
+        """Step the optimizer; with ``frozen``, its masked-out entries keep their values exactly."""
+        if frozen is None:
+            self.optimizer.step()
+            return
+        params = self.parameters()
+        held = frozen.held_values(params)
         self.optimizer.step()
+        frozen.restore_held(params, held)
+
+    def backward_step(self, loss: torch.Tensor, *, mask: ParameterMask | None = None, max_norm: float | None = None) -> float:
+        """Zero grads, backward, ``grad ⊙= mask`` (masked-out entries then stay put), clip, step.
+
+        ``max_norm`` (None: ``cfg.clip_grad_norm``) bounds the gradient norm; returns the norm before clipping.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if mask is not None:
+            mask.mask_gradients(self.parameters())
+        norm = self.clip_gradients(max_norm if max_norm is not None else self.cfg.clip_grad_norm)
+        self.optimizer_step(frozen=mask)
         return norm
 
 
@@ -144,23 +167,26 @@ def run_loop(
     steps; ``resume=True`` continues from the newest one there (same config required).
     """
     optimizer = make_optimizer(cfg, model.parameters())
-    start_step, log, wall_before = 0, [], 0.0
+    start_step, log, wall_before, positions = 0, [], 0.0, {}
     optimizer_state = None
     checkpoint = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
     if checkpoint is not None:
         model_state, optimizer_state, loop_state = load_checkpoint(checkpoint)
         model.load_state_dict(model_state)
         start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
+        positions = loop_state["stream_positions"]
     model, optimizer = accelerator.prepare(model, optimizer)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    def stream(data: Dataset | None, offset: int) -> BatchStream | None:
+    def stream(name: str, data: Dataset | None, offset: int) -> BatchStream | None:
         if data is None:
             return None
-        return BatchStream(data, cfg.batch_size, cfg.seed * 10 + offset, accelerator, start_step=start_step)
+        return BatchStream(data, cfg.batch_size, cfg.seed * 10 + offset, accelerator, start_batch=positions.get(name, 0))
 
-    ctx = StepContext(start_step, model, optimizer, accelerator, task, cfg, stream(forget_data, 1), stream(retain_data, 2))
+    ctx = StepContext(
+        start_step, model, optimizer, accelerator, task, cfg, stream("forget", forget_data, 1), stream("retain", retain_data, 2)
+    )
     model.train()
     window: dict[str, list[float]] = defaultdict(list)
     started = time.perf_counter()
@@ -181,9 +207,13 @@ def run_loop(
             wall = wall_before + time.perf_counter() - started
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(
-                    checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, {"log": log, "wall_time_s": wall}
-                )
+                streams = {"forget": ctx.forget, "retain": ctx.retain}
+                loop_state = {
+                    "log": log,
+                    "wall_time_s": wall,
+                    "stream_positions": {name: s.position for name, s in streams.items() if s is not None},
+                }
+                save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, loop_state)
             accelerator.wait_for_everyone()
         bar.update(1)
     bar.close()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from genunlearn.engine.loop import StepContext
 from genunlearn.tasks.base import Batch, Task
+
+if TYPE_CHECKING:
+    from genunlearn.engine.loop import StepContext
+
+FORGET_OBJECTIVES = ("ga", "adaga", "rl")
 
 
 def gradient_ascent(task: Task, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -14,8 +20,35 @@ def gradient_ascent(task: Task, model: nn.Module, batch: Batch) -> torch.Tensor:
     return -task.loss(model, batch).mean()
 
 
-def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: StepContext) -> torch.Tensor:
+def adaptive_weights(losses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``w_i = l_i^-λ / Σ_j l_j^-λ`` for per-sample losses ``[B]`` (detached; 1e-8 keeps l = 0 finite)."""
+    inverse = 1.0 / (losses.detach().clamp_min(0).pow(temperature) + 1e-8)
+    return inverse / inverse.sum()
+
+
+def adaptive_gradient_ascent(task: Task, model: nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
+    """``adaga`` (SFR-on): ``-Σ_i w_i l_i`` with ``adaptive_weights``; well-remembered samples are pushed hardest."""
+    losses = task.loss(model, batch)
+    return -(adaptive_weights(losses, temperature) * losses).sum()
+
+
+def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContext") -> torch.Tensor:
     """A uniformly random label different from each true label ``[B]`` (shift by 1..K-1, mod K)."""
     shift = ctx.global_randint(num_classes - 1, len(labels)) + 1
     return (labels + shift) % num_classes
 
+
+def random_label(task: Task, model: nn.Module, batch: Batch, ctx: "StepContext") -> torch.Tensor:
+    """``rl`` (classifier form): mean loss of forget samples against random *other* classes."""
+    return task.loss(model, batch, labels=random_other_labels(batch[1], task.num_classes, ctx)).mean()
+
+
+def forget_objective(name: str, task: Task, model: nn.Module, batch: Batch, ctx: "StepContext", temperature: float = 0.5) -> torch.Tensor:
+    """The objective called ``name`` (one of ``FORGET_OBJECTIVES``) on a forget batch."""
+    if name == "ga":
+        return gradient_ascent(task, model, batch)
+    if name == "adaga":
+        return adaptive_gradient_ascent(task, model, batch, temperature)
+    if name == "rl":
+        return random_label(task, model, batch, ctx)
+    raise ValueError(f"unknown forget objective {name!r}; use one of {', '.join(FORGET_OBJECTIVES)}")

@@ -3,7 +3,8 @@
 report.json keys (schema_version 1):
   schema_version, genunlearn_version, model, class (int, list of ints, or null for random forgetting),
   method, steps, wall_time_s (the method's own time), processes, split (spec and part sizes),
-  config (the method's settings), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
+  config (the method's settings), method_info (mask_kept_fraction, mask_time_s, mask_cached for
+  masked methods), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
   mia: fractions in [0, 1] or null; eval_time_s), log (figures every log_every steps), weights (path).
 """
 
@@ -57,6 +58,7 @@ def render_markdown(report: dict) -> str:
         "",
         *[f"- {k}: {v}" for k, v in report["config"].items()],
         "",
+        *(["## Method facts", "", *[f"- {k}: {v}" for k, v in report["method_info"].items()], ""] if report.get("method_info") else []),
         f"Unlearned weights: `{report['weights']}` (the original model is untouched).",
         "",
     ]

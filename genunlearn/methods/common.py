@@ -24,8 +24,9 @@ def unlearn_with_loop(
     resume: bool,
     uses_forget: bool = True,
     uses_retain: bool = True,
+    info: dict | None = None,
 ) -> UnlearnResult:
-    """Run ``step_fn`` on a deep copy of ``task.model`` (the original is never modified)."""
+    """Run ``step_fn`` on a deep copy of ``task.model`` (the original is never modified); ``info`` goes into the result."""
     result = run_loop(
         copy.deepcopy(task.model),
         task,
@@ -37,4 +38,4 @@ def unlearn_with_loop(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
-    return UnlearnResult(result.model, result.log, result.steps, result.wall_time_s)
+    return UnlearnResult(result.model, result.log, result.steps, result.wall_time_s, info or {})

@@ -17,12 +17,14 @@ from genunlearn.tasks.base import Task
 
 @dataclass
 class UnlearnResult:
-    """The model after unlearning (unwrapped), per-step figures, steps run and wall time (s)."""
+    """The model after unlearning (unwrapped), per-step figures, steps run, wall time (s) and method facts
+    (mask sparsity, mask time, ...)."""
 
     model: nn.Module
     log: list[dict] = field(default_factory=list)
     steps: int = 0
     wall_time_s: float = 0.0
+    info: dict = field(default_factory=dict)
 
 
 class MethodRun(Protocol):

@@ -46,7 +46,7 @@ def load_task(
     preset = get_preset(model)
     train, test, data_id = load_datasets(preset, data)
     network = load_network(preset, train, data_id, pretrained=pretrained, cache_dir=cache_dir, accelerator=accelerator)
-    return ClassifierTask(preset, network, train, test)
+    return ClassifierTask(preset, network, train, test, cache_dir=cache_root(cache_dir))
 
 
 def load_network(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -21,6 +22,7 @@ class Task(Protocol):
     train_data: LabeledDataset
     test_data: LabeledDataset
     num_classes: int
+    cache_dir: Path | None
 
     def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss ``[B]`` on ``batch`` (images, labels); ``labels`` replaces the batch's labels."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,10 +42,19 @@ def _use_small_image_stem(model: nn.Module, channels: int) -> None:
 
 
 class ClassifierTask:
-    """A classifier, the preset that built it and the data it was trained on."""
+    """A classifier, the preset that built it, the data it was trained on, and where its derived
+    artefacts (Fishers, masks) are cached (None: not cached)."""
 
-    def __init__(self, preset: ClassifierPreset, model: nn.Module, train_data: LabeledDataset, test_data: LabeledDataset) -> None:
+    def __init__(
+        self,
+        preset: ClassifierPreset,
+        model: nn.Module,
+        train_data: LabeledDataset,
+        test_data: LabeledDataset,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.preset = preset
+        self.cache_dir = cache_dir
         self.name = preset.name
         self.model = model
         self.train_data = train_data

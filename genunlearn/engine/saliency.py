@@ -1,0 +1,113 @@
+"""Gradient statistics over a dataset (the Fisher diagonal and its relatives) and the masks built on them.
+
+One implementation serves SFR-on's Fishers, SalUn's gradient magnitudes and SSD's importances.
+"""
+
+from __future__ import annotations
+
+import json
+import hashlib
+import math
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
+from genunlearn.models.store import make_staging_dir
+from genunlearn.tasks.base import Batch
+
+GradientTransform = Literal["square", "abs", "identity"]
+BatchLoss = Callable[[nn.Module, Batch], torch.Tensor]
+_TRANSFORMS: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {
+    "square": lambda grads: torch._foreach_mul(grads, grads),
+    "abs": torch._foreach_abs,
+    "identity": lambda grads: [g.clone() for g in grads],
+}
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batch_loss: BatchLoss,
+    dataset: Dataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    transform: GradientTransform = "square",
+    max_norm: float | None = None,
+    desc: str = "gradient statistics",
+) -> list[torch.Tensor]:
+    """``(1/n_b) Σ_b T(∇θ L̄_b)`` per parameter (``model.parameters()`` order), L̄_b the mean of
+    ``batch_loss`` over batch b, T = square (the Fisher diagonal), abs or identity.
+
+    Batches are the dataset's consecutive runs of ``batch_size`` (the last may be shorter), so the
+    result depends on the batch size: compare statistics only at equal batch sizes. The model is
+    in eval mode; with ``max_norm`` each batch gradient is clipped before T. Batch b runs on
+    process b mod N and the sums are all-reduced, so any process count gives the same result.
+    """
+    was_training = model.training
+    model.eval()
+    params = list(model.parameters())
+    totals = [torch.zeros_like(p) for p in params]
+    n_batches = math.ceil(len(dataset) / batch_size)
+    mine = [list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))
+            for b in range(accelerator.process_index, n_batches, accelerator.num_processes)]
+    for images, labels in tqdm(DataLoader(dataset, batch_sampler=mine), desc=desc, disable=not accelerator.is_local_main_process):
+        model.zero_grad(set_to_none=True)
+        batch_loss(model, (images.to(accelerator.device), labels.to(accelerator.device))).mean().backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        torch._foreach_add_(totals, _TRANSFORMS[transform](grads))
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return [t.div_(n_batches) for t in totals]
+
+
+def cached_gradient_statistics(
+    cache_dir: Path | None,
+    model: nn.Module,
+    batch_loss: BatchLoss,
+    loss_name: str,
+    dataset: Dataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    transform: GradientTransform = "square",
+    max_norm: float | None = None,
+    desc: str = "gradient statistics",
+) -> tuple[list[torch.Tensor], bool]:
+    """``accumulate_gradients``, cached on disk by (model weights, data, loss, batch size, transform, clip).
+
+    Returns ``(statistics, whether they came from the cache)``. No caching when ``cache_dir`` is None
+    or the dataset has no known fingerprint.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    data_id = dataset_fingerprint(dataset)
+    path = None
+    if cache_dir is not None and data_id is not None:
+        key = json.dumps([model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm])
+        path = Path(cache_dir) / "saliency" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    hit = [path is not None and path.is_file()]
+    broadcast_object_list(hit)
+    if hit[0]:
+        stored = load_file(str(path), device=str(accelerator.device))
+        return [stored[n] for n in names], True
+    stats = accumulate_gradients(
+        model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform, max_norm=max_norm, desc=desc
+    )
+    if path is not None and accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_dir(path.parent, path.stem)
+        save_file({n: s.contiguous().cpu() for n, s in zip(names, stats)}, str(staging / "stats.safetensors"))
+        (staging / "stats.safetensors").replace(path)
+        staging.rmdir()
+    return stats, False

@@ -1,0 +1,72 @@
+"""``salun``: SalUn (Fan et al., ICLR 2024), random labels on the forget set through a gradient-saliency mask."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from accelerate import Accelerator
+
+from genunlearn.data.split import ForgetSplit
+from genunlearn.engine.loop import LoopConfig, StepContext
+from genunlearn.engine.masks import ParameterMask, top_fraction_mask
+from genunlearn.engine.objectives import random_label
+from genunlearn.engine.saliency import cached_gradient_statistics
+from genunlearn.errors import UserError
+from genunlearn.methods.common import unlearn_with_loop
+from genunlearn.methods.registry import UnlearnResult, register_method
+from genunlearn.tasks.base import Task
+
+
+@dataclass
+class SalUnConfig(LoopConfig):
+    """Defaults: the classifier reference (OPTML-Group/Unlearn-Saliency, Classification/unlearn/RL.py with a
+    generate_mask.py mask): SGD 0.01 momentum 0.9 wd 5e-4, the top 50% of |∇(-CE on D_f)| kept, each
+    epoch one pass over D_f with random labels then one over D_r, 10 epochs (``epochs`` wins over ``steps``)."""
+
+    lr: float = 0.01
+    mask_fraction: float = 0.5
+    epochs: int | None = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.mask_fraction <= 1.0:
+            raise UserError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+
+
+def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
+    """``|mean_b ∇θ(-CE(D_f batch))|`` of the original model, globally top-``mask_fraction``."""
+    started = time.perf_counter()
+    model = task.model.to(accelerator.device)
+    scores, cached = cached_gradient_statistics(
+        task.cache_dir, model, lambda net, batch: -task.loss(net, batch), "neg_cross_entropy", split.forget, accelerator,
+        batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", desc="saliency on forget set",
+    )
+    names = [n for n, _ in model.named_parameters()]
+    mask = top_fraction_mask(names, scores, cfg.mask_fraction).to(accelerator.device)
+    return mask, {"mask_kept_fraction": mask.kept_fraction(), "mask_time_s": time.perf_counter() - started, "mask_cached": cached}
+
+
+def salun_step(ctx: StepContext, mask: ParameterMask, forget_batches: int, retain_batches: int) -> dict[str, float]:
+    """Within each epoch: ``forget_batches`` random-label steps on D_f, then ``retain_batches`` steps on D_r."""
+    if ctx.step % (forget_batches + retain_batches) < forget_batches:
+        loss = random_label(ctx.task, ctx.model, ctx.forget.next(), ctx)
+        ctx.backward_step(loss, mask=mask)
+        return {"forget_rl_loss": loss.item()}
+    loss = ctx.task.loss(ctx.model, ctx.retain.next()).mean()
+    ctx.backward_step(loss, mask=mask)
+    return {"retain_loss": loss.item()}
+
+
+@register_method("salun", "SalUn: random labels on the forget set then retain descent, through a gradient-saliency mask", SalUnConfig)
+def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
+    global_batch = cfg.batch_size * accelerator.num_processes
+    forget_batches = math.ceil(len(split.forget) / global_batch)
+    retain_batches = math.ceil(len(split.retain) / global_batch)
+    if cfg.epochs is not None:
+        cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * (forget_batches + retain_batches), "epochs": None})
+    mask, info = salun_mask(task, split, cfg, accelerator)
+    step = partial(salun_step, mask=mask, forget_batches=forget_batches, retain_batches=retain_batches)
+    return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info)

@@ -1,0 +1,204 @@
+"""The gradient-geometry engine's math on tiny models: Fishers, masks, fast-slow steps, objectives."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from genunlearn.data.tensor_dataset import LabeledTensorDataset
+from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iteration, joint_iteration
+from genunlearn.engine.loop import LoopConfig, StepContext
+from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
+from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights
+from genunlearn.engine.saliency import accumulate_gradients, cached_gradient_statistics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def regression_data(n: int = 5, seed: int = 0) -> LabeledTensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randint(-3, 4, (n,), generator=generator)  # integer regression targets
+    return LabeledTensorDataset(inputs, targets, ["y"])
+
+
+def squared_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, targets = batch
+    return (model(inputs).squeeze(-1) - targets.double()) ** 2
+
+
+def linear_model(weights=(0.5, -1.0, 2.0)) -> nn.Linear:
+    model = nn.Linear(3, 1, bias=False).double()
+    model.weight.data = torch.tensor([weights], dtype=torch.float64)
+    return model
+
+
+def batch_gradient(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """By hand: ∇_w mean_i (w·x_i - y_i)^2 = (2/|b|) Σ_i (w·x_i - y_i) x_i."""
+    return 2.0 / len(y) * ((x @ w - y.double())[:, None] * x).sum(0)
+
+
+def test_fisher_equals_hand_computation(accelerator):
+    data, model = regression_data(), linear_model()
+    w = model.weight.detach()[0]
+    batches = [slice(0, 2), slice(2, 4), slice(4, 5)]
+    grads = [batch_gradient(w, data.images[b], data.targets[b]) for b in batches]
+    fisher = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2)[0][0]
+    assert torch.allclose(fisher, sum(g**2 for g in grads) / 3, atol=1e-12)
+    magnitude = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, transform="abs")[0][0]
+    assert torch.allclose(magnitude, sum(g.abs() for g in grads) / 3, atol=1e-12)
+    signed = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, transform="identity")[0][0]
+    assert torch.allclose(signed, sum(grads) / 3, atol=1e-12)
+    clipped = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, max_norm=0.1)[0][0]
+    expected = sum((g * min(1.0, 0.1 / (g.norm() + 1e-6))) ** 2 for g in grads) / 3
+    assert torch.allclose(clipped, expected, atol=1e-9)
+    assert model.training  # mode restored
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_cache_hits_only_for_the_same_key(accelerator, tmp_path):
+    data, model = regression_data(), linear_model()
+    first, hit1 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
+    again, hit2 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
+    other, hit3 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=3)
+    assert (hit1, hit2, hit3) == (False, True, False)
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    model.weight.data += 1.0
+    _, hit4 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
+    assert not hit4  # new weights, new key
+
+
+def test_masks_equal_their_formulas():
+    forget = [torch.tensor([1.0, 2.0, 0.0, 5.0]), torch.tensor([[3.0]])]
+    retain = [torch.tensor([1.0, 4.0, 0.0, 1.0]), torch.tensor([[6.0]])]
+    mask = fisher_ratio_mask(["a", "b"], forget, retain, threshold=1.0)
+    assert mask.keep[0].tolist() == [True, False, True, True] and mask.keep[1].tolist() == [[False]]
+    assert fisher_ratio_mask(["a", "b"], forget, retain, threshold=3.0).keep[0].tolist() == [False, False, False, True]
+    scores = [torch.randn(40, generator=torch.Generator().manual_seed(1)), torch.randn(3, 20, generator=torch.Generator().manual_seed(2))]
+    top = top_fraction_mask(["a", "b"], scores, 0.25)
+    kept = torch.cat([s.abs().flatten()[k.flatten()] for s, k in zip(scores, top.keep)])
+    dropped = torch.cat([s.abs().flatten()[~k.flatten()] for s, k in zip(scores, top.keep)])
+    assert kept.numel() == 25 and kept.min() > dropped.max()
+    assert top.kept_fraction() == pytest.approx(0.25)
+    restored = ParameterMask.from_state_dict(top.state_dict(), ["a", "b"])
+    assert all(torch.equal(a, b) for a, b in zip(restored.keep, top.keep))
+
+
+def test_adaptive_weights_and_objective():
+    losses = torch.tensor([0.5, 1.0, 4.0])
+    expected = losses**-0.5 / (losses**-0.5).sum()
+    assert torch.allclose(adaptive_weights(losses, 0.5), expected, atol=1e-6)
+    assert adaptive_weights(losses, 0.5)[0] > adaptive_weights(losses, 0.5)[2]  # low loss pushed hardest
+
+    class Task:
+        def loss(self, model, batch, labels=None):
+            return losses.clone().requires_grad_()
+
+    value = adaptive_gradient_ascent(Task(), None, None, 0.5)
+    assert value.item() == pytest.approx(-(expected * losses).sum().item(), rel=1e-6)
+
+
+def test_cosine_decay_and_slow_weights():
+    assert cosine_decay(10.0, 0, 100) == 10.0 and cosine_decay(10.0, 50, 100) == pytest.approx(5.0)
+    assert cosine_decay(10.0, 100, 100) == pytest.approx(0.0)
+    param = nn.Parameter(torch.tensor([0.0, 2.0]))
+    pull = SlowWeights(beta=0.25)
+    pull.begin([param])
+    param.data += 4.0
+    pull.end([param])
+    assert param.data.tolist() == [1.0, 3.0]  # 0.75 * start + 0.25 * end
+    off = SlowWeights(beta=1.0)
+    off.begin([param])
+    param.data += 4.0
+    off.end([param])
+    assert param.data.tolist() == [5.0, 7.0]
+
+
+class _Stream:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next(self):
+        return self.batch
+
+
+def _context(model, accelerator, lr=0.1, momentum=0.0, weight_decay=0.0):
+    cfg = LoopConfig(steps=1, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return StepContext(0, model, optimizer, accelerator, None, cfg, None, None)
+
+
+def test_remain_gradient_is_taken_at_post_forget_weights(accelerator):
+    forget_data, retain_data = regression_data(4, seed=1), regression_data(4, seed=2)
+    xf, yf, xr, yr = forget_data.images, forget_data.targets, retain_data.images, retain_data.targets
+    model = linear_model()
+    mask = ParameterMask(["weight"], [torch.tensor([[True, False, True]])])
+    w0 = model.weight.detach()[0].clone()
+    ctx = _context(model, accelerator)
+    fast_slow_iteration(
+        ctx,
+        lambda: -squared_loss(model, (xf, yf)).mean(),
+        lambda: squared_loss(model, (xr, yr)).mean(),
+        mask=mask, forget_clip=None, retain_clip=None,
+    )
+    keep = mask.keep[0][0].double()
+    w1 = w0 + 0.1 * keep * batch_gradient(w0, xf, yf)
+    w2 = w1 - 0.1 * batch_gradient(w1, xr, yr)
+    assert torch.allclose(model.weight.detach()[0], w2, atol=1e-12)
+    taken_at_start = w1 - 0.1 * batch_gradient(w0, xr, yr)
+    assert not torch.allclose(w2, taken_at_start, atol=1e-6)
+
+    joint_model = linear_model()
+    joint_iteration(
+        _context(joint_model, accelerator),
+        lambda: -squared_loss(joint_model, (xf, yf)).mean(),
+        lambda: squared_loss(joint_model, (xr, yr)).mean(),
+        mask=mask, max_norm=None,
+    )
+    joint = w0 + 0.1 * keep * batch_gradient(w0, xf, yf) - 0.1 * batch_gradient(w0, xr, yr)
+    assert torch.allclose(joint_model.weight.detach()[0], joint, atol=1e-12)
+
+
+def test_masked_parameters_do_not_move_on_a_forget_step(cnn_task, class3_split, accelerator):
+    import copy
+
+    model = copy.deepcopy(cnn_task.model).train()
+    ctx = _context(model, accelerator, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images = torch.stack([class3_split.retain[i][0] for i in range(32)])
+    labels = torch.tensor([class3_split.retain[i][1] for i in range(32)])
+    for _ in range(2):  # build up momentum so that an unguarded step would move every weight
+        ctx.backward_step(cnn_task.loss(model, (images, labels)).mean())
+    generator = torch.Generator().manual_seed(0)
+    mask = ParameterMask([n for n, _ in model.named_parameters()], [torch.rand(p.shape, generator=generator) < 0.5 for p in model.parameters()])
+    before = [p.detach().clone() for p in model.parameters()]
+    forget_images = torch.stack([class3_split.forget[i][0] for i in range(32)])
+    forget_labels = torch.tensor([class3_split.forget[i][1] for i in range(32)])
+    ctx.backward_step(-cnn_task.loss(model, (forget_images, forget_labels)).mean(), mask=mask, max_norm=7.0)
+    for old, new, keep in zip(before, model.parameters(), mask.keep):
+        assert torch.equal(old[~keep], new.detach()[~keep])
+    assert any(not torch.equal(old[keep], new.detach()[keep]) for old, new, keep in zip(before, model.parameters(), mask.keep))
+
+
+def test_fisher_from_two_processes_equals_one(cnn_task, class3_split, cache_dir, accelerator, tmp_path):
+    out = tmp_path / "fisher2.safetensors"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+        str(REPO / "tests" / "workers" / "fisher_dump.py"), str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = load_file(str(out))
+    one = accumulate_gradients(cnn_task.model, cnn_task.loss, class3_split.forget, accelerator, batch_size=32)
+    names = [n for n, _ in cnn_task.model.named_parameters()]
+    assert math.ceil(len(class3_split.forget) / 32) % 2 == 1  # uneven batches per process are covered
+    for name, expected in zip(names, one):
+        assert torch.allclose(two[name], expected, rtol=1e-4, atol=1e-10), name
