@@ -99,8 +99,8 @@ def cached_gradient_statistics(
     hit = [path is not None and path.is_file()]
     broadcast_object_list(hit)
     if hit[0]:
-        stored = load_file(str(path), device=str(accelerator.device))
-        return [stored[n] for n in names], True
+        stored = load_file(str(path))
+        return [stored[n].to(accelerator.device) for n in names], True
     stats = accumulate_gradients(
         model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform, max_norm=max_norm, desc=desc
     )
