@@ -113,19 +113,35 @@ def pretrain_parser() -> argparse.ArgumentParser:
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.distributed import make_accelerator
     from genunlearn.eval.classify import accuracy, predict_logits
+    from genunlearn.eval.generative import classify_generated
+    from genunlearn.models.diffusion_loading import pipeline_for, save_pipeline
     from genunlearn.models.loading import load_task
     from genunlearn.models.store import save_model_dir
+    from genunlearn.tasks.diffusion import DiffusionTask
 
     args = pretrain_parser().parse_args(argv)
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()):
         raise UserError(f"{args.output_dir} is not empty; choose a new --output-dir")
     accelerator = make_accelerator()
     task = load_task(args.model, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator)
-    test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
+    if isinstance(task, DiffusionTask):
+        classifier = load_task(task.preset.eval_classifier, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator).model
+        sampling = task.preset.sampling
+        pipeline = pipeline_for(task)
+        per_class = classify_generated(pipeline, classifier, list(range(task.num_classes)), 50, accelerator,
+                                       guidance=sampling.guidance, steps=sampling.steps)
+        summary = f"samples recognised as their class by {task.preset.eval_classifier}: " + ", ".join(
+            f"{c}: {m['accuracy']:.2f}" for c, m in sorted(per_class.items()))
+        save = lambda: save_pipeline(pipeline, args.output_dir)  # noqa: E731
+    else:
+        test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
+        summary = f"test accuracy {test_acc:.4f}"
+        save = lambda: save_model_dir(  # noqa: E731
+            task.model, {"preset": task.preset.to_dict(), "classes": task.train_data.classes}, args.output_dir)
     if accelerator.is_main_process:
         if args.output_dir is not None:
-            save_model_dir(task.model, {"preset": task.preset.to_dict(), "classes": task.train_data.classes}, args.output_dir)
-        print(f"{task.name}: test accuracy {test_acc:.4f}")
+            save()
+        print(f"{task.name}: {summary}")
     return 0
 
 

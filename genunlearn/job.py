@@ -101,6 +101,11 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     accelerator = accelerator or make_accelerator()
     preset = get_preset(job.model)
+    if not isinstance(preset, ClassifierPreset):
+        raise UserError(
+            f"{preset.name} is a diffusion model; the forget job handles classifiers so far (diffusion models can be "
+            f"pretrained and sampled: `genunlearn pretrain --model {preset.name}`)"
+        )
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     check_output_dir(job)

@@ -16,8 +16,8 @@ from genunlearn.tasks.base import Task
 
 
 def supervised_step(ctx: StepContext) -> dict[str, float]:
-    """One descent step on the mean loss of a retain batch (true labels)."""
-    loss = ctx.task.loss(ctx.model, ctx.retain.next()).mean()
+    """One descent step on the mean training loss of a retain batch (true labels; diffusion: with label dropout)."""
+    loss = ctx.task.training_loss(ctx.model, ctx.retain.next()).mean()
     ctx.backward_step(loss)
     return {"retain_loss": loss.item()}
 

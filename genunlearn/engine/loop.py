@@ -195,6 +195,8 @@ def run_loop(
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         ctx.step = step
+        # global RNG (diffusion noise and timesteps, dropout) drawn afresh per step and process: resumable
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + accelerator.process_index * 104_729 + 1)
         for key, value in step_fn(ctx).items():
             window[key].append(float(value))
         done = step + 1

@@ -49,16 +49,19 @@ def accumulate_gradients(
     Batches are the dataset's consecutive runs of ``batch_size`` (the last may be shorter), so the
     result depends on the batch size: compare statistics only at equal batch sizes. The model is
     in eval mode; with ``max_norm`` each batch gradient is clipped before T. Batch b runs on
-    process b mod N and the sums are all-reduced, so any process count gives the same result.
+    process b mod N with the global RNG seeded by b (diffusion losses draw noise and timesteps), and
+    the sums are all-reduced, so any process count gives the same result.
     """
     was_training = model.training
     model.eval()
     params = list(model.parameters())
     totals = [torch.zeros_like(p) for p in params]
     n_batches = math.ceil(len(dataset) / batch_size)
-    mine = [list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))
-            for b in range(accelerator.process_index, n_batches, accelerator.num_processes)]
-    for images, labels in tqdm(DataLoader(dataset, batch_sampler=mine), desc=desc, disable=not accelerator.is_local_main_process):
+    my_batches = list(range(accelerator.process_index, n_batches, accelerator.num_processes))
+    mine = [list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size))) for b in my_batches]
+    loader = DataLoader(dataset, batch_sampler=mine)
+    for b, (images, labels) in zip(my_batches, tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process)):
+        torch.manual_seed(1_000_003 + b)
         model.zero_grad(set_to_none=True)
         batch_loss(model, (images.to(accelerator.device), labels.to(accelerator.device))).mean().backward()
         if max_norm is not None:

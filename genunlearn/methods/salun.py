@@ -37,11 +37,12 @@ class SalUnConfig(LoopConfig):
 
 
 def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
-    """``|mean_b ∇θ(-CE(D_f batch))|`` of the original model, globally top-``mask_fraction``."""
+    """``|mean_b ∇θ L(D_f batch)|`` of the original model (L the task's importance loss; SalUn ascends it, and the
+    sign does not change the magnitude), globally top-``mask_fraction``."""
     started = time.perf_counter()
     model = task.model.to(accelerator.device)
     scores, cached = cached_gradient_statistics(
-        task.cache_dir, model, lambda net, batch: -task.loss(net, batch), "neg_cross_entropy", split.forget, accelerator,
+        task.cache_dir, model, task.importance_loss, task.importance_loss_id, split.forget, accelerator,
         batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", desc="saliency on forget set",
     )
     names = [n for n, _ in model.named_parameters()]

@@ -55,14 +55,15 @@ class SFRonConfig(LoopConfig):
 
 
 def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
-    """Fishers of the original model on D_f and D_r (cross-entropy, one batch size for both) and their ratio mask."""
+    """Fishers of the original model on D_f and D_r (the task's importance loss, one batch size for both) and
+    their ratio mask."""
     started = time.perf_counter()
     model = task.model.to(accelerator.device)
     fisher_batch = cfg.batch_size * accelerator.num_processes
     stats = {}
     for part in ("forget", "retain"):
         stats[part] = cached_gradient_statistics(
-            task.cache_dir, model, task.loss, "cross_entropy", getattr(split, part), accelerator,
+            task.cache_dir, model, task.importance_loss, task.importance_loss_id, getattr(split, part), accelerator,
             batch_size=fisher_batch, transform="square", max_norm=cfg.fisher_clip, desc=f"Fisher on {part} set",
         )
     names = [n for n, _ in model.named_parameters()]

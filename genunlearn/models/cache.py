@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 CACHE_ENV = "GENUNLEARN_CACHE"
+PRETRAIN_SEED = 0
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -15,3 +20,21 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "genunlearn"
+
+
+def pretrained_entry(root: Path, preset, data_id: str, seed: int) -> Path:
+    """The cache folder of ``preset`` pretrained on ``data_id`` with ``seed`` (changes when the recipe does)."""
+    return root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{seed}"
+
+
+def pretrain_once(entry: Path, marker: str, pretrain_and_save: Callable[[], None], accelerator: Accelerator, what: str) -> None:
+    """Unless ``entry/marker`` exists, run ``pretrain_and_save`` on every process (it writes ``entry`` from the
+    main one) and wait for it. The main process decides for all, even if another job fills the cache meanwhile."""
+    cached = [(entry / marker).is_file()]
+    broadcast_object_list(cached)
+    if cached[0]:
+        return
+    if accelerator.is_main_process:
+        print(f"pretraining {what} (first use; cached in {entry})", flush=True)
+    pretrain_and_save()
+    accelerator.wait_for_everyone()

@@ -5,23 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from genunlearn.data.digits import load_digits_split
 from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.models.cache import cache_root
-from genunlearn.models.presets import ClassifierPreset, get_preset
+from genunlearn.models.cache import PRETRAIN_SEED, cache_root, pretrain_once, pretrained_entry
+from genunlearn.models.diffusion_loading import load_diffusion_task
+from genunlearn.models.presets import ClassifierPreset, DiffusionPreset, Preset, get_preset
 from genunlearn.models.store import WEIGHTS_NAME, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
+from genunlearn.tasks.diffusion import DiffusionTask
 from genunlearn.training import TrainConfig, train_from_scratch
 
-PRETRAIN_SEED = 0
 
 
-def load_datasets(preset: ClassifierPreset, data_dir: str | Path | None) -> tuple[LabeledDataset, LabeledDataset, str]:
+def load_datasets(preset: Preset, data_dir: str | Path | None) -> tuple[LabeledDataset, LabeledDataset, str]:
     """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size."""
     if data_dir is not None:
         transform = default_transform(preset.image_size, preset.channels)
@@ -41,10 +41,16 @@ def load_task(
     data: str | Path | None = None,
     cache_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
-) -> ClassifierTask:
-    """Build the task for ``model`` (a preset or timm name) with its data and weights (see ``load_network``)."""
+) -> ClassifierTask | DiffusionTask:
+    """Build the task for ``model`` (a preset or timm name) with its data and weights (see ``load_network``;
+    diffusion presets: ``load_diffusion_task``)."""
     preset = get_preset(model)
     train, test, data_id = load_datasets(preset, data)
+    if isinstance(preset, DiffusionPreset):
+        return load_diffusion_task(
+            preset, train, test, data_id, pretrained=pretrained, cache_root=cache_root(cache_dir),
+            accelerator=accelerator or make_accelerator(),
+        )
     network = load_network(preset, train, data_id, pretrained=pretrained, cache_dir=cache_dir, accelerator=accelerator)
     return ClassifierTask(preset, network, train, test, cache_dir=cache_root(cache_dir))
 
@@ -75,19 +81,17 @@ def load_network(
 def _cached_or_pretrained(
     preset: ClassifierPreset, train: LabeledDataset, data_id: str, root: Path, accelerator: Accelerator
 ):
-    entry = root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{PRETRAIN_SEED}"
+    entry = pretrained_entry(root, preset, data_id, PRETRAIN_SEED)
     network = build_classifier(preset, len(train.classes))
-    cached = [(entry / WEIGHTS_NAME).is_file()]
-    broadcast_object_list(cached)  # one decision for all processes, even if another job fills the cache meanwhile
-    if not cached[0]:
-        if accelerator.is_main_process:
-            print(f"pretraining {preset.name} on {data_id} (first use; cached in {entry})", flush=True)
+
+    def pretrain_and_save() -> None:
         task = ClassifierTask(preset, network, train, train)
         cfg = TrainConfig.from_recipe(preset.train, seed=PRETRAIN_SEED, log_every=50)
         trained = train_from_scratch(task, train, cfg, accelerator, desc=f"pretraining {preset.name}").model
         if accelerator.is_main_process:
             save_model_dir(trained, {"preset": preset.to_dict(), "data": data_id, "classes": train.classes}, entry)
-        accelerator.wait_for_everyone()
+
+    pretrain_once(entry, WEIGHTS_NAME, pretrain_and_save, accelerator, f"{preset.name} on {data_id}")
     try:
         load_weights(network, entry / WEIGHTS_NAME)
     except UserError:

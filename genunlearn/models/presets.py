@@ -57,6 +57,52 @@ class ClassifierPreset:
         return cls(**raw)
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a diffusion preset samples by default: DDIM ``steps`` and guidance scale ``guidance`` (1 = no CFG)."""
+
+    steps: int = 50
+    guidance: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiffusionPreset:
+    """A class-conditional diffusion model: a diffusers ``UNet2DModel`` (``architecture: unet``) or
+    ``DiTTransformer2DModel`` (``dit``) built from ``model_args``, its noise schedule, data and recipes."""
+
+    name: str
+    architecture: str
+    description: str = ""
+    kind: str = "diffusion"
+    model_args: dict = field(default_factory=dict)
+    dataset: str = "digits"
+    image_size: int = 8
+    channels: int = 1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    class_dropout: float = 0.1
+    eval_classifier: str = "cnn-digits"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    methods: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        return ClassifierPreset.fingerprint(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "DiffusionPreset":
+        raw = dict(raw)
+        raw["train"] = TrainRecipe(**raw.get("train", {}))
+        raw["sampling"] = SamplingDefaults(**raw.get("sampling", {}))
+        return cls(**raw)
+
+
+Preset = ClassifierPreset | DiffusionPreset
+
+
 def _preset_files() -> dict[str, str]:
     folder = resources.files("genunlearn") / "configs" / "models"
     return {p.name.removesuffix(".yaml"): p.read_text() for p in folder.iterdir() if p.name.endswith(".yaml")}
@@ -67,11 +113,12 @@ def list_presets() -> dict[str, str]:
     return {name: yaml.safe_load(text).get("description", "") for name, text in sorted(_preset_files().items())}
 
 
-def get_preset(name: str) -> ClassifierPreset:
-    """The preset called ``name``, or an ad-hoc preset for a timm model name (trained on the digits recipe)."""
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``, or an ad-hoc classifier preset for a timm model name (digits recipe)."""
     files = _preset_files()
     if name in files:
-        return ClassifierPreset.from_dict(yaml.safe_load(files[name]))
+        raw = yaml.safe_load(files[name])
+        return DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
     timm_name = name.removeprefix("timm/")
     if timm.is_model(timm_name):
         return ClassifierPreset(name=name, timm_name=timm_name, description=f"timm {timm_name}")

@@ -28,6 +28,21 @@ class Task(Protocol):
         """Per-sample loss ``[B]`` on ``batch`` (images, labels); ``labels`` replaces the batch's labels."""
         ...
 
+    importance_loss_id: str
+
+    def importance_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-sample loss ``[B]`` whose gradients measure weight importance (Fishers, saliency masks);
+        ``importance_loss_id`` names it in cache keys."""
+        ...
+
+    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss ``[B]`` pulling the batch towards the other ``labels`` (the ``rl`` objective)."""
+        ...
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-sample loss used for (pre)training and retraining, with any training-time regularisation."""
+        ...
+
     def fresh_model(self) -> nn.Module:
         """The same architecture, newly initialised (for ``retrain``)."""
         ...

@@ -70,6 +70,20 @@ class ClassifierTask:
         images, batch_labels = batch
         return F.cross_entropy(self.logits(model, images), batch_labels if labels is None else labels, reduction="none")
 
+    importance_loss_id = "cross_entropy"
+
+    def importance_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss whose gradients measure weight importance (Fishers, saliency): cross-entropy."""
+        return self.loss(model, batch)
+
+    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+        """``rl``'s per-sample loss: cross-entropy against ``labels`` (random other classes)."""
+        return self.loss(model, batch, labels=labels)
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss used to train the model: plain per-sample cross-entropy."""
+        return self.loss(model, batch)
+
     def fresh_model(self) -> nn.Module:
         return build_classifier(self.preset, self.num_classes)
 

@@ -1,0 +1,59 @@
+"""Metrics of generated samples: how a classifier trained on real data labels each class's samples. Never trains."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+
+from genunlearn.eval.mia import softmax_entropy
+from genunlearn.models.pipeline import ClassConditionalPipeline
+
+SAMPLE_BATCH = 256
+
+
+def class_generator(seed: int, class_id: int, chunk: int) -> torch.Generator:
+    """The generator for one chunk of one class's samples: the same whatever the process count."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + class_id * 7_919 + chunk)
+
+
+@torch.no_grad()
+def generate_class(pipeline: ClassConditionalPipeline, class_id: int, count: int, *, guidance: float, steps: int, seed: int) -> torch.Tensor:
+    """``count`` samples ``[count, C, H, W]`` in [-1, 1] of ``class_id``, seeded by (seed, class)."""
+    chunks = []
+    for chunk, start in enumerate(range(0, count, SAMPLE_BATCH)):
+        size = min(SAMPLE_BATCH, count - start)
+        output = pipeline([class_id] * size, guidance_scale=guidance, num_inference_steps=steps, generator=class_generator(seed, class_id, chunk))
+        chunks.append(output.images.cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def classify_generated(
+    pipeline: ClassConditionalPipeline,
+    classifier: nn.Module,
+    classes: list[int],
+    per_class: int,
+    accelerator: Accelerator,
+    *,
+    guidance: float,
+    steps: int,
+    seed: int = 0,
+) -> dict[int, dict[str, float]]:
+    """For each class c: the fraction of its samples the classifier labels c (``accuracy``), their mean softmax
+    entropy (nats) and mean probability of c. Classes are spread over processes; every process gets all results."""
+    classifier = classifier.to(accelerator.device).eval()
+    pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    mine = {}
+    for class_id in classes[accelerator.process_index :: accelerator.num_processes]:
+        images = generate_class(pipeline, class_id, per_class, guidance=guidance, steps=steps, seed=seed)
+        logits = classifier(images.to(accelerator.device)).float().cpu()
+        mine[class_id] = {
+            "accuracy": float((logits.argmax(1) == class_id).double().mean()),
+            "entropy": float(softmax_entropy(logits).mean()),
+            "probability": float(torch.softmax(logits.double(), 1)[:, class_id].mean()),
+        }
+    gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    return {c: m for part in gathered for c, m in part.items()}
