@@ -59,12 +59,17 @@ def forget_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
     parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
+    evaluation = parser.add_argument_group("evaluation of diffusion models (same protocol before and after)")
+    evaluation.add_argument("--eval-samples", type=int, default=100, help="samples per class (default 100)")
+    evaluation.add_argument("--eval-steps", type=int, help="sampling steps (default: the preset's)")
+    evaluation.add_argument("--eval-guidance", type=float, help="classifier-free guidance scale s (1 = none; default: the preset's)")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", choices=["latest"],
                         help="continue the unfinished run in --output-dir from its newest checkpoint")
     return parser
 
 
 def forget_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.eval.report import summary_line
     from genunlearn.job import ForgetJob, run_forget_job
 
     args = forget_parser().parse_args(argv)
@@ -85,16 +90,13 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         seed=args.seed,
         resume=args.resume == "latest",
+        eval_samples=args.eval_samples,
+        eval_steps=args.eval_steps,
+        eval_guidance=args.eval_guidance,
     )
     report = run_forget_job(job)
     if _is_main_process():
-        before, after = report["before"], report["after"]
-        print(
-            f"{report['method']} on {report['model']}: forget_acc {before['forget_acc']:.3f} -> {after['forget_acc']:.3f}, "
-            f"retain_acc {before['retain_acc']:.3f} -> {after['retain_acc']:.3f}, test_acc {before['test_acc']:.3f} -> "
-            f"{after['test_acc']:.3f}, mia {before['mia']:.3f} -> {after['mia']:.3f} ({report['steps']} steps, "
-            f"{report['wall_time_s']:.1f} s); wrote {job.output_dir}/report.md"
-        )
+        print(summary_line(report, job.output_dir))
     return 0
 
 

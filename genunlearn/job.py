@@ -19,7 +19,7 @@ from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.methods import get_method
 from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
-from genunlearn.models.presets import ClassifierPreset, get_preset
+from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
 from genunlearn.models.store import atomic_write_text, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask
 
@@ -44,6 +44,9 @@ class ForgetJob:
     cache_dir: str | None = None
     seed: int = 0
     resume: bool = False
+    eval_samples: int = 100
+    eval_steps: int | None = None
+    eval_guidance: float | None = None
 
     def identity(self) -> dict:
         """What makes two runs the same run (everything but where caches live and whether to resume)."""
@@ -86,7 +89,7 @@ def check_output_dir(job: ForgetJob) -> None:
         raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
 
 
-def method_config(method: str, preset: ClassifierPreset, settings: dict):
+def method_config(method: str, preset: Preset, settings: dict):
     """``(method spec, config)``: its defaults, the pretraining recipe (retrain), the preset's, then ``settings``."""
     spec = get_method(method)
     layers = [preset.train.__dict__] if method == "retrain" else []
@@ -101,11 +104,10 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     accelerator = accelerator or make_accelerator()
     preset = get_preset(job.model)
-    if not isinstance(preset, ClassifierPreset):
-        raise UserError(
-            f"{preset.name} is a diffusion model; the forget job handles classifiers so far (diffusion models can be "
-            f"pretrained and sampled: `genunlearn pretrain --model {preset.name}`)"
-        )
+    if isinstance(preset, DiffusionPreset):
+        from genunlearn.diffusion_job import run_diffusion_job  # imported here: it builds on this module
+
+        return run_diffusion_job(job, preset, accelerator)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     check_output_dir(job)
@@ -123,6 +125,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     report = {
         "schema_version": SCHEMA_VERSION,
         "genunlearn_version": genunlearn.__version__,
+        "kind": "classifier",
         "model": preset.name,
         "class": job.forgotten(),
         "method": job.method,

@@ -65,7 +65,7 @@ def _one_error_line(capsys) -> str:
         (["--model", "cnn-digits", "--class", "3", "--steps", "0"], "steps must be at least 1"),
         (["--model", "cnn-digits", "--class", "3", "--pretrained", "/nonexistent/w.safetensors"], "does not exist"),
         (["--model", "cnn-digits", "--class", "3", "--random-fraction", "0.1"], "exactly one of"),
-        (["--model", "ddpm-digits", "--class", "3"], "the forget job handles classifiers so far"),
+        (["--model", "ddpm-digits", "--class", "3", "--random-fraction", "0.1"], "exactly one of"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, cnn_task, tmp_path, capsys):

@@ -29,7 +29,42 @@ def generate_class(pipeline: ClassConditionalPipeline, class_id: int, count: int
     return torch.cat(chunks)
 
 
+def sample_classes(
+    pipeline: ClassConditionalPipeline,
+    classes: list[int],
+    per_class: int,
+    accelerator: Accelerator,
+    *,
+    guidance: float,
+    steps: int,
+    seed: int = 0,
+) -> dict[int, torch.Tensor]:
+    """``per_class`` samples of each class (CPU, [-1, 1]), classes spread over processes and gathered on all.
+    Each class's samples depend only on (seed, class), not on the process count."""
+    pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed)
+            for c in classes[accelerator.process_index :: accelerator.num_processes]}
+    gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    return {c: images for part in gathered for c, images in part.items()}
+
+
 @torch.no_grad()
+def class_metrics(classifier: nn.Module, samples: dict[int, torch.Tensor], device: torch.device) -> dict[int, dict[str, float]]:
+    """For each class c's samples: the fraction the classifier labels c (``accuracy``), mean softmax entropy
+    (nats) and mean probability of c."""
+    classifier = classifier.to(device).eval()
+    metrics = {}
+    for class_id, images in samples.items():
+        logits = classifier(images.to(device)).float().cpu()
+        metrics[class_id] = {
+            "accuracy": float((logits.argmax(1) == class_id).double().mean()),
+            "entropy": float(softmax_entropy(logits).mean()),
+            "probability": float(torch.softmax(logits.double(), 1)[:, class_id].mean()),
+        }
+    return metrics
+
+
 def classify_generated(
     pipeline: ClassConditionalPipeline,
     classifier: nn.Module,
@@ -41,19 +76,6 @@ def classify_generated(
     steps: int,
     seed: int = 0,
 ) -> dict[int, dict[str, float]]:
-    """For each class c: the fraction of its samples the classifier labels c (``accuracy``), their mean softmax
-    entropy (nats) and mean probability of c. Classes are spread over processes; every process gets all results."""
-    classifier = classifier.to(accelerator.device).eval()
-    pipeline.to(accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
-    mine = {}
-    for class_id in classes[accelerator.process_index :: accelerator.num_processes]:
-        images = generate_class(pipeline, class_id, per_class, guidance=guidance, steps=steps, seed=seed)
-        logits = classifier(images.to(accelerator.device)).float().cpu()
-        mine[class_id] = {
-            "accuracy": float((logits.argmax(1) == class_id).double().mean()),
-            "entropy": float(softmax_entropy(logits).mean()),
-            "probability": float(torch.softmax(logits.double(), 1)[:, class_id].mean()),
-        }
-    gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    return {c: m for part in gathered for c, m in part.items()}
+    """``class_metrics`` of freshly sampled classes."""
+    samples = sample_classes(pipeline, classes, per_class, accelerator, guidance=guidance, steps=steps, seed=seed)
+    return class_metrics(classifier, samples, accelerator.device)
