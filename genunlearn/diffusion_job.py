@@ -10,14 +10,13 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-import genunlearn
 from genunlearn.data.split import ForgetSplit, make_forget_split
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import ClassifierFeatures, frechet_distance
 from genunlearn.eval.generative import class_metrics, sample_classes
 from genunlearn.eval.grids import save_class_grid
-from genunlearn.eval.report import SCHEMA_VERSION, write_report
-from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config
+from genunlearn.eval.report import write_report
+from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, run_report
 from genunlearn.models.cache import cache_root
 from genunlearn.models.diffusion_loading import load_diffusion_task, pipeline_for, save_pipeline
 from genunlearn.models.loading import load_datasets, load_task
@@ -99,27 +98,10 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     before, samples_before = evaluate_generator(task, task.model, classifier, split, protocol, accelerator)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after, samples_after = evaluate_generator(task, result.model, classifier, split, protocol, accelerator)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "genunlearn_version": genunlearn.__version__,
-        "kind": "diffusion",
-        "model": preset.name,
-        "class": job.forgotten(),
-        "method": job.method,
-        "steps": result.steps,
-        "wall_time_s": result.wall_time_s,
-        "processes": accelerator.num_processes,
-        "split": split.summary(),
-        "config": dataclasses.asdict(cfg),
-        "method_info": result.info,
-        "evaluation": {**dataclasses.asdict(protocol), "classifier": preset.eval_classifier,
-                       "fid_features": f"{preset.eval_classifier} pre-logits", "fid_library": "torchmetrics",
-                       "weights": "raw (no EMA)"},
-        "before": before,
-        "after": after,
-        "log": result.log,
-        "weights": f"{PIPELINE_DIR}/",
-    }
+    evaluation = {**dataclasses.asdict(protocol), "classifier": preset.eval_classifier,
+                  "fid_features": f"{preset.eval_classifier} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)"}
+    report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
+                        before=before, after=after, weights=f"{PIPELINE_DIR}/")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_pipeline(pipeline_for(task, result.model.cpu()), job.output_dir / PIPELINE_DIR)

@@ -11,12 +11,12 @@ from pathlib import Path
 from accelerate import Accelerator
 
 import genunlearn
-from genunlearn.data.split import SplitSpec, make_forget_split
+from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.classify import classifier_metrics
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
-from genunlearn.methods import get_method
+from genunlearn.methods import UnlearnResult, get_method
 from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
@@ -100,6 +100,27 @@ def method_config(method: str, preset: Preset, settings: dict):
     return spec, spec.make_config(*layers)
 
 
+def run_report(kind: str, job: ForgetJob, preset: Preset, split: ForgetSplit, cfg, result: UnlearnResult,
+               accelerator: Accelerator, **entries) -> dict:
+    """The report's common keys (see ``genunlearn.eval.report``) followed by ``entries``."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "genunlearn_version": genunlearn.__version__,
+        "kind": kind,
+        "model": preset.name,
+        "class": job.forgotten(),
+        "method": job.method,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "processes": accelerator.num_processes,
+        "split": split.summary(),
+        "config": dataclasses.asdict(cfg),
+        "method_info": result.info,
+        "log": result.log,
+        **entries,
+    }
+
+
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     accelerator = accelerator or make_accelerator()
@@ -122,24 +143,8 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     before = classifier_metrics(task.model, split, accelerator)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after = classifier_metrics(result.model, split, accelerator)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "genunlearn_version": genunlearn.__version__,
-        "kind": "classifier",
-        "model": preset.name,
-        "class": job.forgotten(),
-        "method": job.method,
-        "steps": result.steps,
-        "wall_time_s": result.wall_time_s,
-        "processes": accelerator.num_processes,
-        "split": split.summary(),
-        "config": dataclasses.asdict(cfg),
-        "before": before,
-        "after": after,
-        "method_info": result.info,
-        "log": result.log,
-        "weights": f"{MODEL_DIR}/model.safetensors",
-    }
+    report = run_report("classifier", job, preset, split, cfg, result, accelerator, before=before, after=after,
+                        weights=f"{MODEL_DIR}/model.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model_dir(result.model, {"preset": preset.to_dict(), "classes": task.train_data.classes, "unlearned": job.identity()}, job.output_dir / MODEL_DIR)
