@@ -77,13 +77,6 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     spec = job.split_spec()
     if spec.kind != "class":
         raise UserError("diffusion models forget whole classes; pass --class")
-    check_output_dir(job)
-    accelerator.wait_for_everyone()
-    train, test, data_id = load_datasets(preset, job.data)
-    split = make_forget_split(train, test, spec)
-    root = cache_root(job.cache_dir)
-    task = load_diffusion_task(preset, train, test, data_id, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
-    classifier = load_task(preset.eval_classifier, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator).model
     protocol = SamplingProtocol(
         per_class=job.eval_samples,
         guidance=preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
@@ -92,6 +85,13 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     )
     if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0:
         raise UserError("--eval-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative")
+    check_output_dir(job)
+    accelerator.wait_for_everyone()
+    train, test, data_id = load_datasets(preset, job.data)
+    split = make_forget_split(train, test, spec)
+    root = cache_root(job.cache_dir)
+    task = load_diffusion_task(preset, train, test, data_id, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
+    classifier = load_task(preset.eval_classifier, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator).model
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
