@@ -59,6 +59,9 @@ def forget_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
     parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
+    parser.add_argument("--data-free", action="store_true",
+                        help="diffusion: forget and retain sets are the model's own samples (generated once, cached)")
+    parser.add_argument("--data-free-samples", type=int, default=100, help="generated training samples per class (default 100)")
     evaluation = parser.add_argument_group("evaluation of diffusion models (same protocol before and after)")
     evaluation.add_argument("--eval-samples", type=int, default=100, help="samples per class (default 100)")
     evaluation.add_argument("--eval-steps", type=int, help="sampling steps (default: the preset's)")
@@ -91,6 +94,8 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         resume=args.resume == "latest",
         eval_samples=args.eval_samples,
+        data_free=args.data_free,
+        data_free_samples=args.data_free_samples,
         eval_steps=args.eval_steps,
         eval_guidance=args.eval_guidance,
     )

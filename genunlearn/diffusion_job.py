@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
+from genunlearn.data.generated import generated_datasets
 from genunlearn.data.split import ForgetSplit, make_forget_split
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import ClassifierFeatures, frechet_distance
@@ -47,7 +48,8 @@ def evaluate_generator(
     ``forget_acc``: fraction of forgotten-class samples the classifier still labels as that class;
     ``forget_entropy``/``forget_prob``: their mean softmax entropy and probability of the class;
     ``remain_acc``: the same accuracy over the other classes; ``fid_remain``: FID of the other classes'
-    samples against the real retain images, in the classifier's features.
+    samples against the retain images (real, or the original model's samples when data-free), in the
+    classifier's features.
     """
     forgotten = set(split.spec.classes)
     samples = sample_classes(pipeline_for(task, model), list(range(task.num_classes)), protocol.per_class, accelerator,
@@ -83,14 +85,22 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
         steps=job.eval_steps or preset.sampling.steps,
         seed=job.seed,
     )
-    if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0:
-        raise UserError("--eval-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative")
+    if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
+        raise UserError(
+            "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
+        )
     check_output_dir(job)
     accelerator.wait_for_everyone()
     train, test, data_id = load_datasets(preset, job.data)
-    split = make_forget_split(train, test, spec)
+    split = make_forget_split(train, test, spec)  # validates the class before anything heavy
     root = cache_root(job.cache_dir)
     task = load_diffusion_task(preset, train, test, data_id, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
+    if job.data_free:
+        train, test = generated_datasets(
+            pipeline_for(task), train.classes, job.data_free_samples, accelerator,
+            guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root,
+        )
+        split = make_forget_split(train, test, spec)
     classifier = load_task(preset.eval_classifier, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator).model
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +109,8 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after, samples_after = evaluate_generator(task, result.model, classifier, split, protocol, accelerator)
     evaluation = {**dataclasses.asdict(protocol), "classifier": preset.eval_classifier,
-                  "fid_features": f"{preset.eval_classifier} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)"}
+                  "fid_features": f"{preset.eval_classifier} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)",
+                  "fid_reference": "original model's samples" if job.data_free else "real retain images"}
     report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
                         before=before, after=after, weights=f"{PIPELINE_DIR}/")
     accelerator.wait_for_everyone()

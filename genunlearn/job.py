@@ -45,6 +45,8 @@ class ForgetJob:
     seed: int = 0
     resume: bool = False
     eval_samples: int = 100
+    data_free: bool = False
+    data_free_samples: int = 100
     eval_steps: int | None = None
     eval_guidance: float | None = None
 
@@ -129,6 +131,8 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
         from genunlearn.diffusion_job import run_diffusion_job  # imported here: it builds on this module
 
         return run_diffusion_job(job, preset, accelerator)
+    if job.data_free:
+        raise UserError("--data-free applies to diffusion models; classifiers forget from their training data")
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     check_output_dir(job)

@@ -55,5 +55,38 @@ def test_diffusion_job_rejects_bad_input(tiny_pipeline_dir, tmp_path, capsys):
     assert guarded(forget_main, [*base, "--pretrained", str(tmp_path), "--class", "3"]) == 2
     assert "not a diffusion pipeline folder" in capsys.readouterr().err
     assert guarded(forget_main, [*base, "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--eval-samples", "1"]) == 2
-    assert "--eval-samples must be at least 2" in capsys.readouterr().err
+    assert "--eval-samples and --data-free-samples must be at least 2" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_data_free_job_forgets_from_generated_samples(cnn_task, tiny_pipeline_dir, cache_dir, tmp_path):
+    out = tmp_path / "free"
+    argv = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "2", "--data-free",
+            "--data-free-samples", "6", "--eval-samples", "10", "--eval-steps", "3", "--output-dir", str(out)]
+    assert guarded(forget_main, argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["forget"] == 6 and report["split"]["retain"] == 54  # the model's own samples
+    assert report["split"]["test_forget"] == 2 and report["evaluation"]["fid_reference"] == "original model's samples"
+    generated = list((cache_dir / "generated").glob("*.safetensors"))
+    assert len(generated) == 1  # generated once, cached
+    assert guarded(forget_main, [*argv[:-1], str(tmp_path / "again")]) == 0
+    assert list((cache_dir / "generated").glob("*.safetensors")) == generated
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["before"] == report["before"]
+
+
+def test_data_free_is_for_diffusion_models(cnn_task, tmp_path, capsys):
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--data-free", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--data-free applies to diffusion models" in capsys.readouterr().err
+
+
+def test_generated_training_data_never_reuses_evaluation_seeds(tiny_pipeline_dir, accelerator):
+    from genunlearn.data.generated import generated_datasets
+    from genunlearn.eval.generative import sample_classes
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    train, test = generated_datasets(pipe, [str(c) for c in range(10)], 4, accelerator, guidance=1.0, steps=3, seed=0, cache_dir=None)
+    evaluation = sample_classes(pipe, [3], 4, accelerator, guidance=1.0, steps=3, seed=0)[3]
+    forget_images = train.images[train.targets == 3]
+    assert forget_images.shape == evaluation.shape and not torch.equal(forget_images, evaluation)
+    assert not torch.equal(test.images[test.targets == 3], forget_images[:2])

@@ -32,4 +32,4 @@ def frechet_distance(real: torch.Tensor, generated: torch.Tensor, features: nn.M
     for images, is_real in ((real, True), (generated, False)):
         for start in range(0, len(images), FEATURE_BATCH):
             metric.update(images[start : start + FEATURE_BATCH], real=is_real)
-    return float(metric.compute())
+    return max(0.0, float(metric.compute()))  # identical sets can come out at -1e-13 from rounding

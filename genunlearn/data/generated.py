@@ -1,0 +1,64 @@
+"""Data-free forgetting: a diffusion model's own class-conditional samples as its training and test sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file, save_file
+
+from genunlearn.data.tensor_dataset import LabeledTensorDataset
+from genunlearn.engine.fingerprint import model_fingerprint
+from genunlearn.eval.generative import sample_classes
+from genunlearn.models.pipeline import ClassConditionalPipeline
+from genunlearn.models.store import make_staging_dir
+
+TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds
+TEST_SEED_OFFSET = 10_007
+
+
+def _generate(pipeline, classes, per_class, accelerator, guidance, steps, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = sample_classes(pipeline, classes, per_class, accelerator, guidance=guidance, steps=steps, seed=seed)
+    images = torch.cat([samples[c] for c in classes])
+    labels = torch.cat([torch.full((len(samples[c]),), c, dtype=torch.long) for c in classes])
+    return images, labels
+
+
+def generated_datasets(
+    pipeline: ClassConditionalPipeline,
+    class_names: list[str],
+    per_class: int,
+    accelerator: Accelerator,
+    *,
+    guidance: float,
+    steps: int,
+    seed: int,
+    cache_dir: Path | None,
+) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
+    """``(train, test)``: ``per_class`` samples of every class, and a quarter as many with other seeds, images
+    in [-1, 1] (decoded for latent models). Generated once and cached by (model weights, counts, sampler, seed)."""
+    classes = list(range(len(class_names)))
+    test_per_class = max(2, per_class // 4)
+    train_seed = seed + TRAIN_SEED_OFFSET
+    key = json.dumps([model_fingerprint(pipeline.denoiser), per_class, test_per_class, guidance, steps, train_seed])
+    path = None if cache_dir is None else Path(cache_dir) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    hit = [path is not None and path.is_file()]
+    broadcast_object_list(hit)
+    if hit[0]:
+        stored = load_file(str(path))
+        parts = [stored["train_images"], stored["train_labels"], stored["test_images"], stored["test_labels"]]
+    else:
+        parts = [*_generate(pipeline, classes, per_class, accelerator, guidance, steps, train_seed),
+                 *_generate(pipeline, classes, test_per_class, accelerator, guidance, steps, train_seed + TEST_SEED_OFFSET)]
+        if path is not None and accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = make_staging_dir(path.parent, path.stem)
+            names = ("train_images", "train_labels", "test_images", "test_labels")
+            save_file({n: t.contiguous() for n, t in zip(names, parts)}, str(staging / "data.safetensors"))
+            (staging / "data.safetensors").replace(path)
+            staging.rmdir()
+    return LabeledTensorDataset(parts[0], parts[1], class_names), LabeledTensorDataset(parts[2], parts[3], class_names)
