@@ -39,9 +39,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def forget_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forget_class.py",
-        description="Make a trained model forget a class (or a random subset, or a sub-class); evaluate before and "
-        "after; write the unlearned weights and report.json/report.md to --output-dir. The original weights are "
-        "never modified. Run it with `accelerate launch` for several processes or GPUs.",
+        description="Make a trained classifier forget a class (or a random subset, or a sub-class), or a "
+        "class-conditional diffusion model forget a class; evaluate before and after; write the unlearned weights "
+        "and report.json/report.md (diffusion: also sample grids) to --output-dir. The original weights are never "
+        "modified. Run it with `accelerate launch` for several processes or GPUs.",
     )
     add_model_arguments(parser)
     what = parser.add_argument_group("what to forget (exactly one)")
@@ -83,7 +84,8 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
     job = ForgetJob(
         model=args.model,
         method=args.method,
-        output_dir=args.output_dir or Path("outputs") / f"{args.model}-{forgotten}-{args.method}",
+        output_dir=args.output_dir
+        or Path("outputs") / f"{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}",
         classes=args.classes,
         random_fraction=args.random_fraction,
         subclasses=args.subclasses,

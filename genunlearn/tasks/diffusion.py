@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from torch import nn
 
 from genunlearn.data.tensor_dataset import LabeledDataset
