@@ -163,13 +163,15 @@ def test_generated_class_metrics_are_seeded_per_class(accelerator):
 
 
 @pytest.mark.slow
-def test_ddpm_digits_preset_draws_every_class(cache_dir, accelerator):
-    """The preset's full pretraining (about 4.5 min on 2 cores): each class's samples are recognised."""
+@pytest.mark.parametrize("preset", ["ddpm-digits", "dit-digits"])
+def test_digits_diffusion_presets_draw_every_class(preset, cache_dir, accelerator):
+    """The preset's full pretraining (about 4.5 and 5.5 min on 2 cores): each class's samples are recognised."""
     from genunlearn import load_task
     from genunlearn.eval.generative import classify_generated
     from genunlearn.models.diffusion_loading import pipeline_for
 
-    task = load_task("ddpm-digits", accelerator=accelerator)
+    task = load_task(preset, accelerator=accelerator)
     classifier = load_task("cnn-digits", accelerator=accelerator).model
     metrics = classify_generated(pipeline_for(task), classifier, list(range(10)), 50, accelerator, guidance=1.0, steps=50)
-    assert min(m["accuracy"] for m in metrics.values()) >= 0.85
+    accuracies = [m["accuracy"] for m in metrics.values()]
+    assert min(accuracies) >= 0.8 and sum(accuracies) / len(accuracies) >= 0.9
