@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.eval.generative import sample_classes
 from genunlearn.models.pipeline import ClassConditionalPipeline
-from genunlearn.models.store import make_staging_dir
+from genunlearn.models.store import atomic_save_tensors
 
 TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds
 TEST_SEED_OFFSET = 10_007
@@ -55,10 +55,6 @@ def generated_datasets(
         parts = [*_generate(pipeline, classes, per_class, accelerator, guidance, steps, train_seed),
                  *_generate(pipeline, classes, test_per_class, accelerator, guidance, steps, train_seed + TEST_SEED_OFFSET)]
         if path is not None and accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = make_staging_dir(path.parent, path.stem)
             names = ("train_images", "train_labels", "test_images", "test_labels")
-            save_file({n: t.contiguous() for n, t in zip(names, parts)}, str(staging / "data.safetensors"))
-            (staging / "data.safetensors").replace(path)
-            staging.rmdir()
+            atomic_save_tensors(dict(zip(names, parts)), path)
     return LabeledTensorDataset(parts[0], parts[1], class_names), LabeledTensorDataset(parts[2], parts[3], class_names)

@@ -14,13 +14,13 @@ from typing import Callable, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
-from genunlearn.models.store import make_staging_dir
+from genunlearn.models.store import atomic_save_tensors
 from genunlearn.tasks.base import Batch
 
 GradientTransform = Literal["square", "abs", "identity"]
@@ -108,9 +108,5 @@ def cached_gradient_statistics(
         model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform, max_norm=max_norm, desc=desc
     )
     if path is not None and accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_staging_dir(path.parent, path.stem)
-        save_file({n: s.contiguous().cpu() for n, s in zip(names, stats)}, str(staging / "stats.safetensors"))
-        (staging / "stats.safetensors").replace(path)
-        staging.rmdir()
+        atomic_save_tensors(dict(zip(names, stats)), path)
     return stats, False

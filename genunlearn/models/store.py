@@ -42,6 +42,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(handle.name, path)
 
 
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` as a safetensors file at ``path``, atomically (built in a staging folder beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(path.parent, path.stem)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / path.name))
+    os.replace(staging / path.name, path)
+    staging.rmdir()
+
+
 def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` atomically (built beside it, then renamed)."""
     directory = Path(directory)
