@@ -24,11 +24,13 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a preset (see `genunlearn models`) or a timm model name")
+    parser.add_argument("--model", required=True,
+                        help="a preset (see `genunlearn models`), a preset YAML file, or a timm model name")
     parser.add_argument(
         "--pretrained",
-        help="weights: a .safetensors/.pt file or a folder holding model.safetensors, or an hf-hub:ORG/NAME id "
-        "(needs network). Default: the preset's locally pretrained weights (trained on first use, then cached)",
+        help="classifiers: a .safetensors/.pt file, a folder holding model.safetensors, or an hf-hub:ORG/NAME id; "
+        "diffusion: a pipeline folder (save_pretrained, e.g. a DiTPipeline) or a hub id ORG/NAME (needs network). "
+        "Default: the preset's hub id, else its locally pretrained weights (trained on first use, then cached)",
     )
     parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data")
     parser.add_argument(
@@ -67,6 +69,19 @@ def forget_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-samples", type=int, default=100, help="samples per class (default 100)")
     evaluation.add_argument("--eval-steps", type=int, help="sampling steps (default: the preset's)")
     evaluation.add_argument("--eval-guidance", type=float, help="classifier-free guidance scale s (1 = none; default: the preset's)")
+    evaluation.add_argument("--eval-classifier",
+                            help="classifier that judges the samples: a classifier preset trained on the real data, or a "
+                            "timm ImageNet model name / hf-hub: id (default: the preset's)")
+    evaluation.add_argument("--eval-classifier-weights", metavar="PATH",
+                            help="local weights for --eval-classifier (.safetensors/.pt, or a folder with model.safetensors)")
+    evaluation.add_argument("--remain-classes", type=int, metavar="N",
+                            help="evaluate (and, data-free, retain) N other classes chosen by --seed instead of all "
+                            "(default: the preset's; dit-xl: 10)")
+    memory = parser.add_argument_group("memory (large models)")
+    memory.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                        help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
+    memory.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: much less memory, about a third slower")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", choices=["latest"],
                         help="continue the unfinished run in --output-dir from its newest checkpoint")
     return parser
@@ -100,6 +115,11 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         data_free_samples=args.data_free_samples,
         eval_steps=args.eval_steps,
         eval_guidance=args.eval_guidance,
+        eval_classifier=args.eval_classifier,
+        eval_classifier_weights=args.eval_classifier_weights,
+        remain_classes=args.remain_classes,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     report = run_forget_job(job)
     if _is_main_process():
@@ -185,6 +205,13 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def torch_out_of_memory() -> type[BaseException]:
+    """``torch.OutOfMemoryError`` (GPU allocations; a CPU machine's OOM kills the process instead)."""
+    import torch
+
+    return torch.OutOfMemoryError
+
+
 def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
     try:
@@ -192,6 +219,11 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except UserError as exc:
         if _is_main_process():
             print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except torch_out_of_memory():
+        if _is_main_process():
+            print("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
+                  "(or fp16), or spread the batch over more GPUs with accelerate launch", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if _is_main_process():

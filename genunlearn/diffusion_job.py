@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import Dataset
 
 from genunlearn.data.generated import generated_datasets
-from genunlearn.data.split import ForgetSplit, make_forget_split
+from genunlearn.data.split import check_ids, make_forget_split
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import ClassifierFeatures, frechet_distance
 from genunlearn.eval.generative import class_metrics, sample_classes
@@ -19,14 +20,23 @@ from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import write_report
 from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, run_report
 from genunlearn.models.cache import cache_root
-from genunlearn.models.diffusion_loading import load_diffusion_task, pipeline_for, save_pipeline
-from genunlearn.models.loading import load_datasets, load_task
+from genunlearn.models.diffusion_loading import (
+    load_diffusion_pipeline,
+    pipeline_for,
+    sampler_for,
+    save_pipeline,
+    task_from_pipeline,
+)
+from genunlearn.models.eval_classifier import load_eval_classifier
+from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
+from genunlearn.models.pipeline import pipeline_class_names, pipeline_num_classes
 from genunlearn.models.presets import DiffusionPreset
 from genunlearn.models.store import atomic_write_text
 from genunlearn.tasks.diffusion import DiffusionTask
 
 PIPELINE_DIR = "pipeline"
 GRID_SAMPLES = 8
+DECODE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -39,42 +49,71 @@ class SamplingProtocol:
     seed: int = 0
 
 
+def remain_classes(num_classes: int, forgotten: list[int], count: int | None, seed: int) -> list[int]:
+    """The other classes that stand for the retain set: all of them, or ``count`` chosen by ``seed``, sorted."""
+    others = [c for c in range(num_classes) if c not in forgotten]
+    if count is None or count >= len(others):
+        return others
+    if count < 1:
+        raise UserError(f"--remain-classes must be at least 1, got {count}")
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))
+    return sorted(others[i] for i in order[:count].tolist())
+
+
+def reference_images(task: DiffusionTask, retain: Dataset, classes: list[int]) -> torch.Tensor:
+    """The FID reference ``[N, C, H, W]`` in [-1, 1]: the retain set's samples of ``classes`` (decoded when it holds latents)."""
+    wanted = set(classes)
+    items = [retain[i] for i in range(len(retain))]
+    images = torch.stack([image for image, label in items if label in wanted])
+    if not task.encoded_data:
+        return images
+    vae_device = next(task.vae.parameters()).device
+    return torch.cat([task.decode(images[i : i + DECODE_BATCH].to(vae_device)).cpu() for i in range(0, len(images), DECODE_BATCH)])
+
+
 def evaluate_generator(
-    task: DiffusionTask, model: torch.nn.Module, classifier: torch.nn.Module, split: ForgetSplit,
-    protocol: SamplingProtocol, accelerator: Accelerator,
+    task: DiffusionTask, model: torch.nn.Module, classifier: torch.nn.Module, forgotten: list[int], remaining: list[int],
+    reference: torch.Tensor, protocol: SamplingProtocol, accelerator: Accelerator,
 ) -> tuple[dict, dict[int, torch.Tensor]]:
     """Metrics of ``model``'s samples (fractions, nats, FID) and the samples themselves, per class.
 
     ``forget_acc``: fraction of forgotten-class samples the classifier still labels as that class;
     ``forget_entropy``/``forget_prob``: their mean softmax entropy and probability of the class;
-    ``remain_acc``: the same accuracy over the other classes; ``fid_remain``: FID of the other classes'
-    samples against the retain images (real, or the original model's samples when data-free), in the
+    ``remain_acc``: the same accuracy over the ``remaining`` classes; ``fid_remain``: FID of their samples
+    against ``reference`` (real retain images, or the original model's samples when data-free), in the
     classifier's features.
     """
-    forgotten = set(split.spec.classes)
-    samples = sample_classes(pipeline_for(task, model), list(range(task.num_classes)), protocol.per_class, accelerator,
+    samples = sample_classes(pipeline_for(task, model), forgotten + remaining, protocol.per_class, accelerator,
                              guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
     per_class = class_metrics(classifier, samples, accelerator.device)
-    real_remain = torch.stack([split.retain[i][0] for i in range(len(split.retain))])
-    generated_remain = torch.cat([samples[c] for c in sorted(samples) if c not in forgotten])
+    generated_remain = torch.cat([samples[c] for c in remaining])
 
     def mean(key: str, classes) -> float:
         return sum(per_class[c][key] for c in classes) / len(classes)
 
-    remaining = [c for c in per_class if c not in forgotten]
+    features = ClassifierFeatures(classifier).to(accelerator.device)
     metrics = {
         "forget_acc": mean("accuracy", forgotten),
         "forget_entropy": mean("entropy", forgotten),
         "forget_prob": mean("probability", forgotten),
         "remain_acc": mean("accuracy", remaining),
-        "fid_remain": frechet_distance(real_remain, generated_remain, ClassifierFeatures(classifier).to("cpu")),
+        "fid_remain": frechet_distance(reference, generated_remain, features),
         "per_class_acc": {str(c): per_class[c]["accuracy"] for c in sorted(per_class)},
     }
     return metrics, samples
 
 
+def prepare_for_memory(task: DiffusionTask, gradient_checkpointing: bool) -> None:
+    """Turn on the denoiser's gradient checkpointing (activations recomputed in backward: less memory, ~30% slower)."""
+    if gradient_checkpointing:
+        task.model.enable_gradient_checkpointing()
+
+
 def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> dict:
-    """Run ``job`` on a diffusion preset and return its report (written to ``job.output_dir`` by the main process)."""
+    """Run ``job`` on a diffusion preset and return its report (written to ``job.output_dir`` by the main process).
+
+    Data-free (``--data-free``, or no ``--data`` for a preset whose data is not embedded): the forget and retain
+    sets are the pretrained model's own samples, latents for latent models."""
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     spec = job.split_spec()
     if spec.kind != "class":
@@ -89,36 +128,52 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
         raise UserError(
             "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
         )
+    data_free = job.data_free or (job.data is None and preset.dataset not in EMBEDDED_DATASETS)
     check_output_dir(job)
     accelerator.wait_for_everyone()
-    train, test, data_id = load_datasets(preset, job.data)
-    split = make_forget_split(train, test, spec)  # validates the class before anything heavy
+    real = load_datasets(preset, job.data) if (job.data is not None or preset.dataset in EMBEDDED_DATASETS) else None
+    if real is not None:
+        make_forget_split(real[0], real[1], spec)  # validates the class before anything heavy
     root = cache_root(job.cache_dir)
-    task = load_diffusion_task(preset, train, test, data_id, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
-    if job.data_free:
+    pipeline = load_diffusion_pipeline(preset, pretrained=job.pretrained, data=real, cache_root=root, accelerator=accelerator)
+    num_classes = pipeline_num_classes(pipeline)
+    forgotten = list(spec.classes)
+    check_ids(spec.classes, num_classes, "class")
+    remaining = remain_classes(num_classes, forgotten, job.remain_classes or preset.remain_classes, job.seed)
+    if data_free:
+        latents = pipeline.vae is not None
         train, test = generated_datasets(
-            pipeline_for(task), train.classes, job.data_free_samples, accelerator,
-            guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root,
+            sampler_for(pipeline), pipeline_class_names(pipeline), forgotten + remaining, job.data_free_samples, accelerator,
+            guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root, latents=latents,
         )
-        split = make_forget_split(train, test, spec)
-    classifier = load_task(preset.eval_classifier, data=job.data, cache_dir=job.cache_dir, accelerator=accelerator).model
+        task = task_from_pipeline(preset, pipeline, train, test, cache_root=root, encoded_data=latents)
+    else:
+        task = task_from_pipeline(preset, pipeline, real[0], real[1], cache_root=root)
+    split = make_forget_split(task.train_data, task.test_data, spec)
+    prepare_for_memory(task, job.gradient_checkpointing)
+    classifier_name = job.eval_classifier or preset.eval_classifier
+    classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
+                                      data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
-    before, samples_before = evaluate_generator(task, task.model, classifier, split, protocol, accelerator)
+    reference = reference_images(task, split.retain, remaining)
+    before, samples_before = evaluate_generator(task, task.model, classifier, forgotten, remaining, reference, protocol, accelerator)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
-    after, samples_after = evaluate_generator(task, result.model, classifier, split, protocol, accelerator)
-    evaluation = {**dataclasses.asdict(protocol), "classifier": preset.eval_classifier,
-                  "fid_features": f"{preset.eval_classifier} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)",
-                  "fid_reference": "original model's samples" if job.data_free else "real retain images"}
+    after, samples_after = evaluate_generator(task, result.model, classifier, forgotten, remaining, reference, protocol, accelerator)
+    evaluation = {**dataclasses.asdict(protocol), "classifier": classifier_name, "classes": forgotten + remaining,
+                  "fid_features": f"{classifier_name} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)",
+                  "fid_reference": "original model's samples" if data_free else "real retain images",
+                  "data_free": data_free, "mixed_precision": accelerator.mixed_precision}
     report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
                         before=before, after=after, weights=f"{PIPELINE_DIR}/")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(pipeline_for(task, result.model.cpu()), job.output_dir / PIPELINE_DIR)
+        save_pipeline(pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval()), job.output_dir / PIPELINE_DIR)
         for name, samples in (("samples_before.png", samples_before), ("samples_after.png", samples_after)):
             save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], job.output_dir / name)
         write_report(job.output_dir, report)
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
+

@@ -49,13 +49,19 @@ class ForgetJob:
     data_free_samples: int = 100
     eval_steps: int | None = None
     eval_guidance: float | None = None
+    eval_classifier: str | None = None
+    eval_classifier_weights: str | None = None
+    remain_classes: int | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
 
     def identity(self) -> dict:
-        """What makes two runs the same run (everything but where caches live and whether to resume)."""
+        """What makes two runs the same run (everything but where caches live, whether to resume, and gradient
+        checkpointing, which changes memory, not results)."""
         return {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in dataclasses.asdict(self).items()
-            if k not in ("cache_dir", "resume", "output_dir")
+            if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing")
         }
 
     def split_spec(self) -> SplitSpec:
@@ -125,7 +131,9 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, split: ForgetSplit, cf
 
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
-    accelerator = accelerator or make_accelerator()
+    if job.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise UserError(f"unknown --mixed-precision {job.mixed_precision!r}; use no, fp16 or bf16")
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
     if isinstance(preset, DiffusionPreset):
         from genunlearn.diffusion_job import run_diffusion_job  # imported here: it builds on this module
@@ -141,6 +149,8 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     split = make_forget_split(train, test, spec)
     network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)
     task = ClassifierTask(preset, network, train, test, cache_dir=cache_root(job.cache_dir))
+    if job.gradient_checkpointing:
+        task.model.set_grad_checkpointing(True)
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))

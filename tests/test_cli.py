@@ -143,3 +143,15 @@ def test_listing_commands(capsys):
     assert all(name in listing for name in ("retrain", "finetune", "grad_ascent", "random_label"))
     assert main(["models"]) == 0 and "resnet18-digits" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
+
+
+def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
+    import genunlearn.job
+
+    def exhausted(job, accelerator=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(genunlearn.job, "run_forget_job", exhausted)
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err and "--mixed-precision" in err

@@ -175,3 +175,43 @@ def test_digits_diffusion_presets_draw_every_class(preset, cache_dir, accelerato
     metrics = classify_generated(pipeline_for(task), classifier, list(range(10)), 50, accelerator, guidance=1.0, steps=50)
     accuracies = [m["accuracy"] for m in metrics.values()]
     assert min(accuracies) >= 0.8 and sum(accuracies) / len(accuracies) >= 0.9
+
+
+def test_random_label_forms():
+    """eps_match pulls ε_θ(x_t, t, c_f) onto the stop-gradient prediction for c'; relabel is the plain ε loss with c'."""
+    task = _task(tiny_unet())
+    images, labels = torch.stack([task.train_data[i][0] for i in range(6)]), task.train_data.targets
+    other = (labels + 1) % NUM_CLASSES
+    torch.manual_seed(3)
+    relabel = task.random_label_loss(task.model, (images, labels), other, form="relabel")
+    torch.manual_seed(3)
+    assert torch.equal(relabel, task.loss(task.model, (images, other)))
+    torch.manual_seed(3)
+    matched = task.random_label_loss(task.model, (images, labels), other)
+    torch.manual_seed(3)
+    noisy, _, t = task._noised(images)
+    expected = (task.predict_noise(task.model, noisy, t, labels) - task.predict_noise(task.model, noisy, t, other)).pow(2).mean((1, 2, 3))
+    assert torch.allclose(matched, expected) and (matched > 0).all()
+    torch.manual_seed(3)
+    assert torch.equal(task.random_label_loss(task.model, (images, labels), labels), torch.zeros(6))  # c' = c_f: nothing to match
+    with pytest.raises(UserError, match="unknown rl_form"):
+        task.random_label_loss(task.model, (images, labels), other, form="swap")
+
+
+def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerator):
+    """SalUn's diffusion step: one update on rl(D_f) + 1e-3 L(D_r); weights outside the saliency mask never move."""
+    from genunlearn.data.split import SplitSpec, make_forget_split
+    from genunlearn.job import method_config
+
+    task = _task(tiny_unet())
+    split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))
+    spec, cfg = method_config("salun", task.preset, {"form": "joint", "steps": 3, "batch_size": 2, "optimizer": "adam",
+                                                       "lr": 1e-2, "weight_decay": 0.0, "clip_grad_norm": 1.0, "mask_fraction": 0.3})
+    assert cfg.retain_weight == 1e-3
+    result = spec.run(task, split, cfg, accelerator, checkpoint_dir=None, resume=False)
+    assert result.steps == 3 and {"forget_rl_loss", "retain_loss", "grad_norm"} <= set(result.log[-1])
+    before, after = list(task.model.parameters()), list(result.model.parameters())
+    moved = sum(int((a != b).sum()) for a, b in zip(after, before))
+    assert 0 < moved <= 0.3 * sum(p.numel() for p in before) + 1
+    with pytest.raises(UserError, match="unknown SalUn form"):
+        method_config("salun", task.preset, {"form": "both"})

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from genunlearn.cli import forget_main, guarded
 from genunlearn.data.digits import load_digits_split
@@ -85,8 +90,45 @@ def test_generated_training_data_never_reuses_evaluation_seeds(tiny_pipeline_dir
     from genunlearn.eval.generative import sample_classes
 
     pipe = load_pipeline(tiny_pipeline_dir)
-    train, test = generated_datasets(pipe, [str(c) for c in range(10)], 4, accelerator, guidance=1.0, steps=3, seed=0, cache_dir=None)
+    train, test = generated_datasets(pipe, [str(c) for c in range(10)], [3, 5], 4, accelerator, guidance=1.0, steps=3, seed=0,
+                                     cache_dir=None)
+    assert sorted(set(train.targets.tolist())) == [3, 5] and len(train.classes) == 10
     evaluation = sample_classes(pipe, [3], 4, accelerator, guidance=1.0, steps=3, seed=0)[3]
     forget_images = train.images[train.targets == 3]
     assert forget_images.shape == evaluation.shape and not torch.equal(forget_images, evaluation)
     assert not torch.equal(test.images[test.targets == 3], forget_images[:2])
+
+
+def test_sfron_fishers_and_mask_from_two_processes_equal_one(tiny_pipeline_dir, cache_dir, tmp_path):
+    """The diffusion Fishers (guided ε loss at antithetic t, per-batch seeded noise) and SFR-on's mask under
+    ``accelerate launch --multi_gpu --num_processes 2`` equal one process's."""
+    worker = Path(__file__).parent / "workers" / "sfron_mask_dump.py"
+    env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", "29523"]
+    dumps = {}
+    for processes in (1, 2):
+        out = tmp_path / f"mask{processes}.safetensors"
+        flags = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+        done = subprocess.run([*launch, *flags, str(worker), str(tiny_pipeline_dir), str(out)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        dumps[processes] = load_file(str(out))
+    one, two = dumps[1], dumps[2]
+    assert one.keys() == two.keys()
+    for name in one:
+        if name.startswith("mask."):
+            assert torch.equal(one[name], two[name]), name
+        else:
+            assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-12), name
+    kept = sum(int(one[n].sum()) for n in one if n.startswith("mask."))
+    assert 0 < kept < sum(one[n].numel() for n in one if n.startswith("mask."))  # the mask selects, it is not all or nothing
+
+
+def test_gradient_checkpointing_changes_memory_not_results(cnn_task, tiny_pipeline_dir, tmp_path):
+    base = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "2",
+            "--eval-samples", "4", "--eval-steps", "2"]
+    reports = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        assert guarded(forget_main, [*base, *extra, "--output-dir", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    assert reports[0]["after"] == reports[1]["after"] and reports[0]["log"] == reports[1]["log"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import huggingface_hub
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
@@ -65,3 +67,44 @@ def test_hub_id_without_network_names_the_fix(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="pass --pretrained /path/to/model.safetensors"):
         build_classifier(get_preset("resnet18-digits"), 10, pretrained_id="hf-hub:timm/resnet18.a1_in1k")
+
+
+def test_preset_from_a_yaml_file(tmp_path):
+    text = (Path(__file__).parents[1] / "genunlearn/configs/models/dit-xl.yaml").read_text().replace("num_layers: 28", "num_layers: 2")
+    (tmp_path / "small.yaml").write_text(text)
+    small = get_preset(str(tmp_path / "small.yaml"))
+    assert small.name == "dit-xl" and small.model_args["num_layers"] == 2 and small.hub_id == "facebook/DiT-XL-2-256"
+    with pytest.raises(UserError, match="does not exist"):
+        get_preset(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("name: x\narchitecture: dit\nkind: diffusion\nwheels: 4\n")
+    with pytest.raises(UserError, match="not a valid preset"):
+        get_preset(str(tmp_path / "bad.yaml"))
+
+
+def test_evaluation_fingerprint_ignores_how_a_model_is_judged():
+    import dataclasses
+
+    preset = get_preset("ddpm-digits")
+    judged_otherwise = dataclasses.replace(preset, eval_classifier="resnet18-digits", remain_classes=3)
+    assert judged_otherwise.fingerprint() == preset.fingerprint()
+    assert dataclasses.replace(preset, num_train_timesteps=500).fingerprint() != preset.fingerprint()
+
+
+def test_timm_eval_classifier_resizes_and_normalises(tmp_path, accelerator):
+    from safetensors.torch import save_file
+
+    from genunlearn.models.eval_classifier import load_eval_classifier
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(tmp_path / "w.safetensors"))
+    judge = load_eval_classifier("test_resnet", weights=str(tmp_path / "w.safetensors"), num_classes=1000, data=None,
+                                 cache_dir=None, accelerator=accelerator)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = torch.nn.functional.interpolate((images + 1) / 2, size=(160, 160), mode="bilinear", antialias=True)
+    assert torch.allclose(judge.prepare(images), (expected - 0.5) / 0.5)  # test_resnet: 160 px, mean = std = 0.5
+    assert judge(images).shape == (2, 1000) and judge.num_classes == 1000
+    with pytest.raises(UserError, match="do not fit this model"):
+        load_eval_classifier("test_resnet", weights=str(tmp_path / "w.safetensors"), num_classes=10, data=None,
+                             cache_dir=None, accelerator=accelerator)
+    with pytest.raises(UserError, match="unknown evaluation classifier"):
+        load_eval_classifier("resnet-9000", weights=None, num_classes=10, data=None, cache_dir=None, accelerator=accelerator)

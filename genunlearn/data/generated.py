@@ -14,23 +14,24 @@ from safetensors.torch import load_file
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.eval.generative import sample_classes
-from genunlearn.models.pipeline import ClassConditionalPipeline
+from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
 from genunlearn.models.store import atomic_save_tensors
 
 TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds
 TEST_SEED_OFFSET = 10_007
 
 
-def _generate(pipeline, classes, per_class, accelerator, guidance, steps, seed) -> tuple[torch.Tensor, torch.Tensor]:
-    samples = sample_classes(pipeline, classes, per_class, accelerator, guidance=guidance, steps=steps, seed=seed)
+def _generate(pipeline, classes, per_class, accelerator, guidance, steps, seed, latents) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = sample_classes(pipeline, classes, per_class, accelerator, guidance=guidance, steps=steps, seed=seed, latents=latents)
     images = torch.cat([samples[c] for c in classes])
     labels = torch.cat([torch.full((len(samples[c]),), c, dtype=torch.long) for c in classes])
     return images, labels
 
 
 def generated_datasets(
-    pipeline: ClassConditionalPipeline,
+    pipeline: Pipeline,
     class_names: list[str],
+    classes: list[int],
     per_class: int,
     accelerator: Accelerator,
     *,
@@ -38,13 +39,16 @@ def generated_datasets(
     steps: int,
     seed: int,
     cache_dir: Path | None,
+    latents: bool = False,
 ) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
-    """``(train, test)``: ``per_class`` samples of every class, and a quarter as many with other seeds, images
-    in [-1, 1] (decoded for latent models). Generated once and cached by (model weights, counts, sampler, seed)."""
-    classes = list(range(len(class_names)))
+    """``(train, test)``: ``per_class`` samples of each of ``classes`` (ids into ``class_names``), and a quarter as
+    many with other seeds: images in [-1, 1], or with ``latents`` the denoiser's latents (a latent model's data,
+    never decoded). Generated once and cached by (weights, classes, counts, sampler, seed, output space)."""
     test_per_class = max(2, per_class // 4)
     train_seed = seed + TRAIN_SEED_OFFSET
-    key = json.dumps([model_fingerprint(pipeline.denoiser), per_class, test_per_class, guidance, steps, train_seed])
+    vae = None if latents or pipeline.vae is None else model_fingerprint(pipeline.vae)
+    key = json.dumps([model_fingerprint(pipeline_denoiser(pipeline)), vae, latents, classes, per_class, test_per_class,
+                      guidance, steps, train_seed])
     path = None if cache_dir is None else Path(cache_dir) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
     hit = [path is not None and path.is_file()]
     broadcast_object_list(hit)
@@ -52,8 +56,8 @@ def generated_datasets(
         stored = load_file(str(path))
         parts = [stored["train_images"], stored["train_labels"], stored["test_images"], stored["test_labels"]]
     else:
-        parts = [*_generate(pipeline, classes, per_class, accelerator, guidance, steps, train_seed),
-                 *_generate(pipeline, classes, test_per_class, accelerator, guidance, steps, train_seed + TEST_SEED_OFFSET)]
+        parts = [*_generate(pipeline, classes, per_class, accelerator, guidance, steps, train_seed, latents),
+                 *_generate(pipeline, classes, test_per_class, accelerator, guidance, steps, train_seed + TEST_SEED_OFFSET, latents)]
         if path is not None and accelerator.is_main_process:
             names = ("train_images", "train_labels", "test_images", "test_labels")
             atomic_save_tensors(dict(zip(names, parts)), path)

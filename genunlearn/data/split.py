@@ -66,13 +66,13 @@ def make_forget_split(train: LabeledDataset, test: LabeledDataset, spec: SplitSp
         forget_mask = _random_mask(len(train), spec.fraction, spec.seed)
         test_forget_mask = torch.zeros(len(test), dtype=torch.bool)
     elif spec.kind == "class":
-        _check_ids(spec.classes, len(train.classes), "class")
+        check_ids(spec.classes, len(train.classes), "class")
         forget_mask = torch.isin(train.targets, torch.tensor(spec.classes))
         test_forget_mask = torch.isin(test.targets, torch.tensor(spec.classes))
     elif spec.kind == "subclass":
         if train.subclass_targets is None or test.subclass_targets is None:
             raise UserError("sub-class forgetting needs a super-class mapping (superclasses.json in the data folder)")
-        _check_ids(spec.classes, len(train.subclasses or []), "sub-class")
+        check_ids(spec.classes, len(train.subclasses or []), "sub-class")
         forget_mask = torch.isin(train.subclass_targets, torch.tensor(spec.classes))
         test_forget_mask = torch.isin(test.subclass_targets, torch.tensor(spec.classes))
     else:
@@ -93,7 +93,7 @@ def make_forget_split(train: LabeledDataset, test: LabeledDataset, spec: SplitSp
     )
 
 
-def _check_ids(ids: tuple[int, ...], count: int, what: str) -> None:
+def check_ids(ids: tuple[int, ...], count: int, what: str) -> None:
     if not ids:
         raise UserError(f"no {what} given to forget; pass --class")
     bad = [i for i in ids if not 0 <= i < count]

@@ -22,8 +22,9 @@ CHECKPOINT_PREFIX = "step_"
 KEEP_CHECKPOINTS = 2
 
 
-def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict) -> Path:
-    """Write ``directory/step_<step>`` atomically and keep only the newest ``KEEP_CHECKPOINTS``. Main process only."""
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict,
+                    keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Write ``directory/step_<step>`` atomically and keep only the newest ``keep``. Main process only."""
     directory.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(directory, "incomplete")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
@@ -33,7 +34,7 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: tor
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    for old in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
+    for old in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return final
 

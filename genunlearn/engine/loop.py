@@ -42,7 +42,9 @@ class LoopConfig:
     clip_grad_norm: float | None = None
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
+    rl_form: str = "eps_match"  # diffusion random-label form: eps_match (SalUn DDPM) or relabel (SFR-on DiT)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -55,6 +57,10 @@ class LoopConfig:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw")
         if self.schedule not in ("constant", "cosine"):
             raise UserError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+        if self.keep_checkpoints < 1:
+            raise UserError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.rl_form not in ("eps_match", "relabel"):
+            raise UserError(f"unknown rl_form {self.rl_form!r}; use eps_match or relabel")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``."""
@@ -121,16 +127,22 @@ class StepContext:
         self.optimizer.step()
         frozen.restore_held(params, held)
 
-    def backward_step(self, loss: torch.Tensor, *, mask: ParameterMask | None = None, max_norm: float | None = None) -> float:
+    def backward_step(self, loss: torch.Tensor, *, mask: ParameterMask | None = None, max_norm: float | None = None,
+                      clip_before_mask: bool = False) -> float:
         """Zero grads, backward, ``grad ⊙= mask`` (masked-out entries then stay put), clip, step.
 
         ``max_norm`` (None: ``cfg.clip_grad_norm``) bounds the gradient norm; returns the norm before clipping.
+        ``clip_before_mask`` clips the whole gradient and masks afterwards (SalUn's diffusion order).
         """
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        max_norm = max_norm if max_norm is not None else self.cfg.clip_grad_norm
+        if clip_before_mask:
+            norm = self.clip_gradients(max_norm)
         if mask is not None:
             mask.mask_gradients(self.parameters())
-        norm = self.clip_gradients(max_norm if max_norm is not None else self.cfg.clip_grad_norm)
+        if not clip_before_mask:
+            norm = self.clip_gradients(max_norm)
         self.optimizer_step(frozen=mask)
         return norm
 
@@ -215,7 +227,7 @@ def run_loop(
                     "wall_time_s": wall,
                     "stream_positions": {name: s.position for name, s in streams.items() if s is not None},
                 }
-                save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, loop_state)
+                save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, loop_state, keep=cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
         bar.update(1)
     bar.close()

@@ -39,8 +39,9 @@ def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContex
 
 
 def random_label(task: Task, model: nn.Module, batch: Batch, ctx: "StepContext") -> torch.Tensor:
-    """``rl``: the task's random-label loss towards random *other* classes, batch mean."""
-    return task.random_label_loss(model, batch, random_other_labels(batch[1], task.num_classes, ctx)).mean()
+    """``rl``: the task's random-label loss towards random *other* classes (form ``ctx.cfg.rl_form``), batch mean."""
+    labels = random_other_labels(batch[1], task.num_classes, ctx)
+    return task.random_label_loss(model, batch, labels, form=ctx.cfg.rl_form).mean()
 
 
 def forget_objective(name: str, task: Task, model: nn.Module, batch: Batch, ctx: "StepContext", temperature: float = 0.5) -> torch.Tensor:

@@ -8,7 +8,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from genunlearn.eval.mia import softmax_entropy
-from genunlearn.models.pipeline import ClassConditionalPipeline
+from genunlearn.models.pipeline import Pipeline, sample_images
 
 SAMPLE_BATCH = 256
 
@@ -19,18 +19,19 @@ def class_generator(seed: int, class_id: int, chunk: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def generate_class(pipeline: ClassConditionalPipeline, class_id: int, count: int, *, guidance: float, steps: int, seed: int) -> torch.Tensor:
-    """``count`` samples ``[count, C, H, W]`` in [-1, 1] of ``class_id``, seeded by (seed, class)."""
+def generate_class(pipeline: Pipeline, class_id: int, count: int, *, guidance: float, steps: int, seed: int,
+                   latents: bool = False) -> torch.Tensor:
+    """``count`` samples ``[count, C, H, W]`` of ``class_id`` (images in [-1, 1], or latents), seeded by (seed, class)."""
     chunks = []
     for chunk, start in enumerate(range(0, count, SAMPLE_BATCH)):
         size = min(SAMPLE_BATCH, count - start)
-        output = pipeline([class_id] * size, guidance_scale=guidance, num_inference_steps=steps, generator=class_generator(seed, class_id, chunk))
-        chunks.append(output.images.cpu())
+        chunks.append(sample_images(pipeline, [class_id] * size, guidance=guidance, steps=steps,
+                                    generator=class_generator(seed, class_id, chunk), latents=latents))
     return torch.cat(chunks)
 
 
 def sample_classes(
-    pipeline: ClassConditionalPipeline,
+    pipeline: Pipeline,
     classes: list[int],
     per_class: int,
     accelerator: Accelerator,
@@ -38,12 +39,13 @@ def sample_classes(
     guidance: float,
     steps: int,
     seed: int = 0,
+    latents: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """``per_class`` samples of each class (CPU, [-1, 1]), classes spread over processes and gathered on all.
-    Each class's samples depend only on (seed, class), not on the process count."""
+    """``per_class`` samples of each class (CPU; images in [-1, 1], or latents), classes spread over processes
+    and gathered on all. Each class's samples depend only on (seed, class), not on the process count."""
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed)
+    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed, latents=latents)
             for c in classes[accelerator.process_index :: accelerator.num_processes]}
     gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     return {c: images for part in gathered for c, images in part.items()}
@@ -66,7 +68,7 @@ def class_metrics(classifier: nn.Module, samples: dict[int, torch.Tensor], devic
 
 
 def classify_generated(
-    pipeline: ClassConditionalPipeline,
+    pipeline: Pipeline,
     classifier: nn.Module,
     classes: list[int],
     per_class: int,

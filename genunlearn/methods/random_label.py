@@ -4,30 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from genunlearn.engine.loop import LoopConfig, StepContext
-from genunlearn.engine.objectives import random_other_labels
+from genunlearn.engine.objectives import random_label
 from genunlearn.methods.common import unlearn_with_loop
 from genunlearn.methods.registry import UnlearnResult, register_method
 
 
 @dataclass
 class RandomLabelConfig(LoopConfig):
-    """``forget_weight * rl(D_f) + retain_weight * CE(D_r)`` with SGD (SalUn's classifier RL baseline optimiser)."""
+    """``forget_weight * rl(D_f) + retain_weight * L(D_r)`` with SGD (SalUn's classifier RL baseline optimiser);
+    diffusion presets use Adam and the ε-matching rl (or ``rl_form: relabel``)."""
 
     forget_weight: float = 1.0
     retain_weight: float = 1.0
 
 
 def random_label_step(ctx: StepContext) -> dict[str, float]:
-    """One step; forget and retain batches share one forward pass (DDP allows one forward per backward)."""
-    forget_images, forget_labels = ctx.forget.next()
-    retain_images, retain_labels = ctx.retain.next()
-    labels = torch.cat([random_other_labels(forget_labels, ctx.task.num_classes, ctx), retain_labels])
-    losses = ctx.task.loss(ctx.model, (torch.cat([forget_images, retain_images]), labels))
-    forget_loss, retain_loss = losses[: len(forget_labels)].mean(), losses[len(forget_labels) :].mean()
+    """One step on ``forget_weight · rl(D_f batch) + retain_weight · L(D_r batch)`` (rl in the task's form)."""
     cfg: RandomLabelConfig = ctx.cfg
+    forget_loss = random_label(ctx.task, ctx.model, ctx.forget.next(), ctx)
+    retain_loss = ctx.task.loss(ctx.model, ctx.retain.next()).mean()
     ctx.backward_step(cfg.forget_weight * forget_loss + cfg.retain_weight * retain_loss)
     return {"forget_rl_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 

@@ -24,16 +24,22 @@ from genunlearn.tasks.base import Task
 class SalUnConfig(LoopConfig):
     """Defaults: the classifier reference (OPTML-Group/Unlearn-Saliency, Classification/unlearn/RL.py with a
     generate_mask.py mask): SGD 0.01 momentum 0.9 wd 5e-4, the top 50% of |∇(-CE on D_f)| kept, each
-    epoch one pass over D_f with random labels then one over D_r, 10 epochs (``epochs`` wins over ``steps``)."""
+    epoch one pass over D_f with random labels then one over D_r, 10 epochs (``epochs`` wins over ``steps``).
+    ``form: joint`` is the diffusion reference (DDPM/train_msalun.py): every step one update on
+    ``L_rl(D_f) + retain_weight · L(D_r)`` (β = 1e-3; β = 0 forgets every class), clipped, then masked."""
 
     lr: float = 0.01
     mask_fraction: float = 0.5
     epochs: int | None = 10
+    form: str = "alternate"
+    retain_weight: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.mask_fraction <= 1.0:
             raise UserError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}")
+        if self.form not in ("alternate", "joint"):
+            raise UserError(f"unknown SalUn form {self.form!r}; use alternate (classifiers) or joint (diffusion)")
 
 
 def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
@@ -61,13 +67,24 @@ def salun_step(ctx: StepContext, mask: ParameterMask, forget_batches: int, retai
     return {"retain_loss": loss.item()}
 
 
+def salun_joint_step(ctx: StepContext, mask: ParameterMask) -> dict[str, float]:
+    """One update on ``rl(D_f batch) + β · L(D_r batch)``: clip the whole gradient, then mask it."""
+    forget = random_label(ctx.task, ctx.model, ctx.forget.next(), ctx)
+    retain = ctx.task.loss(ctx.model, ctx.retain.next()).mean()
+    norm = ctx.backward_step(forget + ctx.cfg.retain_weight * retain, mask=mask, clip_before_mask=True)
+    return {"forget_rl_loss": forget.item(), "retain_loss": retain.item(), "grad_norm": norm}
+
+
 @register_method("salun", "SalUn: random labels on the forget set then retain descent, through a gradient-saliency mask", SalUnConfig)
 def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     global_batch = cfg.batch_size * accelerator.num_processes
     forget_batches = math.ceil(len(split.forget) / global_batch)
     retain_batches = math.ceil(len(split.retain) / global_batch)
-    if cfg.epochs is not None:
+    if cfg.epochs is not None and cfg.form == "alternate":
         cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * (forget_batches + retain_batches), "epochs": None})
     mask, info = salun_mask(task, split, cfg, accelerator)
-    step = partial(salun_step, mask=mask, forget_batches=forget_batches, retain_batches=retain_batches)
+    if cfg.form == "joint":
+        step = partial(salun_joint_step, mask=mask)
+    else:
+        step = partial(salun_step, mask=mask, forget_batches=forget_batches, retain_batches=retain_batches)
     return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info)

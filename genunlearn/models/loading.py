@@ -21,6 +21,9 @@ from genunlearn.training import TrainConfig, train_from_scratch
 
 
 
+EMBEDDED_DATASETS = ("digits",)
+
+
 def load_datasets(preset: Preset, data_dir: str | Path | None) -> tuple[LabeledDataset, LabeledDataset, str]:
     """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size."""
     if data_dir is not None:
@@ -28,7 +31,7 @@ def load_datasets(preset: Preset, data_dir: str | Path | None) -> tuple[LabeledD
         train = ImageFolderDataset(data_dir, "train", transform)
         test = ImageFolderDataset(data_dir, "test", transform)
         return train, test, f"folder-{train.fingerprint()}"
-    if preset.dataset != "digits":
+    if preset.dataset not in EMBEDDED_DATASETS:
         raise UserError(f"model {preset.name} is trained on {preset.dataset}, which is not embedded; pass --data DIR")
     train, test = load_digits_split(preset.image_size)
     return train, test, f"digits{preset.image_size}"

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import timm
 import yaml
@@ -68,13 +69,19 @@ class SamplingDefaults:
 @dataclass(frozen=True)
 class DiffusionPreset:
     """A class-conditional diffusion model: a diffusers ``UNet2DModel`` (``architecture: unet``) or
-    ``DiTTransformer2DModel`` (``dit``) built from ``model_args``, its noise schedule, data and recipes."""
+    ``DiTTransformer2DModel`` (``dit``) built from ``model_args``, its noise schedule, data and recipes.
+
+    ``hub_id``: a Hugging Face pipeline to start from instead of pretraining locally; ``remain_classes``: how
+    many of the other classes (chosen by seed) stand for the retain set in data-free runs and evaluation
+    (None: all of them; 1000-class models cannot sample every class on each run)."""
 
     name: str
     architecture: str
     description: str = ""
     kind: str = "diffusion"
     model_args: dict = field(default_factory=dict)
+    hub_id: str | None = None
+    remain_classes: int | None = None
     dataset: str = "digits"
     image_size: int = 8
     channels: int = 1
@@ -90,7 +97,10 @@ class DiffusionPreset:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        return ClassifierPreset.fingerprint(self)
+        """Hash of what determines the pretrained weights (not how they are sampled, judged or unlearned)."""
+        ignored = ("description", "methods", "hub_id", "remain_classes", "sampling", "eval_classifier")
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, raw: dict) -> "DiffusionPreset":
@@ -113,12 +123,25 @@ def list_presets() -> dict[str, str]:
     return {name: yaml.safe_load(text).get("description", "") for name, text in sorted(_preset_files().items())}
 
 
+def _preset_from_text(text: str, source: str) -> Preset:
+    raw = yaml.safe_load(text)
+    try:
+        return DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
+    except (TypeError, AttributeError) as exc:
+        raise UserError(f"{source} is not a valid preset ({exc}); compare it with genunlearn/configs/models/*.yaml") from None
+
+
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``, or an ad-hoc classifier preset for a timm model name (digits recipe)."""
+    """The preset called ``name``, a preset YAML file at the path ``name`` (e.g. a built-in preset with its
+    architecture changed), or an ad-hoc classifier preset for a timm model name (digits recipe)."""
     files = _preset_files()
     if name in files:
-        raw = yaml.safe_load(files[name])
-        return DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
+        return _preset_from_text(files[name], name)
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"preset file {name} does not exist; pass a preset name (genunlearn models) or a YAML file")
+        return _preset_from_text(path.read_text(), name)
     timm_name = name.removeprefix("timm/")
     if timm.is_model(timm_name):
         return ClassifierPreset(name=name, timm_name=timm_name, description=f"timm {timm_name}")

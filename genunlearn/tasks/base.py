@@ -35,7 +35,7 @@ class Task(Protocol):
         ``importance_loss_id`` names it in cache keys."""
         ...
 
-    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor, form: str = "eps_match") -> torch.Tensor:
         """Per-sample loss ``[B]`` pulling the batch towards the other ``labels`` (the ``rl`` objective)."""
         ...
 

@@ -76,8 +76,9 @@ class ClassifierTask:
         """The loss whose gradients measure weight importance (Fishers, saliency): cross-entropy."""
         return self.loss(model, batch)
 
-    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
-        """``rl``'s per-sample loss: cross-entropy against ``labels`` (random other classes)."""
+    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor, form: str = "eps_match") -> torch.Tensor:
+        """``rl``'s per-sample loss: cross-entropy against ``labels`` (random other classes); ``form`` is the
+        diffusion variant and has no classifier counterpart."""
         return self.loss(model, batch, labels=labels)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -35,7 +35,10 @@ def build_noise_scheduler(preset: DiffusionPreset) -> DDPMScheduler:
 
 
 class DiffusionTask:
-    """A class-conditional denoiser with its training noise scheduler, optional VAE and data."""
+    """A class-conditional denoiser with its training noise scheduler, optional VAE and data.
+
+    ``encoded_data``: the datasets hold diffusion-space tensors already (a latent model's generated latents);
+    ``id2label``: class names a ``DiTPipeline`` carries, kept when the unlearned pipeline is saved."""
 
     def __init__(
         self,
@@ -46,6 +49,8 @@ class DiffusionTask:
         test_data: LabeledDataset,
         vae: AutoencoderKL | None = None,
         cache_dir: Path | None = None,
+        encoded_data: bool = False,
+        id2label: dict | None = None,
     ) -> None:
         self.preset = preset
         self.name = preset.name
@@ -55,12 +60,14 @@ class DiffusionTask:
         self.train_data = train_data
         self.test_data = test_data
         self.cache_dir = cache_dir
+        self.encoded_data = encoded_data
+        self.id2label = id2label
         self.num_classes = len(train_data.classes)
         self.null_class = self.num_classes
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] -> the diffusion space (VAE latents times its scaling factor)."""
-        if self.vae is None:
+        if self.vae is None or self.encoded_data:
             return images
         with torch.no_grad():
             return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
@@ -105,9 +112,23 @@ class DiffusionTask:
         per_sample = (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
         return per_sample.view(2, -1).mean(dim=0)
 
-    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
-        """``rl``, the SalUn DDPM form: ``(ε_θ(x_t, t, c_f) - sg[ε_θ(x_t, t, c')])²`` averaged over C, H, W ``[B]``:
-        the forget class's prediction is pulled onto another class's at the same x_t and t."""
+    def decode(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Diffusion-space tensors ``[B, C', H', W']`` -> images in [-1, 1] (identity without a VAE)."""
+        if self.vae is None:
+            return encoded
+        with torch.no_grad():
+            return self.vae.decode(encoded / self.vae.config.scaling_factor).sample.float().clamp(-1.0, 1.0)
+
+    def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor, form: str = "eps_match") -> torch.Tensor:
+        """``rl`` per sample ``[B]`` towards the other classes ``labels``. ``eps_match`` (SalUn's DDPM form):
+        ``(ε_θ(x_t, t, c_f) - sg[ε_θ(x_t, t, c')])²`` averaged over C, H, W, pulling the forget class's prediction
+        onto another class's at the same x_t and t. ``relabel`` (SFR-on's DiT form): the ordinary ε loss on the
+        forget images with their label swapped to c' (the reference fixes c' = c_f + 100 mod 1000; ``labels``
+        are random other classes here, so the form works for any class count)."""
+        if form == "relabel":
+            return self.loss(model, (batch[0], labels))
+        if form != "eps_match":
+            raise UserError(f"unknown rl_form {form!r}; use eps_match or relabel")
         images, forget_labels = batch
         noisy, _, timesteps = self._noised(images)
         with torch.no_grad():
