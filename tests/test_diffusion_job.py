@@ -132,3 +132,41 @@ def test_gradient_checkpointing_changes_memory_not_results(cnn_task, tiny_pipeli
         assert guarded(forget_main, [*base, *extra, "--output-dir", str(tmp_path / name)]) == 0
         reports.append(json.loads((tmp_path / name / "report.json").read_text()))
     assert reports[0]["after"] == reports[1]["after"] and reports[0]["log"] == reports[1]["log"]
+
+
+def test_ddpm_cifar10_path_on_a_tiny_image_folder(tmp_path):
+    """ddpm-cifar10 with its UNet shrunk (a preset YAML file): pretrained here on an RGB 32x32 image folder (--data),
+    judged by resnet18-cifar10 trained on the same folder, FID against the folder's real retain images."""
+    import numpy as np
+    import yaml
+
+    root = tmp_path / "cifar"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for index, name in enumerate(("airplane", "cat", "ship")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 70 * index, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    configs = Path(__file__).parents[1] / "genunlearn" / "configs" / "models"
+    judge = yaml.safe_load((configs / "resnet18-cifar10.yaml").read_text())
+    judge["train"]["epochs"] = 1
+    (tmp_path / "judge.yaml").write_text(yaml.safe_dump(judge))
+    preset = yaml.safe_load((configs / "ddpm-cifar10.yaml").read_text())
+    preset["model_args"].update(block_out_channels=[8, 16], down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                                up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1, norm_num_groups=4)
+    preset["train"]["epochs"] = 1
+    preset["eval_classifier"] = str(tmp_path / "judge.yaml")
+    (tmp_path / "tiny-ddpm-cifar10.yaml").write_text(yaml.safe_dump(preset))
+    out = tmp_path / "run"
+    argv = ["--model", str(tmp_path / "tiny-ddpm-cifar10.yaml"), "--data", str(root), "--class", "1", "--steps", "2",
+            "--batch-size", "4", "--eval-samples", "3", "--eval-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--output-dir", str(out)]
+    assert guarded(forget_main, argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["forget"] == 6 and report["split"]["retain"] == 12
+    assert report["evaluation"]["fid_reference"] == "real retain images" and report["evaluation"]["guidance"] == 3.0
+    images = load_pipeline(out / "pipeline")([0, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, 32, 32)
+    assert guarded(forget_main, ["--model", "ddpm-cifar10", "--class", "1", "--output-dir", str(tmp_path / "none")]) == 2

@@ -89,7 +89,7 @@ def test_dit_xl_hub_id_without_network_says_how_to_get_the_weights(tmp_path):
 
 @pytest.mark.slow
 def test_one_sfron_iteration_of_dit_xl_2(accelerator, tmp_path):
-    """The real DiT-XL/2 architecture (random weights, 675M parameters) on CPU: Fishers, mask and one fast-slow
+    """The real DiT-XL/2 architecture (random weights, 750M parameters in diffusers' layout) on CPU: Fishers, mask and one fast-slow
     iteration on latents; prints time and peak memory."""
     preset = get_preset("dit-xl")
     torch.manual_seed(0)

@@ -27,9 +27,10 @@ class ClassifierFeatures(nn.Module):
 
 
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor, features: nn.Module) -> float:
-    """FID between ``real`` and ``generated`` images ``[N, C, H, W]`` in [-1, 1] under ``features``."""
-    metric = FrechetInceptionDistance(feature=features, normalize=True)
+    """FID between ``real`` and ``generated`` images ``[N, C, H, W]`` in [-1, 1] under ``features``, on its device."""
+    device = next(features.parameters()).device
+    metric = FrechetInceptionDistance(feature=features, normalize=True).to(device)
     for images, is_real in ((real, True), (generated, False)):
         for start in range(0, len(images), FEATURE_BATCH):
-            metric.update(images[start : start + FEATURE_BATCH], real=is_real)
+            metric.update(images[start : start + FEATURE_BATCH].to(device), real=is_real)
     return max(0.0, float(metric.compute()))  # identical sets can come out at -1e-13 from rounding
