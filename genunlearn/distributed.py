@@ -11,6 +11,20 @@ from accelerate.utils import is_mps_available, is_npu_available, is_xpu_availabl
 from genunlearn.errors import UserError
 
 
+THREADS_ENV = "GENUNLEARN_THREADS"
+
+
+def use_cpu_threads() -> None:
+    """Give torch this process's share of the CPU cores (``$GENUNLEARN_THREADS`` if set).
+
+    ``accelerate launch`` exports OMP_NUM_THREADS=1 unless told otherwise, which would leave a single-process
+    run on one core of a multi-core machine.
+    """
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = int(os.environ.get(THREADS_ENV, "0")) or max(1, (os.cpu_count() or 1) // local_processes)
+    torch.set_num_threads(threads)
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """``Accelerator(**kwargs)``, with ``cpu=True`` on an accelerator-less machine under a multi-process launch.
 
@@ -19,6 +33,8 @@ def make_accelerator(**kwargs) -> Accelerator:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_only = not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
+    if cpu_only:
+        use_cpu_threads()
     cpu = kwargs.pop("cpu", False) or (world_size > 1 and cpu_only)
     accelerator = Accelerator(cpu=cpu, **kwargs)
     if accelerator.num_processes != world_size:

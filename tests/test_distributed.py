@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from genunlearn.cli import forget_main, guarded
 
@@ -42,3 +43,24 @@ def test_two_processes_match_one(cnn_task, cache_dir, tmp_path):
     for a, b in zip(one["log"], two["log"]):
         assert b["retain_loss"] == pytest.approx(a["retain_loss"], rel=0.5, abs=0.02)
         assert b["forget_weight"] == pytest.approx(a["forget_weight"])
+
+
+def test_cpu_threads_are_shared_between_local_processes(monkeypatch):
+    """accelerate launch exports OMP_NUM_THREADS=1; a lone process still gets every core, two get half each."""
+    from genunlearn.distributed import THREADS_ENV, use_cpu_threads
+
+    cores = os.cpu_count() or 1
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        torch.set_num_threads(1)
+        use_cpu_threads()
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        use_cpu_threads()
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv(THREADS_ENV, "1")
+        use_cpu_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(cores)
