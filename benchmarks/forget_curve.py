@@ -21,10 +21,17 @@ import matplotlib
 from safetensors.torch import load_file
 
 from genunlearn import SplitSpec, load_task, make_forget_split
-from genunlearn.diffusion_job import SamplingProtocol, evaluate_generator, reference_images
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
+from genunlearn.eval.generator_eval import (
+    SamplingProtocol,
+    evaluate_generator,
+    fid_setup,
+    reference_features,
+    reference_images,
+)
 from genunlearn.job import method_config
+from genunlearn.models.diffusion_loading import pipeline_for
 from genunlearn.models.store import atomic_write_text
 
 matplotlib.use("Agg")
@@ -65,7 +72,8 @@ def plot(results: dict, path: Path) -> None:
             axis.axhline(results["retrain"][key], color="grey", linestyle="--", label="retrain (oracle)")
     axes[1].axhline(results["original"]["fid_remain"], color="black", linestyle=":", label="original model")
     axes[0].set(xlabel="unlearning step", ylabel="forget accuracy", title="forgotten class still drawn")
-    axes[1].set(xlabel="unlearning step", ylabel="FID (remaining classes)", title="damage to the other classes")
+    axes[1].set(xlabel="unlearning step", ylabel="FID (remaining classes, log scale)", title="damage to the other classes",
+                yscale="log")
     axes[1].legend()
     figure.suptitle(f"{results['model']}, class {results['class']}")
     figure.tight_layout()
@@ -89,14 +97,16 @@ def main() -> None:
     classifier = load_task(task.preset.eval_classifier, accelerator=accelerator).model
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(args.forget_class,)))
     remaining = [c for c in range(task.num_classes) if c != args.forget_class]
-    reference = reference_images(task, split.retain, remaining)
+    fid = fid_setup("classifier", classifier, task.preset.eval_classifier, "torchmetrics", None, accelerator.device)
+    reference = reference_features(reference_images(task, split.retain, remaining), fid)
     protocol = SamplingProtocol(per_class=args.eval_samples, guidance=task.preset.sampling.guidance, steps=task.preset.sampling.steps)
 
     def evaluate(model) -> dict:
-        return evaluate_generator(task, model, classifier, [args.forget_class], remaining, reference, protocol, accelerator)[0]
+        pipeline = pipeline_for(task, model)
+        return evaluate_generator(pipeline, classifier, [args.forget_class], remaining, reference, fid, protocol, accelerator)[0]
 
-    results = {"model": args.model, "class": args.forget_class, "protocol": protocol.__dict__, "original": evaluate(task.model),
-               "methods": {}}
+    results = {"model": args.model, "class": args.forget_class, "protocol": {**protocol.__dict__, **fid.describe()},
+               "original": evaluate(task.model), "methods": {}}
     for method in args.methods:
         results["methods"][method] = curve(task, split, method, args.every, evaluate, accelerator, args.steps)
     if not args.no_retrain:

@@ -77,6 +77,19 @@ def forget_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--remain-classes", type=int, metavar="N",
                             help="evaluate (and, data-free, retain) N other classes chosen by --seed instead of all "
                             "(default: the preset's; dit-xl: 10)")
+    evaluation.add_argument("--fid-features", default="classifier",
+                            help="FID features: classifier (the judge's pre-logits; default, offline), inception (the FID "
+                            "Inception-v3; needs its weights, see --fid-inception-weights), or a timm model name (hub weights)")
+    evaluation.add_argument("--fid-library", choices=["torchmetrics", "clean-fid"], default="torchmetrics",
+                            help="which library computes the Fréchet distance from the features (default torchmetrics)")
+    evaluation.add_argument("--fid-inception-weights", metavar="PATH",
+                            help="pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache, ~/.cache/torch/hub/checkpoints)")
+    evaluation.add_argument("--compare-retrain", action="store_true",
+                            help="also train (or reuse, cached) the retrain oracle and report every metric's gap to it")
+    evaluation.add_argument("--relearn-steps", type=int, default=0, metavar="N",
+                            help="relearning check: fine-tune the unlearned model and the retrain oracle on a few forget "
+                            "samples for N steps and report how fast the class comes back (0: off)")
+    evaluation.add_argument("--relearn-samples", type=int, default=8, help="forget samples the relearning check uses (default 8)")
     memory = parser.add_argument_group("memory (large models)")
     memory.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
@@ -118,6 +131,12 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         eval_classifier=args.eval_classifier,
         eval_classifier_weights=args.eval_classifier_weights,
         remain_classes=args.remain_classes,
+        fid_features=args.fid_features,
+        fid_library=args.fid_library,
+        fid_inception_weights=args.fid_inception_weights,
+        compare_retrain=args.compare_retrain,
+        relearn_steps=args.relearn_steps,
+        relearn_samples=args.relearn_samples,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
     )

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import Dataset
 
 from genunlearn.data.generated import generated_datasets
 from genunlearn.data.split import check_ids, make_forget_split
 from genunlearn.errors import UserError
-from genunlearn.eval.fid import ClassifierFeatures, frechet_distance
-from genunlearn.eval.generative import class_metrics, sample_classes
+from genunlearn.eval.generator_eval import (
+    SamplingProtocol,
+    evaluate_generator,
+    fid_setup,
+    forget_sample_accuracy,
+    protocol_record,
+    reference_features,
+    reference_images,
+)
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import write_report
-from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, run_report
+from genunlearn.engine.fingerprint import model_fingerprint
+from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, oracle_and_relearning, run_report
 from genunlearn.models.cache import cache_root
 from genunlearn.models.diffusion_loading import (
     load_diffusion_pipeline,
+    load_pipeline,
     pipeline_for,
     sampler_for,
     save_pipeline,
@@ -29,24 +35,17 @@ from genunlearn.models.diffusion_loading import (
 )
 from genunlearn.models.eval_classifier import load_eval_classifier
 from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
-from genunlearn.models.pipeline import pipeline_class_names, pipeline_num_classes
+from genunlearn.models.pipeline import (
+    pipeline_class_names,
+    pipeline_denoiser,
+    pipeline_num_classes,
+)
 from genunlearn.models.presets import DiffusionPreset
 from genunlearn.models.store import atomic_write_text
 from genunlearn.tasks.diffusion import DiffusionTask
 
 PIPELINE_DIR = "pipeline"
 GRID_SAMPLES = 8
-DECODE_BATCH = 32
-
-
-@dataclass(frozen=True)
-class SamplingProtocol:
-    """How evaluation samples: the same for the model before and after unlearning."""
-
-    per_class: int = 100
-    guidance: float = 1.0
-    steps: int = 50
-    seed: int = 0
 
 
 def remain_classes(num_classes: int, forgotten: list[int], count: int | None, seed: int) -> list[int]:
@@ -58,49 +57,6 @@ def remain_classes(num_classes: int, forgotten: list[int], count: int | None, se
         raise UserError(f"--remain-classes must be at least 1, got {count}")
     order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))
     return sorted(others[i] for i in order[:count].tolist())
-
-
-def reference_images(task: DiffusionTask, retain: Dataset, classes: list[int]) -> torch.Tensor:
-    """The FID reference ``[N, C, H, W]`` in [-1, 1]: the retain set's samples of ``classes`` (decoded when it holds latents)."""
-    wanted = set(classes)
-    items = [retain[i] for i in range(len(retain))]
-    images = torch.stack([image for image, label in items if label in wanted])
-    if not task.encoded_data:
-        return images
-    vae_device = next(task.vae.parameters()).device
-    return torch.cat([task.decode(images[i : i + DECODE_BATCH].to(vae_device)).cpu() for i in range(0, len(images), DECODE_BATCH)])
-
-
-def evaluate_generator(
-    task: DiffusionTask, model: torch.nn.Module, classifier: torch.nn.Module, forgotten: list[int], remaining: list[int],
-    reference: torch.Tensor, protocol: SamplingProtocol, accelerator: Accelerator,
-) -> tuple[dict, dict[int, torch.Tensor]]:
-    """Metrics of ``model``'s samples (fractions, nats, FID) and the samples themselves, per class.
-
-    ``forget_acc``: fraction of forgotten-class samples the classifier still labels as that class;
-    ``forget_entropy``/``forget_prob``: their mean softmax entropy and probability of the class;
-    ``remain_acc``: the same accuracy over the ``remaining`` classes; ``fid_remain``: FID of their samples
-    against ``reference`` (real retain images, or the original model's samples when data-free), in the
-    classifier's features.
-    """
-    samples = sample_classes(pipeline_for(task, model), forgotten + remaining, protocol.per_class, accelerator,
-                             guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
-    per_class = class_metrics(classifier, samples, accelerator.device)
-    generated_remain = torch.cat([samples[c] for c in remaining])
-
-    def mean(key: str, classes) -> float:
-        return sum(per_class[c][key] for c in classes) / len(classes)
-
-    features = ClassifierFeatures(classifier).to(accelerator.device)
-    metrics = {
-        "forget_acc": mean("accuracy", forgotten),
-        "forget_entropy": mean("entropy", forgotten),
-        "forget_prob": mean("probability", forgotten),
-        "remain_acc": mean("accuracy", remaining),
-        "fid_remain": frechet_distance(reference, generated_remain, features),
-        "per_class_acc": {str(c): per_class[c]["accuracy"] for c in sorted(per_class)},
-    }
-    return metrics, samples
 
 
 def prepare_for_memory(task: DiffusionTask, gradient_checkpointing: bool) -> None:
@@ -157,16 +113,32 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
+    fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)
     reference = reference_images(task, split.retain, remaining)
-    before, samples_before = evaluate_generator(task, task.model, classifier, forgotten, remaining, reference, protocol, accelerator)
+    features = reference_features(reference, fid)
+
+    def evaluate(model: torch.nn.Module) -> tuple[dict, dict[int, torch.Tensor]]:
+        return evaluate_generator(pipeline_for(task, model), classifier, forgotten, remaining, features, fid, protocol, accelerator)
+
+    before, samples_before = evaluate(task.model)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
-    after, samples_after = evaluate_generator(task, result.model, classifier, forgotten, remaining, reference, protocol, accelerator)
-    evaluation = {**dataclasses.asdict(protocol), "classifier": classifier_name, "classes": forgotten + remaining,
-                  "fid_features": f"{classifier_name} pre-logits", "fid_library": "torchmetrics", "weights": "raw (no EMA)",
-                  "fid_reference": "original model's samples" if data_free else "real retain images",
-                  "data_free": data_free, "mixed_precision": accelerator.mixed_precision}
+    after, samples_after = evaluate(result.model)
+    evaluation = protocol_record(protocol, fid, classifier_name, forgotten + remaining, reference, data_free, accelerator.mixed_precision)
+
+    def forget_accuracy(model: torch.nn.Module) -> float:
+        return forget_sample_accuracy(pipeline_for(task, model), classifier, forgotten, protocol, accelerator)
+
+    def save_oracle(model: torch.nn.Module, folder) -> None:
+        save_pipeline(pipeline_for(task, model), folder)
+
+    def load_oracle(folder) -> torch.nn.Module:
+        return pipeline_denoiser(load_pipeline(folder)).eval()
+
+    data_id = real[2] if real is not None and not data_free else f"generated-{model_fingerprint(task.model)}-{job.data_free_samples}"
+    extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: evaluate(m)[0], forget_accuracy,
+                                   (save_oracle, load_oracle, "model_index.json"), accelerator)
     report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
-                        before=before, after=after, weights=f"{PIPELINE_DIR}/")
+                        before=before, after=after, weights=f"{PIPELINE_DIR}/", **extras)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_pipeline(pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval()), job.output_dir / PIPELINE_DIR)

@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from accelerate import Accelerator
 
@@ -14,14 +15,15 @@ import genunlearn
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.eval.classify import classifier_metrics
+from genunlearn.eval.classify import accuracy, classifier_metrics, predict_logits
+from genunlearn.eval.relearn import oracle_gaps, relearn_curve, retrain_oracle
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.methods import UnlearnResult, get_method
 from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
-from genunlearn.models.store import atomic_write_text, save_model_dir
-from genunlearn.tasks.classifier import ClassifierTask
+from genunlearn.models.store import WEIGHTS_NAME, atomic_write_text, load_weights, save_model_dir
+from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -52,8 +54,14 @@ class ForgetJob:
     eval_classifier: str | None = None
     eval_classifier_weights: str | None = None
     remain_classes: int | None = None
+    fid_features: str = "classifier"
+    fid_library: str = "torchmetrics"
+    fid_inception_weights: str | None = None
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
+    compare_retrain: bool = False
+    relearn_steps: int = 0
+    relearn_samples: int = 8
 
     def identity(self) -> dict:
         """What makes two runs the same run (everything but where caches live, whether to resume, and gradient
@@ -129,14 +137,41 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, split: ForgetSplit, cf
     }
 
 
+def oracle_and_relearning(job: ForgetJob, task, split: ForgetSplit, data_id: str, unlearned, after: dict,
+                          evaluate: Callable, measure: Callable, store: tuple[Callable, Callable, str],
+                          accelerator: Accelerator) -> dict:
+    """The report entries ``--compare-retrain`` and ``--relearn-steps`` ask for: the retrain oracle's metrics and
+    the gaps to them (``oracle``, ``gap_to_oracle``), and relearning curves of the unlearned model and the
+    oracle (``relearn``). ``store``: (save, load, marker file) for the cached oracle."""
+    if not (job.compare_retrain or job.relearn_steps):
+        return {}
+    oracle = retrain_oracle(task, split, data_id, cache_root(job.cache_dir), accelerator, *store)
+    entries = {}
+    if job.compare_retrain:
+        oracle_metrics = evaluate(oracle)
+        entries.update(oracle=oracle_metrics, gap_to_oracle=oracle_gaps(after, oracle_metrics))
+    if job.relearn_steps:
+        entries["relearn"] = {
+            "steps": job.relearn_steps,
+            "samples": job.relearn_samples,
+            **{name: relearn_curve(task, model, split, job.relearn_steps, measure, accelerator, samples=job.relearn_samples,
+                                   seed=job.seed) for name, model in (("unlearned", unlearned), ("retrain", oracle))},
+        }
+    return entries
+
+
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     if job.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise UserError(f"unknown --mixed-precision {job.mixed_precision!r}; use no, fp16 or bf16")
+    if job.relearn_steps < 0 or job.relearn_samples < 1:
+        raise UserError("--relearn-steps must be non-negative and --relearn-samples at least 1")
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
     if isinstance(preset, DiffusionPreset):
-        from genunlearn.diffusion_job import run_diffusion_job  # imported here: it builds on this module
+        from genunlearn.diffusion_job import (
+            run_diffusion_job,  # imported here: it builds on this module
+        )
 
         return run_diffusion_job(job, preset, accelerator)
     if job.data_free:
@@ -157,8 +192,22 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     before = classifier_metrics(task.model, split, accelerator)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after = classifier_metrics(result.model, split, accelerator)
+
+    def forget_accuracy(model) -> float:
+        return accuracy(*predict_logits(model.to(accelerator.device), split.forget, accelerator))
+
+    def load_oracle(folder: Path):
+        oracle = build_classifier(preset, len(train.classes))
+        load_weights(oracle, folder / WEIGHTS_NAME)
+        return oracle.eval()
+
+    def save_oracle(model, folder: Path) -> None:
+        save_model_dir(model, {"preset": preset.to_dict(), "classes": train.classes, "retrained_without": split.summary()}, folder)
+
+    extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: classifier_metrics(m, split, accelerator),
+                                   forget_accuracy, (save_oracle, load_oracle, WEIGHTS_NAME), accelerator)
     report = run_report("classifier", job, preset, split, cfg, result, accelerator, before=before, after=after,
-                        weights=f"{MODEL_DIR}/model.safetensors")
+                        weights=f"{MODEL_DIR}/model.safetensors", **extras)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model_dir(result.model, {"preset": preset.to_dict(), "classes": task.train_data.classes, "unlearned": job.identity()}, job.output_dir / MODEL_DIR)

@@ -155,3 +155,24 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err and "--mixed-precision" in err
+
+
+def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path):
+    """The oracle is trained once and cached; relearning curves start at each model's forget accuracy."""
+    out = tmp_path / "run"
+    argv = ["--model", "cnn-digits", "--class", "3", "--compare-retrain", "--relearn-steps", "8", "--output-dir", str(out)]
+    assert guarded(forget_main, argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    oracle, gap = report["oracle"], report["gap_to_oracle"]
+    assert oracle["forget_acc"] < 0.05 and oracle["retain_acc"] > 0.95  # the oracle never saw class 3
+    assert gap["forget_acc"] == pytest.approx(report["after"]["forget_acc"] - oracle["forget_acc"])
+    relearn = report["relearn"]
+    assert [p["step"] for p in relearn["unlearned"]] == [0, 2, 4, 6, 8] == [p["step"] for p in relearn["retrain"]]
+    assert relearn["unlearned"][0]["forget_acc"] == pytest.approx(report["after"]["forget_acc"])
+    assert relearn["retrain"][0]["forget_acc"] == pytest.approx(oracle["forget_acc"])
+    assert relearn["unlearned"][-1]["forget_acc"] > relearn["unlearned"][0]["forget_acc"]  # fine-tuning does bring it back
+    markdown = (out / "report.md").read_text()
+    assert "## Retrain oracle" in markdown and "## Relearning check" in markdown
+    cached = list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir())
+    assert guarded(forget_main, [*argv[:-1], str(tmp_path / "again")]) == 0
+    assert list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir()) == cached  # reused, not retrained

@@ -31,7 +31,7 @@ def tiny_pipeline_dir(accelerator, tmp_path_factory):
 
 def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "4",
+    argv = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "4", "--log-every", "2",
             "--eval-samples", "20", "--eval-steps", "5", "--output-dir", str(out)]
     assert guarded(forget_main, argv) == 0
     assert "fid_remain" in capsys.readouterr().out
@@ -46,7 +46,15 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
     for name in ("samples_before.png", "samples_after.png"):
         with Image.open(out / name) as grid:
             assert grid.size[1] == 10 * (8 * 4 + 2) + 2  # one row per class
-    assert "![before](samples_before.png)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "![before](samples_before.png)" in markdown and "![curves](curves.png)" in markdown
+    assert "| class | acc before | acc after |" in markdown and "- fid_library: torchmetrics" in markdown
+    with Image.open(out / "curves.png") as curves:
+        assert curves.size[0] > 300
+    assert sorted(report["after"]["fid_per_class"]) == [str(c) for c in range(10) if c != 3]
+    protocol = report["evaluation"]
+    assert protocol["sampler"] == "DDIM" and protocol["weights"] == "raw (no EMA)" and protocol["fid_features"] == "cnn-digits pre-logits"
+    assert protocol["reference_per_class"]["0"] == sum(1 for _, label in load_digits_split()[0] if label == 0)
     unlearned, original = load_pipeline(out / "pipeline"), load_pipeline(tiny_pipeline_dir)
     changed = [not torch.equal(a, b) for a, b in zip(unlearned.denoiser.state_dict().values(), original.denoiser.state_dict().values())]
     assert any(changed)  # the saved pipeline holds the unlearned weights; the original folder is untouched
@@ -170,3 +178,17 @@ def test_ddpm_cifar10_path_on_a_tiny_image_folder(tmp_path):
     images = load_pipeline(out / "pipeline")([0, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 3, 32, 32)
     assert guarded(forget_main, ["--model", "ddpm-cifar10", "--class", "1", "--output-dir", str(tmp_path / "none")]) == 2
+
+
+def test_fid_library_choice_changes_only_the_distance_routine(cnn_task, tiny_pipeline_dir, tmp_path):
+    """The same samples and features through clean-fid and torchmetrics: FIDs within 1e-3 relative."""
+    base = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "1",
+            "--eval-samples", "20", "--eval-steps", "2"]
+    reports = {}
+    for library in ("torchmetrics", "clean-fid"):
+        assert guarded(forget_main, [*base, "--fid-library", library, "--output-dir", str(tmp_path / library)]) == 0
+        reports[library] = json.loads((tmp_path / library / "report.json").read_text())
+    ours, theirs = reports["torchmetrics"]["before"], reports["clean-fid"]["before"]
+    assert ours["forget_acc"] == theirs["forget_acc"]
+    assert theirs["fid_remain"] == pytest.approx(ours["fid_remain"], rel=1e-3)
+    assert reports["clean-fid"]["evaluation"]["fid_library"].startswith("clean-fid ")

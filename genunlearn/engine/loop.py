@@ -22,7 +22,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import BatchStream
-from genunlearn.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from genunlearn.engine.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
 from genunlearn.tasks.base import Task
@@ -172,11 +176,14 @@ def run_loop(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     desc: str = "unlearning",
+    observe: Callable[[int, nn.Module], None] | None = None,
 ) -> LoopResult:
     """Run ``cfg.steps`` steps of ``step_fn`` on ``model`` (modified in place) and return it with its log.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every`` > 0, a checkpoint is written every that many
-    steps; ``resume=True`` continues from the newest one there (same config required).
+    steps; ``resume=True`` continues from the newest one there (same config required). ``observe(step,
+    model)`` runs on every process after each logged step but the last (e.g. to evaluate mid-run); it
+    must leave the model as it found it.
     """
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, log, wall_before, positions = 0, [], 0.0, {}
@@ -217,6 +224,8 @@ def run_loop(
             log.append(entry)
             window.clear()
             bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k != "step"})
+            if observe is not None and done < cfg.steps:
+                observe(done, accelerator.unwrap_model(model))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             wall = wall_before + time.perf_counter() - started
             accelerator.wait_for_everyone()

@@ -16,8 +16,10 @@ class ParameterMask:
     keep: list[torch.Tensor]
 
     def __post_init__(self) -> None:
-        self._keep_float = [k.float() for k in self.keep]
-        self._drop_float = [1.0 - k for k in self._keep_float]
+        # 0/1 factors as uint8: exact in products with any float dtype, a quarter of float32's memory (DiT-XL/2:
+        # 1.5 GB instead of 6 GB for both), and no slower in foreach multiplies
+        self._keep_factor = [k.to(torch.uint8) for k in self.keep]
+        self._drop_factor = [(~k).to(torch.uint8) for k in self.keep]
 
     def to(self, device: torch.device) -> "ParameterMask":
         return ParameterMask(self.names, [k.to(device) for k in self.keep])
@@ -28,18 +30,18 @@ class ParameterMask:
 
     def mask_gradients(self, params: list[nn.Parameter]) -> None:
         """``grad ⊙= S`` for every parameter that has a gradient."""
-        pairs = [(p.grad, m) for p, m in zip(params, self._keep_float) if p.grad is not None]
+        pairs = [(p.grad, m) for p, m in zip(params, self._keep_factor) if p.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     def held_values(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The masked-out entries' current values (zeros elsewhere), for ``restore_held``."""
-        return torch._foreach_mul([p.detach() for p in params], self._drop_float)
+        return torch._foreach_mul([p.detach() for p in params], self._drop_factor)
 
     def restore_held(self, params: list[nn.Parameter], held: list[torch.Tensor]) -> None:
         """Put the masked-out entries back to ``held`` (optimizer momentum and weight decay moved them)."""
         with torch.no_grad():
-            torch._foreach_mul_([p.data for p in params], self._keep_float)
+            torch._foreach_mul_([p.data for p in params], self._keep_factor)
             torch._foreach_add_([p.data for p in params], held)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,16 +1,25 @@
-"""FID between image sets, with torchmetrics' Fréchet distance over a chosen feature extractor.
+"""FID between image sets: features from one extractor, the Fréchet distance from torchmetrics or clean-fid.
 
-The offline default for the digits presets is the task classifier's penultimate features (its
-pre-logits), since Inception weights cannot be downloaded here.
+Extractors: a classifier's pooled pre-logit features (the offline default: the task's classifier, or any timm
+model through ``PreparedClassifier``), or the FID Inception-v3 from a local weights file. Both libraries get
+the very same feature matrices, so they differ only in their matrix square root (torchmetrics: eigenvalues
+of Σ₁Σ₂; clean-fid: scipy's sqrtm).
 """
 
 from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from genunlearn.errors import UserError
+
 FEATURE_BATCH = 512
+FID_LIBRARIES = {"torchmetrics": "torchmetrics", "clean-fid": "clean-fid"}  # name -> distribution
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
 class ClassifierFeatures(nn.Module):
@@ -26,11 +35,73 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.forward_head(self.classifier.forward_features(images), pre_logits=True)
 
 
-def frechet_distance(real: torch.Tensor, generated: torch.Tensor, features: nn.Module) -> float:
-    """FID between ``real`` and ``generated`` images ``[N, C, H, W]`` in [-1, 1] under ``features``, on its device."""
-    device = next(features.parameters()).device
-    metric = FrechetInceptionDistance(feature=features, normalize=True).to(device)
-    for images, is_real in ((real, True), (generated, False)):
-        for start in range(0, len(images), FEATURE_BATCH):
-            metric.update(images[start : start + FEATURE_BATCH].to(device), real=is_real)
-    return max(0.0, float(metric.compute()))  # identical sets can come out at -1e-13 from rounding
+class InceptionFeatures(nn.Module):
+    """The FID Inception-v3 (torch-fidelity's port of the TF graph, as torchmetrics uses it): 2048-d pool features
+    of images ``[B, C, H, W]`` in [-1, 1] (grey images repeated to RGB, quantised to uint8 like saved PNGs)."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | Path) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        if not Path(weights).is_file():
+            raise UserError(
+                f"no Inception weights at {weights}; download {INCEPTION_WEIGHTS_FILE} (torch-fidelity's release) where "
+                "there is a network and pass its path, or use the classifier's features (the default)"
+            )
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.repeat(1, 3, 1, 1)
+        return self.net(pixels).reshape(len(images), -1)
+
+
+class _Precomputed(nn.Module):
+    """Passes feature rows through, so torchmetrics' metric consumes features we extracted once."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, extractor: nn.Module) -> torch.Tensor:
+    """``[N, D]`` float64 features (CPU) of images ``[N, C, H, W]`` in [-1, 1], batched on the extractor's device."""
+    device = next(extractor.parameters()).device
+    parts = [extractor(images[i : i + FEATURE_BATCH].to(device)).double().cpu() for i in range(0, len(images), FEATURE_BATCH)]
+    return torch.cat(parts)
+
+
+def fid_from_features(real: torch.Tensor, generated: torch.Tensor, library: str = "torchmetrics") -> float:
+    """FID between two feature sets ``[N, D]``, ``[M, D]`` (N, M >= 2) computed by ``library``; clamped at 0 (a set
+    against itself can come out at -1e-13 from rounding)."""
+    if library == "torchmetrics":
+        metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+        metric.update(real.double(), real=True)
+        metric.update(generated.double(), real=False)
+        value = float(metric.compute())
+    elif library == "clean-fid":
+        from cleanfid.fid import fid_from_feats
+
+        value = float(fid_from_feats(real.double().numpy(), generated.double().numpy()))
+    else:
+        raise UserError(f"unknown FID library {library!r}; use {' or '.join(FID_LIBRARIES)}")
+    return max(0.0, value)
+
+
+def frechet_distance(real: torch.Tensor, generated: torch.Tensor, features: nn.Module, library: str = "torchmetrics") -> float:
+    """FID between ``real`` and ``generated`` images ``[N, C, H, W]`` in [-1, 1] under ``features``."""
+    return fid_from_features(extract_features(real, features), extract_features(generated, features), library)
+
+
+def library_version(library: str) -> str:
+    """``"<library> <version>"`` for reports."""
+    return f"{library} {version(FID_LIBRARIES[library])}"
+

@@ -6,8 +6,13 @@ report.json keys (schema_version 1):
   config (the method's settings), method_info (mask_kept_fraction, mask_time_s, mask_cached for
   masked methods), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
   mia: fractions in [0, 1] or null; eval_time_s), log (figures every log_every steps), weights (path).
-  Diffusion runs: before / after hold forget_acc, forget_entropy, forget_prob, remain_acc, fid_remain and
-  per_class_acc, and evaluation records the sampling protocol, classifier and FID features.
+  Diffusion runs: before / after hold forget_acc, forget_entropy, forget_prob, remain_acc, fid_remain,
+  fid_per_class (remaining classes), per_class_acc and per_class_prob (every evaluated class), and
+  evaluation records the protocol: sampler, steps, guidance, per_class sample count, seed, classifier,
+  classes, fid_features, fid_library (with version), fid_reference, reference_per_class, weights
+  (raw or EMA), data_free, mixed_precision.
+  Optional: oracle (the retrain oracle's before/after-style metrics) and gap_to_oracle (after - oracle) with
+  --compare-retrain; relearn {steps, samples, unlearned: [{step, forget_acc}], retrain: [...]} with --relearn-steps.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from genunlearn.eval.plots import save_log_curves
 from genunlearn.models.store import atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -35,18 +41,24 @@ METRIC_HELP = {
 REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "after")
 
 
+CURVES_FILE = "curves.png"
+
+
 def write_report(output_dir: Path, report: dict) -> None:
-    """Write ``report.json`` and ``report.md`` into ``output_dir``."""
+    """Write ``report.json``, ``curves.png`` (the logged figures) and ``report.md`` into ``output_dir``."""
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(output_dir / "report.md", render_markdown(report))
+    title = f"{report['method']} on {report['model']}, forget {report['class']}"
+    curves = save_log_curves(report.get("log", []), output_dir / CURVES_FILE, title)
+    atomic_write_text(output_dir / "report.md", render_markdown(report, curves=curves))
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def render_markdown(report: dict) -> str:
-    """A human-readable summary: metrics before/after, the split and the method's settings."""
+def render_markdown(report: dict, curves: bool = False) -> str:
+    """A human-readable summary: metrics before/after, the split and the method's settings (and the logged
+    figures' curves when ``curves``)."""
     before, after = report["before"], report["after"]
     lines = [
         f"# {report['method']} on {report['model']}: forget {report['split']['kind']} {report['class']}",
@@ -63,20 +75,16 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {key} | {_fmt(value)} | {_fmt(after[key])} | {change} |")
     lines += ["", *METRIC_HELP[report["kind"]], ""]
     if "per_class_acc" in before:
-        classes = list(before["per_class_acc"])
+        lines += _per_class_table(before, after)
         lines += [
-            "Per-class accuracy of generated samples (before / after):",
-            "",
-            "| class | " + " | ".join(classes) + " |",
-            "|---|" + "---|" * len(classes),
-            "| before | " + " | ".join(f"{before['per_class_acc'][c]:.2f}" for c in classes) + " |",
-            "| after | " + " | ".join(f"{after['per_class_acc'][c]:.2f}" for c in classes) + " |",
-            "",
             "Samples, one row per class, same seeds: ![before](samples_before.png) ![after](samples_after.png)",
             "",
-            f"Evaluation protocol: {report['evaluation']}",
+            "## Evaluation protocol",
+            "",
+            *[f"- {k}: {v}" for k, v in report["evaluation"].items()],
             "",
         ]
+    lines += _oracle_section(report) + _relearn_section(report)
     lines += [
         "## Split",
         "",
@@ -87,10 +95,50 @@ def render_markdown(report: dict) -> str:
         *[f"- {k}: {v}" for k, v in report["config"].items()],
         "",
         *(["## Method facts", "", *[f"- {k}: {v}" for k, v in report["method_info"].items()], ""] if report.get("method_info") else []),
+        *([f"Logged figures during unlearning: ![curves]({CURVES_FILE})", ""] if curves else []),
         f"Unlearned weights: `{report['weights']}` (the original model is untouched).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _per_class_table(before: dict, after: dict) -> list[str]:
+    """Rows: per evaluated class, the judge's accuracy and class probability, and FID against the class's own
+    reference (remaining classes), before and after: collateral damage shows up on neighbouring classes."""
+    rows = [
+        "Per class (accuracy and probability of the class under the judge; FID against the class's own reference):",
+        "",
+        "| class | acc before | acc after | prob before | prob after | FID before | FID after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fid_before, fid_after = before.get("fid_per_class", {}), after.get("fid_per_class", {})
+    for c in before["per_class_acc"]:
+        probabilities = [m.get("per_class_prob", {}).get(c) for m in (before, after)]
+        rows.append(f"| {c} | {before['per_class_acc'][c]:.2f} | {after['per_class_acc'][c]:.2f} | "
+                    f"{_fmt(probabilities[0])} | {_fmt(probabilities[1])} | {_fmt(fid_before.get(c))} | {_fmt(fid_after.get(c))} |")
+    return [*rows, ""]
+
+
+def _oracle_section(report: dict) -> list[str]:
+    if "oracle" not in report:
+        return []
+    rows = ["## Retrain oracle", "", "The same metrics for the model retrained from scratch without the forgotten data "
+            "(gap = unlearned - oracle):", "", "| metric | unlearned | oracle | gap |", "|---|---|---|---|"]
+    for key, gap in report["gap_to_oracle"].items():
+        rows.append(f"| {key} | {_fmt(report['after'][key])} | {_fmt(report['oracle'][key])} | {gap:+.4f} |")
+    return [*rows, ""]
+
+
+def _relearn_section(report: dict) -> list[str]:
+    if "relearn" not in report:
+        return []
+    relearn = report["relearn"]
+    rows = ["## Relearning check", "", f"forget_acc while fine-tuning on {relearn['samples']} forget samples: a class that "
+            "was only hidden comes back much faster than for the oracle, which never saw it.", "",
+            "| step | unlearned | retrain oracle |", "|---|---|---|"]
+    for mine, oracle in zip(relearn["unlearned"], relearn["retrain"]):
+        rows.append(f"| {mine['step']} | {_fmt(mine['forget_acc'])} | {_fmt(oracle['forget_acc'])} |")
+    return [*rows, ""]
 
 
 SUMMARY_KEYS = {

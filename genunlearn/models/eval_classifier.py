@@ -71,13 +71,15 @@ def load_eval_classifier(
         if not isinstance(preset, ClassifierPreset):
             raise UserError(f"--eval-classifier {name} is not a classifier; name a classifier preset or a timm model")
         if weights is None:
-            from genunlearn.models.loading import load_task  # imported here: loading builds on this module's siblings
+            from genunlearn.models.loading import (
+                load_task,  # imported here: loading builds on this module's siblings
+            )
 
             model = load_task(name, data=data, cache_dir=cache_dir, accelerator=accelerator).model
         else:
             model = _with_weights(build_classifier(preset, num_classes), weights)
     else:
-        model = _timm_classifier(name, weights, num_classes)
+        model = load_timm_classifier(name, weights, num_classes)
     if model.num_classes != num_classes:
         raise UserError(f"the evaluation classifier {name} has {model.num_classes} classes, the diffusion model {num_classes}; "
                         "pass --eval-classifier trained on the same classes")
@@ -90,7 +92,8 @@ def _with_weights(model: nn.Module, weights: str) -> nn.Module:
     return model
 
 
-def _timm_classifier(name: str, weights: str | None, num_classes: int) -> PreparedClassifier:
+def load_timm_classifier(name: str, weights: str | None, num_classes: int = 1000) -> PreparedClassifier:
+    """A timm model (name or ``hf-hub:`` id) with ``weights`` (a local file or folder) or its hub weights."""
     timm_name = name.removeprefix("timm/") if not name.startswith("hf-hub:") else name
     try:
         if weights is None:
