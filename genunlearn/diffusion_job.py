@@ -134,7 +134,9 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     def load_oracle(folder) -> torch.nn.Module:
         return pipeline_denoiser(load_pipeline(folder)).eval()
 
-    data_id = real[2] if real is not None and not data_free else f"generated-{model_fingerprint(task.model)}-{job.data_free_samples}"
+    data_id = real[2] if real is not None and not data_free else "generated"
+    if data_free and (job.compare_retrain or job.relearn_steps):  # the oracle trains on this model's own samples
+        data_id = f"generated-{model_fingerprint(task.model)}-{job.data_free_samples}"
     extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: evaluate(m)[0], forget_accuracy,
                                    (save_oracle, load_oracle, "model_index.json"), accelerator)
     report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
