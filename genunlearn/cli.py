@@ -212,9 +212,29 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.eval.compare import comparison_table, load_reports, save_comparison_plot
+    from genunlearn.models.store import atomic_write_text
+
+    parser = argparse.ArgumentParser(prog="genunlearn compare",
+                                     description="One table of several runs' headline figures (before -> after).")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `genunlearn forget`")
+    parser.add_argument("--output", type=Path, help="also write OUTPUT.md and OUTPUT.png (a bar plot per figure)")
+    args = parser.parse_args(argv)
+    reports = load_reports(args.runs)
+    table = comparison_table(args.runs, reports)
+    print(table)
+    if args.output is not None:
+        atomic_write_text(args.output.with_suffix(".md"), table + "\n")
+        save_comparison_plot(args.runs, reports, args.output.with_suffix(".png"))
+        print(f"wrote {args.output.with_suffix('.md')} and {args.output.with_suffix('.png')}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "forget": (forget_main, "make a model forget a class and report before/after (same as scripts/forget_class.py)"),
     "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
+    "compare": (compare_main, "one table and plot of several runs' reports"),
     "methods": (methods_main, "list the unlearning methods"),
     "models": (models_main, "list the model presets"),
 }

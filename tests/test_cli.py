@@ -176,3 +176,19 @@ def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path):
     cached = list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir())
     assert guarded(forget_main, [*argv[:-1], str(tmp_path / "again")]) == 0
     assert list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir()) == cached  # reused, not retrained
+
+
+def test_compare_puts_runs_side_by_side(cnn_task, tmp_path, capsys):
+    for method in ("sfron", "random_label"):
+        assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--method", method,
+                                     "--output-dir", str(tmp_path / method)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "sfron"), str(tmp_path / "random_label"), "--output", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    reports = [json.loads((tmp_path / m / "report.json").read_text()) for m in ("sfron", "random_label")]
+    assert table[0].startswith("| run | model | method |") and len([row for row in table if row.startswith("| sfron")]) == 1
+    row = next(row for row in table if row.startswith("| random_label"))
+    assert f"{reports[1]['before']['forget_acc']:.3f} → {reports[1]['after']['forget_acc']:.3f}" in row
+    assert (tmp_path / "cmp.md").is_file() and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "holds no report.json" in capsys.readouterr().err

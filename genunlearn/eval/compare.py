@@ -1,0 +1,62 @@
+"""``genunlearn compare RUN ...``: one table (and a bar plot) of several runs' headline figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+
+from genunlearn.errors import UserError  # noqa: E402
+from genunlearn.eval.report import SUMMARY_KEYS  # noqa: E402
+
+
+def load_reports(runs: list[Path]) -> list[dict]:
+    """Each run folder's report.json; a UserError names a folder that holds none."""
+    reports = []
+    for run in runs:
+        path = Path(run) / "report.json"
+        if not path.is_file():
+            raise UserError(f"{run} holds no report.json; pass run folders written by `genunlearn forget`")
+        reports.append(json.loads(path.read_text()))
+    return reports
+
+
+def comparison_table(runs: list[Path], reports: list[dict]) -> str:
+    """A markdown table: run, model, method, class, steps, time, and each headline figure before -> after."""
+    keys = [k for kind in dict.fromkeys(r["kind"] for r in reports) for k in SUMMARY_KEYS[kind]]
+    keys = list(dict.fromkeys(keys))
+    lines = ["| run | model | method | class | steps | time s | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(keys)]
+    for run, report in zip(runs, reports):
+        figures = [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if k in report["after"] else "" for k in keys]
+        lines.append(f"| {Path(run).name} | {report['model']} | {report['method']} | {report['class']} | {report['steps']} | "
+                     f"{report['wall_time_s']:.1f} | " + " | ".join(figures) + " |")
+    return "\n".join(lines)
+
+
+def save_comparison_plot(runs: list[Path], reports: list[dict], path: Path) -> None:
+    """One panel per headline figure: each run's value after unlearning, the before value as a tick."""
+    keys = list(dict.fromkeys(k for r in reports for k in SUMMARY_KEYS[r["kind"]]))
+    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    names = [Path(run).name for run in runs]
+    for axis, key in zip(axes[0], keys):
+        values = [r["after"].get(key) or 0.0 for r in reports]
+        axis.bar(range(len(runs)), values)
+        axis.scatter(range(len(runs)), [r["before"].get(key) or 0.0 for r in reports], marker="_", s=400, color="black",
+                     label="before")
+        axis.set(title=key, xticks=range(len(runs)))
+        axis.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    axes[0][0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(handle)
+    figure.savefig(staging, dpi=100)
+    plt.close(figure)
+    os.replace(staging, path)
