@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
 from safetensors.torch import load_file
 
 from genunlearn import SplitSpec, load_task, make_forget_split
@@ -30,12 +29,10 @@ from genunlearn.eval.generator_eval import (
     reference_features,
     reference_images,
 )
+from genunlearn.eval.plots import plt, save_figure
 from genunlearn.job import method_config
 from genunlearn.models.diffusion_loading import pipeline_for
 from genunlearn.models.store import atomic_write_text
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
 
 def curve(task, split, method: str, every: int, evaluate, accelerator, steps: int | None) -> dict:
@@ -76,8 +73,7 @@ def plot(results: dict, path: Path) -> None:
                 yscale="log")
     axes[1].legend()
     figure.suptitle(f"{results['model']}, class {results['class']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
 
 
 def main() -> None:

@@ -198,7 +198,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
 
     def load_oracle(folder: Path):
         oracle = build_classifier(preset, len(train.classes))
-        load_weights(oracle, folder / WEIGHTS_NAME)
+        load_weights(oracle, folder)
         return oracle.eval()
 
     def save_oracle(model, folder: Path) -> None:

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
-
-from genunlearn.errors import UserError  # noqa: E402
-from genunlearn.eval.report import SUMMARY_KEYS  # noqa: E402
+from genunlearn.errors import UserError
+from genunlearn.eval.plots import plt, save_figure
+from genunlearn.eval.report import SUMMARY_KEYS
 
 
 def load_reports(runs: list[Path]) -> list[dict]:
@@ -53,10 +47,4 @@ def save_comparison_plot(runs: list[Path], reports: list[dict], path: Path) -> N
         axis.set(title=key, xticks=range(len(runs)))
         axis.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     axes[0][0].legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(handle)
-    figure.savefig(staging, dpi=100)
-    plt.close(figure)
-    os.replace(staging, path)
+    save_figure(figure, path)

@@ -19,7 +19,7 @@ from genunlearn.eval.fid import (
     fid_from_features,
     library_version,
 )
-from genunlearn.eval.generative import class_metrics, sample_classes
+from genunlearn.eval.generative import class_metrics, classify_generated, sample_classes
 from genunlearn.models.pipeline import Pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
@@ -121,9 +121,8 @@ def evaluate_generator(
 def forget_sample_accuracy(pipeline: Pipeline, classifier: nn.Module, forgotten: list[int], protocol: SamplingProtocol,
                            accelerator: Accelerator) -> float:
     """``forget_acc`` alone: the fraction of the forgotten classes' samples the classifier labels as their class."""
-    samples = sample_classes(pipeline, forgotten, protocol.per_class, accelerator,
-                             guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
-    per_class = class_metrics(classifier, samples, accelerator.device)
+    per_class = classify_generated(pipeline, classifier, forgotten, protocol.per_class, accelerator,
+                                   guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
     return sum(per_class[c]["accuracy"] for c in forgotten) / len(forgotten)
 
 

@@ -1,4 +1,4 @@
-"""Curves of a run's logged figures (matplotlib, PNG written atomically)."""
+"""Figures written atomically (matplotlib, file backend), and the curves of a run's logged figures."""
 
 from __future__ import annotations
 
@@ -28,11 +28,16 @@ def save_log_curves(log: list[dict], path: Path, title: str) -> bool:
     for axis in list(axes.flat)[len(keys):]:
         axis.axis("off")
     figure.suptitle(title)
+    save_figure(figure, path)
+    return True
+
+
+def save_figure(figure: plt.Figure, path: Path, dpi: int = 100) -> None:
+    """Lay out ``figure``, write it to ``path`` (PNG) through a staging file renamed into place, and close it."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
     os.close(handle)
-    figure.savefig(staging, dpi=100)
+    figure.savefig(staging, dpi=dpi)
     plt.close(figure)
     os.replace(staging, path)
-    return True

@@ -17,9 +17,6 @@ from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
 from genunlearn.models.store import load_weights
 from genunlearn.tasks.classifier import build_classifier
 
-WEIGHTS_NAME = "model.safetensors"
-
-
 class PreparedClassifier(nn.Module):
     """A timm classifier for images ``[B, C, H, W]`` in [-1, 1] of any size: resized (bilinear, antialiased) to its
     input size and normalised with its mean/std, with ``forward_features``/``forward_head``/``num_features``/``num_classes``
@@ -87,8 +84,7 @@ def load_eval_classifier(
 
 
 def _with_weights(model: nn.Module, weights: str) -> nn.Module:
-    path = Path(weights)
-    load_weights(model, path / WEIGHTS_NAME if path.is_dir() else path)
+    load_weights(model, Path(weights))
     return model
 
 

@@ -75,9 +75,8 @@ def load_network(
     elif pretrained.startswith("hf-hub:"):
         network = build_classifier(preset, num_classes, pretrained_id=pretrained)
     else:
-        path = Path(pretrained)
         network = build_classifier(preset, num_classes)
-        load_weights(network, path / WEIGHTS_NAME if path.is_dir() else path)
+        load_weights(network, Path(pretrained))
     return network.eval()
 
 

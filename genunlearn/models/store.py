@@ -83,7 +83,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load weights into ``model`` strictly; a shape or key mismatch is a UserError."""
+    """Load weights into ``model`` strictly from a weights file or a folder holding ``model.safetensors``;
+    a shape or key mismatch is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
     state = read_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)
