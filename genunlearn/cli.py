@@ -1,4 +1,4 @@
-"""Command line: ``genunlearn forget|pretrain|methods|models`` and the scripts in ``scripts/``."""
+"""Command line: ``genunlearn forget|evaluate|pretrain|compare|methods|models`` and the scripts in ``scripts/``."""
 
 from __future__ import annotations
 
@@ -38,33 +38,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def forget_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="forget_class.py",
-        description="Make a trained classifier forget a class (or a random subset, or a sub-class), or a "
-        "class-conditional diffusion model forget a class; evaluate before and after; write the unlearned weights "
-        "and report.json/report.md (diffusion: also sample grids) to --output-dir. The original weights are never "
-        "modified. Run it with `accelerate launch` for several processes or GPUs.",
-    )
-    add_model_arguments(parser)
-    what = parser.add_argument_group("what to forget (exactly one)")
+def add_target_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    what = parser.add_argument_group(title)
     what.add_argument("--class", dest="classes", type=int, nargs="+", default=[], metavar="C", help="class id(s) to forget")
     what.add_argument("--random-fraction", type=float, help="forget this fraction of training samples, chosen by --seed")
     what.add_argument("--subclass", dest="subclasses", type=int, nargs="+", default=[], metavar="S",
                       help="sub-class id(s) to forget (data folder with superclasses.json)")
-    parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
-    parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
-    parser.add_argument("--steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--batch-size", type=int, help="batch size per process")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and random labels (default 0)")
-    parser.add_argument("--log-every", type=int, help="log figures every N steps")
-    parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
-    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
-    parser.add_argument("--data-free", action="store_true",
-                        help="diffusion: forget and retain sets are the model's own samples (generated once, cached)")
-    parser.add_argument("--data-free-samples", type=int, default=100, help="generated training samples per class (default 100)")
+
+
+def add_generator_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options of how diffusion models are evaluated (sampling protocol, judge, FID); returns their group."""
     evaluation = parser.add_argument_group("evaluation of diffusion models (same protocol before and after)")
     evaluation.add_argument("--eval-samples", type=int, default=100, help="samples per class (default 100)")
     evaluation.add_argument("--eval-steps", type=int, help="sampling steps (default: the preset's)")
@@ -84,12 +67,43 @@ def forget_parser() -> argparse.ArgumentParser:
                             help="which library computes the Fréchet distance from the features (default torchmetrics)")
     evaluation.add_argument("--fid-inception-weights", metavar="PATH",
                             help="pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache, ~/.cache/torch/hub/checkpoints)")
+    return evaluation
+
+
+def forget_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forget_class.py",
+        description="Make a trained classifier forget a class (or a random subset, or a sub-class), or a "
+        "class-conditional diffusion model forget a class; evaluate before and after; write the unlearned weights "
+        "and report.json/report.md (diffusion: also sample grids) to --output-dir. The original weights are never "
+        "modified. Run it with `accelerate launch` for several processes or GPUs.",
+    )
+    add_model_arguments(parser)
+    add_target_arguments(parser, "what to forget (exactly one)")
+    parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
+    parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
+    parser.add_argument("--steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--batch-size", type=int, help="batch size per process")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and random labels (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help="run once per seed (replaces --seed) into OUTPUT_DIR/seed-S and write summary.md/json with "
+                        "the mean ± std of every figure; finished seeds are reused")
+    parser.add_argument("--log-every", type=int, help="log figures every N steps")
+    parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
+    parser.add_argument("--data-free", action="store_true",
+                        help="diffusion: forget and retain sets are the model's own samples (generated once, cached)")
+    parser.add_argument("--data-free-samples", type=int, default=100, help="generated training samples per class (default 100)")
+    evaluation = add_generator_evaluation_arguments(parser)
     evaluation.add_argument("--compare-retrain", action="store_true",
                             help="also train (or reuse, cached) the retrain oracle and report every metric's gap to it")
     evaluation.add_argument("--relearn-steps", type=int, default=0, metavar="N",
                             help="relearning check: fine-tune the unlearned model and the retrain oracle on a few forget "
                             "samples for N steps and report how fast the class comes back (0: off)")
     evaluation.add_argument("--relearn-samples", type=int, default=8, help="forget samples the relearning check uses (default 8)")
+    evaluation.add_argument("--relearn-lr", type=float, help="relearning learning rate (default: the preset's pretraining lr)")
     memory = parser.add_argument_group("memory (large models)")
     memory.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
@@ -100,9 +114,17 @@ def forget_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def generator_evaluation_settings(args: argparse.Namespace) -> dict:
+    """The ForgetJob fields set by ``add_generator_evaluation_arguments``'s options."""
+    return {key: getattr(args, key) for key in ("eval_samples", "eval_steps", "eval_guidance", "eval_classifier",
+                                                "eval_classifier_weights", "remain_classes", "fid_features", "fid_library",
+                                                "fid_inception_weights")}
+
+
 def forget_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.eval.report import summary_line
-    from genunlearn.job import ForgetJob, run_forget_job
+    from genunlearn.eval.report import SUMMARY_KEYS, summary_line
+    from genunlearn.eval.seeds import summary_line as seeds_summary_line
+    from genunlearn.job import ForgetJob, run_forget_job, run_seeds
 
     args = forget_parser().parse_args(argv)
     settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
@@ -113,7 +135,7 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         method=args.method,
         output_dir=args.output_dir
-        or Path("outputs") / f"{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}",
+        or Path("outputs") / f"{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{'-seeds' if args.seeds else ''}",
         classes=args.classes,
         random_fraction=args.random_fraction,
         subclasses=args.subclasses,
@@ -123,26 +145,58 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         seed=args.seed,
         resume=args.resume == "latest",
-        eval_samples=args.eval_samples,
         data_free=args.data_free,
         data_free_samples=args.data_free_samples,
-        eval_steps=args.eval_steps,
-        eval_guidance=args.eval_guidance,
-        eval_classifier=args.eval_classifier,
-        eval_classifier_weights=args.eval_classifier_weights,
-        remain_classes=args.remain_classes,
-        fid_features=args.fid_features,
-        fid_library=args.fid_library,
-        fid_inception_weights=args.fid_inception_weights,
+        **generator_evaluation_settings(args),
         compare_retrain=args.compare_retrain,
         relearn_steps=args.relearn_steps,
         relearn_samples=args.relearn_samples,
+        relearn_lr=args.relearn_lr,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    if args.seeds:
+        summary = run_seeds(job, args.seeds)
+        if _is_main_process():
+            print(seeds_summary_line(summary, job.output_dir, SUMMARY_KEYS[summary["kind"]]))
+        return 0
     report = run_forget_job(job)
     if _is_main_process():
         print(summary_line(report, job.output_dir))
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genunlearn evaluate",
+        description="Evaluate a model as it is, without unlearning, with a forget run's metrics and protocol: "
+        "classifiers: accuracy on all train/test images and per class; diffusion models: samples of every class judged "
+        "by the evaluation classifier, FID against real images (per class and pooled), a sample grid. Name a forgotten "
+        "part to get its figures separately (e.g. evaluate a run's unlearned pipeline with --class 3). Writes "
+        "evaluation.json and evaluation.md (diffusion: samples.png) to --output-dir.",
+    )
+    add_model_arguments(parser)
+    add_target_arguments(parser, "forgotten part (optional; at most one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
+    parser.add_argument("--output-dir", type=Path, help="where to write (default: outputs/evaluate-<model>)")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast forward passes (GPU)")
+    add_generator_evaluation_arguments(parser)
+    return parser
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.evaluate_job import run_evaluation
+    from genunlearn.job import ForgetJob
+
+    args = evaluate_parser().parse_args(argv)
+    job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{Path(args.model).stem}",
+                    classes=args.classes, random_fraction=args.random_fraction, subclasses=args.subclasses,
+                    pretrained=args.pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
+                    mixed_precision=args.mixed_precision, **generator_evaluation_settings(args))
+    evaluation = run_evaluation(job)
+    if _is_main_process():
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not k.endswith("_time_s"))
+        print(f"{evaluation['model']}: {figures}; wrote {job.output_dir}/evaluation.md")
     return 0
 
 
@@ -233,6 +287,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "forget": (forget_main, "make a model forget a class and report before/after (same as scripts/forget_class.py)"),
+    "evaluate": (evaluate_main, "evaluate a model as it is (no unlearning): the forget run's metrics, FID, sample grid"),
     "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
     "compare": (compare_main, "one table and plot of several runs' reports"),
     "methods": (methods_main, "list the unlearning methods"),

@@ -59,6 +59,26 @@ def remain_classes(num_classes: int, forgotten: list[int], count: int | None, se
     return sorted(others[i] for i in order[:count].tolist())
 
 
+def sampling_protocol(job: ForgetJob, preset: DiffusionPreset) -> SamplingProtocol:
+    """The evaluation's sampling protocol: the job's settings, else the preset's."""
+    protocol = SamplingProtocol(
+        per_class=job.eval_samples,
+        guidance=preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
+        steps=job.eval_steps or preset.sampling.steps,
+        seed=job.seed,
+    )
+    if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
+        raise UserError(
+            "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
+        )
+    return protocol
+
+
+def real_datasets(preset: DiffusionPreset, data: str | None) -> tuple | None:
+    """``(train, test, data_id)`` of real images (``data``, or the embedded dataset), or None when there are none."""
+    return load_datasets(preset, data) if (data is not None or preset.dataset in EMBEDDED_DATASETS) else None
+
+
 def prepare_for_memory(task: DiffusionTask, gradient_checkpointing: bool) -> None:
     """Turn on the denoiser's gradient checkpointing (activations recomputed in backward: less memory, ~30% slower)."""
     if gradient_checkpointing:
@@ -74,20 +94,11 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     spec = job.split_spec()
     if spec.kind != "class":
         raise UserError("diffusion models forget whole classes; pass --class")
-    protocol = SamplingProtocol(
-        per_class=job.eval_samples,
-        guidance=preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
-        steps=job.eval_steps or preset.sampling.steps,
-        seed=job.seed,
-    )
-    if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
-        raise UserError(
-            "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
-        )
+    protocol = sampling_protocol(job, preset)
     data_free = job.data_free or (job.data is None and preset.dataset not in EMBEDDED_DATASETS)
     check_output_dir(job)
     accelerator.wait_for_everyone()
-    real = load_datasets(preset, job.data) if (job.data is not None or preset.dataset in EMBEDDED_DATASETS) else None
+    real = real_datasets(preset, job.data)
     if real is not None:
         make_forget_split(real[0], real[1], spec)  # validates the class before anything heavy
     root = cache_root(job.cache_dir)

@@ -18,6 +18,7 @@ from genunlearn.errors import UserError
 from genunlearn.eval.classify import accuracy, classifier_metrics, predict_logits
 from genunlearn.eval.relearn import oracle_gaps, relearn_curve, retrain_oracle
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
+from genunlearn.eval.seeds import aggregate_reports, write_summary
 from genunlearn.methods import UnlearnResult, get_method
 from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
@@ -62,6 +63,7 @@ class ForgetJob:
     compare_retrain: bool = False
     relearn_steps: int = 0
     relearn_samples: int = 8
+    relearn_lr: float | None = None
 
     def identity(self) -> dict:
         """What makes two runs the same run (everything but where caches live, whether to resume, and gradient
@@ -154,8 +156,9 @@ def oracle_and_relearning(job: ForgetJob, task, split: ForgetSplit, data_id: str
         entries["relearn"] = {
             "steps": job.relearn_steps,
             "samples": job.relearn_samples,
+            "lr": task.preset.train.lr if job.relearn_lr is None else job.relearn_lr,
             **{name: relearn_curve(task, model, split, job.relearn_steps, measure, accelerator, samples=job.relearn_samples,
-                                   seed=job.seed) for name, model in (("unlearned", unlearned), ("retrain", oracle))},
+                                   seed=job.seed, lr=job.relearn_lr) for name, model in (("unlearned", unlearned), ("retrain", oracle))},
         }
     return entries
 
@@ -164,8 +167,8 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     if job.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise UserError(f"unknown --mixed-precision {job.mixed_precision!r}; use no, fp16 or bf16")
-    if job.relearn_steps < 0 or job.relearn_samples < 1:
-        raise UserError("--relearn-steps must be non-negative and --relearn-samples at least 1")
+    if job.relearn_steps < 0 or job.relearn_samples < 1 or (job.relearn_lr is not None and job.relearn_lr <= 0):
+        raise UserError("--relearn-steps must be non-negative, --relearn-samples at least 1 and --relearn-lr positive")
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
     if isinstance(preset, DiffusionPreset):
@@ -216,3 +219,29 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     accelerator.wait_for_everyone()
     return report
 
+
+
+def finished_report(job: ForgetJob) -> dict | None:
+    """The report of ``job`` if its output folder already holds it finished, else None."""
+    run_file, report_file = job.output_dir / RUN_FILE, job.output_dir / "report.json"
+    if run_file.is_file() and report_file.is_file() and json.loads(run_file.read_text()) == job.identity():
+        return json.loads(report_file.read_text())
+    return None
+
+
+def run_seeds(job: ForgetJob, seeds: list[int], accelerator: Accelerator | None = None) -> dict:
+    """Run ``job`` once per seed into ``output_dir/seed-<s>`` (finished seeds are reused, so a killed series
+    continues) and write the mean ± std of every figure to ``output_dir/summary.{json,md}``; return the summary."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError("--seeds needs one or more distinct seeds, e.g. --seeds 0 1 2")
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    runs = [f"seed-{seed}" for seed in seeds]
+    reports = []
+    for seed, run in zip(seeds, runs):
+        one = dataclasses.replace(job, seed=seed, output_dir=job.output_dir / run)
+        reports.append(finished_report(one) or run_forget_job(one, accelerator))
+    summary = aggregate_reports(reports, seeds, runs)
+    if accelerator.is_main_process:
+        write_summary(job.output_dir, summary)
+    accelerator.wait_for_everyone()
+    return summary

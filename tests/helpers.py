@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 from PIL import Image
 
 from genunlearn.data.digits import load_digits_split
+from genunlearn.eval.report import SCHEMA_FILE
 
 
 def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | None = None) -> Path:
@@ -23,3 +26,8 @@ def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | Non
             Image.fromarray(pixels, mode="L").save(root / split_name / f"digit{label}" / f"{counts[label]:03d}.png")
             counts[label] += 1
     return root
+
+
+def validate_report(report: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``report`` follows genunlearn's report.json schema."""
+    jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))

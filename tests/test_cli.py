@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from genunlearn.cli import guarded, forget_main, main
+from genunlearn.cli import evaluate_main, forget_main, guarded, main
+from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import METRIC_KEYS, REQUIRED_KEYS
 from genunlearn.methods import random_label
-from helpers import export_digits_folder
+from helpers import export_digits_folder, validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,10 @@ def finished_run(cnn_task, tmp_path_factory):
 
 def test_report_schema(finished_run):
     report = json.loads((finished_run / "report.json").read_text())
+    validate_report(report)
+    for broken in ({**report, "after": {**report["after"], "forget_acc": 1.5}}, {k: v for k, v in report.items() if k != "split"}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_report(broken)
     assert set(REQUIRED_KEYS) <= set(report)
     assert (report["model"], report["class"], report["method"]) == ("cnn-digits", 3, "random_label")
     assert report["steps"] == report["config"]["steps"] > 0 and report["wall_time_s"] > 0
@@ -44,6 +51,45 @@ def test_report_schema(finished_run):
     assert (finished_run / "model" / "model.safetensors").is_file() and (finished_run / "report.md").is_file()
     assert "| forget_acc |" in (finished_run / "report.md").read_text()
     assert not (finished_run / "checkpoints").exists()
+
+
+def test_evaluate_reproduces_a_runs_figures(finished_run, tmp_path):
+    """``genunlearn evaluate`` of the unlearned weights gives the run's "after" figures; per-class test accuracy
+    averages (weighted by class size) to the accuracy on all test images."""
+    argv = ["--model", "cnn-digits", "--pretrained", str(finished_run / "model"), "--class", "3", "--output-dir", str(tmp_path / "e")]
+    assert guarded(evaluate_main, argv) == 0
+    metrics = json.loads((tmp_path / "e" / "evaluation.json").read_text())["metrics"]
+    after = json.loads((finished_run / "report.json").read_text())["after"]
+    for key in METRIC_KEYS:
+        assert metrics[key] == pytest.approx(after[key])
+    test = load_digits_split()[1]
+    sizes = torch.bincount(test.targets, minlength=10).double()
+    per_class = torch.tensor([metrics["per_class_acc"][str(c)] for c in range(10)]).double()
+    assert float((per_class * sizes).sum() / sizes.sum()) == pytest.approx(metrics["test_acc_all"])
+    assert metrics["per_class_acc"]["3"] <= 0.05 < min(v for c, v in metrics["per_class_acc"].items() if c != "3")
+    assert "| forget_acc |" in (tmp_path / "e" / "evaluation.md").read_text()
+    assert guarded(evaluate_main, argv) == 2  # never writes into a used folder
+
+
+def test_seeds_report_mean_and_std(cnn_task, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    argv = ["--class", "3", "--method", "random_label", "--steps", "4", "--seeds", "0", "1", "2", "--output-dir", str(out)]
+    assert forget(*argv) == 0
+    assert "±" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    reports = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1, 2)]
+    assert summary["seeds"] == [0, 1, 2] and [r["config"]["seed"] for r in reports] == [0, 1, 2]
+    for phase in ("before", "after"):
+        for key in ("forget_acc", "retain_acc", "test_acc", "mia"):
+            values = [r[phase][key] for r in reports]
+            assert summary[phase][key]["values"] == values
+            assert summary[phase][key]["mean"] == pytest.approx(statistics.mean(values))
+            assert summary[phase][key]["std"] == pytest.approx(statistics.stdev(values))
+    assert summary["before"]["forget_acc"]["std"] == 0.0  # the same pretrained model before every seed
+    assert "| retain_acc |" in (out / "summary.md").read_text() and " ± " in (out / "summary.md").read_text()
+    first = (out / "seed-0" / "report.json").stat().st_mtime_ns
+    assert forget(*argv[:-1], str(out)) == 0  # finished seeds are reused, not rerun
+    assert (out / "seed-0" / "report.json").stat().st_mtime_ns == first
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -163,6 +209,7 @@ def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path):
     argv = ["--model", "cnn-digits", "--class", "3", "--compare-retrain", "--relearn-steps", "8", "--output-dir", str(out)]
     assert guarded(forget_main, argv) == 0
     report = json.loads((out / "report.json").read_text())
+    validate_report(report)
     oracle, gap = report["oracle"], report["gap_to_oracle"]
     assert oracle["forget_acc"] < 0.05 and oracle["retain_acc"] > 0.95  # the oracle never saw class 3
     assert gap["forget_acc"] == pytest.approx(report["after"]["forget_acc"] - oracle["forget_acc"])

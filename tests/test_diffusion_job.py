@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from genunlearn.cli import forget_main, guarded
+from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.digits import load_digits_split
 from genunlearn.models.diffusion_loading import load_diffusion_task, load_pipeline, pipeline_for, save_pipeline
+from helpers import validate_report
 from test_diffusion import tiny_digits_preset
 
 
@@ -36,6 +38,9 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
     assert guarded(forget_main, argv) == 0
     assert "fid_remain" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    with pytest.raises(jsonschema.ValidationError):  # a diffusion report without its protocol
+        validate_report({k: v for k, v in report.items() if k != "evaluation"})
     assert (report["kind"], report["model"], report["class"], report["method"], report["steps"]) == ("diffusion", "ddpm-digits", 3, "sfron", 4)
     for phase in ("before", "after"):
         metrics = report[phase]
@@ -59,6 +64,15 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
     changed = [not torch.equal(a, b) for a, b in zip(unlearned.denoiser.state_dict().values(), original.denoiser.state_dict().values())]
     assert any(changed)  # the saved pipeline holds the unlearned weights; the original folder is untouched
     assert json.loads((out / "run.json").read_text())["pretrained"] == str(tiny_pipeline_dir)
+
+    protocol_args = ["--model", "ddpm-digits", "--class", "3", "--eval-samples", "20", "--eval-steps", "5"]
+    for phase, pipeline in (("before", tiny_pipeline_dir), ("after", out / "pipeline")):  # evaluate reproduces the run's figures
+        assert guarded(evaluate_main, [*protocol_args, "--pretrained", str(pipeline), "--output-dir", str(tmp_path / phase)]) == 0
+        evaluation = json.loads((tmp_path / phase / "evaluation.json").read_text())
+        assert evaluation["metrics"] == report[phase] and evaluation["evaluation"] == report["evaluation"]
+        with Image.open(tmp_path / phase / "samples.png") as grid:
+            assert grid.size[1] == 10 * (8 * 4 + 2) + 2
+        assert "| 3 | " in (tmp_path / phase / "evaluation.md").read_text()
 
 
 def test_diffusion_job_rejects_bad_input(tiny_pipeline_dir, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Classifier metrics: forget / retain / test accuracy and MIA on a forget split. Never trains."""
+"""Classifier metrics: forget / retain / test accuracy and MIA on a forget split, and how a classifier labels
+each class's generated samples (accuracy, entropy, probability of the class). Never trains."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accele
         "mia": member_rate(entropy["retain"], entropy["test_retain"], entropy["forget"]),
         "eval_time_s": time.perf_counter() - started,
     }
+
+
+@torch.no_grad()
+def class_metrics(classifier: nn.Module, samples: dict[int, torch.Tensor], device: torch.device) -> dict[int, dict[str, float]]:
+    """For each class c's samples: the fraction the classifier labels c (``accuracy``), mean softmax entropy
+    (nats) and mean probability of c."""
+    classifier = classifier.to(device).eval()
+    metrics = {}
+    for class_id, images in samples.items():
+        logits = classifier(images.to(device)).float().cpu()
+        metrics[class_id] = {
+            "accuracy": float((logits.argmax(1) == class_id).double().mean()),
+            "entropy": float(softmax_entropy(logits).mean()),
+            "probability": float(torch.softmax(logits.double(), 1)[:, class_id].mean()),
+        }
+    return metrics

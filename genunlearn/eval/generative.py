@@ -1,4 +1,5 @@
-"""Metrics of generated samples: how a classifier trained on real data labels each class's samples. Never trains."""
+"""Sampling class-conditional generators for evaluation: per-class samples seeded by (seed, class), spread over
+processes; ``classify_generated`` judges them with ``eval.classify.class_metrics``. Never trains."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
+from tqdm.auto import tqdm
 
-from genunlearn.eval.mia import softmax_entropy
+from genunlearn.eval.classify import class_metrics
 from genunlearn.models.pipeline import Pipeline, sample_images
 
 SAMPLE_BATCH = 256
@@ -45,26 +47,11 @@ def sample_classes(
     and gathered on all. Each class's samples depend only on (seed, class), not on the process count."""
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed, latents=latents)
-            for c in classes[accelerator.process_index :: accelerator.num_processes]}
+    own = classes[accelerator.process_index :: accelerator.num_processes]
+    bar = tqdm(own, desc=f"sampling {per_class} per class", unit="class", disable=not accelerator.is_main_process, leave=False)
+    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed, latents=latents) for c in bar}
     gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     return {c: images for part in gathered for c, images in part.items()}
-
-
-@torch.no_grad()
-def class_metrics(classifier: nn.Module, samples: dict[int, torch.Tensor], device: torch.device) -> dict[int, dict[str, float]]:
-    """For each class c's samples: the fraction the classifier labels c (``accuracy``), mean softmax entropy
-    (nats) and mean probability of c."""
-    classifier = classifier.to(device).eval()
-    metrics = {}
-    for class_id, images in samples.items():
-        logits = classifier(images.to(device)).float().cpu()
-        metrics[class_id] = {
-            "accuracy": float((logits.argmax(1) == class_id).double().mean()),
-            "entropy": float(softmax_entropy(logits).mean()),
-            "probability": float(torch.softmax(logits.double(), 1)[:, class_id].mean()),
-        }
-    return metrics
 
 
 def classify_generated(

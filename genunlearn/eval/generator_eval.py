@@ -19,7 +19,8 @@ from genunlearn.eval.fid import (
     fid_from_features,
     library_version,
 )
-from genunlearn.eval.generative import class_metrics, classify_generated, sample_classes
+from genunlearn.eval.classify import class_metrics
+from genunlearn.eval.generative import classify_generated, sample_classes
 from genunlearn.models.pipeline import Pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
@@ -86,35 +87,39 @@ def reference_features(reference: dict[int, torch.Tensor], fid: FidSetup) -> dic
 
 def evaluate_generator(
     pipeline: Pipeline, classifier: nn.Module, forgotten: list[int], remaining: list[int],
-    reference: dict[int, torch.Tensor], fid: FidSetup, protocol: SamplingProtocol, accelerator: Accelerator,
+    reference: dict[int, torch.Tensor] | None, fid: FidSetup, protocol: SamplingProtocol, accelerator: Accelerator,
 ) -> tuple[dict, dict[int, torch.Tensor]]:
     """Metrics of ``pipeline``'s samples (fractions, nats, FID) and the samples themselves, per class.
 
     ``forget_acc``: fraction of forgotten-class samples the classifier still labels as that class;
-    ``forget_entropy``/``forget_prob``: their mean softmax entropy and probability of the class;
-    ``remain_acc``: the same accuracy over the ``remaining`` classes; ``fid_remain``: FID of their samples
-    against ``reference`` (per-class reference features), all remaining classes pooled; ``fid_per_class``:
-    each remaining class against its own reference; ``per_class_acc``, ``per_class_prob``: every evaluated class.
+    ``forget_entropy``/``forget_prob``: their mean softmax entropy and probability of the class (None without
+    ``forgotten``); ``remain_acc``: the same accuracy over the ``remaining`` classes; ``fid_remain``: FID of their
+    samples against ``reference`` (per-class reference features), all remaining classes pooled; ``fid_per_class``:
+    each remaining class against its own reference (None and {} without ``reference``); ``per_class_acc``,
+    ``per_class_prob``: every evaluated class.
     """
     samples = sample_classes(pipeline, forgotten + remaining, protocol.per_class, accelerator,
                              guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
     per_class = class_metrics(classifier, samples, accelerator.device)
-    generated = {c: extract_features(samples[c], fid.extractor) for c in remaining}
 
-    def mean(key: str, classes) -> float:
-        return sum(per_class[c][key] for c in classes) / len(classes)
+    def mean(key: str, classes) -> float | None:
+        return sum(per_class[c][key] for c in classes) / len(classes) if classes else None
 
-    pooled_reference = torch.cat([reference[c] for c in remaining])
     metrics = {
         "forget_acc": mean("accuracy", forgotten),
         "forget_entropy": mean("entropy", forgotten),
         "forget_prob": mean("probability", forgotten),
         "remain_acc": mean("accuracy", remaining),
-        "fid_remain": fid_from_features(pooled_reference, torch.cat([generated[c] for c in remaining]), fid.library),
-        "fid_per_class": {str(c): fid_from_features(reference[c], generated[c], fid.library) for c in remaining},
+        "fid_remain": None,
+        "fid_per_class": {},
         "per_class_acc": {str(c): per_class[c]["accuracy"] for c in sorted(per_class)},
         "per_class_prob": {str(c): per_class[c]["probability"] for c in sorted(per_class)},
     }
+    if reference is not None:
+        generated = {c: extract_features(samples[c], fid.extractor) for c in remaining}
+        pooled_reference = torch.cat([reference[c] for c in remaining])
+        metrics["fid_remain"] = fid_from_features(pooled_reference, torch.cat([generated[c] for c in remaining]), fid.library)
+        metrics["fid_per_class"] = {str(c): fid_from_features(reference[c], generated[c], fid.library) for c in remaining}
     return metrics, samples
 
 
@@ -127,15 +132,17 @@ def forget_sample_accuracy(pipeline: Pipeline, classifier: nn.Module, forgotten:
 
 
 def protocol_record(protocol: SamplingProtocol, fid: FidSetup, classifier_name: str, classes: list[int],
-                    reference: dict[int, torch.Tensor], data_free: bool, mixed_precision: str) -> dict:
-    """Everything that decides the evaluation's figures, for the report: compare FIDs only when these match."""
+                    reference: dict[int, torch.Tensor] | None, data_free: bool, mixed_precision: str) -> dict:
+    """Everything that decides the evaluation's figures, for the report: compare FIDs only when these match
+    (``reference`` None: no FID was measured)."""
     return {
         **asdict(protocol),
         "classifier": classifier_name,
         "classes": classes,
         **fid.describe(),
-        "fid_reference": "original model's samples" if data_free else "real retain images",
-        "reference_per_class": {str(c): len(images) for c, images in reference.items()},
+        "fid_reference": "none (no real images; pass --data)" if reference is None
+        else "original model's samples" if data_free else "real retain images",
+        "reference_per_class": {str(c): len(images) for c, images in (reference or {}).items()},
         "weights": "raw (no EMA)",
         "data_free": data_free,
         "mixed_precision": mixed_precision,

@@ -27,15 +27,15 @@ Measure = Callable[[nn.Module], float]
 
 
 def relearn_curve(task, model: nn.Module, split: ForgetSplit, steps: int, measure: Measure, accelerator: Accelerator,
-                  *, samples: int = 8, seed: int = 0, points: int = 4) -> list[dict]:
+                  *, samples: int = 8, seed: int = 0, points: int = 4, lr: float | None = None) -> list[dict]:
     """``[{"step", "forget_acc"}]`` at step 0, every ``steps / points`` steps and at the end, for a copy of ``model``
     trained with the task's training loss on ``samples`` forget samples (chosen by ``seed``), with the preset's
-    pretraining optimiser and learning rate held constant. ``model`` itself is not modified."""
+    pretraining optimiser and learning rate (or ``lr``) held constant. ``model`` itself is not modified."""
     chosen = torch.randperm(len(split.forget), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
     every = max(1, steps // points)
     recipe = task.preset.train
     cfg = TrainConfig.from_recipe(recipe, steps=steps, epochs=None, schedule="constant", seed=seed, log_every=every,
-                                  batch_size=max(1, min(len(chosen), recipe.batch_size) // accelerator.num_processes))
+                                  lr=recipe.lr if lr is None else lr, batch_size=max(1, min(len(chosen), recipe.batch_size) // accelerator.num_processes))
     curve = [{"step": 0, "forget_acc": measure(model)}]
 
     def observe(step: int, relearning: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""The run report: ``report.json`` (schema below, stable) and ``report.md``, both written atomically.
+"""The run report: ``report.json`` (schema below, stable; JSON Schema in ``report.schema.json``, ``SCHEMA_FILE``)
+and ``report.md``, both written atomically.
 
 report.json keys (schema_version 1):
   schema_version, genunlearn_version, kind (classifier or diffusion), model, class (int, list of ints, or null for random forgetting),
@@ -24,6 +25,7 @@ from genunlearn.eval.plots import save_log_curves
 from genunlearn.models.store import atomic_write_text
 
 SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 METRIC_KEYS = ("forget_acc", "forget_test_acc", "retain_acc", "test_acc", "mia")
 METRIC_HELP = {
     "classifier": [
@@ -133,12 +135,31 @@ def _relearn_section(report: dict) -> list[str]:
     if "relearn" not in report:
         return []
     relearn = report["relearn"]
-    rows = ["## Relearning check", "", f"forget_acc while fine-tuning on {relearn['samples']} forget samples: a class that "
-            "was only hidden comes back much faster than for the oracle, which never saw it.", "",
+    rows = ["## Relearning check", "", f"forget_acc while fine-tuning on {relearn['samples']} forget samples (learning rate "
+            f"{relearn['lr']:g}): a class that was only hidden comes back much faster than for the oracle, which never saw it.", "",
             "| step | unlearned | retrain oracle |", "|---|---|---|"]
     for mine, oracle in zip(relearn["unlearned"], relearn["retrain"]):
         rows.append(f"| {mine['step']} | {_fmt(mine['forget_acc'])} | {_fmt(oracle['forget_acc'])} |")
     return [*rows, ""]
+
+
+def render_evaluation(evaluation: dict, samples: str | None) -> str:
+    """Markdown of ``genunlearn evaluate``'s result: the figures, the per-class table, the protocol, the samples."""
+    metrics = evaluation["metrics"]
+    lines = [f"# Evaluation of {evaluation['model']}" + (f" ({evaluation['pretrained']})" if evaluation["pretrained"] else ""),
+             "", f"Forgotten: {evaluation['class']}." if evaluation["class"] is not None else "No forgotten part named.", "",
+             "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
+    lines += ["", *METRIC_HELP[evaluation["kind"]], "", "| class | accuracy | probability | FID |", "|---|---|---|---|"]
+    for c, value in metrics["per_class_acc"].items():
+        lines.append(f"| {c} | {value:.4f} | {_fmt(metrics.get('per_class_prob', {}).get(c))} | "
+                     f"{_fmt(metrics.get('fid_per_class', {}).get(c))} |")
+    lines.append("")
+    if "evaluation" in evaluation:
+        lines += ["## Evaluation protocol", "", *[f"- {k}: {v}" for k, v in evaluation["evaluation"].items()], ""]
+    if samples:
+        lines += [f"Samples, one row per class: ![samples]({samples})", ""]
+    return "\n".join(lines)
 
 
 SUMMARY_KEYS = {
