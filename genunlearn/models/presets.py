@@ -37,6 +37,7 @@ class ClassifierPreset:
     kind: str = "classifier"
     model_args: dict = field(default_factory=dict)
     stem: str | None = None
+    peft: str | None = None
     dataset: str = "digits"
     image_size: int = 8
     channels: int = 1
@@ -49,6 +50,8 @@ class ClassifierPreset:
     def fingerprint(self) -> str:
         """Hash of what determines the pretrained weights (not the method defaults)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in ("description", "methods")}
+        if self.peft is None:
+            del relevant["peft"]  # presets without PEFT keep the cache keys they had before the field existed
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 
-ParameterScope = Literal["all", "batchnorm", "head"]
+ParameterScope = str  # all, batchnorm, prompts, head, or a +-joined mix (models/peft.py)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 

@@ -11,26 +11,31 @@ from torch import nn
 import timm
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.models import cnn as _register_cnn  # noqa: F401  (registers genunlearn_cnn with timm)
+from genunlearn.models.peft import BACKBONE_SEED, prepare_peft, scope_parameters
 from genunlearn.models.presets import ClassifierPreset
 from genunlearn.tasks.base import Batch, ParameterScope
 from genunlearn.errors import UserError
 
 
 def build_classifier(preset: ClassifierPreset, num_classes: int, pretrained_id: str | None = None) -> nn.Module:
-    """Create the preset's timm model with ``num_classes`` outputs; ``pretrained_id`` (``hf-hub:org/name``) downloads."""
+    """Create the preset's timm model with ``num_classes`` outputs; ``pretrained_id`` (``hf-hub:org/name``) downloads.
+    A preset with ``peft: SCOPE`` gets the fixed random backbone, frozen, with only SCOPE trainable."""
     name = pretrained_id or preset.timm_name
-    try:
-        model = timm.create_model(
-            name, pretrained=pretrained_id is not None, num_classes=num_classes, in_chans=preset.channels, **preset.model_args
-        )
-    except (OSError, RuntimeError) as exc:
-        raise UserError(
-            f"could not fetch {pretrained_id} ({type(exc).__name__}: no network?); download its weights where there is a"
-            " network and pass --pretrained /path/to/model.safetensors"
-        ) from None
-    if preset.stem == "cifar":
-        _use_small_image_stem(model, preset.channels)
-    return model
+    with torch.random.fork_rng(enabled=preset.peft is not None):
+        if preset.peft is not None:
+            torch.manual_seed(BACKBONE_SEED)  # a PEFT backbone is the same random initialisation every time
+        try:
+            model = timm.create_model(
+                name, pretrained=pretrained_id is not None, num_classes=num_classes, in_chans=preset.channels, **preset.model_args
+            )
+        except (OSError, RuntimeError) as exc:
+            raise UserError(
+                f"could not fetch {pretrained_id} ({type(exc).__name__}: no network?); download its weights where there is a"
+                " network and pass --pretrained /path/to/model.safetensors"
+            ) from None
+        if preset.stem == "cifar":
+            _use_small_image_stem(model, preset.channels)
+    return model if preset.peft is None else prepare_peft(model, preset.peft)
 
 
 def _use_small_image_stem(model: nn.Module, channels: int) -> None:
@@ -89,18 +94,5 @@ class ClassifierTask:
         return build_classifier(self.preset, self.num_classes)
 
     def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
-        """``all`` parameters, the affine ``batchnorm`` weights and biases, or the classifier ``head``."""
-        if scope == "all":
-            return list(model.named_parameters())
-        if scope == "batchnorm":
-            return [
-                (f"{module_name}.{param_name}", param)
-                for module_name, module in model.named_modules()
-                if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                for param_name, param in module.named_parameters(recurse=False)
-            ]
-        if scope == "head":
-            head = model.get_classifier()
-            head_ids = {id(p) for p in head.parameters()}
-            return [(n, p) for n, p in model.named_parameters() if id(p) in head_ids]
-        raise UserError(f"unknown parameter scope {scope!r}; use all, batchnorm or head")
+        """Named parameters of ``scope``: ``all``, ``batchnorm`` (affine), ``prompts``, ``head``, or a +-joined mix."""
+        return scope_parameters(model, scope)

@@ -1,0 +1,134 @@
+"""Fast-NTK: Jacobian paths against an autograd loop, primal against dual, exactness on a model linear in its scope."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from genunlearn.data.split import SplitSpec, make_forget_split
+from genunlearn.data.tensor_dataset import LabeledTensorDataset
+from genunlearn.distributed import make_accelerator
+from genunlearn.engine.jacobians import batchnorm_jacobians, functional_jacobians
+from genunlearn.methods.fast_ntk import FastNTKConfig, fast_ntk, residuals, scrub_direction
+from genunlearn.models import cnn as _register_cnn  # noqa: F401
+from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
+
+CLASSES = 3
+
+
+def tiny_bn_cnn() -> nn.Module:
+    """A float64 BatchNorm CNN (width 4) in eval mode with non-trivial running statistics and affine values."""
+    torch.manual_seed(0)
+    model = timm.create_model("genunlearn_cnn", num_classes=CLASSES, in_chans=1, width=4).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def random_split(count: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 1, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.arange(count) % CLASSES
+    data = LabeledTensorDataset(images, labels, ["a", "b", "c"])
+    return data, make_forget_split(data, data, SplitSpec("class", classes=(2,)))
+
+
+def test_jacobian_paths_equal_a_per_output_autograd_loop():
+    model = tiny_bn_cnn()
+    params = scope_parameters(model, "batchnorm+head")
+    images = random_split(5)[0].images
+    loop = torch.stack([
+        torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(images[i : i + 1])[0, k], [p for _, p in params])])
+                     for k in range(CLASSES)])
+        for i in range(len(images))
+    ])
+    fast, logits = batchnorm_jacobians(model, params, images, head=model.get_classifier())
+    functional, _ = functional_jacobians(model, params, images, chunk_size=2)
+    assert fast.shape == loop.shape == (5, CLASSES, sum(p.numel() for _, p in params))
+    assert torch.allclose(fast, loop, atol=1e-12) and torch.allclose(functional, loop, atol=1e-12)
+    assert torch.allclose(logits, model(images))
+
+
+@pytest.mark.parametrize("scope, count, regime", [("batchnorm", 30, "P < NK"), ("batchnorm+head", 12, "P > NK")])
+def test_primal_equals_dual(scope, count, regime):
+    model = tiny_bn_cnn()
+    _, split = random_split(count)
+    size = sum(p.numel() for _, p in scope_parameters(model, scope))
+    assert (size < count * CLASSES) == (regime == "P < NK")
+    accelerator = make_accelerator()
+    directions = {}
+    for form in ("primal", "dual"):
+        cfg = FastNTKConfig(scope=scope, form=form, chunk_size=7)
+        directions[form], _, info = scrub_direction(model, scope_parameters(model, scope), split, cfg, accelerator)
+        assert info["form"] == form
+    assert torch.allclose(directions["primal"], directions["dual"], rtol=1e-6, atol=1e-10)
+    assert directions["primal"].norm() > 0
+
+
+class LinearInScope(nn.Module):
+    """Logits linear in the head (the scope) on fixed random features: f(x) = W φ(x) + b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh()).double()
+        self.fc = nn.Linear(6, CLASSES).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+def ridge_fit(model: LinearInScope, data, ridge: float) -> torch.Tensor:
+    """argmin_w Σ ½‖f(x; w) − (2y − 1)‖² + (Nλ/2)‖w − w_0‖² (w_0 = the scope's initial values, 0) in closed form."""
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        phi = torch.cat([model.features(images), torch.ones(len(images), 1, dtype=torch.float64)], dim=1)  # [N, F+1]
+    targets = 2 * nn.functional.one_hot(labels, CLASSES).double() - 1
+    system = phi.T @ phi + len(images) * ridge * torch.eye(phi.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(system, phi.T @ targets).T  # [K, F+1]: weight and bias columns
+
+
+def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope():
+    data, split = random_split(40, seed=3)
+    model = prepare_peft(LinearInScope(), "head")
+    ridge = 0.1
+    trained = ridge_fit(model, data, ridge)
+    with torch.no_grad():
+        model.fc.weight.copy_(trained[:, :-1])
+        model.fc.bias.copy_(trained[:, -1])
+
+    class Task:
+        name = "linear"
+
+    task = Task()
+    task.model = model
+    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at="init", ridge=ridge)
+    result = fast_ntk(task, split, cfg, make_accelerator())
+    oracle = ridge_fit(model, split.retain, ridge)
+    assert torch.allclose(result.model.fc.weight, oracle[:, :-1], atol=1e-10)
+    assert torch.allclose(result.model.fc.bias, oracle[:, -1], atol=1e-10)
+    assert not torch.allclose(model.fc.weight, oracle[:, :-1], atol=1e-3)  # the original is left as it was
+
+
+def test_residuals_and_peft_scope_start():
+    logits = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(residuals(logits, torch.tensor([1])), torch.tensor([[1 / 3, -2 / 3, 1 / 3]], dtype=torch.float64))
+    assert torch.allclose(residuals(logits, torch.tensor([1]), "mse"), torch.tensor([[1.0, -1.0, 1.0]], dtype=torch.float64))
+    model = prepare_peft(copy.deepcopy(tiny_bn_cnn()), "batchnorm+head")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, _ in scope_parameters(model, "batchnorm+head")]
+    for (_, param), start in zip(scope_parameters(model, "batchnorm+head"), scope_initial_values(model, "batchnorm+head")):
+        assert torch.equal(param, start)
