@@ -66,7 +66,8 @@ def evaluate_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acc
     pipeline = load_diffusion_pipeline(preset, pretrained=job.pretrained, data=real, cache_root=root, accelerator=accelerator)
     num_classes = pipeline_num_classes(pipeline)
     forgotten = list(job.classes)
-    check_ids(forgotten, num_classes, "class")
+    if forgotten:
+        check_ids(forgotten, num_classes, "class")
     remaining = remain_classes(num_classes, forgotten, job.remain_classes or preset.remain_classes, job.seed)
     classifier_name = job.eval_classifier or preset.eval_classifier
     classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,

@@ -73,6 +73,10 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
         with Image.open(tmp_path / phase / "samples.png") as grid:
             assert grid.size[1] == 10 * (8 * 4 + 2) + 2
         assert "| 3 | " in (tmp_path / phase / "evaluation.md").read_text()
+    no_class = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--eval-samples", "4", "--eval-steps", "2"]
+    assert guarded(evaluate_main, [*no_class, "--output-dir", str(tmp_path / "all")]) == 0  # no forgotten class named
+    metrics = json.loads((tmp_path / "all" / "evaluation.json").read_text())["metrics"]
+    assert metrics["forget_acc"] is None and sorted(metrics["per_class_acc"]) == [str(c) for c in range(10)]
 
 
 def test_diffusion_job_rejects_bad_input(tiny_pipeline_dir, tmp_path, capsys):
