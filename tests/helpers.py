@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -31,3 +34,13 @@ def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | Non
 def validate_report(report: dict) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``report`` follows genunlearn's report.json schema."""
     jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
+
+
+def accelerate_launch(script: Path, args: list[str], cache_dir: Path, *, processes: int = 2,
+                      port: int = 29517) -> subprocess.CompletedProcess:
+    """Run ``script args`` under ``accelerate launch`` on the CPU (``processes`` > 1: gloo, ``--multi_gpu``) with
+    ``cache_dir`` as the model cache; output captured."""
+    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})

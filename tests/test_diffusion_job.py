@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +14,7 @@ from safetensors.torch import load_file
 from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.digits import load_digits_split
 from genunlearn.models.diffusion_loading import load_diffusion_task, load_pipeline, pipeline_for, save_pipeline
-from helpers import validate_report
+from helpers import accelerate_launch, validate_report
 from test_diffusion import tiny_digits_preset
 
 
@@ -129,14 +126,10 @@ def test_sfron_fishers_and_mask_from_two_processes_equal_one(tiny_pipeline_dir, 
     """The diffusion Fishers (guided ε loss at antithetic t, per-batch seeded noise) and SFR-on's mask under
     ``accelerate launch --multi_gpu --num_processes 2`` equal one process's."""
     worker = Path(__file__).parent / "workers" / "sfron_mask_dump.py"
-    env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "29523"]
     dumps = {}
     for processes in (1, 2):
         out = tmp_path / f"mask{processes}.safetensors"
-        flags = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
-        done = subprocess.run([*launch, *flags, str(worker), str(tiny_pipeline_dir), str(out)], capture_output=True, text=True, env=env)
+        done = accelerate_launch(worker, [str(tiny_pipeline_dir), str(out)], cache_dir, processes=processes, port=29523)
         assert done.returncode == 0, done.stderr[-2000:]
         dumps[processes] = load_file(str(out))
     one, two = dumps[1], dumps[2]

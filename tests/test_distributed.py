@@ -5,24 +5,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from genunlearn.cli import forget_main, guarded
+from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_two_processes(script_args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(REPO / "scripts" / "forget_class.py"), *script_args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    return accelerate_launch(REPO / "scripts" / "forget_class.py", script_args, cache_dir)
 
 
 def test_two_processes_match_one(cnn_task, cache_dir, tmp_path):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
 from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights
 from genunlearn.engine.saliency import accumulate_gradients, cached_gradient_statistics
+from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,12 +187,7 @@ def test_masked_parameters_do_not_move_on_a_forget_step(cnn_task, class3_split, 
 
 def test_fisher_from_two_processes_equals_one(cnn_task, class3_split, cache_dir, accelerator, tmp_path):
     out = tmp_path / "fisher2.safetensors"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-        str(REPO / "tests" / "workers" / "fisher_dump.py"), str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    done = accelerate_launch(REPO / "tests" / "workers" / "fisher_dump.py", [str(out)], cache_dir, port=29519)
     assert done.returncode == 0, done.stderr[-2000:]
     two = load_file(str(out))
     one = accumulate_gradients(cnn_task.model, cnn_task.loss, class3_split.forget, accelerator, batch_size=32)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from genunlearn.cli import forget_main, guarded
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.methods.ssd import SSDConfig, dampen, default_alpha, ssd_importances
+from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,12 +120,7 @@ def test_nothing_is_selected_when_the_forget_set_is_all_data(cnn_task, class3_sp
 
 def test_two_process_importances_equal_one(cnn_task, class3_split, cache_dir, accelerator, tmp_path):
     out = tmp_path / "importances.safetensors"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
-        str(REPO / "tests" / "workers" / "ssd_importance_dump.py"), str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    done = accelerate_launch(REPO / "tests" / "workers" / "ssd_importance_dump.py", [str(out)], cache_dir, port=29523)
     assert done.returncode == 0, done.stderr[-2000:]
     two = load_file(str(out))
     task = copy.copy(cnn_task)
