@@ -45,9 +45,9 @@ def evaluate_classifier(job: ForgetJob, preset: ClassifierPreset, accelerator: A
     metrics = {}
     for name, dataset in (("train_acc_all", train), ("test_acc_all", test)):
         logits, labels = predict_logits(network, dataset, accelerator)
-        metrics[name] = float((logits.argmax(1) == labels).double().mean())
+        correct = logits.argmax(1) == labels
+        metrics[name] = float(correct.double().mean())
         if name == "test_acc_all":
-            correct = logits.argmax(1) == labels
             metrics["per_class_acc"] = {str(c): float(correct[labels == c].double().mean())
                                         for c in range(len(train.classes)) if (labels == c).any()}
     if split is not None:

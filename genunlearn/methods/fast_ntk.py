@@ -100,7 +100,7 @@ def kernel_sums(model: nn.Module, params: NamedParameters, dataset: Dataset, cfg
     for images, labels in tqdm(_my_chunks(dataset, cfg.chunk_size, accelerator), desc=desc, disable=not accelerator.is_local_main_process):
         jacobian, logits = scope_jacobians(model, params, images.to(accelerator.device), cfg.jacobian, cfg.chunk_size)
         rows = jacobian.reshape(-1, size)
-        gram += (rows.T @ rows).double() if rows.dtype != torch.float64 else rows.T @ rows
+        gram += (rows.T @ rows).double()  # float32 chunks of a float32 model, summed in float64
         pull += rows.double().T @ residuals(logits, labels.to(accelerator.device), cfg.loss).reshape(-1)
     if accelerator.num_processes > 1:
         gram, pull = accelerator.reduce([gram, pull], reduction="sum")
