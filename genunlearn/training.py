@@ -31,7 +31,12 @@ class TrainConfig(LoopConfig):
 
     @classmethod
     def from_recipe(cls, recipe: TrainRecipe, **overrides) -> "TrainConfig":
-        return cls(**{**recipe.__dict__, **overrides})
+        """The loop settings of ``recipe``; a classifier's loss and a decay toward the PEFT start are the task's
+        (its ``training_loss``), so the optimizer then decays nothing."""
+        loop_fields = {name: value for name, value in recipe.__dict__.items() if name in cls.__dataclass_fields__}
+        if getattr(recipe, "decay_to", "zero") == "start":
+            loop_fields["weight_decay"] = 0.0
+        return cls(**{**loop_fields, **overrides})
 
     def resolved(self, dataset_size: int, num_processes: int) -> "TrainConfig":
         """A copy with ``steps`` set from ``epochs`` for this dataset and the global batch."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.jacobians import batchnorm_jacobians, functional_jacobians
-from genunlearn.methods.fast_ntk import FastNTKConfig, fast_ntk, residuals, scrub_direction
+from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, fast_ntk, kernel_sums, prediction_fisher,
+                                         residuals, scrub_direction)
 from genunlearn.models import cnn as _register_cnn  # noqa: F401
 from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
+from helpers import accelerate_launch
 
 CLASSES = 3
 
@@ -65,12 +69,14 @@ def test_primal_equals_dual(scope, count, regime):
     size = sum(p.numel() for _, p in scope_parameters(model, scope))
     assert (size < count * CLASSES) == (regime == "P < NK")
     accelerator = make_accelerator()
-    directions = {}
+    offset = torch.randn(size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # a centred ridge
+    directions, retain_steps = {}, {}
     for form in ("primal", "dual"):
-        cfg = FastNTKConfig(scope=scope, form=form, chunk_size=7)
-        directions[form], _, info = scrub_direction(model, scope_parameters(model, scope), split, cfg, accelerator)
+        cfg = FastNTKConfig(scope=scope, form=form, chunk_size=7, loss="ce")
+        directions[form], retain_steps[form], info = scrub_direction(model, scope_parameters(model, scope), offset, split, cfg, accelerator)
         assert info["form"] == form
     assert torch.allclose(directions["primal"], directions["dual"], rtol=1e-6, atol=1e-10)
+    assert torch.allclose(retain_steps["primal"], retain_steps["dual"], rtol=1e-6, atol=1e-10)
     assert directions["primal"].norm() > 0
 
 
@@ -101,7 +107,9 @@ def ridge_fit(model: LinearInScope, data, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(system, phi.T @ targets).T  # [K, F+1]: weight and bias columns
 
 
-def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope():
+@pytest.mark.parametrize("linearize_at", ["trained", "init"])
+def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_at):
+    """The ridge is centred on the scope's start, so the linear model's scrub is exact from either point."""
     data, split = random_split(40, seed=3)
     model = prepare_peft(LinearInScope(), "head")
     ridge = 0.1
@@ -115,7 +123,7 @@ def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope():
 
     task = Task()
     task.model = model
-    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at="init", ridge=ridge)
+    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at=linearize_at, ridge=ridge)
     result = fast_ntk(task, split, cfg, make_accelerator())
     oracle = ridge_fit(model, split.retain, ridge)
     assert torch.allclose(result.model.fc.weight, oracle[:, :-1], atol=1e-10)
@@ -132,3 +140,57 @@ def test_residuals_and_peft_scope_start():
     assert trainable == [n for n, _ in scope_parameters(model, "batchnorm+head")]
     for (_, param), start in zip(scope_parameters(model, "batchnorm+head"), scope_initial_values(model, "batchnorm+head")):
         assert torch.equal(param, start)
+
+
+def test_prediction_fisher_equals_label_expectation_of_squared_gradients():
+    """Σ_y p_y (∂CE(x, y)/∂θ)² averaged over samples, against an autograd loop over samples and labels."""
+    model = tiny_bn_cnn()
+    params = scope_parameters(model, "batchnorm+head")
+    data, _ = random_split(6)
+    expected = torch.zeros(sum(p.numel() for _, p in params), dtype=torch.float64)
+    for image, _ in data:
+        logits = model(image.unsqueeze(0))
+        probs = torch.softmax(logits, dim=1)[0].detach()
+        for label in range(CLASSES):
+            loss = nn.functional.cross_entropy(logits, torch.tensor([label]))
+            grads = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True)
+            expected += probs[label] * torch.cat([g.reshape(-1) for g in grads]).pow(2)
+    fisher = prediction_fisher(model, params, data, FastNTKConfig(chunk_size=4), make_accelerator())
+    assert torch.allclose(fisher, expected / len(data), rtol=1e-9, atol=1e-14)
+
+
+def test_fisher_noise_stage_follows_the_reference_recipe():
+    """Noise scale √(10·α/(F + 1e-8)) on BatchNorm parameters; the forgotten class's head row is centred on 0 with
+    variance 1e-3; the same seed gives the same noise."""
+    model = tiny_bn_cnn()
+    params = scope_parameters(model, "batchnorm+head")
+    fisher = torch.full((sum(p.numel() for _, p in params),), 4.0, dtype=torch.float64)
+    before = [p.detach().clone() for _, p in params]
+    noisy = [copy.deepcopy(model) for _ in range(2)]
+    for copy_ in noisy:
+        add_fisher_noise(copy_, scope_parameters(copy_, "batchnorm+head"), fisher, alpha=1e-6, forgotten=(2,), seed=0)
+    after = [[p.detach() for _, p in scope_parameters(copy_, "batchnorm+head")] for copy_ in noisy]
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+    bn_shift = torch.cat([(a - b).reshape(-1) for (name, _), a, b in zip(params, after[0], before) if name.startswith("features")])
+    assert abs(float(bn_shift.std()) / (10 * 1e-6 / 4) ** 0.5 - 1) < 0.25
+    head_weight = dict(zip([n for n, _ in params], after[0]))["fc.weight"]
+    assert head_weight[2].abs().max() < 0.2 and head_weight[2].std() > 0.01  # mean 0, std √1e-3 ≈ 0.03
+    assert torch.allclose(head_weight[:2], model.fc.weight[:2], atol=0.05)
+
+
+def test_two_process_kernel_sums_equal_one(tmp_path):
+    """Σ JᵀJ, Σ Jᵀr and the Fisher reduced over 2 gloo processes (uneven chunk counts) equal one process's."""
+    out = tmp_path / "sums.safetensors"
+    tests = Path(__file__).parent
+    done = accelerate_launch(tests / "workers" / "ntk_kernel_dump.py", [str(out), str(tests)], tmp_path, port=29531)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = load_file(str(out))
+    model = tiny_bn_cnn()
+    params = scope_parameters(model, "batchnorm+head")
+    data, _ = random_split(23)
+    cfg = FastNTKConfig(chunk_size=5, loss="ce")
+    gram, pull = kernel_sums(model, params, data, cfg, make_accelerator(), "sums")
+    fisher = prediction_fisher(model, params, data, cfg, make_accelerator())
+    assert torch.allclose(two["gram"], gram, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(two["pull"], pull, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(two["fisher"], fisher, rtol=1e-10, atol=1e-14)

@@ -2,14 +2,18 @@
 Li et al., CVPRW 2024).
 
 The model is linearised in the scope θ_p at its trained weights; with per-sample Jacobians J_i (K×P) and
-residuals r_i = softmax(f(x_i)) − onehot(y_i), the ridge solutions on D and on D_r are
-Δ = −(Σ JᵀJ + Nλ I)⁻¹ Σ Jᵀr, and the scope moves by s·(Δ_retain − Δ_all). Primal (P×P, streamed) when
-P < N·K, dual (NK×NK) otherwise; float64 Cholesky solves.
+residuals r_i (softmax(f) − onehot(y) for cross-entropy, f − (2·onehot(y) − 1) for the squared loss), the ridge
+solutions on D and on D_r are Δ = −(Σ JᵀJ + Nλ I)⁻¹ (Σ Jᵀr + Nλ (θ_p − θ_start)), and the scope moves by
+s·(Δ_retain − Δ_all). The ridge is centred on the scope's PEFT start θ_start, where training's L2 penalty pulls
+(the reference trains with an L2 penalty toward the initialisation); for a model linear in the scope this is the
+exact ridge retrain from any linearisation point. Primal (P×P, streamed) when P < N·K, dual (NK×NK) otherwise;
+float64 Cholesky solves.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -33,31 +37,32 @@ JACOBIAN_PATHS = ("auto", "batchnorm", "functional")
 
 @dataclass
 class FastNTKConfig:
-    """Defaults: λ = 0.1 (the reference notebook's weight decay), scale 1 (``trapezium``: the notebook's
-    correction), the BatchNorm scope with the head, residuals of the cross-entropy (``loss: mse``: f − (2y − 1),
-    the notebook's squared-loss form). ``linearize_at``: ``trained`` (default; deviation: the reference linearises at
-    the initialisation, where a PEFT head of zeros makes the BatchNorm Jacobian vanish) or ``init`` (the scope's
-    PEFT start values; exact for a model linear in the scope under the squared loss). ``chunk_size``: samples per Jacobian chunk (memory ~
-    chunk·K·P); ``jacobian``: ``batchnorm`` (K batched backward passes; BN/head scopes), ``functional``
-    (vmap(jacrev)), ``auto`` picks the first that applies."""
+    """Defaults: λ = 0.1 (the reference notebook's weight decay; a model trained with ``decay_to: start`` should
+    use its training weight decay), scale 1 (``trapezium``: the notebook's correction), the BatchNorm scope with the
+    head, residuals of the loss the model was trained on (``auto``; or ``ce``, ``mse``: f − (2y − 1)).
+    ``linearize_at``: ``trained`` (the notebook computes its Jacobians at the trained model) or ``init`` (the
+    scope's PEFT start). ``chunk_size``: samples per Jacobian chunk (memory ~ chunk·K·P); ``jacobian``:
+    ``batchnorm`` (K batched backward passes; BN/head scopes), ``functional`` (vmap(jacrev)), ``auto`` picks the
+    first that applies. ``fisher_noise``: α of the reference's optional Fisher-noise stage (0: off)."""
 
     scope: str = "batchnorm+head"
     ridge: float = 0.1
-    loss: str = "ce"
+    loss: str = "auto"
     linearize_at: str = "trained"
     scale: str | float = 1.0
     form: str = "auto"
     jacobian: str = "auto"
     chunk_size: int = 64
+    fisher_noise: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.form not in FORMS or self.jacobian not in JACOBIAN_PATHS:
             raise UserError(f"fast_ntk form must be one of {FORMS} and jacobian one of {JACOBIAN_PATHS}")
-        if self.loss not in ("ce", "mse") or self.linearize_at not in ("trained", "init"):
-            raise UserError("fast_ntk loss must be ce or mse and linearize_at trained or init")
-        if self.ridge <= 0 or self.chunk_size < 1:
-            raise UserError("fast_ntk needs ridge > 0 and chunk_size >= 1")
+        if self.loss not in ("auto", "ce", "mse") or self.linearize_at not in ("trained", "init"):
+            raise UserError("fast_ntk loss must be auto, ce or mse and linearize_at trained or init")
+        if self.ridge <= 0 or self.chunk_size < 1 or self.fisher_noise < 0:
+            raise UserError("fast_ntk needs ridge > 0, chunk_size >= 1 and fisher_noise >= 0")
         if not (self.scale == "trapezium" or isinstance(self.scale, (int, float)) and self.scale > 0):
             raise UserError(f"fast_ntk scale must be a positive number or 'trapezium', got {self.scale!r}")
 
@@ -119,25 +124,28 @@ def stacked_jacobians(model: nn.Module, params: NamedParameters, dataset: Datase
     return torch.cat(rows), torch.cat(residual)
 
 
-def ridge_primal(gram: torch.Tensor, pull: torch.Tensor, count: int, ridge: float) -> torch.Tensor:
-    """``−(G + Nλ I)⁻¹ g`` by a float64 Cholesky solve."""
+def ridge_primal(gram: torch.Tensor, pull: torch.Tensor, count: int, ridge: float, offset: torch.Tensor) -> torch.Tensor:
+    """``Δ = −(G + Nλ I)⁻¹ (g + Nλ o)`` by a float64 Cholesky solve: the step from the linearisation point that
+    minimises ½Σ‖r + JΔ‖² + (Nλ/2)‖Δ + o‖², ``o [P]`` the point's offset from the ridge's centre."""
     system = gram.double() + count * ridge * torch.eye(len(gram), dtype=torch.float64, device=gram.device)
     factor = torch.linalg.cholesky(system)
-    return -torch.cholesky_solve(pull.double().unsqueeze(1), factor).squeeze(1)
+    return -torch.cholesky_solve((pull.double() + count * ridge * offset).unsqueeze(1), factor).squeeze(1)
 
 
-def ridge_dual(rows: torch.Tensor, residual: torch.Tensor, count: int, ridge: float) -> torch.Tensor:
-    """``−Jᵀ(J Jᵀ + Nλ I)⁻¹ r``, equal to the primal solution, through an NK×NK float64 Cholesky solve."""
+def ridge_dual(rows: torch.Tensor, residual: torch.Tensor, count: int, ridge: float, offset: torch.Tensor) -> torch.Tensor:
+    """The same Δ as ``ridge_primal`` through an NK×NK float64 Cholesky solve: with u = Δ + o,
+    ``u = −Jᵀ(J Jᵀ + Nλ I)⁻¹ (r − J o)``."""
     kernel = rows @ rows.T + count * ridge * torch.eye(len(rows), dtype=torch.float64, device=rows.device)
     factor = torch.linalg.cholesky(kernel)
-    return -(rows.T @ torch.cholesky_solve(residual.unsqueeze(1), factor)).squeeze(1)
+    shifted = (residual - rows @ offset).unsqueeze(1)
+    return -(rows.T @ torch.cholesky_solve(shifted, factor)).squeeze(1) - offset
 
 
-def trapezium_scale(direction: torch.Tensor, offset_from_init: torch.Tensor, retain_step: torch.Tensor) -> float:
-    """The reference notebook's correction of the scrub length: with the linearisation's error
-    e = (θ − θ_init) − Δ_retain and the unit inner product c of the direction and e, the predicted length is
-    |δ| + 2|e|·sin(arccos c − π/2) when c < 0 and |δ| + 2|e|·c otherwise; the scale is that over |δ|."""
-    error = offset_from_init - retain_step
+def trapezium_scale(direction: torch.Tensor, error: torch.Tensor) -> float:
+    """The reference notebook's correction of the scrub length: with the linearisation's error ``e`` (trained
+    weights minus the linear model's retain solution, both measured from the PEFT start) and the unit inner product
+    c of the direction and e, the predicted length is |δ| + 2|e|·sin(arccos c − π/2) when c < 0 and
+    |δ| + 2|e|·c otherwise; the scale is that over |δ|."""
     norm_direction, norm_error = direction.norm(), error.norm()
     if norm_error == 0 or norm_direction == 0:
         return 1.0
@@ -152,9 +160,10 @@ def flat(params: NamedParameters) -> torch.Tensor:
     return torch.cat([param.detach().reshape(-1).double() for _, param in params])
 
 
-def scrub_direction(model: nn.Module, params: NamedParameters, split: ForgetSplit, cfg: FastNTKConfig,
-                    accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``(δ = Δ_retain − Δ_all, Δ_retain, facts)`` in float64, in the primal or dual form."""
+def scrub_direction(model: nn.Module, params: NamedParameters, offset: torch.Tensor, split: ForgetSplit,
+                    cfg: FastNTKConfig, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(δ = Δ_retain − Δ_all, Δ_retain, facts)`` in float64, in the primal or dual form; ``offset [P]``: the
+    linearisation point minus the ridge's centre (the scope's start)."""
     size = sum(param.numel() for _, param in params)
     n_retain, n_forget = len(split.retain), len(split.forget)
     classes = model.get_classifier().out_features if hasattr(model, "get_classifier") else None
@@ -163,39 +172,90 @@ def scrub_direction(model: nn.Module, params: NamedParameters, split: ForgetSpli
     if form == "primal":
         gram_r, pull_r = kernel_sums(model, params, split.retain, cfg, accelerator, "NTK sums on D_r")
         gram_f, pull_f = kernel_sums(model, params, split.forget, cfg, accelerator, "NTK sums on D_f")
-        retain_step = ridge_primal(gram_r, pull_r, n_retain, cfg.ridge)
-        all_step = ridge_primal(gram_r.add_(gram_f), pull_r + pull_f, n_retain + n_forget, cfg.ridge)
+        retain_step = ridge_primal(gram_r, pull_r, n_retain, cfg.ridge, offset)
+        all_step = ridge_primal(gram_r.add_(gram_f), pull_r + pull_f, n_retain + n_forget, cfg.ridge, offset)
     else:
         rows_r, residual_r = stacked_jacobians(model, params, split.retain, cfg, accelerator)
         rows_f, residual_f = stacked_jacobians(model, params, split.forget, cfg, accelerator)
-        retain_step = ridge_dual(rows_r, residual_r, n_retain, cfg.ridge)
-        all_step = ridge_dual(torch.cat([rows_r, rows_f]), torch.cat([residual_r, residual_f]), n_retain + n_forget, cfg.ridge)
+        retain_step = ridge_dual(rows_r, residual_r, n_retain, cfg.ridge, offset)
+        all_step = ridge_dual(torch.cat([rows_r, rows_f]), torch.cat([residual_r, residual_f]), n_retain + n_forget,
+                              cfg.ridge, offset)
     return retain_step - all_step, retain_step, {"form": form, "scope_parameters": size}
+
+
+def prediction_fisher(model: nn.Module, params: NamedParameters, dataset: Dataset, cfg: FastNTKConfig,
+                      accelerator: Accelerator) -> torch.Tensor:
+    """``[P]`` mean over ``dataset`` of E_{y~p(·|x)} (∂CE(x, y)/∂θ)², the reference's Hessian estimate, from the
+    scope Jacobians: Σ_y p_y (Jᵀ(p − e_y))² = Σ_y p_y J_y² − (Jᵀp)²; reduced across processes."""
+    total = torch.zeros(sum(param.numel() for _, param in params), dtype=torch.float64, device=accelerator.device)
+    for images, _ in tqdm(_my_chunks(dataset, cfg.chunk_size, accelerator), desc="Fisher on D_r", disable=not accelerator.is_local_main_process):
+        jacobian, logits = scope_jacobians(model, params, images.to(accelerator.device), cfg.jacobian, cfg.chunk_size)
+        probs = torch.softmax(logits.double(), dim=1).unsqueeze(2)
+        jacobian = jacobian.double()
+        total += ((probs * jacobian.pow(2)).sum(dim=1) - (probs * jacobian).sum(dim=1).pow(2)).sum(dim=0)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return total / len(dataset)
+
+
+def add_fisher_noise(model: nn.Module, params: NamedParameters, fisher: torch.Tensor, alpha: float,
+                     forgotten: tuple[int, ...], seed: int) -> None:
+    """The reference's Fisher-noise stage on the scope (in place): θ ← μ + √var·n with var = α/(F + 1e-8) clamped
+    at 1e3 (head: 1e2), averaged over a matrix's input dimension, ×10 for the head and 1-d (BatchNorm) parameters;
+    a forgotten class's head row gets μ = 0 and var 1e-4 (before the ×10), as in the notebook."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(param) for param in head.parameters()} if head is not None else set()
+    generator = torch.Generator().manual_seed(seed)
+    offset = 0
+    with torch.no_grad():
+        for _, param in params:
+            variance = (1.0 / (fisher[offset : offset + param.numel()] + 1e-8)).view(param.shape).clamp(max=1e3)
+            offset += param.numel()
+            is_head = id(param) in head_ids
+            if is_head:
+                variance = variance.clamp(max=1e2)
+            variance = alpha * variance
+            if param.dim() > 1:
+                variance = variance.mean(dim=1, keepdim=True).expand_as(param).clone()
+            mean = param.detach().double().clone()
+            if is_head and forgotten:
+                mean[list(forgotten)] = 0.0
+                variance[list(forgotten)] = 1e-4
+            if is_head or param.dim() == 1:
+                variance = variance * 10
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            param.copy_((mean + variance.sqrt() * noise.to(mean.device)).to(param.dtype))
 
 
 @register_method("fast_ntk", "Fast-NTK: NTK scrubbing of a parameter-efficient scope (BatchNorm affine / prompts, + head)", FastNTKConfig)
 def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Accelerator, *, checkpoint_dir=None,
              resume: bool = False) -> UnlearnResult:
     started = time.perf_counter()
+    if cfg.loss == "auto":
+        cfg = dataclasses.replace(cfg, loss=getattr(getattr(task.preset, "train", None), "loss", "ce"))
     model = copy.deepcopy(task.model).to(accelerator.device).eval()
     params = scope_parameters(model, cfg.scope)
-    initial = scope_initial_values(model, cfg.scope)
+    start = torch.cat([value.reshape(-1).double() for value in scope_initial_values(model, cfg.scope)]).to(accelerator.device)
     linearized = model
     if cfg.linearize_at == "init":
         linearized = copy.deepcopy(model)
         with torch.no_grad():
-            for (_, param), value in zip(scope_parameters(linearized, cfg.scope), initial):
+            for (_, param), value in zip(scope_parameters(linearized, cfg.scope), scope_initial_values(model, cfg.scope)):
                 param.copy_(value)
-    direction, retain_step, info = scrub_direction(linearized, scope_parameters(linearized, cfg.scope), split, cfg, accelerator)
-    if cfg.scale == "trapezium":
-        start = torch.cat([value.reshape(-1).double() for value in initial]).to(direction.device)
-        scale = trapezium_scale(direction, flat(params).to(direction.device) - start, retain_step)
-    else:
-        scale = float(cfg.scale)
+    point = flat(scope_parameters(linearized, cfg.scope)).to(accelerator.device)
+    direction, retain_step, info = scrub_direction(linearized, scope_parameters(linearized, cfg.scope), point - start,
+                                                   split, cfg, accelerator)
+    trained = flat(params).to(accelerator.device)
+    scale = trapezium_scale(direction, trained - point - retain_step) if cfg.scale == "trapezium" else float(cfg.scale)
     with torch.no_grad():
         offset = 0
         for _, param in params:
             param += (scale * direction[offset : offset + param.numel()]).view_as(param).to(param.dtype)
             offset += param.numel()
-    info.update(scale=scale, direction_norm=float(direction.norm()), scope=cfg.scope)
+    if cfg.fisher_noise > 0:
+        fisher = prediction_fisher(model, params, split.retain, cfg, accelerator)
+        forgotten = split.spec.classes if split.spec.kind == "class" else ()
+        add_fisher_noise(model, params, fisher, cfg.fisher_noise, forgotten, cfg.seed)
+    info.update(scale=scale, direction_norm=float(direction.norm()), scope=cfg.scope, loss=cfg.loss,
+                fisher_noise=cfg.fisher_noise)
     return UnlearnResult(model, [], 0, time.perf_counter() - started, info)

@@ -28,6 +28,20 @@ class TrainRecipe:
 
 
 @dataclass(frozen=True)
+class ClassifierRecipe(TrainRecipe):
+    """A classifier's recipe adds the loss it is trained on, ``ce`` or ``mse`` (½‖f − (2·onehot − 1)‖² per sample,
+    the NTK reference's squared loss), and where weight decay pulls, ``zero`` (the optimizer's) or ``start``
+    (the PEFT scope's start values, as the reference's L2 penalty toward the initialisation)."""
+
+    loss: str = "ce"
+    decay_to: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "mse") or self.decay_to not in ("zero", "start"):
+            raise UserError(f"train.loss must be ce or mse and train.decay_to zero or start, got {self.loss!r}, {self.decay_to!r}")
+
+
+@dataclass(frozen=True)
 class ClassifierPreset:
     """Everything needed to build, train and load one classifier model."""
 
@@ -41,8 +55,12 @@ class ClassifierPreset:
     dataset: str = "digits"
     image_size: int = 8
     channels: int = 1
-    train: TrainRecipe = field(default_factory=TrainRecipe)
+    train: ClassifierRecipe = field(default_factory=ClassifierRecipe)
     methods: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.train.decay_to == "start" and self.peft is None:
+            raise UserError(f"preset {self.name}: train.decay_to start needs a PEFT scope (peft: batchnorm+head, ...)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,14 +68,18 @@ class ClassifierPreset:
     def fingerprint(self) -> str:
         """Hash of what determines the pretrained weights (not the method defaults)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in ("description", "methods")}
+        # fields added later are left out at their defaults, so older presets keep their cache keys
         if self.peft is None:
-            del relevant["peft"]  # presets without PEFT keep the cache keys they had before the field existed
+            del relevant["peft"]
+        for key, default in (("loss", "ce"), ("decay_to", "zero")):
+            if relevant["train"][key] == default:
+                del relevant["train"][key]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ClassifierPreset":
         raw = dict(raw)
-        raw["train"] = TrainRecipe(**raw.get("train", {}))
+        raw["train"] = ClassifierRecipe(**raw.get("train", {}))
         return cls(**raw)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import timm
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.models import cnn as _register_cnn  # noqa: F401  (registers genunlearn_cnn with timm)
-from genunlearn.models.peft import BACKBONE_SEED, prepare_peft, scope_parameters
+from genunlearn.models.peft import BACKBONE_SEED, prepare_peft, scope_initial_values, scope_parameters
 from genunlearn.models.presets import ClassifierPreset
 from genunlearn.tasks.base import Batch, ParameterScope
 from genunlearn.errors import UserError
@@ -87,8 +87,21 @@ class ClassifierTask:
         return self.loss(model, batch, labels=labels)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The loss used to train the model: plain per-sample cross-entropy."""
-        return self.loss(model, batch)
+        """Per-sample ``[B]`` loss the preset trains on: cross-entropy, or ``mse`` ½‖f − (2·onehot − 1)‖²; with
+        ``decay_to: start`` plus (weight_decay / 2)·‖θ_scope − θ_start‖² (the same for every sample, so the batch
+        mean carries it once)."""
+        recipe = self.preset.train
+        if recipe.loss == "ce":
+            loss = self.loss(model, batch)
+        else:
+            images, labels = batch
+            targets = 2 * F.one_hot(labels, self.num_classes).to(images.dtype) - 1
+            loss = 0.5 * (self.logits(model, images) - targets).pow(2).sum(dim=1)
+        if recipe.decay_to == "start":
+            scope = scope_parameters(model, self.preset.peft)
+            distance = sum((param - start).pow(2).sum() for (_, param), start in zip(scope, scope_initial_values(model, self.preset.peft)))
+            loss = loss + 0.5 * recipe.weight_decay * distance
+        return loss
 
     def fresh_model(self) -> nn.Module:
         return build_classifier(self.preset, self.num_classes)
