@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -42,4 +43,13 @@ def make_accelerator(**kwargs) -> Accelerator:
             f"launched {world_size} processes but accelerate formed a group of {accelerator.num_processes}; "
             "check the launcher's settings (`accelerate config`)"
         )
+    if accelerator.num_processes > 1:
+        atexit.register(leave_process_group)
     return accelerator
+
+
+def leave_process_group() -> None:
+    """Destroy the process group at exit: a gloo group left to the interpreter's teardown can abort a process
+    that finishes first ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -25,6 +25,7 @@ from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
 from genunlearn.models.store import WEIGHTS_NAME, atomic_write_text, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
+from genunlearn.training import TrainConfig
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -110,7 +111,7 @@ def check_output_dir(job: ForgetJob) -> None:
 def method_config(method: str, preset: Preset, settings: dict):
     """``(method spec, config)``: its defaults, the pretraining recipe (retrain), the preset's, then ``settings``."""
     spec = get_method(method)
-    layers = [preset.train.__dict__] if method == "retrain" else []
+    layers = [TrainConfig.from_recipe(preset.train).__dict__] if method == "retrain" else []
     user = dict(settings)
     if "steps" in user and "epochs" in {f.name for f in dataclasses.fields(spec.config_class)}:
         user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
