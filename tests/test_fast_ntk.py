@@ -1,25 +1,31 @@
-"""Fast-NTK: Jacobian paths against an autograd loop, primal against dual, exactness on a model linear in its scope."""
+"""Fast-NTK: Jacobian paths against an autograd loop, primal against dual, exactness on a model linear in its scope,
+the Fisher-noise stage, 2-process sums, the image-folder PEFT presets."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from genunlearn import load_task
+from genunlearn.cli import forget_main, guarded
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.jacobians import batchnorm_jacobians, functional_jacobians
-from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, fast_ntk, kernel_sums, prediction_fisher,
-                                         residuals, scrub_direction)
+from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, add_upper_gram, fast_ntk, kernel_sums,
+                                         mirror_upper, prediction_fisher, residuals, scrub_direction)
 from genunlearn.models import cnn as _register_cnn  # noqa: F401
 from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
-from helpers import accelerate_launch
+from genunlearn.models.store import load_weights
+from helpers import accelerate_launch, export_digits_folder
 
 CLASSES = 3
 
@@ -60,6 +66,24 @@ def test_jacobian_paths_equal_a_per_output_autograd_loop():
     assert fast.shape == loop.shape == (5, CLASSES, sum(p.numel() for _, p in params))
     assert torch.allclose(fast, loop, atol=1e-12) and torch.allclose(functional, loop, atol=1e-12)
     assert torch.allclose(logits, model(images))
+
+
+def test_prompt_jacobians_of_a_vit_equal_a_per_output_autograd_loop():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=16, depth=1, num_heads=2,
+                              reg_tokens=2, num_classes=CLASSES, in_chans=1).double().eval()
+    params = scope_parameters(model, "prompts+head")
+    images = random_split(3)[0].images
+    loop = torch.stack([
+        torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(images[i : i + 1])[0, k], [p for _, p in params])])
+                     for k in range(CLASSES)])
+        for i in range(len(images))
+    ])
+    functional, logits = functional_jacobians(model, params, images, chunk_size=2)
+    assert functional.shape == loop.shape == (3, CLASSES, 2 * 16 + 17 * CLASSES)
+    assert torch.allclose(functional, loop, atol=1e-12) and torch.allclose(logits, model(images))
+    fused = [block.fused_attn for block in model.modules() if hasattr(block, "fused_attn")]
+    assert fused and all(fused)  # the fused kernel is back after the Jacobians
 
 
 @pytest.mark.parametrize("scope, count, regime", [("batchnorm", 30, "P < NK"), ("batchnorm+head", 12, "P > NK")])
@@ -131,6 +155,18 @@ def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_
     assert not torch.allclose(model.fc.weight, oracle[:, :-1], atol=1e-3)  # the original is left as it was
 
 
+def test_blockwise_gram_accumulation_equals_the_full_product():
+    generator = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(6, 10, generator=generator) for _ in range(3)]
+    gram = torch.zeros(10, 10, dtype=torch.float64)
+    for rows in chunks:  # 4 column blocks of 3, the last one partial
+        add_upper_gram(gram, rows, block=3)
+    mirror_upper(gram, block=3)
+    expected = sum(rows.double().T @ rows.double() for rows in chunks)
+    assert torch.allclose(gram, expected, atol=1e-5)
+    assert torch.equal(gram, gram.T)
+
+
 def test_residuals_and_peft_scope_start():
     logits = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
     assert torch.allclose(residuals(logits, torch.tensor([1])), torch.tensor([[1 / 3, -2 / 3, 1 / 3]], dtype=torch.float64))
@@ -194,3 +230,30 @@ def test_two_process_kernel_sums_equal_one(tmp_path):
     assert torch.allclose(two["gram"], gram, rtol=1e-10, atol=1e-12)
     assert torch.allclose(two["pull"], pull, rtol=1e-10, atol=1e-12)
     assert torch.allclose(two["fisher"], fisher, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("preset, shrink, form", [
+    ("resnet18-cifar10-bn", {}, "dual"),  # P = 14,730 > N·K = 300
+    ("vit-cifar10-prompts", {"embed_dim": 16, "depth": 1, "num_heads": 2, "reg_tokens": 2}, "primal"),  # P = 202
+])
+def test_fast_ntk_on_an_image_folder_moves_only_the_scope(preset, shrink, form, tmp_path):
+    """The CIFAR-layout PEFT presets (one epoch, ViT shrunk) through ``genunlearn forget --method fast_ntk --data``:
+    the saved model differs from the pretrained one in the scope only, and the scope moved."""
+    root = export_digits_folder(tmp_path / "folder", per_class=3)
+    raw = yaml.safe_load((Path(__file__).parents[1] / "genunlearn" / "configs" / "models" / f"{preset}.yaml").read_text())
+    raw["train"]["epochs"] = 1
+    raw["model_args"].update(shrink)
+    config = tmp_path / f"tiny-{preset}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    argv = ["--model", str(config), "--data", str(root), "--class", "1", "--method", "fast_ntk",
+            "--cache-dir", str(cache), "--output-dir", str(out)]
+    assert guarded(forget_main, argv) == 0
+    info = json.loads((out / "report.json").read_text())["method_info"]
+    assert info["form"] == form and info["loss"] == "mse" and info["direction_norm"] > 0
+    original = load_task(str(config), data=root, cache_dir=cache).model
+    unlearned = copy.deepcopy(original)
+    load_weights(unlearned, out / "model")
+    scope = {name for name, _ in scope_parameters(original, raw["peft"])}
+    changed = {name for (name, a), (_, b) in zip(original.named_parameters(), unlearned.named_parameters()) if not torch.equal(a, b)}
+    assert changed and changed <= scope

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 from genunlearn import UserError
 from genunlearn.cli import guarded, pretrain_main
-from genunlearn.models.presets import get_preset, list_presets
+from genunlearn.data.tensor_dataset import LabeledTensorDataset
+from genunlearn.models.peft import scope_initial_values, scope_parameters
+from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
 from genunlearn.models.store import load_weights, read_state_dict
-from genunlearn.tasks.classifier import build_classifier
+from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 
 
 def test_presets_and_timm_names():
@@ -26,6 +28,33 @@ def test_presets_and_timm_names():
     assert get_preset("resnet10t").timm_name == "resnet10t"
     with pytest.raises(UserError, match="unknown model 'resnet-9000'"):
         get_preset("resnet-9000")
+
+
+def test_squared_loss_and_decay_toward_the_peft_start():
+    """``loss: mse, decay_to: start``: ½‖f − (2·onehot − 1)‖² per sample plus (wd/2)‖θ_scope − θ_start‖²; the
+    optimizer then decays nothing; decay_to start without a PEFT scope is refused."""
+    from genunlearn.training import TrainConfig
+
+    raw = get_preset("vit-digits-prompts").to_dict()
+    raw["model_args"].update(embed_dim=16, depth=1, num_heads=2, reg_tokens=2)
+    preset = ClassifierPreset.from_dict(raw)
+    assert preset.train.loss == "mse" and preset.train.decay_to == "start"
+    model = build_classifier(preset, 10)
+    with torch.no_grad():
+        for _, param in scope_parameters(model, preset.peft):
+            param.add_(0.1 * torch.randn_like(param))
+    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 3, 9])
+    task = ClassifierTask(preset, model, LabeledTensorDataset(images, labels, [str(c) for c in range(10)]), None)
+    targets = -torch.ones(4, 10)
+    targets[torch.arange(4), labels] = 1
+    distance = sum((p - s).pow(2).sum() for (_, p), s in zip(scope_parameters(model, preset.peft), scope_initial_values(model, preset.peft)))
+    expected = 0.5 * (model(images) - targets).pow(2).sum(dim=1) + 0.5 * preset.train.weight_decay * distance
+    assert torch.allclose(task.training_loss(model, (images, labels)), expected, atol=1e-6) and distance > 0
+    assert TrainConfig.from_recipe(preset.train).weight_decay == 0.0
+    assert TrainConfig.from_recipe(get_preset("cnn-digits").train).weight_decay == get_preset("cnn-digits").train.weight_decay
+    raw.update(peft=None)
+    with pytest.raises(UserError, match="decay_to start needs a PEFT scope"):
+        ClassifierPreset.from_dict(raw)
 
 
 def test_parameter_scopes(cnn_task):

@@ -9,6 +9,9 @@ Two paths, both for a model in eval mode (samples independent):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
@@ -19,6 +22,20 @@ from genunlearn.errors import UserError
 NamedParameters = list[tuple[str, nn.Parameter]]
 
 
+@contextmanager
+def plain_attention(model: nn.Module) -> Iterator[None]:
+    """timm attention blocks compute softmax(QKᵀ)V by hand instead of the fused kernel while inside: vmap has no
+    batching rule for the fused CPU kernel and falls back to a per-sample loop (~1.8x slower on vit-digits)."""
+    blocks = [module for module in model.modules() if getattr(module, "fused_attn", False)]
+    for block in blocks:
+        block.fused_attn = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.fused_attn = True
+
+
 def functional_jacobians(model: nn.Module, params: NamedParameters, images: torch.Tensor,
                          chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(J [B, K, P], logits [B, K])``: J's columns are ``params`` flattened in order."""
@@ -27,7 +44,8 @@ def functional_jacobians(model: nn.Module, params: NamedParameters, images: torc
     def logits_of(values: dict, image: torch.Tensor) -> torch.Tensor:
         return functional_call(model, values, (image.unsqueeze(0),)).squeeze(0)
 
-    jacobian = vmap(jacrev(logits_of), in_dims=(None, 0), chunk_size=chunk_size)(values, images)
+    with plain_attention(model):
+        jacobian = vmap(jacrev(logits_of), in_dims=(None, 0), chunk_size=chunk_size)(values, images)
     batch = len(images)
     columns = torch.cat([jacobian[name].reshape(batch, jacobian[name].shape[1], -1) for name, _ in params], dim=2)
     with torch.no_grad():
@@ -62,14 +80,19 @@ def batchnorm_jacobians(model: nn.Module, params: NamedParameters, images: torch
         return output.clone()  # later in-place ops (ReLU(inplace=True)) must not overwrite the tensor we differentiate to
 
     hooks = [module.register_forward_hook(keep) for module in modules]
+    bn_modules = [module for module in modules if module is not head]
+    reduced: dict[tuple[nn.Module, str], list[torch.Tensor]] = {(m, kind): [] for m in bn_modules for kind in ("weight", "bias")}
     try:
         with torch.enable_grad():
             logits = model(images)
-            outputs = [saved[module][1] for module in modules if module is not head]
-            per_class = []
+            outputs = [saved[module][1] for module in bn_modules]
             for k in range(logits.shape[1]):
                 grads = torch.autograd.grad(logits[:, k].sum(), outputs, retain_graph=k + 1 < logits.shape[1]) if outputs else []
-                per_class.append(dict(zip([m for m in modules if m is not head], grads)))
+                for module, grad in zip(bn_modules, grads):  # reduce at once: only [B, C] per class is kept
+                    spatial = tuple(range(2, grad.dim()))
+                    weight, bias = grad * saved[module][0], grad
+                    reduced[module, "weight"].append(weight.sum(dim=spatial) if spatial else weight)
+                    reduced[module, "bias"].append(bias.sum(dim=spatial) if spatial else bias)
     finally:
         for hook in hooks:
             hook.remove()
@@ -85,9 +108,5 @@ def batchnorm_jacobians(model: nn.Module, params: NamedParameters, images: torch
             else:
                 columns.append(eye.expand(batch, classes, classes))
             continue
-        normalized = saved[module][0]
-        spatial = tuple(range(2, normalized.dim()))
-        blocks = [per_class[k][module] * normalized if kind == "weight" else per_class[k][module] for k in range(classes)]
-        blocks = [block.sum(dim=spatial) for block in blocks] if spatial else blocks
-        columns.append(torch.stack(blocks, dim=1))
+        columns.append(torch.stack(reduced[module, kind], dim=1))
     return torch.cat(columns, dim=2).detach(), logits.detach()

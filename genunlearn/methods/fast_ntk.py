@@ -33,6 +33,7 @@ from genunlearn.tasks.base import Task
 
 FORMS = ("auto", "primal", "dual")
 JACOBIAN_PATHS = ("auto", "batchnorm", "functional")
+GRAM_BLOCK = 1024  # columns of the P×P sum updated per product
 
 
 @dataclass
@@ -52,7 +53,7 @@ class FastNTKConfig:
     scale: str | float = 1.0
     form: str = "auto"
     jacobian: str = "auto"
-    chunk_size: int = 64
+    chunk_size: int = 32
     fisher_noise: float = 0.0
     seed: int = 0
 
@@ -69,8 +70,12 @@ class FastNTKConfig:
 
 def scope_jacobians(model: nn.Module, params: NamedParameters, images: torch.Tensor, path: str,
                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(J [B, K, P], logits [B, K])`` by the chosen path (``auto``: the BatchNorm path when it covers ``params``)."""
+    """``(J [B, K, P], logits [B, K])`` by the chosen path (``auto``: the BatchNorm path when it covers ``params``).
+    Images go channels-last (with the model made so by ``fast_ntk``: the K backward passes of a CIFAR resnet18 run
+    ~27% faster on the CPU)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
     if path in ("auto", "batchnorm"):
         try:
             return batchnorm_jacobians(model, params, images, head=head)
@@ -96,20 +101,44 @@ def _my_chunks(dataset: Dataset, chunk_size: int, accelerator: Accelerator) -> D
 
 
 def kernel_sums(model: nn.Module, params: NamedParameters, dataset: Dataset, cfg: FastNTKConfig,
-                accelerator: Accelerator, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+                accelerator: Accelerator, desc: str,
+                onto: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Primal sums ``(Σ JᵀJ [P, P], Σ Jᵀr [P])`` in float64 over ``dataset``, streamed chunk by chunk and reduced
-    across processes; the Jacobians are never all held."""
+    across processes; the Jacobians are never all held (a chunk of 32 CIFAR images through resnet18 holds ~0.7 GB).
+    ``onto``: reduced sums to add these to, in place (one P×P buffer in all)."""
     size = sum(param.numel() for _, param in params)
-    gram = torch.zeros(size, size, dtype=torch.float64, device=accelerator.device)
-    pull = torch.zeros(size, dtype=torch.float64, device=accelerator.device)
+    if onto is None:
+        gram = torch.zeros(size, size, dtype=torch.float64, device=accelerator.device)
+        pull = torch.zeros(size, dtype=torch.float64, device=accelerator.device)
+    else:
+        gram, pull = onto
+        if not accelerator.is_main_process:  # the totals so far stay on one process only, so the reduction adds them once
+            gram.zero_()
+            pull.zero_()
     for images, labels in tqdm(_my_chunks(dataset, cfg.chunk_size, accelerator), desc=desc, disable=not accelerator.is_local_main_process):
         jacobian, logits = scope_jacobians(model, params, images.to(accelerator.device), cfg.jacobian, cfg.chunk_size)
         rows = jacobian.reshape(-1, size)
-        gram += (rows.T @ rows).double()  # float32 chunks of a float32 model, summed in float64
+        add_upper_gram(gram, rows)
         pull += rows.double().T @ residuals(logits, labels.to(accelerator.device), cfg.loss).reshape(-1)
     if accelerator.num_processes > 1:
         gram, pull = accelerator.reduce([gram, pull], reduction="sum")
+    mirror_upper(gram)
     return gram, pull
+
+
+def add_upper_gram(gram: torch.Tensor, rows: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add ``rowsᵀ rows`` to the upper triangle of ``gram [P, P]`` (float64) by column blocks: half the products
+    of the full square, and a float32 temporary of P×block instead of P×P. The lower triangle is left stale."""
+    for start in range(0, gram.shape[1], block):
+        stop = min(start + block, gram.shape[1])
+        gram[:stop, start:stop].add_(rows[:, :stop].T @ rows[:, start:stop])  # float32 products, float64 sums
+
+
+def mirror_upper(gram: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Copy the upper triangle of ``gram`` onto its lower one, block by block (in place)."""
+    for start in range(0, gram.shape[1], block):
+        stop = min(start + block, gram.shape[1])
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
 
 
 def stacked_jacobians(model: nn.Module, params: NamedParameters, dataset: Dataset, cfg: FastNTKConfig,
@@ -126,9 +155,13 @@ def stacked_jacobians(model: nn.Module, params: NamedParameters, dataset: Datase
 
 def ridge_primal(gram: torch.Tensor, pull: torch.Tensor, count: int, ridge: float, offset: torch.Tensor) -> torch.Tensor:
     """``Δ = −(G + Nλ I)⁻¹ (g + Nλ o)`` by a float64 Cholesky solve: the step from the linearisation point that
-    minimises ½Σ‖r + JΔ‖² + (Nλ/2)‖Δ + o‖², ``o [P]`` the point's offset from the ridge's centre."""
-    system = gram.double() + count * ridge * torch.eye(len(gram), dtype=torch.float64, device=gram.device)
-    factor = torch.linalg.cholesky(system)
+    minimises ½Σ‖r + JΔ‖² + (Nλ/2)‖Δ + o‖², ``o [P]`` the point's offset from the ridge's centre. ``gram`` gets
+    Nλ on its diagonal during the solve and is restored after (no P×P copy but the factor)."""
+    gram.diagonal().add_(count * ridge)
+    try:
+        factor = torch.linalg.cholesky(gram)
+    finally:
+        gram.diagonal().sub_(count * ridge)
     return -torch.cholesky_solve((pull.double() + count * ridge * offset).unsqueeze(1), factor).squeeze(1)
 
 
@@ -170,10 +203,10 @@ def scrub_direction(model: nn.Module, params: NamedParameters, offset: torch.Ten
     outputs = classes or 1
     form = cfg.form if cfg.form != "auto" else ("primal" if size < (n_retain + n_forget) * outputs else "dual")
     if form == "primal":
-        gram_r, pull_r = kernel_sums(model, params, split.retain, cfg, accelerator, "NTK sums on D_r")
-        gram_f, pull_f = kernel_sums(model, params, split.forget, cfg, accelerator, "NTK sums on D_f")
-        retain_step = ridge_primal(gram_r, pull_r, n_retain, cfg.ridge, offset)
-        all_step = ridge_primal(gram_r.add_(gram_f), pull_r + pull_f, n_retain + n_forget, cfg.ridge, offset)
+        gram, pull = kernel_sums(model, params, split.retain, cfg, accelerator, "NTK sums on D_r")
+        retain_step = ridge_primal(gram, pull, n_retain, cfg.ridge, offset)
+        gram, pull = kernel_sums(model, params, split.forget, cfg, accelerator, "NTK sums on D_f", onto=(gram, pull))
+        all_step = ridge_primal(gram, pull, n_retain + n_forget, cfg.ridge, offset)
     else:
         rows_r, residual_r = stacked_jacobians(model, params, split.retain, cfg, accelerator)
         rows_f, residual_f = stacked_jacobians(model, params, split.forget, cfg, accelerator)
@@ -233,7 +266,7 @@ def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Ac
     started = time.perf_counter()
     if cfg.loss == "auto":
         cfg = dataclasses.replace(cfg, loss=getattr(getattr(task.preset, "train", None), "loss", "ce"))
-    model = copy.deepcopy(task.model).to(accelerator.device).eval()
+    model = copy.deepcopy(task.model).to(accelerator.device, memory_format=torch.channels_last).eval()
     params = scope_parameters(model, cfg.scope)
     start = torch.cat([value.reshape(-1).double() for value in scope_initial_values(model, cfg.scope)]).to(accelerator.device)
     linearized = model
@@ -258,4 +291,5 @@ def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Ac
         add_fisher_noise(model, params, fisher, cfg.fisher_noise, forgotten, cfg.seed)
     info.update(scale=scale, direction_norm=float(direction.norm()), scope=cfg.scope, loss=cfg.loss,
                 fisher_noise=cfg.fisher_noise)
+    model = model.to(memory_format=torch.contiguous_format)  # contiguous weights again (safetensors needs them)
     return UnlearnResult(model, [], 0, time.perf_counter() - started, info)
