@@ -52,15 +52,20 @@ def random_split(count: int, seed: int = 0):
     return data, make_forget_split(data, data, SplitSpec("class", classes=(2,)))
 
 
-def test_jacobian_paths_equal_a_per_output_autograd_loop():
-    model = tiny_bn_cnn()
-    params = scope_parameters(model, "batchnorm+head")
-    images = random_split(5)[0].images
-    loop = torch.stack([
+def autograd_loop_jacobians(model: nn.Module, params, images: torch.Tensor) -> torch.Tensor:
+    """``J [B, K, P]`` one autograd call per sample and output: the reference the fast paths are checked against."""
+    return torch.stack([
         torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(images[i : i + 1])[0, k], [p for _, p in params])])
                      for k in range(CLASSES)])
         for i in range(len(images))
     ])
+
+
+def test_jacobian_paths_equal_a_per_output_autograd_loop():
+    model = tiny_bn_cnn()
+    params = scope_parameters(model, "batchnorm+head")
+    images = random_split(5)[0].images
+    loop = autograd_loop_jacobians(model, params, images)
     fast, logits = batchnorm_jacobians(model, params, images, head=model.get_classifier())
     functional, _ = functional_jacobians(model, params, images, chunk_size=2)
     assert fast.shape == loop.shape == (5, CLASSES, sum(p.numel() for _, p in params))
@@ -74,11 +79,7 @@ def test_prompt_jacobians_of_a_vit_equal_a_per_output_autograd_loop():
                               reg_tokens=2, num_classes=CLASSES, in_chans=1).double().eval()
     params = scope_parameters(model, "prompts+head")
     images = random_split(3)[0].images
-    loop = torch.stack([
-        torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(images[i : i + 1])[0, k], [p for _, p in params])])
-                     for k in range(CLASSES)])
-        for i in range(len(images))
-    ])
+    loop = autograd_loop_jacobians(model, params, images)
     functional, logits = functional_jacobians(model, params, images, chunk_size=2)
     assert functional.shape == loop.shape == (3, CLASSES, 2 * 16 + 17 * CLASSES)
     assert torch.allclose(functional, loop, atol=1e-12) and torch.allclose(logits, model(images))
