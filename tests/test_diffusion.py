@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
@@ -10,7 +12,8 @@ from genunlearn import UserError
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.models.diffusion_loading import load_pipeline, save_pipeline
 from genunlearn.models.pipeline import ClassConditionalPipeline
-from genunlearn.models.presets import DiffusionPreset, get_preset
+from genunlearn.engine.saliency import accumulate_gradients
+from genunlearn.models.presets import DiffusionObjective, DiffusionPreset, get_preset
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser
 
 NUM_CLASSES = 3
@@ -215,3 +218,114 @@ def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerato
     assert 0 < moved <= 0.3 * sum(p.numel() for p in before) + 1
     with pytest.raises(UserError, match="unknown SalUn form"):
         method_config("salun", task.preset, {"form": "both"})
+
+
+def _objective_task(denoiser, **objective) -> DiffusionTask:
+    task = _task(denoiser)
+    task.preset = dataclasses.replace(task.preset, objective=DiffusionObjective(**objective))
+    return task
+
+
+def test_retain_loss_is_summed_as_the_ddpm_references_so_salun_beta_weighs_c_h_w_times_more():
+    """The DDPM references sum the ε error over C·H·W while SalUn's rl term is nn.MSELoss (an element mean), so
+    SalUn's β = 1e-3 weighs the retain term β·C·H·W against rl; a ``mean`` preset (DiT's mean_flat) averages."""
+    summed, averaged = _objective_task(tiny_unet(), reduction="sum"), _objective_task(tiny_unet(), reduction="mean")
+    averaged.model.load_state_dict(summed.model.state_dict())
+    images, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
+    losses = []
+    for task in (summed, averaged):
+        torch.manual_seed(3)
+        losses.append(task.loss(task.model.eval(), (images, labels)))
+    assert torch.allclose(losses[0], 1 * 8 * 8 * losses[1], rtol=1e-5)
+    torch.manual_seed(3)  # rl stays an element mean whatever the reduction: its scale is C·H·W times smaller
+    noisy, _, t = summed._noised(images)
+    with torch.no_grad():
+        target = summed.predict_noise(summed.model, noisy, t, (labels + 1) % 3)
+    expected = (summed.predict_noise(summed.model, noisy, t, labels) - target).pow(2).mean(dim=(1, 2, 3))
+    torch.manual_seed(3)
+    assert torch.allclose(summed.random_label_loss(summed.model, (images, labels), (labels + 1) % 3), expected)
+
+
+@pytest.mark.parametrize("architecture", ["unet", "dit"])
+def test_unlearning_losses_drop_labels_in_training_mode(architecture):
+    """The DDPM references drop labels with p = 0.1 in both SFR-on steps and in both rl passes (UNet: to the null class
+    here); a DiT drops them inside its label embedding in training mode, so its labels pass through; eval: never."""
+    task = _task(tiny_unet() if architecture == "unet" else tiny_dit())
+    seen = []
+    task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+    images, labels = torch.zeros(4000, 1, 8, 8), torch.zeros(4000, dtype=torch.long)
+    task.loss(task.model.train(), (images, labels))
+    task.random_label_loss(task.model, (images, labels), labels + 1)
+    rate = 0.1 if architecture == "unet" else 0.0
+    for passed in seen:  # the loss, then rl's target and prediction passes, each with its own draw
+        assert (passed == NUM_CLASSES).float().mean().item() == pytest.approx(rate, abs=0.02)
+    assert architecture == "dit" or not torch.equal(seen[1], seen[2])
+    seen.clear()
+    task.loss(task.model.eval(), (images, labels))
+    assert not (seen[0] == NUM_CLASSES).any()
+
+
+def test_importance_loss_follows_the_preset_reference():
+    """DDPM references: guided ε (s = 3) at antithetic t and T-1-t, summed; SFR-on's DiT: the plain conditional ε at
+    uniform t, averaged (mean_flat). Both written out by hand with the same draws."""
+    images, labels = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2])
+    ddpm = _objective_task(tiny_unet())
+    model = ddpm.model.eval()
+    torch.manual_seed(5)
+    t = torch.randint(0, 1000, (3,))
+    t = torch.cat([t, 999 - t])
+    noise = torch.randn(6, 1, 8, 8)
+    noisy = ddpm.scheduler.add_noise(torch.cat([images, images]), noise, t)
+    conditional = ddpm.predict_noise(model, noisy, t, torch.cat([labels, labels]))
+    unconditional = ddpm.predict_noise(model, noisy, t, torch.full((6,), NUM_CLASSES))
+    guided = unconditional + 3.0 * (conditional - unconditional)
+    expected = (guided - noise).pow(2).sum(dim=(1, 2, 3)).view(2, 3).mean(dim=0)
+    torch.manual_seed(5)
+    assert torch.allclose(ddpm.importance_loss(model, (images, labels)), expected, rtol=1e-5)
+    dit = _objective_task(tiny_dit(), reduction="mean", importance_guidance=1.0, importance_timesteps="uniform")
+    model = dit.model.eval()
+    torch.manual_seed(5)
+    t = torch.randint(0, 1000, (3,))
+    noise = torch.randn(3, 1, 8, 8)
+    expected = (dit.predict_noise(model, dit.scheduler.add_noise(images, noise, t), t, labels) - noise).pow(2).mean(dim=(1, 2, 3))
+    torch.manual_seed(5)
+    assert torch.allclose(dit.importance_loss(model, (images, labels)), expected, rtol=1e-5)
+    assert ddpm.importance_loss_id != dit.importance_loss_id  # cached Fishers of one never stand in for the other
+
+
+def test_clipped_fisher_batches_are_norm_normalised(accelerator):
+    """With the DDPM reference's per-batch clip at 1.0 on the summed loss, every batch gradient has norm 1 before it is
+    squared, so the Fisher's entries sum to exactly 1 (γ = 1 is then scale-free)."""
+    task = _objective_task(tiny_unet())
+    fisher = accumulate_gradients(task.model, task.importance_loss, task.train_data, accelerator, batch_size=2, max_norm=1.0)
+    assert sum(float(f.sum()) for f in fisher) == pytest.approx(1.0, rel=1e-5)
+    unclipped = accumulate_gradients(task.model, task.importance_loss, task.train_data, accelerator, batch_size=2)
+    assert sum(float(f.sum()) for f in unclipped) > 1.0  # the clip binds: summed-loss gradients are larger
+
+
+def test_sfron_forget_and_retain_steps_have_the_clip_norm_when_it_binds(accelerator):
+    """SFR-on's DDPM steps: both the fast (forget) and the slow (retain) step are clipped at 1.0; on the summed loss
+    the clip binds, so with plain SGD at lr 1 each step moves the weights by exactly 1 (the reference's balance)."""
+    from genunlearn.data.split import SplitSpec, make_forget_split
+    from genunlearn.job import method_config
+
+    task = _objective_task(tiny_unet())
+    split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))
+    spec, cfg = method_config("sfron", task.preset, {"steps": 1, "batch_size": 2, "optimizer": "sgd", "momentum": 0.0,
+                                                      "weight_decay": 0.0, "lr": 1.0, "forget_every": 1, "use_mask": False,
+                                                      "forget_clip": 1.0, "retain_clip": 1.0, "forget_objective": "ga",
+                                                      "forget_weight": 1.0, "decay_forget_weight": False})
+    snapshots = []
+    loss = task.loss
+
+    def recording_loss(model, batch, labels=None):
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        return loss(model, batch, labels)
+
+    task.loss = recording_loss
+    result = spec.run(task, split, cfg, accelerator, checkpoint_dir=None, resume=False)
+    final = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    assert len(snapshots) == 2  # the forget loss at θ0, the retain loss at θ1 (after the forget step)
+    assert result.log[-1]["forget_grad_norm"] > 1.0 and result.log[-1]["retain_grad_norm"] > 1.0
+    assert float((snapshots[1] - snapshots[0]).norm()) == pytest.approx(1.0, rel=1e-4)
+    assert float((final - snapshots[1]).norm()) == pytest.approx(1.0, rel=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -22,6 +23,7 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.engine.jacobians import batchnorm_jacobians, functional_jacobians
 from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, add_upper_gram, fast_ntk, kernel_sums,
                                          mirror_upper, prediction_fisher, residuals, scrub_direction)
+from genunlearn.engine.loop import training_mode
 from genunlearn.models import cnn as _register_cnn  # noqa: F401
 from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
 from genunlearn.models.store import load_weights
@@ -168,6 +170,16 @@ def test_blockwise_gram_accumulation_equals_the_full_product():
     assert torch.equal(gram, gram.T)
 
 
+def test_training_mode_freezes_batchnorm_statistics_for_peft_tasks():
+    """A PEFT task trains with BatchNorm in eval mode (statistics used, never updated); other tasks train it normally."""
+    for frozen in (True, False):
+        model = training_mode(copy.deepcopy(tiny_bn_cnn()), SimpleNamespace(frozen_batchnorm=frozen))
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and model.training and all(norm.training is not frozen for norm in norms)
+        model(torch.randn(4, 1, 8, 8, dtype=torch.float64))
+        assert all(int(norm.num_batches_tracked) == (0 if frozen else 1) for norm in norms)
+
+
 def test_residuals_and_peft_scope_start():
     logits = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
     assert torch.allclose(residuals(logits, torch.tensor([1])), torch.tensor([[1 / 3, -2 / 3, 1 / 3]], dtype=torch.float64))
@@ -253,6 +265,11 @@ def test_fast_ntk_on_an_image_folder_moves_only_the_scope(preset, shrink, form, 
     info = json.loads((out / "report.json").read_text())["method_info"]
     assert info["form"] == form and info["loss"] == "mse" and info["direction_norm"] > 0
     original = load_task(str(config), data=root, cache_dir=cache).model
+    for norm in (m for m in original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        # PEFT training kept the backbone's running statistics as built (the NTK reference's --disable-bn)
+        assert int(norm.num_batches_tracked) == 0 and not norm.training
+        assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+        assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
     unlearned = copy.deepcopy(original)
     load_weights(unlearned, out / "model")
     scope = {name for name, _ in scope_parameters(original, raw["peft"])}

@@ -65,10 +65,15 @@ def by_hand(task: LinearTask, features: torch.Tensor, labels: torch.Tensor, labe
 
 
 @pytest.mark.parametrize("label_free", [False, True])
-def test_importance_equals_a_hand_computation(label_free, accelerator):
+@pytest.mark.parametrize("order", ["reference", "native"])
+def test_importance_equals_a_hand_computation(label_free, order, accelerator):
+    """I_D in the reference's order (D_r's samples, then D_f's) or the data's own order, I_f over D_f."""
     task, split, features = linear_setup([0, 1, 1, 0])
-    whole, forget, cached = ssd_importances(task, task.model, split, SSDConfig(batch_size=2), accelerator, label_free)
-    expected_w, expected_b = by_hand(task, features, task.train_data.targets, label_free)
+    cfg = SSDConfig(batch_size=2, importance_order=order)
+    whole, forget, cached = ssd_importances(task, task.model, split, cfg, accelerator, label_free)
+    rows = torch.tensor(split.retain.indices + split.forget.indices) if order == "reference" else torch.arange(4)
+    assert order == "native" or not torch.equal(rows, torch.arange(4))  # the two orders really differ here
+    expected_w, expected_b = by_hand(task, features[rows], task.train_data.targets[rows], label_free)
     assert torch.allclose(whole[0], expected_w, rtol=1e-12) and torch.allclose(whole[1], expected_b, rtol=1e-12)
     assert not cached
     forget_rows = torch.tensor(split.forget.indices)
@@ -114,8 +119,34 @@ def test_nothing_is_selected_when_the_forget_set_is_all_data(cnn_task, class3_sp
     task.cache_dir = None  # both importances computed, not one read back as the other
     split = dataclasses.replace(class3_split, forget=cnn_task.train_data)  # D_f = D, in D's order: the same batches
     model = copy.deepcopy(cnn_task.model)
-    whole, forget, _ = ssd_importances(task, model, split, SSDConfig(), accelerator, label_free=False)
+    whole, forget, _ = ssd_importances(task, model, split, SSDConfig(importance_order="native"), accelerator, label_free=False)
     assert dampen(model, whole, forget, alpha=1.0, dampening=1.0)[0] == 0
+
+
+def test_reference_order_importance_equals_a_plain_recomputation(cnn_task, class3_split, accelerator, tmp_path):
+    """I_D over ConcatDataset((D_r, D_f)) unshuffled (forget_full_class_main.py), bit for bit, also when read back
+    from the cache; cached per split (another class gets its own I_D) and different from the native order's."""
+    task = copy.copy(cnn_task)
+    task.cache_dir = tmp_path
+    loss = torch.nn.CrossEntropyLoss()
+    plain = [torch.zeros_like(p) for p in cnn_task.model.parameters()]
+    model = copy.deepcopy(cnn_task.model).eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset((class3_split.retain, class3_split.forget)), batch_size=64)
+    for images, labels in loader:  # the reference's calc_importance, written out
+        model.zero_grad()
+        loss(model(images), labels).backward()
+        for total, param in zip(plain, model.parameters()):
+            total += param.grad.pow(2)
+    plain = [total / len(loader) for total in plain]
+    computed, _, cached = ssd_importances(task, task.model, class3_split, SSDConfig(), accelerator, label_free=False)
+    again, _, cached_again = ssd_importances(task, task.model, class3_split, SSDConfig(), accelerator, label_free=False)
+    assert not cached and cached_again
+    for expected, first, second in zip(plain, computed, again):
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+    other = make_forget_split(cnn_task.train_data, cnn_task.test_data, SplitSpec("class", classes=(5,)))
+    _, _, other_cached = ssd_importances(task, task.model, other, SSDConfig(), accelerator, label_free=False)
+    native, _, _ = ssd_importances(task, task.model, class3_split, SSDConfig(importance_order="native"), accelerator, False)
+    assert not other_cached and not all(torch.equal(a, b) for a, b in zip(native, computed))
 
 
 def test_two_process_importances_equal_one(cnn_task, class3_split, cache_dir, accelerator, tmp_path):

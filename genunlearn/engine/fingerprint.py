@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from genunlearn.data.folders import ImageFolderDataset
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
@@ -33,6 +33,11 @@ def dataset_fingerprint(dataset: Dataset) -> str | None:
             return None
         indices = torch.as_tensor(list(dataset.indices), dtype=torch.long)
         return hashlib.sha256(base.encode() + _tensor_bytes(indices)).hexdigest()[:16]
+    if isinstance(dataset, ConcatDataset):
+        parts = [dataset_fingerprint(part) for part in dataset.datasets]
+        if None in parts:
+            return None
+        return hashlib.sha256(("concat:" + ",".join(parts)).encode()).hexdigest()[:16]
     if isinstance(dataset, LabeledTensorDataset):
         return hashlib.sha256(_tensor_bytes(dataset.images) + _tensor_bytes(dataset.targets)).hexdigest()[:16]
     if isinstance(dataset, ImageFolderDataset):

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -154,6 +155,17 @@ class StepContext:
 StepFn = Callable[[StepContext], dict[str, float]]
 
 
+def training_mode(model: nn.Module, task: Task) -> nn.Module:
+    """``model.train()``, except that a task with ``frozen_batchnorm`` keeps its BatchNorm layers in eval mode (running
+    statistics used and never updated: the NTK reference's ``--disable-bn`` for PEFT fine-tuning). Returns ``model``."""
+    model.train()
+    if getattr(task, "frozen_batchnorm", False):
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+    return model
+
+
 @dataclass
 class LoopResult:
     """The trained model (unwrapped, on the accelerator's device), logged figures, steps run and wall time (s)."""
@@ -206,7 +218,7 @@ def run_loop(
     ctx = StepContext(
         start_step, model, optimizer, accelerator, task, cfg, stream("forget", forget_data, 1), stream("retain", retain_data, 2)
     )
-    model.train()
+    training_mode(model, task)
     window: dict[str, list[float]] = defaultdict(list)
     started = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)

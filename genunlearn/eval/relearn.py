@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from genunlearn.data.split import ForgetSplit
-from genunlearn.engine.loop import run_loop
+from genunlearn.engine.loop import run_loop, training_mode
 from genunlearn.models.cache import pretrain_once
 from genunlearn.training import TrainConfig, supervised_step, train_from_scratch
 
@@ -40,7 +40,7 @@ def relearn_curve(task, model: nn.Module, split: ForgetSplit, steps: int, measur
 
     def observe(step: int, relearning: nn.Module) -> None:
         curve.append({"step": step, "forget_acc": measure(relearning)})
-        relearning.train()
+        training_mode(relearning, task)
 
     result = run_loop(copy.deepcopy(model), task, supervised_step, cfg, accelerator, retain_data=Subset(split.forget, chosen),
                       desc="relearning", observe=observe)

@@ -23,16 +23,20 @@ from genunlearn.tasks.base import Task
 @dataclass
 class SalUnConfig(LoopConfig):
     """Defaults: the classifier reference (OPTML-Group/Unlearn-Saliency, Classification/unlearn/RL.py with a
-    generate_mask.py mask): SGD 0.01 momentum 0.9 wd 5e-4, the top 50% of |∇(-CE on D_f)| kept, each
-    epoch one pass over D_f with random labels then one over D_r, 10 epochs (``epochs`` wins over ``steps``).
-    ``form: joint`` is the diffusion reference (DDPM/train_msalun.py): every step one update on
-    ``L_rl(D_f) + retain_weight · L(D_r)`` (β = 1e-3; β = 0 forgets every class), clipped, then masked."""
+    generate_mask.py mask, arg_parser.py): batch 256, SGD 0.01 momentum 0.9 wd 5e-4, the top 50% of
+    |∇(-CE on D_f)| kept, each epoch one pass over D_f with random labels then one over D_r, 10 epochs (``epochs``
+    wins over ``steps``). ``form: joint`` is the diffusion reference (DDPM/runners/diffusion.py, saliency_unlearn):
+    every step one update on ``L_rl(D_f) + retain_weight · L(D_r)`` (β = 1e-3 against the task's retain loss, which
+    the DDPM reference sums over C·H·W while L_rl is an element mean; β = 0 forgets every class), clipped, then
+    masked. ``mask_clip``: each saliency batch gradient's norm bound before it is summed (the DDPM reference's 1.0)."""
 
+    batch_size: int = 256
     lr: float = 0.01
     mask_fraction: float = 0.5
     epochs: int | None = 10
     form: str = "alternate"
     retain_weight: float = 1e-3
+    mask_clip: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,7 +53,8 @@ def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Ac
     model = task.model.to(accelerator.device)
     scores, cached = cached_gradient_statistics(
         task.cache_dir, model, task.importance_loss, task.importance_loss_id, split.forget, accelerator,
-        batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", desc="saliency on forget set",
+        batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", max_norm=cfg.mask_clip,
+        desc="saliency on forget set",
     )
     names = [n for n, _ in model.named_parameters()]
     mask = top_fraction_mask(names, scores, cfg.mask_fraction).to(accelerator.device)

@@ -23,11 +23,14 @@ from genunlearn.tasks.base import Task
 @dataclass
 class SFRonConfig(LoopConfig):
     """Defaults: the classifier reference's CIFAR-10 setting (K1nght/Unified-Unlearning-w-Remain-Geometry,
-    Classification/unlearn/sfron.py): SGD 0.01 momentum 0.9 wd 5e-4 with a cosine schedule, 1500
-    iterations, adaga with λ = 0.5, α = 25 cosine-decayed, a forget step every 5 iterations clipped at
-    7.0, unclipped remain steps, γ = 1, no slow-weight pull (β_s = 1)."""
+    Classification/unlearn/sfron.py and main_random.py): batch 128, SGD 0.01 momentum 0.9 wd 5e-4 with a cosine
+    schedule, 1500 iterations, adaga with λ = 0.5, α = 25 cosine-decayed, a forget step every 5 iterations clipped
+    at 7.0, unclipped remain steps, γ = 1, no slow-weight pull (β_s = 1), unclipped Fishers at the unlearning batch.
+    ``fisher_clip``: each Fisher batch gradient's norm bound (the DDPM reference's 1.0); ``fisher_batch_size``: the
+    Fishers' global batch (None: the unlearning batch times the processes; SFR-on's DiT reference uses 1)."""
 
     steps: int = 1500
+    batch_size: int = 128
     lr: float = 0.01
     schedule: str = "cosine"
     forget_objective: str = "adaga"
@@ -41,6 +44,7 @@ class SFRonConfig(LoopConfig):
     use_mask: bool = True
     mask_threshold: float = 1.0
     fisher_clip: float | None = None
+    fisher_batch_size: int | None = None
     lookahead: float = 1.0
     joint: bool = False
 
@@ -50,6 +54,8 @@ class SFRonConfig(LoopConfig):
             raise UserError(f"unknown forget_objective {self.forget_objective!r}; use one of {', '.join(FORGET_OBJECTIVES)}")
         if self.forget_every < 1:
             raise UserError(f"forget_every must be at least 1, got {self.forget_every}")
+        if self.fisher_batch_size is not None and self.fisher_batch_size < 1:
+            raise UserError(f"fisher_batch_size must be at least 1, got {self.fisher_batch_size}")
         if not 0.0 < self.lookahead <= 1.0:
             raise UserError(f"lookahead must be in (0, 1], got {self.lookahead}")
 
@@ -59,7 +65,7 @@ def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Ac
     their ratio mask."""
     started = time.perf_counter()
     model = task.model.to(accelerator.device)
-    fisher_batch = cfg.batch_size * accelerator.num_processes
+    fisher_batch = cfg.fisher_batch_size or cfg.batch_size * accelerator.num_processes
     stats = {}
     for part in ("forget", "retain"):
         stats[part] = cached_gradient_statistics(

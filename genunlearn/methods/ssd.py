@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.saliency import BatchLoss, GradientTransform, cached_gradient_statistics
@@ -31,18 +32,24 @@ VIT_ALPHA = {"class": 5.0, "subclass": 25.0, "random": 10.0}
 class SSDConfig:
     """Reference defaults (src/ssd.py): λ = 1, α per architecture and forget kind (None picks it). One batch
     size serves both importance passes (importances depend on it; it is the global batch, so any process
-    count gives the same importances). ``parameters``: optional regular expression; only parameters whose
-    name matches are dampened (default: all, as the reference)."""
+    count gives the same importances; 64 is forget_full_class_main.py's). ``parameters``: optional regular
+    expression; only parameters whose name matches are dampened (default: all, as the reference).
+    ``importance_order``: the order of D for I_D, which matters because mini-batch-mean gradients are squared:
+    ``reference`` (``ConcatDataset((retain, forget))`` unshuffled, so D_f fills D's last batches; depends on the
+    split) or ``native`` (the training set's own order, one I_D per model whatever is forgotten)."""
 
     alpha: float | None = None
     dampening: float = 1.0
     batch_size: int = 64
     parameters: str | None = None
+    importance_order: str = "reference"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.alpha is not None and self.alpha <= 0 or self.dampening <= 0 or self.batch_size < 1:
             raise UserError("ssd needs alpha > 0, dampening > 0 and batch_size >= 1")
+        if self.importance_order not in ("reference", "native"):
+            raise UserError(f"ssd importance_order must be reference or native, got {self.importance_order!r}")
         if self.parameters is not None:
             try:
                 re.compile(self.parameters)
@@ -67,12 +74,18 @@ def importance_objective(task: Task, label_free: bool) -> tuple[BatchLoss, str, 
     return task.importance_loss, task.importance_loss_id, "square"
 
 
+def importance_dataset(task: Task, split: ForgetSplit, order: str) -> Dataset:
+    """D for I_D: ``ConcatDataset((D_r, D_f))`` in that order (``reference``) or the training set as it is (``native``)."""
+    return ConcatDataset((split.retain, split.forget)) if order == "reference" else task.train_data
+
+
 def ssd_importances(task: Task, model: nn.Module, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator,
                     label_free: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     """``(I_D, I_f, whether I_D came from the cache)``, per parameter in ``model.parameters()`` order. I_D is over
-    the whole training set (``task.train_data``), cached per model, so forgetting other parts reuses it."""
+    ``importance_dataset`` (cached per model and, in the reference order, per split)."""
     loss, loss_id, transform = importance_objective(task, label_free)
-    whole, cached = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, task.train_data, accelerator,
+    whole_data = importance_dataset(task, split, cfg.importance_order)
+    whole, cached = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, whole_data, accelerator,
                                                batch_size=cfg.batch_size, transform=transform, desc="importance on D")
     forget, _ = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, split.forget, accelerator,
                                            batch_size=cfg.batch_size, transform=transform, desc="importance on D_f")
@@ -105,7 +118,7 @@ def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Acceler
     if considered == 0:
         raise UserError(f"ssd parameters={cfg.parameters!r} matches no parameter name")
     info = {"alpha": alpha, "selected_fraction": selected / considered, "selected": selected,
-            "importance_whole_cached": cached}
+            "importance_order": cfg.importance_order, "importance_whole_cached": cached}
     return UnlearnResult(model.eval(), [], 0, time.perf_counter() - started, info)
 
 

@@ -71,6 +71,8 @@ class ClassifierPreset:
         # fields added later are left out at their defaults, so older presets keep their cache keys
         if self.peft is None:
             del relevant["peft"]
+        else:  # PEFT presets train with frozen BatchNorm statistics since these were added
+            relevant["batchnorm_statistics"] = "frozen"
         for key, default in (("loss", "ce"), ("decay_to", "zero")):
             if relevant["train"][key] == default:
                 del relevant["train"][key]
@@ -89,6 +91,31 @@ class SamplingDefaults:
 
     steps: int = 50
     guidance: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """How unlearning computes a diffusion preset's losses, as its reference code does (defaults: the DDPM
+    references, SalUn's and SFR-on's ``runners/diffusion.py``).
+
+    ``reduction``: the per-sample ε error is summed (``sum``, the DDPM references) or averaged (``mean``, DiT's
+    ``mean_flat``) over C·H·W; gradient clips and SalUn's β are defined against it. ``importance_guidance``: the CFG
+    scale s of the ε whose gradients give Fishers and saliency (the DDPM references' w = 2 is s = 3; SFR-on's DiT
+    Fisher is unguided, s = 1); ``importance_timesteps``: ``antithetic`` (t and T-1-t, the DDPM references) or
+    ``uniform`` (DiT)."""
+
+    reduction: str = "sum"
+    importance_guidance: float = 3.0
+    importance_timesteps: str = "antithetic"
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("sum", "mean") or self.importance_timesteps not in ("antithetic", "uniform"):
+            raise UserError(
+                f"objective.reduction must be sum or mean and objective.importance_timesteps antithetic or uniform, "
+                f"got {self.reduction!r}, {self.importance_timesteps!r}"
+            )
+        if self.importance_guidance < 0:
+            raise UserError(f"objective.importance_guidance must be non-negative, got {self.importance_guidance}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,7 @@ class DiffusionPreset:
     class_dropout: float = 0.1
     eval_classifier: str = "cnn-digits"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    objective: DiffusionObjective = field(default_factory=DiffusionObjective)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     methods: dict = field(default_factory=dict)
 
@@ -123,7 +151,7 @@ class DiffusionPreset:
 
     def fingerprint(self) -> str:
         """Hash of what determines the pretrained weights (not how they are sampled, judged or unlearned)."""
-        ignored = ("description", "methods", "hub_id", "remain_classes", "sampling", "eval_classifier")
+        ignored = ("description", "methods", "hub_id", "remain_classes", "sampling", "objective", "eval_classifier")
         relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -132,6 +160,7 @@ class DiffusionPreset:
         raw = dict(raw)
         raw["train"] = TrainRecipe(**raw.get("train", {}))
         raw["sampling"] = SamplingDefaults(**raw.get("sampling", {}))
+        raw["objective"] = DiffusionObjective(**raw.get("objective", {}))
         return cls(**raw)
 
 

@@ -48,7 +48,9 @@ def _use_small_image_stem(model: nn.Module, channels: int) -> None:
 
 class ClassifierTask:
     """A classifier, the preset that built it, the data it was trained on, and where its derived
-    artefacts (Fishers, masks) are cached (None: not cached)."""
+    artefacts (Fishers, masks) are cached (None: not cached). A PEFT preset's model trains with ``frozen_batchnorm``:
+    the backbone's BatchNorm running statistics are part of the frozen backbone (the NTK reference's ``--disable-bn``),
+    so they never absorb D_f and the trained function is the eval-mode one that Fast-NTK linearises."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class ClassifierTask:
         self.train_data = train_data
         self.test_data = test_data
         self.num_classes = len(train_data.classes)
+        self.frozen_batchnorm = preset.peft is not None
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` images -> ``[B, num_classes]`` logits."""

@@ -77,12 +77,30 @@ class DiffusionTask:
         output = model(noisy, timesteps, class_labels=labels).sample
         return output[:, : noisy.shape[1]] if output.shape[1] == 2 * noisy.shape[1] else output
 
+    def conditioning(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` as the denoiser sees them: a UNet in training mode gets ``preset.class_dropout`` of them
+        replaced by the null class, as the DDPM references drop labels in pretraining and in every unlearning step
+        (a DiT drops labels itself in training mode, so its labels pass through)."""
+        if self.preset.architecture != "unet" or not model.training or self.preset.class_dropout <= 0:
+            return labels
+        dropped = torch.rand(len(labels), device=labels.device) < self.preset.class_dropout
+        return torch.where(dropped, torch.full_like(labels, self.null_class), labels)
+
+    def reduce(self, error: torch.Tensor) -> torch.Tensor:
+        """Squared-error map ``[B, C, H, W]`` -> per-sample loss ``[B]``: summed or averaged over C, H, W
+        (``preset.objective.reduction``)."""
+        if self.preset.objective.reduction == "sum":
+            return error.sum(dim=(1, 2, 3))
+        return error.mean(dim=(1, 2, 3))
+
     def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample ε-prediction loss ``[B]``: mean over C, H, W of ``(ε - ε_θ(x_t, t, c))²`` at uniform t."""
+        """Per-sample ε-prediction loss ``[B]`` of unlearning: ``(ε - ε_θ(x_t, t, c))²`` at uniform t, reduced over
+        C, H, W as the preset's reference does (``reduce``), labels dropped in training mode (``conditioning``)."""
         images, batch_labels = batch
+        conditions = self.conditioning(model, batch_labels if labels is None else labels)
         noisy, noise, timesteps = self._noised(images)
-        predicted = self.predict_noise(model, noisy, timesteps, batch_labels if labels is None else labels)
-        return (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        predicted = self.predict_noise(model, noisy, timesteps, conditions)
+        return self.reduce((predicted.float() - noise.float()).pow(2))
 
     def _noised(self, images: torch.Tensor, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, ε, t)`` for clean ``images``: uniform t unless given."""
@@ -94,23 +112,27 @@ class DiffusionTask:
 
     @property
     def importance_loss_id(self) -> str:
-        return f"guided_eps_antithetic_s{self.preset.sampling.guidance}"
+        objective = self.preset.objective
+        return f"guided_eps_{objective.importance_timesteps}_s{objective.importance_guidance}_{objective.reduction}"
 
     def importance_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The guided ε loss ``[B]`` at antithetic timesteps (t and T-1-t, averaged), as the references' Fishers:
-        ``ε_null + s (ε_c - ε_null)`` against the true noise, s the preset's sampling guidance (s = 1: ε_c)."""
+        """The loss ``[B]`` whose gradients give Fishers and saliency, as the preset's reference computes it
+        (``preset.objective``): the guided ε ``ε_null + s (ε_c - ε_null)`` (s = 1: ε_c alone) against the true noise,
+        reduced like ``loss``, at ``antithetic`` timesteps (t and T-1-t, their two losses averaged) or ``uniform`` ones."""
         images, labels = batch
+        objective = self.preset.objective
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (len(images),), device=images.device)
-        noisy, noise, timesteps = self._noised(torch.cat([images, images]), torch.cat([t, steps - 1 - t]))
-        labels = torch.cat([labels, labels])
-        guidance = self.preset.sampling.guidance
+        pairs = 2 if objective.importance_timesteps == "antithetic" else 1
+        if pairs == 2:
+            images, labels, t = torch.cat([images, images]), torch.cat([labels, labels]), torch.cat([t, steps - 1 - t])
+        noisy, noise, timesteps = self._noised(images, t)
         predicted = self.predict_noise(model, noisy, timesteps, labels)
-        if guidance != 1.0:
+        if objective.importance_guidance != 1.0:
             unconditional = self.predict_noise(model, noisy, timesteps, torch.full_like(labels, self.null_class))
-            predicted = unconditional + guidance * (predicted - unconditional)
-        per_sample = (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-        return per_sample.view(2, -1).mean(dim=0)
+            predicted = unconditional + objective.importance_guidance * (predicted - unconditional)
+        per_sample = self.reduce((predicted.float() - noise.float()).pow(2))
+        return per_sample.view(pairs, -1).mean(dim=0)
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """Diffusion-space tensors ``[B, C', H', W']`` -> images in [-1, 1] (identity without a VAE)."""
@@ -121,8 +143,9 @@ class DiffusionTask:
 
     def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor, form: str = "eps_match") -> torch.Tensor:
         """``rl`` per sample ``[B]`` towards the other classes ``labels``. ``eps_match`` (SalUn's DDPM form):
-        ``(ε_θ(x_t, t, c_f) - sg[ε_θ(x_t, t, c')])²`` averaged over C, H, W, pulling the forget class's prediction
-        onto another class's at the same x_t and t. ``relabel`` (SFR-on's DiT form): the ordinary ε loss on the
+        ``(ε_θ(x_t, t, c_f) - sg[ε_θ(x_t, t, c')])²`` averaged over C, H, W whatever ``reduce`` does (the reference's
+        ``nn.MSELoss`` is an element mean while its retain loss is a sum), both passes' labels dropped in training
+        mode, pulling the forget class's prediction onto another class's at the same x_t and t. ``relabel`` (SFR-on's DiT form): the ordinary ε loss on the
         forget images with their label swapped to c' (the reference fixes c' = c_f + 100 mod 1000; ``labels``
         are random other classes here, so the form works for any class count)."""
         if form == "relabel":
@@ -132,18 +155,18 @@ class DiffusionTask:
         images, forget_labels = batch
         noisy, _, timesteps = self._noised(images)
         with torch.no_grad():
-            target = self.predict_noise(model, noisy, timesteps, labels)
-        predicted = self.predict_noise(model, noisy, timesteps, forget_labels)
+            target = self.predict_noise(model, noisy, timesteps, self.conditioning(model, labels))
+        predicted = self.predict_noise(model, noisy, timesteps, self.conditioning(model, forget_labels))
         return (predicted.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """``loss`` with classifier-free-guidance label dropout (``preset.class_dropout`` of labels -> null).
-        DiT drops labels itself in training mode, so only UNet labels are dropped here."""
+        """The (pre)training loss ``[B]``: the ε error averaged over C, H, W (diffusers' training scripts; with Adam
+        the scale barely matters and cached pretrained weights stay valid), labels dropped as in ``loss``."""
         images, labels = batch
-        if self.preset.architecture == "unet" and model.training and self.preset.class_dropout > 0:
-            dropped = torch.rand(len(labels), device=labels.device) < self.preset.class_dropout
-            labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
-        return self.loss(model, (images, labels))
+        conditions = self.conditioning(model, labels)  # drawn before the noise, as the cached pretrainings did
+        noisy, noise, timesteps = self._noised(images)
+        predicted = self.predict_noise(model, noisy, timesteps, conditions)
+        return (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
 
     def fresh_model(self) -> Denoiser:
         return build_denoiser(self.preset, self.num_classes)
