@@ -150,7 +150,7 @@ def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_
 
     task = Task()
     task.model = model
-    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at=linearize_at, ridge=ridge)
+    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at=linearize_at, ridge=ridge, scale=1.0)  # the ridge step alone
     result = fast_ntk(task, split, cfg, make_accelerator())
     oracle = ridge_fit(model, split.retain, ridge)
     assert torch.allclose(result.model.fc.weight, oracle[:, :-1], atol=1e-10)

@@ -39,7 +39,8 @@ GRAM_BLOCK = 1024  # columns of the P×P sum updated per product
 @dataclass
 class FastNTKConfig:
     """Defaults: λ = 0.1 (the reference notebook's weight decay; a model trained with ``decay_to: start`` should
-    use its training weight decay), scale 1 (``trapezium``: the notebook's correction), the BatchNorm scope with the
+    use its training weight decay), the notebook's ``trapezium`` scale (its "Scrub using NTK" cell multiplies the
+    direction by the predicted scale; a number, e.g. 1, scales by that instead), the BatchNorm scope with the
     head, residuals of the loss the model was trained on (``auto``; or ``ce``, ``mse``: f − (2y − 1)).
     ``linearize_at``: ``trained`` (the notebook computes its Jacobians at the trained model) or ``init`` (the
     scope's PEFT start). ``chunk_size``: samples per Jacobian chunk (memory ~ chunk·K·P); ``jacobian``:
@@ -50,7 +51,7 @@ class FastNTKConfig:
     ridge: float = 0.1
     loss: str = "auto"
     linearize_at: str = "trained"
-    scale: str | float = 1.0
+    scale: str | float = "trapezium"
     form: str = "auto"
     jacobian: str = "auto"
     chunk_size: int = 32
