@@ -17,6 +17,7 @@ from genunlearn.cli import forget_main, guarded
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.methods.ssd import SSDConfig, dampen, default_alpha, ssd_importances
+from genunlearn.models.presets import get_preset
 from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,8 @@ def test_ssd_forgets_a_class_of_cnn_digits(method, cnn_task, tmp_path):
     assert report["after"]["forget_acc"] <= 0.05 and report["before"]["forget_acc"] == 1.0
     assert report["after"]["retain_acc"] > 0.95 and report["after"]["test_acc"] > 0.9
     info = report["method_info"]
-    assert info["alpha"] == {"ssd": 50.0, "lfssd": 7.0}[method] and 0 < info["selected_fraction"] < 0.1
+    assert info["alpha"] == get_preset("cnn-digits").methods[method]["alpha"] and 0 < info["selected_fraction"] < 0.1
+    assert info["importance_order"] == "reference"
 
 
 def test_reference_alpha_depends_on_architecture_and_forget_kind(cnn_task):
