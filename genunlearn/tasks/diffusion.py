@@ -97,10 +97,15 @@ class DiffusionTask:
         """Per-sample ε-prediction loss ``[B]`` of unlearning: ``(ε - ε_θ(x_t, t, c))²`` at uniform t, reduced over
         C, H, W as the preset's reference does (``reduce``), labels dropped in training mode (``conditioning``)."""
         images, batch_labels = batch
-        conditions = self.conditioning(model, batch_labels if labels is None else labels)
+        return self.reduce(self._squared_error(model, images, batch_labels if labels is None else labels))
+
+    def _squared_error(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(ε - ε_θ(x_t, t, c))²`` ``[B, C, H, W]`` at uniform t; labels dropped (``conditioning``) before the noise
+        is drawn, the order the cached pretrainings used."""
+        conditions = self.conditioning(model, labels)
         noisy, noise, timesteps = self._noised(images)
         predicted = self.predict_noise(model, noisy, timesteps, conditions)
-        return self.reduce((predicted.float() - noise.float()).pow(2))
+        return (predicted.float() - noise.float()).pow(2)
 
     def _noised(self, images: torch.Tensor, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, ε, t)`` for clean ``images``: uniform t unless given."""
@@ -163,10 +168,7 @@ class DiffusionTask:
         """The (pre)training loss ``[B]``: the ε error averaged over C, H, W (diffusers' training scripts; with Adam
         the scale barely matters and cached pretrained weights stay valid), labels dropped as in ``loss``."""
         images, labels = batch
-        conditions = self.conditioning(model, labels)  # drawn before the noise, as the cached pretrainings did
-        noisy, noise, timesteps = self._noised(images)
-        predicted = self.predict_noise(model, noisy, timesteps, conditions)
-        return (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        return self._squared_error(model, images, labels).mean(dim=(1, 2, 3))
 
     def fresh_model(self) -> Denoiser:
         return build_denoiser(self.preset, self.num_classes)
