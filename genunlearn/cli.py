@@ -1,9 +1,10 @@
-"""Command line: ``genunlearn forget|evaluate|pretrain|compare|methods|models`` and the scripts in ``scripts/``."""
+"""Command line: ``genunlearn forget|sweep|evaluate|pretrain|compare|methods|models`` and the scripts in ``scripts/``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,11 +17,46 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _setting(text: str) -> tuple[str, object]:
+def read_value(text: str) -> object:
+    """A setting's value: YAML (numbers, booleans, null, lists), with 1e-4-style numbers read as floats too (YAML 1.1
+    wants a dot in them)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``"KEY=VALUE"`` -> ``(key, value)`` (see ``read_value``); dashes in KEY become underscores."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
+    return key.replace("-", "_"), read_value(value)
+
+
+def parse_axis(text: str) -> tuple[str, list]:
+    """A sweep axis: ``"lr=5e-5,1e-4"`` -> ``("lr", [5e-05, 0.0001])``."""
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... for a sweep axis, got {text!r}")
+    return key.replace("-", "_"), [read_value(v) for v in values.split(",")]
+
+
+TARGET_PATTERN = re.compile(r"^([a-z_]+)(<=|>=)([-+0-9.eE]+)$")
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """A sweep target: ``"forget_acc<=0.05"`` -> ``("forget_acc", "<=", 0.05)``."""
+    from genunlearn.sweep import FIGURES
+
+    match = TARGET_PATTERN.match(text.replace(" ", ""))
+    known = sorted({name for names in FIGURES.values() for name in names})
+    if match is None or match[1] not in known:
+        raise argparse.ArgumentTypeError(f"expected a target like forget_acc<=0.05 or test_acc>=0.9 on one of {', '.join(known)}; got {text!r}")
+    return match[1], match[2], float(match[3])
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,14 +106,25 @@ def add_generator_evaluation_arguments(parser: argparse.ArgumentParser) -> argpa
     return evaluation
 
 
-def forget_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="forget_class.py",
-        description="Make a trained classifier forget a class (or a random subset, or a sub-class), or a "
-        "class-conditional diffusion model forget a class; evaluate before and after; write the unlearned weights "
-        "and report.json/report.md (diffusion: also sample grids) to --output-dir. The original weights are never "
-        "modified. Run it with `accelerate launch` for several processes or GPUs.",
-    )
+FORGET_DESCRIPTION = (
+    "Make a trained classifier forget a class (or a random subset, or a sub-class), or a class-conditional diffusion "
+    "model forget a class; evaluate before and after; write the unlearned weights and report.json/report.md "
+    "(diffusion: also sample grids) to --output-dir. The original weights are never modified. Run it with "
+    "`accelerate launch` for several processes or GPUs."
+)
+SWEEP_DESCRIPTION = (
+    "Run the forget job once per cell of a grid of method settings (--set KEY=V1,V2,... per axis; every combination) "
+    "and per --seeds, each into OUTPUT_DIR/<cell>/seed-S (finished runs are reused, so a killed sweep continues), then "
+    "write sweep.md and sweep.json (forget_acc, FID ratio or retain/test accuracy, steps; mean ± std over seeds) and "
+    "heatmap.png. With --target, cells meeting every target are framed, and robust ones (every grid neighbour meets "
+    "them too) starred: pick defaults there, not on the edge of the window. Takes every option of `genunlearn forget`."
+)
+
+
+def forget_parser(sweep: bool = False) -> argparse.ArgumentParser:
+    """The forget job's options; ``sweep``: ``genunlearn sweep``'s, where --set takes grid axes and --target is added."""
+    parser = argparse.ArgumentParser(prog="genunlearn sweep" if sweep else "forget_class.py",
+                                     description=SWEEP_DESCRIPTION if sweep else FORGET_DESCRIPTION)
     add_model_arguments(parser)
     add_target_arguments(parser, "what to forget (exactly one)")
     parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
@@ -91,8 +138,15 @@ def forget_parser() -> argparse.ArgumentParser:
                         "the mean ± std of every figure; finished seeds are reused")
     parser.add_argument("--log-every", type=int, help="log figures every N steps")
     parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
-    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
+    if sweep:
+        parser.add_argument("--set", dest="axes", type=parse_axis, nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                            help="grid axes: a method setting and its values, e.g. --set mask_threshold=1,2,3 lr=5e-5,1e-4")
+        parser.add_argument("--target", dest="targets", type=parse_target, nargs="+", action="extend", default=[],
+                            metavar="FIGURE<=X", help="what a cell must reach (mean over seeds), e.g. --target forget_acc<=0.05 "
+                            "fid_ratio<=1.15 (figures: forget_acc, fid_ratio, remain_acc, retain_acc, test_acc, steps)")
+    else:
+        parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                            help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
     parser.add_argument("--data-free", action="store_true",
                         help="diffusion: forget and retain sets are the model's own samples (generated once, cached)")
     parser.add_argument("--data-free-samples", type=int, default=100, help="generated training samples per class (default 100)")
@@ -121,21 +175,20 @@ def generator_evaluation_settings(args: argparse.Namespace) -> dict:
                                                 "fid_inception_weights")}
 
 
-def forget_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.eval.report import SUMMARY_KEYS, summary_line
-    from genunlearn.eval.seeds import summary_line as seeds_summary_line
-    from genunlearn.job import ForgetJob, run_forget_job, run_seeds
+def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", suffix: str = ""):
+    """The ForgetJob that ``forget_parser``'s options describe (``settings``: the method settings they set; the
+    default output folder is outputs/<prefix><model>-<forgotten>-<method>[-datafree]<suffix>)."""
+    from genunlearn.job import ForgetJob
 
-    args = forget_parser().parse_args(argv)
-    settings = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                                   ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every)) if v is not None}
-    settings.update(dict(args.settings))
+    settings = {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                                      ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every)) if v is not None},
+                **settings}
     forgotten = "-".join(map(str, args.classes or args.subclasses)) or f"random{args.random_fraction}"
-    job = ForgetJob(
+    return ForgetJob(
         model=args.model,
         method=args.method,
         output_dir=args.output_dir
-        or Path("outputs") / f"{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{'-seeds' if args.seeds else ''}",
+        or Path("outputs") / f"{prefix}{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{suffix}",
         classes=args.classes,
         random_fraction=args.random_fraction,
         subclasses=args.subclasses,
@@ -155,6 +208,15 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+
+
+def forget_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.eval.report import SUMMARY_KEYS, summary_line
+    from genunlearn.eval.seeds import summary_line as seeds_summary_line
+    from genunlearn.job import run_forget_job, run_seeds
+
+    args = forget_parser().parse_args(argv)
+    job = job_from_args(args, dict(args.settings), suffix="-seeds" if args.seeds else "")
     if args.seeds:
         summary = run_seeds(job, args.seeds)
         if _is_main_process():
@@ -163,6 +225,20 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
     report = run_forget_job(job)
     if _is_main_process():
         print(summary_line(report, job.output_dir))
+    return 0
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.distributed import make_accelerator
+    from genunlearn.sweep import run_sweep
+
+    args = forget_parser(sweep=True).parse_args(argv)
+    job = job_from_args(args, {}, prefix="sweep-")
+    sweep = run_sweep(job, args.axes, args.seeds or [args.seed], args.targets, make_accelerator(mixed_precision=job.mixed_precision))
+    if _is_main_process():
+        robust = [c["folder"] for c in sweep["cells"] if c["robust"]]
+        verdict = f"; robust cells: {', '.join(robust)}" if robust else "; no robust cell" if args.targets else ""
+        print(f"swept {len(sweep['cells'])} cells x {len(sweep['seeds'])} seed(s){verdict}; wrote {job.output_dir}/sweep.md and heatmap.png")
     return 0
 
 
@@ -287,6 +363,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "forget": (forget_main, "make a model forget a class and report before/after (same as scripts/forget_class.py)"),
+    "sweep": (sweep_main, "the forget job over a grid of --set values: a heat-map and table per cell (forget_acc, FID ratio, steps)"),
     "evaluate": (evaluate_main, "evaluate a model as it is (no unlearning): the forget run's metrics, FID, sample grid"),
     "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
     "compare": (compare_main, "one table and plot of several runs' reports"),

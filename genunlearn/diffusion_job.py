@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file
 
 from genunlearn.data.generated import generated_datasets
-from genunlearn.data.split import check_ids, make_forget_split
+from genunlearn.data.split import ForgetSplit, check_ids, make_forget_split
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import (
+    FidSetup,
     SamplingProtocol,
     evaluate_generator,
     fid_setup,
@@ -22,7 +28,7 @@ from genunlearn.eval.generator_eval import (
 )
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import write_report
-from genunlearn.engine.fingerprint import model_fingerprint
+from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, oracle_and_relearning, run_report
 from genunlearn.models.cache import cache_root
 from genunlearn.models.diffusion_loading import (
@@ -36,16 +42,18 @@ from genunlearn.models.diffusion_loading import (
 from genunlearn.models.eval_classifier import load_eval_classifier
 from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
 from genunlearn.models.pipeline import (
+    Pipeline,
     pipeline_class_names,
     pipeline_denoiser,
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
-from genunlearn.models.store import atomic_write_text
+from genunlearn.models.store import atomic_save_tensors, atomic_write_text
 from genunlearn.tasks.diffusion import DiffusionTask
 
 PIPELINE_DIR = "pipeline"
 GRID_SAMPLES = 8
+EVALUATIONS = "evaluations"
 
 
 def remain_classes(num_classes: int, forgotten: list[int], count: int | None, seed: int) -> list[int]:
@@ -85,19 +93,72 @@ def prepare_for_memory(task: DiffusionTask, gradient_checkpointing: bool) -> Non
         task.model.enable_gradient_checkpointing()
 
 
-def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> dict:
-    """Run ``job`` on a diffusion preset and return its report (written to ``job.output_dir`` by the main process).
+HELDOUT_SEED_OFFSET = 7  # held-out classes are drawn apart from the D_r classes
 
-    Data-free (``--data-free``, or no ``--data`` for a preset whose data is not embedded): the forget and retain
-    sets are the pretrained model's own samples, latents for latent models."""
-    method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
+
+@dataclass
+class DiffusionSetup:
+    """Everything a diffusion run is evaluated with: the task and split, the pipeline that samples, the judge,
+    the classes (forgotten, D_r's ``remaining``, ``heldout`` outside D_r) and their FID reference images and
+    features per class."""
+
+    pipeline: Pipeline
+    task: DiffusionTask
+    split: ForgetSplit
+    forgotten: list[int]
+    remaining: list[int]
+    heldout: list[int]
+    classifier: torch.nn.Module
+    classifier_name: str
+    fid: FidSetup
+    protocol: SamplingProtocol
+    reference: dict[int, torch.Tensor]
+    features: dict[int, torch.Tensor]
+    data_free: bool
+    real: tuple | None
+
+    def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor]]:
+        """``evaluate_generator``'s metrics and samples of ``model`` (a denoiser of this task)."""
+        return evaluate_generator(pipeline_for(self.task, model), self.classifier, self.forgotten, self.remaining, self.features,
+                                  self.fid, self.protocol, accelerator, heldout=self.heldout)
+
+    def protocol_record(self, mixed_precision: str) -> dict:
+        return protocol_record(self.protocol, self.fid, self.classifier_name, self.forgotten + self.remaining, self.reference,
+                               self.data_free, mixed_precision, heldout=self.heldout)
+
+
+def evaluate_original(setup: DiffusionSetup, accelerator: Accelerator, root: Path) -> tuple[dict, dict[int, torch.Tensor]]:
+    """``setup.evaluate`` of the original model, with its first ``GRID_SAMPLES`` samples per class, cached under
+    ``root/evaluations`` by everything that decides the figures (weights, protocol, classes, judge, FID features and
+    references, precision): the cells of a sweep and the reruns of a series share their "before"."""
+    key = json.dumps([model_fingerprint(setup.task.model), asdict(setup.protocol), setup.forgotten, setup.remaining, setup.heldout,
+                      setup.classifier_name, model_fingerprint(setup.classifier), setup.fid.describe(),
+                      tensors_fingerprint(setup.features), accelerator.mixed_precision, accelerator.device.type])
+    stem = root / EVALUATIONS / hashlib.sha256(key.encode()).hexdigest()[:24]
+    metrics_file, samples_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    hit = [metrics_file.is_file() and samples_file.is_file()]
+    broadcast_object_list(hit)
+    if hit[0]:
+        return json.loads(metrics_file.read_text()), {int(c): images for c, images in load_file(str(samples_file)).items()}
+    metrics, samples = setup.evaluate(setup.task.model, accelerator)
+    samples = {c: images[:GRID_SAMPLES] for c, images in samples.items()}
+    if accelerator.is_main_process:
+        atomic_save_tensors({str(c): images for c, images in samples.items()}, samples_file)
+        atomic_write_text(metrics_file, json.dumps(metrics))  # written last: it marks a finished entry
+    return metrics, samples
+
+
+def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> DiffusionSetup:
+    """Load ``job``'s pipeline, build its task and split (real data, or data-free: the pipeline's own samples,
+    latents for latent models), the judge and the FID references.
+
+    Data-free with fewer remain classes than the model has (a 1000-class model's D_r of 10), as many other classes
+    are held out: sampled from the original model as their FID reference and scored apart after unlearning."""
     spec = job.split_spec()
     if spec.kind != "class":
         raise UserError("diffusion models forget whole classes; pass --class")
     protocol = sampling_protocol(job, preset)
     data_free = job.data_free or (job.data is None and preset.dataset not in EMBEDDED_DATASETS)
-    check_output_dir(job)
-    accelerator.wait_for_everyone()
     real = real_datasets(preset, job.data)
     if real is not None:
         make_forget_split(real[0], real[1], spec)  # validates the class before anything heavy
@@ -106,13 +167,21 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     num_classes = pipeline_num_classes(pipeline)
     forgotten = list(spec.classes)
     check_ids(spec.classes, num_classes, "class")
-    remaining = remain_classes(num_classes, forgotten, job.remain_classes or preset.remain_classes, job.seed)
+    count = job.remain_classes or preset.remain_classes
+    remaining = remain_classes(num_classes, forgotten, count, job.seed)
+    heldout = remain_classes(num_classes, forgotten + remaining, count, job.seed + HELDOUT_SEED_OFFSET) if data_free else []
+    heldout_set = None
     if data_free:
         latents = pipeline.vae is not None
-        train, test = generated_datasets(
-            sampler_for(pipeline), pipeline_class_names(pipeline), forgotten + remaining, job.data_free_samples, accelerator,
-            guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root, latents=latents,
-        )
+
+        def generated(classes: list[int]):
+            return generated_datasets(
+                sampler_for(pipeline), pipeline_class_names(pipeline), classes, job.data_free_samples, accelerator,
+                guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root, latents=latents,
+            )
+
+        train, test = generated(forgotten + remaining)
+        heldout_set = generated(heldout)[0] if heldout else None
         task = task_from_pipeline(preset, pipeline, train, test, cache_root=root, encoded_data=latents)
     else:
         task = task_from_pipeline(preset, pipeline, real[0], real[1], cache_root=root)
@@ -121,20 +190,36 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     classifier_name = job.eval_classifier or preset.eval_classifier
     classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
                                       data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
+    fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)
+    reference = reference_images(task, split.retain, remaining)
+    if heldout_set is not None:
+        reference.update(reference_images(task, heldout_set, heldout))
+    return DiffusionSetup(pipeline, task, split, forgotten, remaining, heldout, classifier, classifier_name, fid, protocol,
+                          reference, reference_features(reference, fid), data_free, real)
+
+
+def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> dict:
+    """Run ``job`` on a diffusion preset and return its report (written to ``job.output_dir`` by the main process).
+
+    Data-free (``--data-free``, or no ``--data`` for a preset whose data is not embedded): the forget and retain
+    sets are the pretrained model's own samples, latents for latent models (see ``prepare_diffusion``)."""
+    method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
+    check_output_dir(job)
+    accelerator.wait_for_everyone()
+    setup = prepare_diffusion(job, preset, accelerator)
+    task, split, protocol, classifier, forgotten = setup.task, setup.split, setup.protocol, setup.classifier, setup.forgotten
+    real, data_free = setup.real, setup.data_free
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
-    fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)
-    reference = reference_images(task, split.retain, remaining)
-    features = reference_features(reference, fid)
 
     def evaluate(model: torch.nn.Module) -> tuple[dict, dict[int, torch.Tensor]]:
-        return evaluate_generator(pipeline_for(task, model), classifier, forgotten, remaining, features, fid, protocol, accelerator)
+        return setup.evaluate(model, accelerator)
 
-    before, samples_before = evaluate(task.model)
+    before, samples_before = evaluate_original(setup, accelerator, cache_root(job.cache_dir))
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after, samples_after = evaluate(result.model)
-    evaluation = protocol_record(protocol, fid, classifier_name, forgotten + remaining, reference, data_free, accelerator.mixed_precision)
+    evaluation = setup.protocol_record(accelerator.mixed_precision)
 
     def forget_accuracy(model: torch.nn.Module) -> float:
         return forget_sample_accuracy(pipeline_for(task, model), classifier, forgotten, protocol, accelerator)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genunlearn.cli import evaluate_main, forget_main, guarded, main
+from genunlearn.cli import evaluate_main, forget_main, guarded, main, parse_axis, parse_setting, sweep_main
 from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import METRIC_KEYS, REQUIRED_KEYS
 from genunlearn.methods import random_label
@@ -239,3 +239,42 @@ def test_compare_puts_runs_side_by_side(cnn_task, tmp_path, capsys):
     assert (tmp_path / "cmp.md").is_file() and (tmp_path / "cmp.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path)]) == 2
     assert "holds no report.json" in capsys.readouterr().err
+
+
+def test_sweep_runs_each_cell_once_and_frames_the_robust_window(cnn_task, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--set", "lr=1e-6,0.05,0.1", "steps=5,10",
+            "--target", "forget_acc<=0.05", "--output-dir", str(out)]
+    assert guarded(sweep_main, argv) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [c["settings"] for c in sweep["cells"]] == [{"lr": lr, "steps": n} for lr in (1e-6, 0.05, 0.1) for n in (5, 10)]
+    meets = {}
+    for cell in sweep["cells"]:
+        report = json.loads((out / cell["folder"] / "seed-0" / "report.json").read_text())
+        assert report["config"]["lr"] == cell["settings"]["lr"] and report["steps"] == cell["settings"]["steps"]
+        assert cell["figures"]["forget_acc"]["values"] == [report["after"]["forget_acc"]]
+        assert cell["meets"] == (report["after"]["forget_acc"] <= 0.05)
+        meets[tuple(cell["index"])] = cell["meets"]
+    for cell in sweep["cells"]:  # robust: the cell and its neighbours along each axis all meet the targets
+        r, c = cell["index"]
+        around = [(r + dr, c + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)) if (r + dr, c + dc) in meets]
+        assert cell["robust"] == (meets[(r, c)] and all(meets[n] for n in around))
+    assert [meets[(0, c)] for c in (0, 1)] == [False, False] and all(meets[(r, c)] for r in (1, 2) for c in (0, 1))
+    assert [c["robust"] for c in sweep["cells"]] == [False, False, False, False, True, True]
+    table = (out / "sweep.md").read_text()
+    assert table.count("| yes | yes |") == 2 and (out / "heatmap.png").stat().st_size > 5000
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-0/report.json")}
+    assert guarded(sweep_main, argv) == 0  # a rerun reuses every finished cell
+    assert len(stamps) == 6 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    capsys.readouterr()
+    for bad, message in ((["--set", "lr"], "KEY=V1,V2"), (["--set", "lr=1", "--target", "fid<=1"], "forget_acc<=0.05")):
+        with pytest.raises(SystemExit) as exited:
+            sweep_main([*argv[:6], *bad, "--output-dir", str(tmp_path / "x")])
+        assert exited.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_setting_values_read_numbers_as_numbers():
+    assert parse_setting("lr=1e-4") == ("lr", 1e-4) and parse_setting("forget-clip=null") == ("forget_clip", None)
+    assert parse_setting("forget_objective=adaga") == ("forget_objective", "adaga")
+    assert parse_axis("lr=5e-5,1e-4") == ("lr", [5e-5, 1e-4]) and parse_axis("steps=10,20") == ("steps", [10, 20])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -204,3 +206,43 @@ def test_fid_library_choice_changes_only_the_distance_routine(cnn_task, tiny_pip
     assert ours["forget_acc"] == theirs["forget_acc"]
     assert theirs["fid_remain"] == pytest.approx(ours["fid_remain"], rel=1e-3)
     assert reports["clean-fid"]["evaluation"]["fid_library"].startswith("clean-fid ")
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_dir, tmp_path, capsys):
+    benchmark = load_benchmark("forget_quality")
+    out = tmp_path / "fq"
+    argv = ["--presets", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--classes", "3", "--seeds", "0", "1",
+            "--data", "real", "--methods", "sfron", "--set", "steps=4", "--every", "2", "--fid-every", "0", "--forget-samples", "8",
+            "--screen-samples", "4", "--remain-samples", "4", "--eval-steps", "3", "--no-oracle", "--output", str(out)]
+    benchmark.main(argv)
+    assert capsys.readouterr().out.count("running ") == 2
+    cells = sorted((out / "cells").glob("*.json"))
+    assert [c.name for c in cells] == ["ddpm-digits__real__original__c3__s0.json", "ddpm-digits__real__original__c3__s1.json",
+                                       "ddpm-digits__real__sfron__c3__s0__p1.json", "ddpm-digits__real__sfron__c3__s1__p1.json"]
+    run = json.loads(cells[2].read_text())
+    assert [p["step"] for p in run["curve"]] == [2, 4] and run["remain"][-1]["step"] == 4
+    assert run["final"]["forget_n"] in (4, 8) and run["final"]["fid_ratio"] == run["final"]["fid_remain"] / run["original"]["fid_remain"]
+    summary = json.loads((out / "forget_quality.json").read_text())["summary"]
+    assert len(summary) == 1 and summary[0]["runs"] == 2
+    assert summary[0]["forget_acc"]["values"] == [json.loads(c.read_text())["final"]["forget_acc"] for c in cells[2:]]
+    assert (out / "forget_quality.md").is_file() and (out / "forget_quality-ddpm-digits.png").stat().st_size > 1000
+
+    stamps = {c.name: c.stat().st_mtime_ns for c in cells}
+    cells[3].unlink()  # a killed grid: one run is missing
+    benchmark.main(argv)
+    assert capsys.readouterr().out.count("running ") == 1  # only the missing run is done again
+    assert all(c.stat().st_mtime_ns == stamps[c.name] for c in cells[:3])
+    changed = list(argv)
+    changed[changed.index("--remain-samples") + 1] = "5"
+    with pytest.raises(SystemExit, match="other settings"):  # finished cells are reused only under the same settings
+        benchmark.main(changed)

@@ -63,9 +63,16 @@ def test_dit_xl_job_on_a_tiny_ditpipeline(standin, cache_dir, tmp_path):
     assert evaluation["data_free"] and evaluation["fid_reference"] == "original model's samples"
     assert evaluation["classes"][0] == 207 and len(evaluation["classes"]) == 3 and evaluation["guidance"] == 4.0
     assert report["split"]["forget"] == 4 and report["split"]["retain"] == 8  # the model's own latents, 2 other classes
-    assert sorted(report["after"]["per_class_acc"]) == sorted(str(c) for c in evaluation["classes"])
+    heldout = evaluation["heldout_classes"]  # as many classes outside D_r, scored apart
+    assert len(heldout) == 2 and not set(heldout) & set(evaluation["classes"])
+    assert sorted(report["after"]["per_class_acc"]) == sorted(str(c) for c in evaluation["classes"] + heldout)
+    assert sorted(report["after"]["fid_per_class"]) == sorted(str(c) for c in evaluation["classes"][1:] + heldout)
+    for metrics in (report["before"], report["after"]):
+        assert metrics["heldout_acc"] == sum(metrics["per_class_acc"][str(c)] for c in heldout) / 2
+        assert metrics["fid_heldout"] is not None and metrics["fid_heldout"] >= 0
     generated = [load_file(str(p)) for p in (cache_dir / "generated").glob("*.safetensors")]
-    assert [g["train_images"].shape for g in generated if g["train_images"].shape[1] == 4] == [(12, 4, 4, 4)]  # latents
+    shapes = sorted(g["train_images"].shape for g in generated if g["train_images"].shape[1] == 4)  # latents
+    assert shapes == [(8, 4, 4, 4), (12, 4, 4, 4)]  # the held-out reference, and D_f + D_r
 
     reloaded = DiTPipeline.from_pretrained(out / "pipeline")  # diffusers' own class reads the result
     assert reloaded.labels == {"golden retriever": 207}

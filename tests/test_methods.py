@@ -69,3 +69,12 @@ def test_registry_lists_the_baselines_and_rejects_unknown_settings(cnn_task, cla
         unlearn(cnn_task, class3_split, "random_label", accelerator=accelerator, bogus=1)
     with pytest.raises(UserError, match="unknown method"):
         unlearn(cnn_task, class3_split, "nope", accelerator=accelerator)
+
+
+def test_settings_are_read_as_their_fields_types():
+    config = METHODS["sfron"].make_config({"lr": 1, "steps": 30.0, "fisher_clip": 2, "forget_clip": None})
+    assert (type(config.lr), type(config.steps), type(config.fisher_clip), config.forget_clip) == (float, int, float, None)
+    with pytest.raises(UserError, match="setting lr takes a number, got '1e-4'"):  # YAML 1.1 reads 1e-4 as text
+        METHODS["sfron"].make_config({"lr": "1e-4"})
+    with pytest.raises(UserError, match="whole number"):
+        METHODS["sfron"].make_config({"steps": 2.5})

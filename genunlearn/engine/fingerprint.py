@@ -16,13 +16,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) over every state-dict entry's name, dtype, shape and bytes."""
+def tensors_fingerprint(tensors: dict) -> str:
+    """SHA-256 (16 hex digits) over a dict of tensors' keys, dtypes, shapes and bytes, in key order."""
     digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    for name in sorted(tensors, key=str):
+        value = tensors[name]
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
         digest.update(_tensor_bytes(value))
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) over every state-dict entry's name, dtype, shape and bytes."""
+    return tensors_fingerprint(model.state_dict())
 
 
 def dataset_fingerprint(dataset: Dataset) -> str | None:

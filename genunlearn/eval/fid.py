@@ -96,6 +96,19 @@ def fid_from_features(real: torch.Tensor, generated: torch.Tensor, library: str 
     return max(0.0, value)
 
 
+def bootstrap_fid_std(real: torch.Tensor, generated: list[torch.Tensor], library: str = "torchmetrics", draws: int = 50,
+                      seed: int = 0) -> float:
+    """The FID's sampling spread from the generated side: its standard deviation over ``draws`` resamplings (with
+    replacement, within each group of ``generated``, e.g. one ``[N_c, D]`` per class) against the fixed ``real``
+    features ``[N, D]``. An estimate of the FID's standard error at this sample size."""
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        resampled = [group[torch.randint(len(group), (len(group),), generator=generator)] for group in generated]
+        values.append(fid_from_features(real, torch.cat(resampled), library))
+    return float(torch.tensor(values).std())
+
+
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor, features: nn.Module, library: str = "torchmetrics") -> float:
     """FID between ``real`` and ``generated`` images ``[N, C, H, W]`` in [-1, 1] under ``features``."""
     return fid_from_features(extract_features(real, features), extract_features(generated, features), library)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import (
     ClassifierFeatures,
+    bootstrap_fid_std,
     InceptionFeatures,
     extract_features,
     fid_from_features,
@@ -88,6 +89,7 @@ def reference_features(reference: dict[int, torch.Tensor], fid: FidSetup) -> dic
 def evaluate_generator(
     pipeline: Pipeline, classifier: nn.Module, forgotten: list[int], remaining: list[int],
     reference: dict[int, torch.Tensor] | None, fid: FidSetup, protocol: SamplingProtocol, accelerator: Accelerator,
+    heldout: list[int] = (), fid_draws: int = 0,
 ) -> tuple[dict, dict[int, torch.Tensor]]:
     """Metrics of ``pipeline``'s samples (fractions, nats, FID) and the samples themselves, per class.
 
@@ -96,9 +98,14 @@ def evaluate_generator(
     ``forgotten``); ``remain_acc``: the same accuracy over the ``remaining`` classes; ``fid_remain``: FID of their
     samples against ``reference`` (per-class reference features), all remaining classes pooled; ``fid_per_class``:
     each remaining class against its own reference (None and {} without ``reference``); ``per_class_acc``,
-    ``per_class_prob``: every evaluated class.
+    ``per_class_prob``: every evaluated class. ``heldout``: other classes that unlearning never saw (a 1000-class
+    model's classes outside its data-free D_r), scored apart as ``heldout_acc`` and ``fid_heldout`` (None without
+    them) so collateral damage outside the replay set shows; their per-class figures join the per-class tables.
+    ``fid_draws`` > 0 adds ``fid_remain_std``: ``fid_remain``'s spread over that many resamplings of the samples
+    (its standard error at this sample size).
     """
-    samples = sample_classes(pipeline, forgotten + remaining, protocol.per_class, accelerator,
+    heldout = list(heldout)
+    samples = sample_classes(pipeline, forgotten + remaining + heldout, protocol.per_class, accelerator,
                              guidance=protocol.guidance, steps=protocol.steps, seed=protocol.seed)
     per_class = class_metrics(classifier, samples, accelerator.device)
 
@@ -111,15 +118,24 @@ def evaluate_generator(
         "forget_prob": mean("probability", forgotten),
         "remain_acc": mean("accuracy", remaining),
         "fid_remain": None,
+        "heldout_acc": mean("accuracy", heldout),
+        "fid_heldout": None,
         "fid_per_class": {},
         "per_class_acc": {str(c): per_class[c]["accuracy"] for c in sorted(per_class)},
         "per_class_prob": {str(c): per_class[c]["probability"] for c in sorted(per_class)},
     }
     if reference is not None:
-        generated = {c: extract_features(samples[c], fid.extractor) for c in remaining}
-        pooled_reference = torch.cat([reference[c] for c in remaining])
-        metrics["fid_remain"] = fid_from_features(pooled_reference, torch.cat([generated[c] for c in remaining]), fid.library)
-        metrics["fid_per_class"] = {str(c): fid_from_features(reference[c], generated[c], fid.library) for c in remaining}
+        generated = {c: extract_features(samples[c], fid.extractor) for c in remaining + heldout}
+
+        def pooled_fid(classes: list[int]) -> float:
+            return fid_from_features(torch.cat([reference[c] for c in classes]), torch.cat([generated[c] for c in classes]), fid.library)
+
+        metrics["fid_remain"] = pooled_fid(remaining)
+        if fid_draws:
+            pooled_reference = torch.cat([reference[c] for c in remaining])
+            metrics["fid_remain_std"] = bootstrap_fid_std(pooled_reference, [generated[c] for c in remaining], fid.library, fid_draws)
+        metrics["fid_heldout"] = pooled_fid(heldout) if heldout else None
+        metrics["fid_per_class"] = {str(c): fid_from_features(reference[c], generated[c], fid.library) for c in remaining + heldout}
     return metrics, samples
 
 
@@ -132,13 +148,16 @@ def forget_sample_accuracy(pipeline: Pipeline, classifier: nn.Module, forgotten:
 
 
 def protocol_record(protocol: SamplingProtocol, fid: FidSetup, classifier_name: str, classes: list[int],
-                    reference: dict[int, torch.Tensor] | None, data_free: bool, mixed_precision: str) -> dict:
+                    reference: dict[int, torch.Tensor] | None, data_free: bool, mixed_precision: str,
+                    heldout: list[int] = ()) -> dict:
     """Everything that decides the evaluation's figures, for the report: compare FIDs only when these match
-    (``reference`` None: no FID was measured)."""
+    (``reference`` None: no FID was measured). ``classes``: the forgotten and the D_r classes; ``heldout``: the
+    evaluated classes outside D_r."""
     return {
         **asdict(protocol),
         "classifier": classifier_name,
         "classes": classes,
+        "heldout_classes": list(heldout),
         **fid.describe(),
         "fid_reference": "none (no real images; pass --data)" if reference is None
         else "original model's samples" if data_free else "real retain images",

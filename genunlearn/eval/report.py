@@ -8,9 +8,10 @@ report.json keys (schema_version 1):
   masked methods), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
   mia: fractions in [0, 1] or null; eval_time_s), log (figures every log_every steps), weights (path).
   Diffusion runs: before / after hold forget_acc, forget_entropy, forget_prob, remain_acc, fid_remain,
-  fid_per_class (remaining classes), per_class_acc and per_class_prob (every evaluated class), and
+  heldout_acc and fid_heldout (classes outside a data-free D_r, or null), fid_per_class (remaining and
+  held-out classes), per_class_acc and per_class_prob (every evaluated class), and
   evaluation records the protocol: sampler, steps, guidance, per_class sample count, seed, classifier,
-  classes, fid_features, fid_library (with version), fid_reference, reference_per_class, weights
+  classes, heldout_classes, fid_features, fid_library (with version), fid_reference, reference_per_class, weights
   (raw or EMA), data_free, mixed_precision.
   Optional: oracle (the retrain oracle's before/after-style metrics) and gap_to_oracle (after - oracle) with
   --compare-retrain; relearn {steps, samples, unlearned: [{step, forget_acc}], retrain: [...]} with --relearn-steps.
@@ -37,7 +38,8 @@ METRIC_HELP = {
         "forget_acc: fraction of the forgotten class's samples that the evaluation classifier still labels as",
         "that class (forget_entropy, forget_prob: their mean softmax entropy and class probability);",
         "remain_acc: the same for the other classes; fid_remain: FID of the other classes' samples against",
-        "the real retain images, in the evaluation classifier's features, under the protocol below.",
+        "the real retain images, in the evaluation classifier's features, under the protocol below;",
+        "heldout_acc, fid_heldout: the same for classes outside a data-free D_r (damage beyond the replay set).",
     ],
 }
 REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "after")

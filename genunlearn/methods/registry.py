@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -49,7 +50,25 @@ class MethodSpec:
             if unknown:
                 raise UserError(f"method {self.name} has no setting {unknown[0]!r}; its settings are {', '.join(sorted(known))}")
             merged.update(layer)
-        return self.config_class(**merged)
+        hints = typing.get_type_hints(self.config_class)
+        return self.config_class(**{key: _typed(key, value, hints[key]) for key, value in merged.items()})
+
+
+def _typed(key: str, value, hint):
+    """``value`` as the config field ``key`` of type ``hint`` wants it (an int where a float goes becomes a float, a
+    whole float where an int goes an int); a number field given text or a fraction where a count goes is a UserError."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None or isinstance(value, bool) or not any(t in (int, float) for t in allowed):
+        return value
+    if isinstance(value, int) and float in allowed and int not in allowed:
+        return float(value)
+    if not isinstance(value, (int, float)):
+        raise UserError(f"setting {key} takes a number, got {value!r}")
+    if isinstance(value, float) and float not in allowed:
+        if not value.is_integer():
+            raise UserError(f"setting {key} takes a whole number, got {value!r}")
+        return int(value)
+    return value
 
 
 METHODS: dict[str, MethodSpec] = {}
