@@ -15,7 +15,7 @@ from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iter
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
 from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights
-from genunlearn.engine.saliency import accumulate_gradients, cached_gradient_statistics
+from genunlearn.engine.saliency import CYCLED_ORDER_SEED, accumulate_gradients, cached_gradient_statistics
 from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,12 +62,29 @@ def test_fisher_equals_hand_computation(accelerator):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_cycled_fisher_batches_are_full_and_reshuffled_each_pass(accelerator):
+    """``batches``: that many full batches from the set cycled in a fresh seeded order per pass (a 5-sample set,
+    batch 2, 4 batches: one pass and 3 samples of a second, reshuffled)."""
+    data, model = regression_data(), linear_model()
+    w = model.weight.detach()[0]
+    order = torch.cat([torch.randperm(5, generator=torch.Generator().manual_seed(CYCLED_ORDER_SEED * 1_000_003 + epoch))
+                       for epoch in range(2)])
+    members = [order[2 * b : 2 * b + 2] for b in range(4)]
+    assert sorted(torch.cat(members[:2] + [members[2][:1]]).tolist()) == [0, 1, 2, 3, 4]  # every sample in the first pass
+    grads = [batch_gradient(w, data.images[m], data.targets[m]) for m in members]
+    fisher = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, batches=4)[0][0]
+    assert torch.allclose(fisher, sum(g**2 for g in grads) / 4, atol=1e-12)
+    one_pass = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2)[0][0]
+    assert not torch.allclose(fisher, one_pass)
+
+
 def test_fisher_cache_hits_only_for_the_same_key(accelerator, tmp_path):
     data, model = regression_data(), linear_model()
     first, hit1 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
     again, hit2 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
     other, hit3 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=3)
-    assert (hit1, hit2, hit3) == (False, True, False)
+    cycled, hit5 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2, batches=4)
+    assert (hit1, hit2, hit3, hit5) == (False, True, False, False) and not torch.equal(first[0], cycled[0])
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
     model.weight.data += 1.0
     _, hit4 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
@@ -191,7 +208,9 @@ def test_fisher_from_two_processes_equals_one(cnn_task, class3_split, cache_dir,
     assert done.returncode == 0, done.stderr[-2000:]
     two = load_file(str(out))
     one = accumulate_gradients(cnn_task.model, cnn_task.loss, class3_split.forget, accelerator, batch_size=32)
+    cycled = accumulate_gradients(cnn_task.model, cnn_task.loss, class3_split.forget, accelerator, batch_size=32, batches=7)
     names = [n for n, _ in cnn_task.model.named_parameters()]
     assert math.ceil(len(class3_split.forget) / 32) % 2 == 1  # uneven batches per process are covered
-    for name, expected in zip(names, one):
+    for name, expected, expected_cycled in zip(names, one, cycled):
         assert torch.allclose(two[name], expected, rtol=1e-4, atol=1e-10), name
+        assert torch.allclose(two[f"cycled.{name}"], expected_cycled, rtol=1e-4, atol=1e-10), name

@@ -19,11 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
 from genunlearn.models.store import atomic_save_tensors
 from genunlearn.tasks.base import Batch
 
 GradientTransform = Literal["square", "abs", "identity"]
+CYCLED_ORDER_SEED = 7  # the order of cycled statistics batches (fixed: statistics do not vary with the run's seed)
 BatchLoss = Callable[[nn.Module, Batch], torch.Tensor]
 _TRANSFORMS: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {
     "square": lambda grads: torch._foreach_mul(grads, grads),
@@ -41,13 +43,16 @@ def accumulate_gradients(
     batch_size: int,
     transform: GradientTransform = "square",
     max_norm: float | None = None,
+    batches: int | None = None,
     desc: str = "gradient statistics",
 ) -> list[torch.Tensor]:
     """``(1/n_b) Σ_b T(∇θ L̄_b)`` per parameter (``model.parameters()`` order), L̄_b the mean of
     ``batch_loss`` over batch b, T = square (the Fisher diagonal), abs or identity.
 
-    Batches are the dataset's consecutive runs of ``batch_size`` (the last may be shorter), so the
-    result depends on the batch size: compare statistics only at equal batch sizes. The model is
+    Batches: without ``batches``, the dataset's consecutive runs of ``batch_size`` (one pass; the last may be
+    shorter); with it, that many full batches drawn from the dataset cycled in a fresh seeded order each pass
+    (as the references' shuffled, cycled loaders; a small set then gives as many batch gradients as a large one).
+    The result depends on the batch size: compare statistics only at equal batch sizes. The model is
     in eval mode; with ``max_norm`` each batch gradient is clipped before T. Batch b runs on
     process b mod N with the global RNG seeded by b (diffusion losses draw noise and timesteps), and
     the sums are all-reduced, so any process count gives the same result.
@@ -56,10 +61,13 @@ def accumulate_gradients(
     model.eval()
     params = list(model.parameters())
     totals = [torch.zeros_like(p) for p in params]
-    n_batches = math.ceil(len(dataset) / batch_size)
+    if batches is None:
+        n_batches = math.ceil(len(dataset) / batch_size)
+        members = lambda b: list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))  # noqa: E731
+    else:
+        n_batches, members = batches, StepBatchSampler(len(dataset), batch_size, seed=CYCLED_ORDER_SEED).indices
     my_batches = list(range(accelerator.process_index, n_batches, accelerator.num_processes))
-    mine = [list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size))) for b in my_batches]
-    loader = DataLoader(dataset, batch_sampler=mine)
+    loader = DataLoader(dataset, batch_sampler=[members(b) for b in my_batches])
     for b, (images, labels) in zip(my_batches, tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process)):
         torch.manual_seed(1_000_003 + b)
         model.zero_grad(set_to_none=True)
@@ -86,9 +94,10 @@ def cached_gradient_statistics(
     batch_size: int,
     transform: GradientTransform = "square",
     max_norm: float | None = None,
+    batches: int | None = None,
     desc: str = "gradient statistics",
 ) -> tuple[list[torch.Tensor], bool]:
-    """``accumulate_gradients``, cached on disk by (model weights, data, loss, batch size, transform, clip).
+    """``accumulate_gradients``, cached on disk by (model weights, data, loss, batch size and count, transform, clip).
 
     Returns ``(statistics, whether they came from the cache)``. No caching when ``cache_dir`` is None
     or the dataset has no known fingerprint.
@@ -97,16 +106,16 @@ def cached_gradient_statistics(
     data_id = dataset_fingerprint(dataset)
     path = None
     if cache_dir is not None and data_id is not None:
-        key = json.dumps([model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm])
+        key = json.dumps([model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm]
+                         + ([] if batches is None else [batches]))  # one-pass keys as before: their caches stay valid
         path = Path(cache_dir) / "saliency" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
     hit = [path is not None and path.is_file()]
     broadcast_object_list(hit)
     if hit[0]:
         stored = load_file(str(path))
         return [stored[n].to(accelerator.device) for n in names], True
-    stats = accumulate_gradients(
-        model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform, max_norm=max_norm, desc=desc
-    )
+    stats = accumulate_gradients(model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform,
+                                 max_norm=max_norm, batches=batches, desc=desc)
     if path is not None and accelerator.is_main_process:
         atomic_save_tensors(dict(zip(names, stats)), path)
     return stats, False

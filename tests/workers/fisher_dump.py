@@ -1,4 +1,5 @@
-"""Worker for test_engine: the cnn-digits Fisher on the class-3 forget set, from however many processes launched it."""
+"""Worker for test_engine: the cnn-digits Fisher on the class-3 forget set (one pass, and 7 cycled batches), from however
+many processes launched it."""
 
 import sys
 
@@ -11,6 +12,10 @@ from genunlearn.engine.saliency import accumulate_gradients
 accelerator = make_accelerator()
 task = load_task("cnn-digits", accelerator=accelerator)
 split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(3,)))
-fisher = accumulate_gradients(task.model.to(accelerator.device), task.loss, split.forget, accelerator, batch_size=32)
+model = task.model.to(accelerator.device)
+fisher = accumulate_gradients(model, task.loss, split.forget, accelerator, batch_size=32)
+cycled = accumulate_gradients(model, task.loss, split.forget, accelerator, batch_size=32, batches=7)
 if accelerator.is_main_process:
-    save_file({n: f.contiguous() for (n, _), f in zip(task.model.named_parameters(), fisher)}, sys.argv[1])
+    names = [n for n, _ in task.model.named_parameters()]
+    save_file({**{n: f.contiguous() for n, f in zip(names, fisher)}, **{f"cycled.{n}": f.contiguous() for n, f in zip(names, cycled)}},
+              sys.argv[1])
