@@ -192,7 +192,7 @@ def test_random_label_forms():
     torch.manual_seed(3)
     matched = task.random_label_loss(task.model, (images, labels), other)
     torch.manual_seed(3)
-    noisy, _, t = task._noised(images)
+    noisy, _, t = task._noised(images, task.preset.objective.timesteps)
     expected = (task.predict_noise(task.model, noisy, t, labels) - task.predict_noise(task.model, noisy, t, other)).pow(2).mean((1, 2, 3))
     assert torch.allclose(matched, expected) and (matched > 0).all()
     torch.manual_seed(3)
@@ -220,6 +220,25 @@ def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerato
         method_config("salun", task.preset, {"form": "both"})
 
 
+@pytest.mark.parametrize("scheme", ["antithetic", "uniform"])
+def test_unlearning_losses_draw_timesteps_as_the_preset_reference(scheme):
+    """The DDPM references draw every unlearning batch's timesteps antithetically (B//2+1 uniform, then T-1-t of them,
+    one per sample) in both steps, rl and the Fishers; DiT's draw them uniformly. Pretraining stays uniform."""
+    task = _objective_task(tiny_unet(), timesteps=scheme)
+    seen = []
+    task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[1].clone()), with_kwargs=True)
+    images, labels = torch.zeros(7, 1, 8, 8), torch.zeros(7, dtype=torch.long)
+    task.loss(task.model.train(), (images, labels))
+    task.random_label_loss(task.model, (images, labels), labels + 1)
+    task.importance_loss(task.model.eval(), (images, labels))
+    assert len(seen) == 5  # loss, rl target and prediction, importance conditional and unconditional
+    for t in seen:
+        assert len(t) == 7 and torch.equal(t[4:7] + t[0:3] == 999, torch.full((3,), scheme == "antithetic"))
+    seen.clear()
+    task.training_loss(task.model.train(), (images, labels))
+    assert not torch.equal(seen[0][4:7], 999 - seen[0][0:3])
+
+
 def _objective_task(denoiser, **objective) -> DiffusionTask:
     task = _task(denoiser)
     task.preset = dataclasses.replace(task.preset, objective=DiffusionObjective(**objective))
@@ -238,7 +257,7 @@ def test_retain_loss_is_summed_as_the_ddpm_references_so_salun_beta_weighs_c_h_w
         losses.append(task.loss(task.model.eval(), (images, labels)))
     assert torch.allclose(losses[0], 1 * 8 * 8 * losses[1], rtol=1e-5)
     torch.manual_seed(3)  # rl stays an element mean whatever the reduction: its scale is C·H·W times smaller
-    noisy, _, t = summed._noised(images)
+    noisy, _, t = summed._noised(images, "antithetic")
     with torch.no_grad():
         target = summed.predict_noise(summed.model, noisy, t, (labels + 1) % 3)
     expected = (summed.predict_noise(summed.model, noisy, t, labels) - target).pow(2).mean(dim=(1, 2, 3))
@@ -272,21 +291,21 @@ def test_importance_loss_follows_the_preset_reference():
     ddpm = _objective_task(tiny_unet())
     model = ddpm.model.eval()
     torch.manual_seed(5)
-    t = torch.randint(0, 1000, (3,))
-    t = torch.cat([t, 999 - t])
-    noise = torch.randn(6, 1, 8, 8)
-    noisy = ddpm.scheduler.add_noise(torch.cat([images, images]), noise, t)
-    conditional = ddpm.predict_noise(model, noisy, t, torch.cat([labels, labels]))
-    unconditional = ddpm.predict_noise(model, noisy, t, torch.full((6,), NUM_CLASSES))
+    noise = torch.randn(3, 1, 8, 8)
+    first = torch.randint(0, 1000, (2,))
+    t = torch.cat([first, 999 - first])[:3]  # one timestep per sample, paired across the batch
+    noisy = ddpm.scheduler.add_noise(images, noise, t)
+    conditional = ddpm.predict_noise(model, noisy, t, labels)
+    unconditional = ddpm.predict_noise(model, noisy, t, torch.full((3,), NUM_CLASSES))
     guided = unconditional + 3.0 * (conditional - unconditional)
-    expected = (guided - noise).pow(2).sum(dim=(1, 2, 3)).view(2, 3).mean(dim=0)
+    expected = (guided - noise).pow(2).sum(dim=(1, 2, 3))
     torch.manual_seed(5)
     assert torch.allclose(ddpm.importance_loss(model, (images, labels)), expected, rtol=1e-5)
-    dit = _objective_task(tiny_dit(), reduction="mean", importance_guidance=1.0, importance_timesteps="uniform")
+    dit = _objective_task(tiny_dit(), reduction="mean", importance_guidance=1.0, timesteps="uniform")
     model = dit.model.eval()
     torch.manual_seed(5)
-    t = torch.randint(0, 1000, (3,))
     noise = torch.randn(3, 1, 8, 8)
+    t = torch.randint(0, 1000, (3,))
     expected = (dit.predict_noise(model, dit.scheduler.add_noise(images, noise, t), t, labels) - noise).pow(2).mean(dim=(1, 2, 3))
     torch.manual_seed(5)
     assert torch.allclose(dit.importance_loss(model, (images, labels)), expected, rtol=1e-5)

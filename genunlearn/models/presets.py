@@ -101,18 +101,19 @@ class DiffusionObjective:
     ``reduction``: the per-sample ε error is summed (``sum``, the DDPM references) or averaged (``mean``, DiT's
     ``mean_flat``) over C·H·W; gradient clips and SalUn's β are defined against it. ``importance_guidance``: the CFG
     scale s of the ε whose gradients give Fishers and saliency (the DDPM references' w = 2 is s = 3; SFR-on's DiT
-    Fisher is unguided, s = 1); ``importance_timesteps``: ``antithetic`` (t and T-1-t, the DDPM references) or
-    ``uniform`` (DiT)."""
+    Fisher is unguided, s = 1); ``timesteps``: how every unlearning loss (steps, Fishers, saliency) draws a batch's
+    timesteps: ``antithetic`` (the DDPM references: the first half uniform, the second half T-1-t of the first, one
+    per sample) or ``uniform`` (DiT)."""
 
     reduction: str = "sum"
     importance_guidance: float = 3.0
-    importance_timesteps: str = "antithetic"
+    timesteps: str = "antithetic"
 
     def __post_init__(self) -> None:
-        if self.reduction not in ("sum", "mean") or self.importance_timesteps not in ("antithetic", "uniform"):
+        if self.reduction not in ("sum", "mean") or self.timesteps not in ("antithetic", "uniform"):
             raise UserError(
-                f"objective.reduction must be sum or mean and objective.importance_timesteps antithetic or uniform, "
-                f"got {self.reduction!r}, {self.importance_timesteps!r}"
+                f"objective.reduction must be sum or mean and objective.timesteps antithetic or uniform, "
+                f"got {self.reduction!r}, {self.timesteps!r}"
             )
         if self.importance_guidance < 0:
             raise UserError(f"objective.importance_guidance must be non-negative, got {self.importance_guidance}")

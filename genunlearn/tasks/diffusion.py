@@ -94,50 +94,55 @@ class DiffusionTask:
         return error.mean(dim=(1, 2, 3))
 
     def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample ε-prediction loss ``[B]`` of unlearning: ``(ε - ε_θ(x_t, t, c))²`` at uniform t, reduced over
-        C, H, W as the preset's reference does (``reduce``), labels dropped in training mode (``conditioning``)."""
+        """Per-sample ε-prediction loss ``[B]`` of unlearning: ``(ε - ε_θ(x_t, t, c))²`` at the preset's timesteps
+        (``timesteps``), reduced over C, H, W as its reference does (``reduce``), labels dropped in training mode
+        (``conditioning``)."""
         images, batch_labels = batch
-        return self.reduce(self._squared_error(model, images, batch_labels if labels is None else labels))
+        labels = batch_labels if labels is None else labels
+        return self.reduce(self._squared_error(model, images, labels, self.preset.objective.timesteps))
 
-    def _squared_error(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``(ε - ε_θ(x_t, t, c))²`` ``[B, C, H, W]`` at uniform t; labels dropped (``conditioning``) before the noise
-        is drawn, the order the cached pretrainings used."""
+    def _squared_error(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scheme: str) -> torch.Tensor:
+        """``(ε - ε_θ(x_t, t, c))²`` ``[B, C, H, W]`` with t drawn by ``scheme``; labels dropped (``conditioning``)
+        before the noise is drawn, the order the cached pretrainings used."""
         conditions = self.conditioning(model, labels)
-        noisy, noise, timesteps = self._noised(images)
+        noisy, noise, timesteps = self._noised(images, scheme)
         predicted = self.predict_noise(model, noisy, timesteps, conditions)
         return (predicted.float() - noise.float()).pow(2)
 
-    def _noised(self, images: torch.Tensor, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, ε, t)`` for clean ``images``: uniform t unless given."""
+    def timesteps(self, count: int, scheme: str, device: torch.device) -> torch.Tensor:
+        """``count`` training timesteps ``[count]``: ``uniform``, or ``antithetic`` as the DDPM references draw them
+        (``count // 2 + 1`` uniform, then T-1-t of those, cut to ``count``: one timestep per sample, the batch balanced
+        between noisy and clean ends)."""
+        steps = self.scheduler.config.num_train_timesteps
+        if scheme == "uniform":
+            return torch.randint(0, steps, (count,), device=device)
+        first = torch.randint(0, steps, (count // 2 + 1,), device=device)
+        return torch.cat([first, steps - 1 - first])[:count]
+
+    def _noised(self, images: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, ε, t)`` for clean ``images``, t drawn by ``scheme`` after the noise."""
         clean = self.encode(images)
         noise = torch.randn_like(clean)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+        timesteps = self.timesteps(len(clean), scheme, clean.device)
         return self.scheduler.add_noise(clean, noise, timesteps), noise, timesteps
 
     @property
     def importance_loss_id(self) -> str:
         objective = self.preset.objective
-        return f"guided_eps_{objective.importance_timesteps}_s{objective.importance_guidance}_{objective.reduction}"
+        return f"guided_eps_{objective.timesteps}_per_sample_s{objective.importance_guidance}_{objective.reduction}"
 
     def importance_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The loss ``[B]`` whose gradients give Fishers and saliency, as the preset's reference computes it
         (``preset.objective``): the guided ε ``ε_null + s (ε_c - ε_null)`` (s = 1: ε_c alone) against the true noise,
-        reduced like ``loss``, at ``antithetic`` timesteps (t and T-1-t, their two losses averaged) or ``uniform`` ones."""
+        reduced like ``loss``, at the preset's timesteps (one per sample), labels never dropped."""
         images, labels = batch
-        objective = self.preset.objective
-        steps = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (len(images),), device=images.device)
-        pairs = 2 if objective.importance_timesteps == "antithetic" else 1
-        if pairs == 2:
-            images, labels, t = torch.cat([images, images]), torch.cat([labels, labels]), torch.cat([t, steps - 1 - t])
-        noisy, noise, timesteps = self._noised(images, t)
+        noisy, noise, timesteps = self._noised(images, self.preset.objective.timesteps)
         predicted = self.predict_noise(model, noisy, timesteps, labels)
-        if objective.importance_guidance != 1.0:
+        guidance = self.preset.objective.importance_guidance
+        if guidance != 1.0:
             unconditional = self.predict_noise(model, noisy, timesteps, torch.full_like(labels, self.null_class))
-            predicted = unconditional + objective.importance_guidance * (predicted - unconditional)
-        per_sample = self.reduce((predicted.float() - noise.float()).pow(2))
-        return per_sample.view(pairs, -1).mean(dim=0)
+            predicted = unconditional + guidance * (predicted - unconditional)
+        return self.reduce((predicted.float() - noise.float()).pow(2))
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """Diffusion-space tensors ``[B, C', H', W']`` -> images in [-1, 1] (identity without a VAE)."""
@@ -158,17 +163,17 @@ class DiffusionTask:
         if form != "eps_match":
             raise UserError(f"unknown rl_form {form!r}; use eps_match or relabel")
         images, forget_labels = batch
-        noisy, _, timesteps = self._noised(images)
+        noisy, _, timesteps = self._noised(images, self.preset.objective.timesteps)
         with torch.no_grad():
             target = self.predict_noise(model, noisy, timesteps, self.conditioning(model, labels))
         predicted = self.predict_noise(model, noisy, timesteps, self.conditioning(model, forget_labels))
         return (predicted.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The (pre)training loss ``[B]``: the ε error averaged over C, H, W (diffusers' training scripts; with Adam
-        the scale barely matters and cached pretrained weights stay valid), labels dropped as in ``loss``."""
+        """The (pre)training loss ``[B]``: the ε error averaged over C, H, W at uniform t (diffusers' training scripts;
+        with Adam the scale barely matters and cached pretrained weights stay valid), labels dropped as in ``loss``."""
         images, labels = batch
-        return self._squared_error(model, images, labels).mean(dim=(1, 2, 3))
+        return self._squared_error(model, images, labels, "uniform").mean(dim=(1, 2, 3))
 
     def fresh_model(self) -> Denoiser:
         return build_denoiser(self.preset, self.num_classes)
