@@ -2,8 +2,8 @@
 and the retrain oracle once per (preset, class).
 
 Each run keeps a checkpoint every --every steps. Every checkpoint is screened with --screen-samples samples of the
-forgotten class; where the screen reads <= 0.15, the judgement uses --forget-samples samples (the screen's samples
-are their first ones), until forget_acc <= 0.01 has been seen. The remaining classes (FID, per-class accuracy) are
+forgotten class; where the screen reads <= 0.15, the judgement uses --forget-samples samples, until forget_acc
+<= 0.01 has been seen (and always at the end). The remaining classes (FID, per-class accuracy) are
 sampled at the first steps with forget_acc <= 0.05 and <= 0.01, every --fid-every steps, and at the end. FID
 ratios are against the original model under the same protocol and seed; data-free runs measure FID against the
 original model's own samples. Standard errors: binomial for accuracies, a bootstrap over the samples for FID.
@@ -218,6 +218,15 @@ def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
     return results
 
 
+def finished_cells(output: Path) -> list[dict]:
+    """Every finished run and oracle in ``output/cells`` (the originals are inside them)."""
+    cells = [json.loads(path.read_text()) for path in sorted((output / "cells").glob("*.json"))]
+    found = [cell for cell in cells if cell["method"] != "original"]
+    if not found:
+        raise UserError(f"{output / 'cells'} holds no finished run; run the grid first")
+    return found
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Per (preset, method, data, processes): mean ± std and worst over classes x seeds of the headline figures."""
     oracle_time = {(r["preset"], r["forget_class"]): r["wall_time_s"] for r in results if r["method"] == "retrain"}
@@ -254,7 +263,9 @@ def _ms(stats: dict | None, digits: int = 3) -> str:
     return "n/a" if not stats or "mean" not in stats else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def _hit(stats: dict, runs: int) -> str:
+def _hit(stats: dict, runs: int, method: str) -> str:
+    if method == "retrain":
+        return "n/a"  # the oracle is judged once, at its end
     return f"never (0/{runs})" if not stats["reached"] else f"{stats['mean']:.0f} ± {stats['std']:.0f} ({stats['reached']}/{runs})"
 
 
@@ -277,6 +288,20 @@ def targets(rows: list[dict]) -> list[str]:
         verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'} ({value})" for name, ok, value in checks)
         lines.append(f"- {row['preset']}, {row['data']}: {verdicts}")
     by_key = {(r["preset"], r["method"], r["data"], r["processes"]): r for r in rows}
+    for (preset, method, data, processes), row in by_key.items():
+        if method != "sfron" or processes != 1:
+            continue
+        for other in ("salun", "random_label"):
+            rival = by_key.get((preset, other, data, 1))
+            if rival is None:
+                continue
+            mine, theirs = row["hit_05"], rival["hit_05"]
+            fewer = bool(mine["reached"]) and (not theirs["reached"] or mine["mean"] < theirs["mean"])
+            ratios = [row["fid_ratio_at_hit_05"], rival["fid_ratio_at_hit_05"]]
+            lower = ratios[0] is not None and (ratios[1] is None or ratios[0]["mean"] <= ratios[1]["mean"])
+            lines.append(f"- {preset}, {data}: SFR-on reaches forget_acc <= 0.05 at step {_hit(mine, row['runs'], method)} with FID "
+                         f"ratio {_ms(ratios[0], 2)}; {other} at {_hit(theirs, rival['runs'], other)} with {_ms(ratios[1], 2)}: SFR-on "
+                         f"{'is' if fewer and lower else 'is NOT'} faster at equal or lower FID ratio")
     for (preset, method, data, processes), row in by_key.items():
         single = by_key.get((preset, method, data, 1))
         if processes == 1 or single is None:
@@ -304,8 +329,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {r['method']} | {r['data']} | {r['processes']} | {r['runs']} | {r['steps']} | {_ms(r['forget_acc'])} ({r['forget_worst']:.3f}) | "
                 f"{_ms(r['fid_ratio'], 2)} [SE {r['fid_ratio_se']:.2f}] ({r['fid_ratio_worst']:.2f}) | {_ms(r['remain_acc'])} | "
-                f"{_ms(r['worst_class_drop'])} ({r['worst_class_drop_worst']:.3f}) | {_hit(r['hit_05'], r['runs'])} | "
-                f"{_ms(r['fid_ratio_at_hit_05'], 2)} | {_hit(r['hit_01'], r['runs'])} | {r['wall_time_s']['mean']:.1f} | {ratio} |")
+                f"{_ms(r['worst_class_drop'])} ({r['worst_class_drop_worst']:.3f}) | {_hit(r['hit_05'], r['runs'], r['method'])} | "
+                f"{_ms(r['fid_ratio_at_hit_05'], 2)} | {_hit(r['hit_01'], r['runs'], r['method'])} | {r['wall_time_s']['mean']:.1f} | {ratio} |")
         lines.append("")
     lines += ["## Targets (SFR-on)", "", *targets(rows), ""]
     return "\n".join(lines)
@@ -367,11 +392,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data-free, 50 samples per remaining class, no oracle (~15 min on 2 cores)")
     parser.add_argument("--pretrained", help="a pipeline folder to start from instead of the preset's weights (one preset)")
     parser.add_argument("--eval-steps", type=int, help="sampling steps of every evaluation (default: the preset's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: summarise every finished cell in OUTPUT/cells (a partial or mixed grid)")
     parser.add_argument("--cache-dir", help="pretrained models and generated sets (default: $GENUNLEARN_CACHE)")
-    parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/forget_quality"))
+    parser.add_argument("--output", type=Path, help="default: outputs/benchmarks/forget_quality (--quick: forget_quality-quick)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
+    args.output = args.output or Path("outputs/benchmarks") / ("forget_quality-quick" if args.quick else "forget_quality")
     if args.every < 1 or args.fid_every % args.every or args.screen_samples > args.forget_samples:
         parser.error("--every must be >= 1, --fid-every a multiple of it, --screen-samples <= --forget-samples")
     args.overrides = dict(args.settings)
@@ -382,12 +410,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator()
     try:
-        results = run_grid(args, accelerator)
+        results = finished_cells(args.output) if args.report_only else run_grid(args, accelerator)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
+    vars(args).update(results[0]["grid_settings"])  # --report-only: the settings the cells were measured with
     if not accelerator.is_main_process:
         return
-    shutil.rmtree(args.output / "work", ignore_errors=True)
+    if (args.output / "work").is_dir() and not any((args.output / "work").iterdir()):
+        (args.output / "work").rmdir()  # each run removes its own checkpoints; another grid may still be running
     rows = summarise(results)
     stem = args.output / "forget_quality"
     atomic_write_text(stem.with_suffix(".json"), json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "output"} |
