@@ -127,14 +127,15 @@ def evaluate_generator(
     if reference is not None:
         generated = {c: extract_features(samples[c], fid.extractor) for c in remaining + heldout}
 
-        def pooled_fid(classes: list[int]) -> float:
-            return fid_from_features(torch.cat([reference[c] for c in classes]), torch.cat([generated[c] for c in classes]), fid.library)
+        def pooled(features: dict[int, torch.Tensor], classes: list[int]) -> torch.Tensor:
+            return torch.cat([features[c] for c in classes])
 
-        metrics["fid_remain"] = pooled_fid(remaining)
+        remain_reference = pooled(reference, remaining)
+        metrics["fid_remain"] = fid_from_features(remain_reference, pooled(generated, remaining), fid.library)
         if fid_draws:
-            pooled_reference = torch.cat([reference[c] for c in remaining])
-            metrics["fid_remain_std"] = bootstrap_fid_std(pooled_reference, [generated[c] for c in remaining], fid.library, fid_draws)
-        metrics["fid_heldout"] = pooled_fid(heldout) if heldout else None
+            metrics["fid_remain_std"] = bootstrap_fid_std(remain_reference, [generated[c] for c in remaining], fid.library, fid_draws)
+        if heldout:
+            metrics["fid_heldout"] = fid_from_features(pooled(reference, heldout), pooled(generated, heldout), fid.library)
         metrics["fid_per_class"] = {str(c): fid_from_features(reference[c], generated[c], fid.library) for c in remaining + heldout}
     return metrics, samples
 
