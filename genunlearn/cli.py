@@ -142,8 +142,8 @@ def forget_parser(sweep: bool = False) -> argparse.ArgumentParser:
         parser.add_argument("--set", dest="axes", type=parse_axis, nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                             help="grid axes: a method setting and its values, e.g. --set mask_threshold=1,2,3 lr=5e-5,1e-4")
         parser.add_argument("--target", dest="targets", type=parse_target, nargs="+", action="extend", default=[],
-                            metavar="FIGURE<=X", help="what a cell must reach (mean over seeds), e.g. --target forget_acc<=0.05 "
-                            "fid_ratio<=1.15 (figures: forget_acc, fid_ratio, remain_acc, retain_acc, test_acc, steps)")
+                            metavar="FIGURE<=X", help="what a cell must reach (mean over seeds), e.g. --target 'forget_acc<=0.05' "
+                            "'fid_ratio<=1.15' (quoted: <= is a shell redirection; figures: forget_acc, fid_ratio, remain_acc, retain_acc, test_acc, steps)")
     else:
         parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                             help="any other method setting, e.g. --set forget_weight=2 (repeatable)")
