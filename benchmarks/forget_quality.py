@@ -115,12 +115,24 @@ def checkpoints(folder: Path, template: torch.nn.Module):
         yield int(path.name.removeprefix(CHECKPOINT_PREFIX)), model
 
 
+def run_config(cell: Cell, overrides: dict, every: int):
+    """The method and its resolved settings for a run cell (the preset's defaults under the grid's overrides)."""
+    return method_config(cell.method, get_preset(cell.preset),
+                         {"seed": cell.seed, **overrides, "checkpoint_every": every, "keep_checkpoints": 10**6})
+
+
+def run_settings(cell: Cell, args: argparse.Namespace) -> dict | None:
+    """A run cell's resolved method settings as its JSON holds them (None for the original and the oracle)."""
+    if cell.method in ("original", "retrain"):
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(run_config(cell, args.overrides, args.every)[1])))
+
+
 def run_method(cell: Cell, evaluator: Evaluator, original: dict, overrides: dict, work: Path, accelerator) -> dict:
     """Unlearn with checkpoints, judge every checkpoint (screen, then full near the thresholds), score the remaining
     classes at the threshold crossings, every --fid-every steps and at the end."""
     args, setup = evaluator.args, evaluator.setup
-    spec, cfg = method_config(cell.method, get_preset(cell.preset),
-                              {"seed": cell.seed, **overrides, "checkpoint_every": args.every, "keep_checkpoints": 10**6})
+    spec, cfg = run_config(cell, overrides, args.every)
     setup.task.cache_dir = None  # Fishers and saliency recomputed per run: the wall time includes the mask
     if accelerator.is_main_process:
         shutil.rmtree(work, ignore_errors=True)
@@ -171,14 +183,17 @@ def grid_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def cached(path: Path, compute, settings: dict, accelerator) -> dict:
+def cached(path: Path, compute, settings: dict, accelerator, method_settings: dict | None = None) -> dict:
     """The JSON in ``path`` if it exists (a finished cell), else ``compute()`` written there atomically by the main
-    process; a finished cell of other ``settings`` is refused."""
+    process; a finished cell of other grid ``settings`` or other ``method_settings`` (a changed preset) is refused."""
     found = [json.loads(path.read_text()) if path.is_file() else None]
     broadcast_object_list(found)
     if found[0] is not None:
         if found[0]["grid_settings"] != settings:
             raise UserError(f"{path} was measured with other settings ({found[0]['grid_settings']}); choose another --output")
+        if method_settings is not None and found[0].get("settings") != method_settings:
+            changed = sorted(k for k in method_settings if found[0].get("settings", {}).get(k) != method_settings[k])
+            raise UserError(f"{path} was measured with other method settings ({', '.join(changed)} changed); choose another --output")
         return found[0]
     value = {**compute(), "grid_settings": settings}
     if accelerator.is_main_process:
@@ -202,7 +217,7 @@ def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
                     if args.oracle and data == "real" and seed == args.seeds[0]:
                         todo.append(Cell(preset, data, "retrain", forget_class, seed, processes))
                     if all((cells_dir / f"{c.name()}.json").is_file() for c in todo):
-                        results += [cached(cells_dir / f"{c.name()}.json", None, settings, accelerator) for c in todo]
+                        results += [cached(cells_dir / f"{c.name()}.json", None, settings, accelerator, run_settings(c, args)) for c in todo]
                         continue
                     evaluator = Evaluator(prepare_diffusion(job, get_preset(preset), accelerator), args, accelerator)
                     base = Cell(preset, data, "original", forget_class, seed)
@@ -214,7 +229,7 @@ def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
                             entry = (run_oracle(cell, evaluator, original, accelerator) if cell.method == "retrain"
                                      else run_method(cell, evaluator, original, args.overrides, args.output / "work" / cell.name(), accelerator))
                             return {**dataclasses.asdict(cell), "original": original, **entry}
-                        results.append(cached(cells_dir / f"{cell.name()}.json", compute, settings, accelerator))
+                        results.append(cached(cells_dir / f"{cell.name()}.json", compute, settings, accelerator, run_settings(cell, args)))
     return results
 
 

@@ -252,3 +252,8 @@ def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_
     changed[changed.index("--remain-samples") + 1] = "5"
     with pytest.raises(SystemExit, match="other settings"):  # finished cells are reused only under the same settings
         benchmark.main(changed)
+    earlier = json.loads(cells[2].read_text())
+    earlier["settings"]["mask_threshold"] += 1  # a cell measured before the preset's defaults changed
+    cells[2].write_text(json.dumps(earlier))
+    with pytest.raises(SystemExit, match="other method settings .mask_threshold changed"):
+        benchmark.main(argv)
