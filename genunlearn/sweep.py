@@ -140,22 +140,14 @@ def save_heatmap(sweep: dict, path) -> None:
     extra = axes[2:]
     panels = list(itertools.product(*(range(len(v)) for _, v in extra))) or [()]
     second = "fid_ratio" if sweep["kind"] == "diffusion" else "test_acc"
-    by_index = {tuple(c["index"]): c for c in sweep["cells"]}
-
-    def cell_at(r: int, c: int, panel: tuple) -> dict:
-        plotted = (r, c, *panel)[: len(axes)]
-        index = [0] * len(axes)
-        for position, axis_number in enumerate(order):
-            index[axis_number] = plotted[position]
-        return by_index[tuple(index)]
-
+    cells = {tuple(c["index"][i] for i in order): c for c in sweep["cells"]}  # keyed in the plotted axis order
     figure, grid = plt.subplots(1, len(panels), figsize=(1.3 * len(cols) * len(panels) + 2.5, 0.9 * len(rows) + 2), squeeze=False)
     for axis, panel in zip(grid[0], panels):
-        values = [[cell_at(r, c, panel)["figures"]["forget_acc"]["mean"] for c in range(len(cols))] for r in range(len(rows))]
+        values = [[cells[(r, c, *panel)[: len(axes)]]["figures"]["forget_acc"]["mean"] for c in range(len(cols))] for r in range(len(rows))]
         image = axis.imshow(values, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
         for r in range(len(rows)):
             for c in range(len(cols)):
-                cell = cell_at(r, c, panel)
+                cell = cells[(r, c, *panel)[: len(axes)]]
                 mark = " *" if cell["robust"] else ""
                 axis.text(c, r, f"{values[r][c]:.2f}{mark}\n{second} {cell['figures'][second]['mean']:.2f}", ha="center",
                           va="center", fontsize=7, fontweight="bold" if cell["meets"] else "normal")
