@@ -14,7 +14,8 @@ from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iteration, joint_iteration
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
-from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights
+from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights, random_other_labels
+from genunlearn.errors import UserError
 from genunlearn.engine.saliency import CYCLED_ORDER_SEED, accumulate_gradients, cached_gradient_statistics
 from helpers import accelerate_launch
 
@@ -149,6 +150,22 @@ def _context(model, accelerator, lr=0.1, momentum=0.0, weight_decay=0.0):
     cfg = LoopConfig(steps=1, lr=lr, momentum=momentum, weight_decay=weight_decay)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     return StepContext(0, model, optimizer, accelerator, None, cfg, None, None)
+
+
+def test_rl_other_labels_are_random_or_the_references_fixed_shift(accelerator):
+    """rl's other label: by default a random other class per sample (several targets for one class); with
+    rl_shift = k every sample of class c gets (c + k) mod K, as the DDPM references' (c_f + 1) mod 10."""
+    ctx = _context(linear_model(), accelerator)
+    labels = torch.full((200,), 8)
+    drawn = random_other_labels(labels, 10, ctx)
+    assert not (drawn == 8).any() and len(drawn.unique()) == 9
+    ctx.cfg.rl_shift = 1
+    assert torch.equal(random_other_labels(torch.tensor([8, 9, 0]), 10, ctx), torch.tensor([9, 0, 1]))
+    ctx.cfg.rl_shift = 10
+    with pytest.raises(UserError, match="maps every class onto itself"):
+        random_other_labels(labels, 10, ctx)
+    with pytest.raises(UserError, match="rl_shift must be at least 1"):
+        LoopConfig(rl_shift=0)
 
 
 def test_remain_gradient_is_taken_at_post_forget_weights(accelerator):

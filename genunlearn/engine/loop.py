@@ -50,6 +50,7 @@ class LoopConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     rl_form: str = "eps_match"  # diffusion random-label form: eps_match (SalUn DDPM) or relabel (SFR-on DiT)
+    rl_shift: int | None = None  # rl's other label: None a random other class per sample; k: (c + k) mod K for all
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -66,6 +67,8 @@ class LoopConfig:
             raise UserError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.rl_form not in ("eps_match", "relabel"):
             raise UserError(f"unknown rl_form {self.rl_form!r}; use eps_match or relabel")
+        if self.rl_shift is not None and self.rl_shift < 1:
+            raise UserError(f"rl_shift must be at least 1 (or unset for random other classes), got {self.rl_shift}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``."""

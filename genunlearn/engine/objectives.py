@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from genunlearn.errors import UserError
 from genunlearn.tasks.base import Batch, Task
 
 if TYPE_CHECKING:
@@ -33,13 +34,19 @@ def adaptive_gradient_ascent(task: Task, model: nn.Module, batch: Batch, tempera
 
 
 def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContext") -> torch.Tensor:
-    """A uniformly random label different from each true label ``[B]`` (shift by 1..K-1, mod K)."""
-    shift = ctx.global_randint(num_classes - 1, len(labels)) + 1
+    """The other label of each true label ``[B]``: uniformly random (shift by 1..K-1, mod K), or with
+    ``ctx.cfg.rl_shift`` = k the fixed (c + k) mod K, as the references fix it (DDPM k = 1, DiT k = 100)."""
+    shift = ctx.cfg.rl_shift
+    if shift is None:
+        return (labels + ctx.global_randint(num_classes - 1, len(labels)) + 1) % num_classes
+    if shift % num_classes == 0:
+        raise UserError(f"rl_shift {shift} maps every class onto itself with {num_classes} classes; use 1..{num_classes - 1}")
     return (labels + shift) % num_classes
 
 
 def random_label(task: Task, model: nn.Module, batch: Batch, ctx: "StepContext") -> torch.Tensor:
-    """``rl``: the task's random-label loss towards random *other* classes (form ``ctx.cfg.rl_form``), batch mean."""
+    """``rl``: the task's random-label loss towards *other* classes (``random_other_labels``; form ``ctx.cfg.rl_form``),
+    batch mean."""
     labels = random_other_labels(batch[1], task.num_classes, ctx)
     return task.random_label_loss(model, batch, labels, form=ctx.cfg.rl_form).mean()
 
