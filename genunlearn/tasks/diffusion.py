@@ -156,8 +156,8 @@ class DiffusionTask:
         ``(ε_θ(x_t, t, c_f) - sg[ε_θ(x_t, t, c')])²`` averaged over C, H, W whatever ``reduce`` does (the reference's
         ``nn.MSELoss`` is an element mean while its retain loss is a sum), both passes' labels dropped in training
         mode, pulling the forget class's prediction onto another class's at the same x_t and t. ``relabel`` (SFR-on's DiT form): the ordinary ε loss on the
-        forget images with their label swapped to c' (the reference fixes c' = c_f + 100 mod 1000; ``labels``
-        are random other classes here, so the form works for any class count)."""
+        forget images with their label swapped to c' (the reference fixes c' = c_f + 100 mod 1000: ``rl_shift: 100``;
+        ``labels`` come from ``random_other_labels``)."""
         if form == "relabel":
             return self.loss(model, (batch[0], labels))
         if form != "eps_match":
