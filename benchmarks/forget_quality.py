@@ -176,6 +176,12 @@ def run_oracle(cell: Cell, evaluator: Evaluator, original: dict, accelerator) ->
     return {"steps": result.steps, "wall_time_s": wall, "curve": [], "remain": [], "final": final}
 
 
+def device_name(accelerator) -> str:
+    """What a run's wall time was measured on: the GPU's name, or "cpu"."""
+    device = accelerator.device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def grid_settings(args: argparse.Namespace) -> dict:
     """The settings every cell's figures depend on; a cell is reused only under the same ones."""
     keys = ("every", "fid_every", "forget_samples", "screen_samples", "remain_samples", "data_free_samples", "overrides",
@@ -228,7 +234,7 @@ def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
                             print(f"running {cell.name()}", flush=True)
                             entry = (run_oracle(cell, evaluator, original, accelerator) if cell.method == "retrain"
                                      else run_method(cell, evaluator, original, args.overrides, args.output / "work" / cell.name(), accelerator))
-                            return {**dataclasses.asdict(cell), "original": original, **entry}
+                            return {**dataclasses.asdict(cell), "device": device_name(accelerator), "original": original, **entry}
                         results.append(cached(cells_dir / f"{cell.name()}.json", compute, settings, accelerator, run_settings(cell, args)))
     return results
 
@@ -248,15 +254,16 @@ def within(value: float, bound: float) -> bool:
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """Per (preset, method, data, processes): mean ± std and worst over classes x seeds of the headline figures."""
-    oracle_time = {(r["preset"], r["forget_class"]): r["wall_time_s"] for r in results if r["method"] == "retrain"}
+    """Per (preset, method, data, processes, device): mean ± std and worst over classes x seeds of the headline
+    figures; wall times are compared with the oracle's on the same device."""
+    oracle_time = {(r["preset"], r["forget_class"], r.get("device", "cpu")): r["wall_time_s"] for r in results if r["method"] == "retrain"}
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["preset"], r["method"], r["data"], r["processes"]), []).append(r)
+        groups.setdefault((r["preset"], r["method"], r["data"], r["processes"], r.get("device", "cpu")), []).append(r)
     rows = []
-    for (preset, method, data, processes), runs in groups.items():
+    for (preset, method, data, processes, device), runs in groups.items():
         final = [r["final"] for r in runs]
-        row = {"preset": preset, "method": method, "data": data, "processes": processes, "runs": len(runs),
+        row = {"preset": preset, "method": method, "data": data, "processes": processes, "device": device, "runs": len(runs),
                "steps": max(r["steps"] for r in runs),
                "forget_acc": mean_std([f["forget_acc"] for f in final]), "forget_worst": max(f["forget_acc"] for f in final),
                "forget_n": min(f["forget_n"] for f in final),
@@ -266,7 +273,8 @@ def summarise(results: list[dict]) -> list[dict]:
                "worst_class_drop": mean_std([f["worst_class_drop"] for f in final]),
                "worst_class_drop_worst": max(f["worst_class_drop"] for f in final),
                "wall_time_s": mean_std([r["wall_time_s"] for r in runs])}
-        times = [r["wall_time_s"] / oracle_time[(preset, r["forget_class"])] for r in runs if (preset, r["forget_class"]) in oracle_time]
+        times = [r["wall_time_s"] / oracle_time[(preset, r["forget_class"], device)] for r in runs
+                 if (preset, r["forget_class"], device) in oracle_time]
         row["wall_vs_oracle"] = mean_std(times) if times and method != "retrain" else None
         for key in THRESHOLDS:
             reached = [r for r in runs if r.get(key) is not None]
@@ -276,7 +284,7 @@ def summarise(results: list[dict]) -> list[dict]:
         heldout = [f["heldout_acc"] for f in final if f.get("heldout_acc") is not None]
         row["heldout_acc"] = mean_std(heldout) if heldout else None
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["preset"], r["data"], r["method"], r["processes"]))
+    return sorted(rows, key=lambda r: (r["preset"], r["data"], r["method"], r["processes"], r["device"]))
 
 
 def _ms(stats: dict | None, digits: int = 3) -> str:
@@ -306,30 +314,26 @@ def targets(rows: list[dict]) -> list[str]:
         if row["wall_vs_oracle"]:
             checks.append(("wall time <= 5% of retrain", within(row["wall_vs_oracle"]["mean"], 0.05), f"{100 * row['wall_vs_oracle']['mean']:.1f}%"))
         verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'} ({value})" for name, ok, value in checks)
-        lines.append(f"- {row['preset']}, {row['data']}: {verdicts}")
-    by_key = {(r["preset"], r["method"], r["data"], r["processes"]): r for r in rows}
-    for (preset, method, data, processes), row in by_key.items():
-        if method != "sfron" or processes != 1:
-            continue
-        for other in ("salun", "random_label"):
-            rival = by_key.get((preset, other, data, 1))
-            if rival is None:
-                continue
+        lines.append(f"- {row['preset']}, {row['data']} ({row['device']}): {verdicts}")
+
+    def runs_of(preset: str, method: str, data: str) -> list[dict]:  # 1-process rows, on any device
+        return [r for r in rows if (r["preset"], r["method"], r["data"], r["processes"]) == (preset, method, data, 1)]
+
+    for row in (r for r in rows if r["method"] == "sfron" and r["processes"] == 1):
+        for rival in (r for other in ("salun", "random_label") for r in runs_of(row["preset"], other, row["data"])):
             mine, theirs = row["hit_05"], rival["hit_05"]
             fewer = bool(mine["reached"]) and (not theirs["reached"] or mine["mean"] < theirs["mean"])
             ratios = [row["fid_ratio_at_hit_05"], rival["fid_ratio_at_hit_05"]]
             lower = ratios[0] is not None and (ratios[1] is None or ratios[0]["mean"] <= ratios[1]["mean"])
-            lines.append(f"- {preset}, {data}: SFR-on reaches forget_acc <= 0.05 at step {_hit(mine, row['runs'], method)} with FID "
-                         f"ratio {_ms(ratios[0], 2)}; {other} at {_hit(theirs, rival['runs'], other)} with {_ms(ratios[1], 2)}: SFR-on "
-                         f"{'is' if fewer and lower else 'is NOT'} faster at equal or lower FID ratio")
-    for (preset, method, data, processes), row in by_key.items():
-        single = by_key.get((preset, method, data, 1))
-        if processes == 1 or single is None:
-            continue
-        close = [abs(row[k]["mean"] - single[k]["mean"]) <= single[k]["std"] for k in ("forget_acc", "fid_ratio")]
-        lines.append(f"- {preset}, {method}, {data}, {processes} processes vs 1: forget_acc {_ms(row['forget_acc'])} vs "
-                     f"{_ms(single['forget_acc'])}, FID ratio {_ms(row['fid_ratio'], 2)} vs {_ms(single['fid_ratio'], 2)}: "
-                     f"{'within' if all(close) else 'NOT within'} one 1-process std")
+            lines.append(f"- {row['preset']}, {row['data']}: SFR-on reaches forget_acc <= 0.05 at step {_hit(mine, row['runs'], 'sfron')} "
+                         f"with FID ratio {_ms(ratios[0], 2)}; {rival['method']} at {_hit(theirs, rival['runs'], rival['method'])} with "
+                         f"{_ms(ratios[1], 2)}: SFR-on {'is' if fewer and lower else 'is NOT'} faster at equal or lower FID ratio")
+    for row in (r for r in rows if r["processes"] != 1):
+        for single in runs_of(row["preset"], row["method"], row["data"]):
+            close = [abs(row[k]["mean"] - single[k]["mean"]) <= single[k]["std"] for k in ("forget_acc", "fid_ratio")]
+            lines.append(f"- {row['preset']}, {row['method']}, {row['data']}, {row['processes']} processes vs 1: forget_acc "
+                         f"{_ms(row['forget_acc'])} vs {_ms(single['forget_acc'])}, FID ratio {_ms(row['fid_ratio'], 2)} vs "
+                         f"{_ms(single['fid_ratio'], 2)}: {'within' if all(close) else 'NOT within'} one 1-process std")
     return lines
 
 
@@ -341,13 +345,13 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
              "the highest forget_acc / FID ratio / class drop of any run; wall time includes the mask (Fishers, saliency). Hits: the first evaluated step (every "
              f"{args.every}) with forget_acc <= 0.05 / 0.01, mean ± std over the runs that reach it (reached/runs).", ""]
     for preset in dict.fromkeys(r["preset"] for r in rows):
-        lines += [f"## {preset}", "", "| method | data | procs | runs | steps | forget_acc (worst) | FID ratio [mean SE] (worst) | "
+        lines += [f"## {preset}", "", "| method | data | procs | device | runs | steps | forget_acc (worst) | FID ratio [mean SE] (worst) | "
                   "remain_acc | worst class drop (worst) | step to <= 0.05 | FID ratio there | step to <= 0.01 | wall s | x retrain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["preset"] == preset):
             ratio = "" if not r["wall_vs_oracle"] else f"{r['wall_vs_oracle']['mean']:.3f}"
             lines.append(
-                f"| {r['method']} | {r['data']} | {r['processes']} | {r['runs']} | {r['steps']} | {_ms(r['forget_acc'])} ({r['forget_worst']:.3f}) | "
+                f"| {r['method']} | {r['data']} | {r['processes']} | {r['device']} | {r['runs']} | {r['steps']} | {_ms(r['forget_acc'])} ({r['forget_worst']:.3f}) | "
                 f"{_ms(r['fid_ratio'], 2)} [SE {r['fid_ratio_se']:.2f}] ({r['fid_ratio_worst']:.2f}) | {_ms(r['remain_acc'])} | "
                 f"{_ms(r['worst_class_drop'])} ({r['worst_class_drop_worst']:.3f}) | {_hit(r['hit_05'], r['runs'], r['method'])} | "
                 f"{_ms(r['fid_ratio_at_hit_05'], 2)} | {_hit(r['hit_01'], r['runs'], r['method'])} | {r['wall_time_s']['mean']:.1f} | {ratio} |")

@@ -232,6 +232,7 @@ def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_
                                        "ddpm-digits__real__sfron__c3__s0__p1.json", "ddpm-digits__real__sfron__c3__s1__p1.json"]
     run = json.loads(cells[2].read_text())
     assert [p["step"] for p in run["curve"]] == [2, 4] and run["remain"][-1]["step"] == 4
+    assert run["device"] == "cpu"
     assert run["final"]["forget_n"] in (4, 8) and run["final"]["fid_ratio"] == run["final"]["fid_remain"] / run["original"]["fid_remain"]
     summary = json.loads((out / "forget_quality.json").read_text())["summary"]
     assert len(summary) == 1 and summary[0]["runs"] == 2
@@ -248,6 +249,12 @@ def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_
     benchmark.main(["--report-only", "--output", str(out)])  # the summary of whatever finished, running nothing
     assert capsys.readouterr().out.count("running ") == 0 and running.is_dir()  # nobody else's checkpoints touched
     assert json.loads((out / "forget_quality.json").read_text())["summary"][0]["runs"] == 2
+    moved = json.loads(cells[3].read_text())
+    cells[3].write_text(json.dumps({**moved, "device": "NVIDIA H200"}))  # a run measured on another machine
+    benchmark.main(["--report-only", "--output", str(out)])
+    rows = json.loads((out / "forget_quality.json").read_text())["summary"]
+    assert sorted((r["device"], r["runs"]) for r in rows) == [("NVIDIA H200", 1), ("cpu", 1)]  # never pooled
+    cells[3].write_text(json.dumps(moved))
     changed = list(argv)
     changed[changed.index("--remain-samples") + 1] = "5"
     with pytest.raises(SystemExit, match="other settings"):  # finished cells are reused only under the same settings
