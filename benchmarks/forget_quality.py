@@ -327,7 +327,8 @@ def targets(rows: list[dict]) -> list[str]:
             lower = ratios[0] is not None and (ratios[1] is None or ratios[0]["mean"] <= ratios[1]["mean"])
             lines.append(f"- {row['preset']}, {row['data']}: SFR-on reaches forget_acc <= 0.05 at step {_hit(mine, row['runs'], 'sfron')} "
                          f"with FID ratio {_ms(ratios[0], 2)}; {rival['method']} at {_hit(theirs, rival['runs'], rival['method'])} with "
-                         f"{_ms(ratios[1], 2)}: SFR-on {'is' if fewer and lower else 'is NOT'} faster at equal or lower FID ratio")
+                         f"{_ms(ratios[1], 2)}: SFR-on {'does' if fewer else 'does NOT'} forget in fewer iterations, at "
+                         f"{'an equal or lower' if lower else 'a higher'} FID ratio there")
     for row in (r for r in rows if r["processes"] != 1):
         for single in runs_of(row["preset"], row["method"], row["data"]):
             close = [abs(row[k]["mean"] - single[k]["mean"]) <= single[k]["std"] for k in ("forget_acc", "fid_ratio")]
