@@ -15,8 +15,8 @@ from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iter
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
 from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights, random_other_labels
-from genunlearn.errors import UserError
 from genunlearn.engine.saliency import CYCLED_ORDER_SEED, accumulate_gradients, cached_gradient_statistics
+from genunlearn.errors import UserError
 from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
