@@ -24,13 +24,13 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
 from genunlearn.eval.generator_eval import (
     SamplingProtocol,
-    evaluate_generator,
+    generator_metrics,
     fid_setup,
     reference_features,
     reference_images,
 )
 from genunlearn.eval.plots import plt, save_figure
-from genunlearn.job import method_config
+from genunlearn.methods.registry import method_config
 from genunlearn.models.diffusion_loading import pipeline_for
 from genunlearn.models.store import atomic_write_text
 
@@ -99,7 +99,7 @@ def main() -> None:
 
     def evaluate(model) -> dict:
         pipeline = pipeline_for(task, model)
-        return evaluate_generator(pipeline, classifier, [args.forget_class], remaining, reference, fid, protocol, accelerator)[0]
+        return generator_metrics(pipeline, classifier, [args.forget_class], remaining, reference, fid, protocol, accelerator)[0]
 
     results = {"model": args.model, "class": args.forget_class, "protocol": {**protocol.__dict__, **fid.describe()},
                "original": evaluate(task.model), "methods": {}}

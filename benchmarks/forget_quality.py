@@ -37,10 +37,11 @@ from genunlearn.diffusion_job import DiffusionSetup, prepare_diffusion
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
 from genunlearn.errors import UserError
-from genunlearn.eval.generator_eval import evaluate_generator, forget_sample_accuracy
+from genunlearn.eval.generator_eval import generator_metrics, forget_sample_accuracy
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.seeds import mean_std
-from genunlearn.job import ForgetJob, method_config
+from genunlearn.job import ForgetJob
+from genunlearn.methods.registry import method_config
 from genunlearn.models.diffusion_loading import pipeline_for
 from genunlearn.models.presets import get_preset
 from genunlearn.models.store import atomic_write_text
@@ -87,7 +88,7 @@ class Evaluator:
     def remain(self, model: torch.nn.Module) -> dict:
         setup = self.setup
         protocol = dataclasses.replace(setup.protocol, per_class=self.args.remain_samples)
-        metrics, _ = evaluate_generator(pipeline_for(setup.task, model), setup.classifier, [], setup.remaining, setup.features,
+        metrics, _ = generator_metrics(pipeline_for(setup.task, model), setup.classifier, [], setup.remaining, setup.features,
                                         setup.fid, protocol, self.accelerator, heldout=setup.heldout, fid_draws=FID_DRAWS)
         keys = ("remain_acc", "fid_remain", "fid_remain_std", "heldout_acc", "fid_heldout", "per_class_acc")
         return {k: metrics[k] for k in keys}

@@ -2,22 +2,33 @@
 
 __version__ = "0.1.0"
 
-from genunlearn.api import unlearn  # noqa: E402
+from genunlearn.api import check_split, forget_split, unlearn  # noqa: E402
 from genunlearn.data import ForgetSplit, SplitSpec, load_digits_split, make_forget_split  # noqa: E402
+from genunlearn.data.adapt import as_labeled_dataset  # noqa: E402
 from genunlearn.errors import UserError  # noqa: E402
-from genunlearn.eval.classify import classifier_metrics  # noqa: E402
+from genunlearn.eval.classify import evaluate_classifier  # noqa: E402
+from genunlearn.eval.score import GeneratorScores, evaluate_generator  # noqa: E402
 from genunlearn.methods import METHODS, UnlearnResult  # noqa: E402
 from genunlearn.models.loading import load_task  # noqa: E402
+from genunlearn.tasks.user import classifier_task, diffusion_task, sample_dataset  # noqa: E402
 
 __all__ = [
     "METHODS",
     "ForgetSplit",
+    "GeneratorScores",
     "SplitSpec",
     "UnlearnResult",
     "UserError",
-    "classifier_metrics",
+    "as_labeled_dataset",
+    "check_split",
+    "classifier_task",
+    "diffusion_task",
+    "evaluate_classifier",
+    "evaluate_generator",
+    "forget_split",
     "load_digits_split",
     "load_task",
     "make_forget_split",
+    "sample_dataset",
     "unlearn",
 ]

@@ -19,7 +19,7 @@ from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import (
     FidSetup,
     SamplingProtocol,
-    evaluate_generator,
+    generator_metrics,
     fid_setup,
     forget_sample_accuracy,
     protocol_record,
@@ -29,7 +29,8 @@ from genunlearn.eval.generator_eval import (
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import write_report
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
-from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, method_config, oracle_and_relearning, run_report
+from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, oracle_and_relearning, run_report
+from genunlearn.methods.registry import method_config
 from genunlearn.models.cache import cache_root
 from genunlearn.models.diffusion_loading import (
     load_diffusion_pipeline,
@@ -118,8 +119,8 @@ class DiffusionSetup:
     real: tuple | None
 
     def evaluate(self, model: torch.nn.Module, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor]]:
-        """``evaluate_generator``'s metrics and samples of ``model`` (a denoiser of this task)."""
-        return evaluate_generator(pipeline_for(self.task, model), self.classifier, self.forgotten, self.remaining, self.features,
+        """``generator_metrics``'s metrics and samples of ``model`` (a denoiser of this task)."""
+        return generator_metrics(pipeline_for(self.task, model), self.classifier, self.forgotten, self.remaining, self.features,
                                   self.fid, self.protocol, accelerator, heldout=self.heldout)
 
     def protocol_record(self, mixed_precision: str) -> dict:

@@ -13,8 +13,8 @@ from genunlearn.data.split import check_ids, make_forget_split
 from genunlearn.diffusion_job import GRID_SAMPLES, real_datasets, remain_classes, sampling_protocol
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.eval.classify import classifier_metrics, predict_logits
-from genunlearn.eval.generator_eval import evaluate_generator, fid_setup, protocol_record, reference_features, reference_images
+from genunlearn.eval.classify import evaluate_classifier, predict_logits
+from genunlearn.eval.generator_eval import generator_metrics, fid_setup, protocol_record, reference_features, reference_images
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
 from genunlearn.job import ForgetJob
@@ -35,7 +35,7 @@ def has_target(job: ForgetJob) -> bool:
     return bool(job.classes or job.subclasses) or job.random_fraction is not None
 
 
-def evaluate_classifier(job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> dict:
+def classifier_evaluation(job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> dict:
     """Accuracy on all training and test images, test accuracy per class and, with a forgotten part, the forget
     run's metrics (forget/retain/test accuracy, MIA)."""
     train, test, data_id = load_datasets(preset, job.data)
@@ -51,11 +51,11 @@ def evaluate_classifier(job: ForgetJob, preset: ClassifierPreset, accelerator: A
             metrics["per_class_acc"] = {str(c): float(correct[labels == c].double().mean())
                                         for c in range(len(train.classes)) if (labels == c).any()}
     if split is not None:
-        metrics.update(classifier_metrics(network, split, accelerator))
+        metrics.update(evaluate_classifier(network, split, accelerator))
     return {"metrics": metrics, "data": data_id}
 
 
-def evaluate_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor]]:
+def diffusion_evaluation(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor]]:
     """Sample every evaluated class under the protocol, judge the samples, and measure FID against real images
     (``--data`` or the embedded data; none without real images). ``--class`` marks the forgotten classes."""
     if job.subclasses or job.random_fraction is not None:
@@ -77,7 +77,7 @@ def evaluate_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acc
     if real is not None:
         task = task_from_pipeline(preset, pipeline, real[0], real[1], cache_root=root)
         reference = reference_images(task, real[0], remaining)
-    metrics, samples = evaluate_generator(pipeline, classifier, forgotten, remaining,
+    metrics, samples = generator_metrics(pipeline, classifier, forgotten, remaining,
                                           None if reference is None else reference_features(reference, fid), fid, protocol, accelerator)
     evaluation = protocol_record(protocol, fid, classifier_name, forgotten + remaining, reference, False, accelerator.mixed_precision)
     return {"metrics": metrics, "evaluation": evaluation}, samples
@@ -93,10 +93,10 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     preset = get_preset(job.model)
     samples = None
     if isinstance(preset, DiffusionPreset):
-        entries, samples = evaluate_diffusion(job, preset, accelerator)
+        entries, samples = diffusion_evaluation(job, preset, accelerator)
         kind = "diffusion"
     else:
-        entries, kind = evaluate_classifier(job, preset, accelerator), "classifier"
+        entries, kind = classifier_evaluation(job, preset, accelerator), "classifier"
     report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind,
               "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
               "processes": accelerator.num_processes, **entries}

@@ -15,17 +15,17 @@ import genunlearn
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.eval.classify import accuracy, classifier_metrics, predict_logits
+from genunlearn.eval.classify import accuracy, evaluate_classifier, predict_logits
 from genunlearn.eval.relearn import oracle_gaps, relearn_curve, retrain_oracle
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
-from genunlearn.methods import UnlearnResult, get_method
+from genunlearn.methods import UnlearnResult
+from genunlearn.methods.registry import method_config
 from genunlearn.models.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
 from genunlearn.models.store import WEIGHTS_NAME, atomic_write_text, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
-from genunlearn.training import TrainConfig
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -108,17 +108,6 @@ def check_output_dir(job: ForgetJob) -> None:
         raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
 
 
-def method_config(method: str, preset: Preset, settings: dict):
-    """``(method spec, config)``: its defaults, the pretraining recipe (retrain), the preset's, then ``settings``."""
-    spec = get_method(method)
-    layers = [TrainConfig.from_recipe(preset.train).__dict__] if method == "retrain" else []
-    user = dict(settings)
-    if "steps" in user and "epochs" in {f.name for f in dataclasses.fields(spec.config_class)}:
-        user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
-    layers += [preset.methods.get(method, {}), user]
-    return spec, spec.make_config(*layers)
-
-
 def run_report(kind: str, job: ForgetJob, preset: Preset, split: ForgetSplit, cfg, result: UnlearnResult,
                accelerator: Accelerator, **entries) -> dict:
     """The report's common keys (see ``genunlearn.eval.report``) followed by ``entries``."""
@@ -193,9 +182,9 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
-    before = classifier_metrics(task.model, split, accelerator)
+    before = evaluate_classifier(task.model, split, accelerator)
     result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
-    after = classifier_metrics(result.model, split, accelerator)
+    after = evaluate_classifier(result.model, split, accelerator)
 
     def forget_accuracy(model) -> float:
         return accuracy(*predict_logits(model.to(accelerator.device), split.forget, accelerator))
@@ -208,7 +197,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     def save_oracle(model, folder: Path) -> None:
         save_model_dir(model, {"preset": preset.to_dict(), "classes": train.classes, "retrained_without": split.summary()}, folder)
 
-    extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: classifier_metrics(m, split, accelerator),
+    extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: evaluate_classifier(m, split, accelerator),
                                    forget_accuracy, (save_oracle, load_oracle, WEIGHTS_NAME), accelerator)
     report = run_report("classifier", job, preset, split, cfg, result, accelerator, before=before, after=after,
                         weights=f"{MODEL_DIR}/model.safetensors", **extras)

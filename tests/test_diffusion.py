@@ -204,7 +204,7 @@ def test_random_label_forms():
 def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerator):
     """SalUn's diffusion step: one update on rl(D_f) + 1e-3 L(D_r); weights outside the saliency mask never move."""
     from genunlearn.data.split import SplitSpec, make_forget_split
-    from genunlearn.job import method_config
+    from genunlearn.methods.registry import method_config
 
     task = _task(tiny_unet())
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))
@@ -326,7 +326,7 @@ def test_sfron_forget_and_retain_steps_have_the_clip_norm_when_it_binds(accelera
     """SFR-on's DDPM steps: both the fast (forget) and the slow (retain) step are clipped at 1.0; on the summed loss
     the clip binds, so with plain SGD at lr 1 each step moves the weights by exactly 1 (the reference's balance)."""
     from genunlearn.data.split import SplitSpec, make_forget_split
-    from genunlearn.job import method_config
+    from genunlearn.methods.registry import method_config
 
     task = _objective_task(tiny_unet())
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genunlearn import UserError, classifier_metrics, unlearn
+from genunlearn import UserError, evaluate_classifier, unlearn
 from genunlearn.methods import METHODS
 
 
 @pytest.fixture(scope="module")
 def before(cnn_task, class3_split, accelerator):
-    return classifier_metrics(cnn_task.model, class3_split, accelerator)
+    return evaluate_classifier(cnn_task.model, class3_split, accelerator)
 
 
 def _mean_forget_loss(task, model, split):
@@ -29,7 +29,7 @@ def test_pretrained_model_knows_the_class(before):
 def test_method_forgets_the_class_and_keeps_the_rest(method, cnn_task, class3_split, accelerator, before):
     original = {k: v.clone() for k, v in cnn_task.model.state_dict().items()}
     result = unlearn(cnn_task, class3_split, method, accelerator=accelerator)
-    after = classifier_metrics(result.model, class3_split, accelerator)
+    after = evaluate_classifier(result.model, class3_split, accelerator)
     assert after["forget_acc"] <= 0.05 and after["forget_test_acc"] <= 0.1
     assert after["retain_acc"] >= before["retain_acc"] - 0.03
     assert after["test_acc"] >= before["test_acc"] - 0.03
@@ -40,7 +40,7 @@ def test_method_forgets_the_class_and_keeps_the_rest(method, cnn_task, class3_sp
 @pytest.mark.parametrize("method, settings", [("sfron", {}), ("salun", {}), ("sfron", {"joint": True})])
 def test_saliency_methods_forget_within_two_points(method, settings, cnn_task, class3_split, accelerator, before):
     result = unlearn(cnn_task, class3_split, method, accelerator=accelerator, **settings)
-    after = classifier_metrics(result.model, class3_split, accelerator)
+    after = evaluate_classifier(result.model, class3_split, accelerator)
     assert after["forget_acc"] <= 0.02 and after["forget_test_acc"] <= 0.05
     assert after["retain_acc"] >= before["retain_acc"] - 0.02
     assert after["test_acc"] >= before["test_acc"] - 0.02
@@ -48,14 +48,14 @@ def test_saliency_methods_forget_within_two_points(method, settings, cnn_task, c
 
 
 def test_grad_ascent_forgets_at_some_cost(cnn_task, class3_split, accelerator, before):
-    after = classifier_metrics(unlearn(cnn_task, class3_split, "grad_ascent", accelerator=accelerator).model, class3_split, accelerator)
+    after = evaluate_classifier(unlearn(cnn_task, class3_split, "grad_ascent", accelerator=accelerator).model, class3_split, accelerator)
     assert after["forget_acc"] <= 0.05
     assert after["retain_acc"] >= 0.9  # no retain term: some collateral damage is expected, not collapse
 
 
 def test_finetune_raises_forget_loss_and_keeps_retain(cnn_task, class3_split, accelerator, before):
     result = unlearn(cnn_task, class3_split, "finetune", accelerator=accelerator, steps=100)
-    after = classifier_metrics(result.model, class3_split, accelerator)
+    after = evaluate_classifier(result.model, class3_split, accelerator)
     assert after["retain_acc"] >= before["retain_acc"] - 0.01
     # Never trained on D_f, the model grows less sure of it (training on D_f too would lower this loss);
     # on these well-separated digits fine-tuning alone does not make the class wrong: a weak baseline.

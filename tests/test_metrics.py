@@ -9,7 +9,7 @@ import torch
 
 from torch import nn
 
-from genunlearn.eval.classify import accuracy, class_metrics, classifier_metrics
+from genunlearn.eval.classify import accuracy, class_metrics, evaluate_classifier
 from genunlearn.eval.mia import member_rate, softmax_entropy
 
 
@@ -46,6 +46,6 @@ def test_member_rate_separates_low_from_high_entropy():
 
 
 def test_classifier_metrics_are_fractions(cnn_task, class3_split, accelerator):
-    metrics = classifier_metrics(cnn_task.model, class3_split, accelerator)
+    metrics = evaluate_classifier(cnn_task.model, class3_split, accelerator)
     for key in ("forget_acc", "forget_test_acc", "retain_acc", "test_acc", "mia"):
         assert 0.0 <= metrics[key] <= 1.0

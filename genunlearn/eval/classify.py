@@ -37,7 +37,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     return float((logits.argmax(dim=1) == labels).double().mean())
 
 
-def classifier_metrics(model: nn.Module, split: ForgetSplit, accelerator: Accelerator | None = None) -> dict:
+def evaluate_classifier(model: nn.Module, split: ForgetSplit, accelerator: Accelerator | None = None) -> dict:
     """Accuracies (fractions in [0, 1]) and MIA for ``model`` on ``split``.
 
     ``forget_acc``: on D_f; ``forget_test_acc``: on the forgotten classes' test samples (None for

@@ -23,16 +23,33 @@ INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
 class ClassifierFeatures(nn.Module):
-    """A timm-style classifier's pooled pre-logit features ``[B, num_features]`` for images in [-1, 1]."""
+    """A classifier's pre-logit features ``[B, num_features]`` for images in [-1, 1]: a timm-style model's pooled
+    ``forward_head(..., pre_logits=True)``, or for any other model the input of its last ``nn.Linear`` (its head)."""
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier.eval()
-        self.num_features = int(classifier.num_features)
+        self.timm_style = hasattr(classifier, "forward_head") and hasattr(classifier, "num_features")
+        if self.timm_style:
+            self.num_features = int(classifier.num_features)
+            return
+        heads = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+        if not heads:
+            raise UserError(f"{type(classifier).__name__} has no linear head to take FID features from; pass fid_features='inception'")
+        self.head = heads[-1]
+        self.num_features = self.head.in_features
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.forward_head(self.classifier.forward_features(images), pre_logits=True)
+        if self.timm_style:
+            return self.classifier.forward_head(self.classifier.forward_features(images), pre_logits=True)
+        captured = []
+        hook = self.head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+        try:
+            self.classifier(images)
+        finally:
+            hook.remove()
+        return captured[-1].flatten(1)
 
 
 class InceptionFeatures(nn.Module):

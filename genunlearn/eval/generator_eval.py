@@ -86,7 +86,7 @@ def reference_features(reference: dict[int, torch.Tensor], fid: FidSetup) -> dic
     return {class_id: extract_features(images, fid.extractor) for class_id, images in reference.items()}
 
 
-def evaluate_generator(
+def generator_metrics(
     pipeline: Pipeline, classifier: nn.Module, forgotten: list[int], remaining: list[int],
     reference: dict[int, torch.Tensor] | None, fid: FidSetup, protocol: SamplingProtocol, accelerator: Accelerator,
     heldout: list[int] = (), fid_draws: int = 0,

@@ -36,10 +36,14 @@ class MethodRun(Protocol):
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method; ``preset_layer(preset)`` gives the settings it takes from a preset beyond the preset's
+    ``methods:`` block (``retrain``: the pretraining recipe)."""
+
     name: str
     summary: str
     config_class: type
     run: MethodRun
+    preset_layer: Callable[[object], dict] | None = None
 
     def make_config(self, *overrides: dict) -> object:
         """The config from its defaults, then each dict in ``overrides`` in turn; unknown keys are a UserError."""
@@ -74,11 +78,12 @@ def _typed(key: str, value, hint):
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, summary: str, config_class: type) -> Callable[[MethodRun], MethodRun]:
+def register_method(name: str, summary: str, config_class: type,
+                    preset_layer: Callable[[object], dict] | None = None) -> Callable[[MethodRun], MethodRun]:
     """Decorator adding a method's run function to ``METHODS`` under ``name``."""
 
     def add(run: MethodRun) -> MethodRun:
-        METHODS[name] = MethodSpec(name, summary, config_class, run)
+        METHODS[name] = MethodSpec(name, summary, config_class, run, preset_layer)
         return run
 
     return add
@@ -88,3 +93,15 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))} (see `genunlearn methods`)")
     return METHODS[name]
+
+
+def method_config(method: str, preset, settings: dict) -> tuple[MethodSpec, object]:
+    """``(method spec, config)``: the method's defaults, its ``preset_layer``, the preset's ``methods:`` block for it,
+    then ``settings``."""
+    spec = get_method(method)
+    layers = [spec.preset_layer(preset)] if spec.preset_layer else []
+    user = dict(settings)
+    if "steps" in user and "epochs" in {f.name for f in dataclasses.fields(spec.config_class)}:
+        user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
+    layers += [preset.methods.get(method, {}), user]
+    return spec, spec.make_config(*layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ def _use_small_image_stem(model: nn.Module, channels: int) -> None:
 
 class ClassifierTask:
     """A classifier, the preset that built it, the data it was trained on, and where its derived
-    artefacts (Fishers, masks) are cached (None: not cached). A PEFT preset's model trains with ``frozen_batchnorm``:
+    artefacts (Fishers, masks) are cached (None: not cached); ``model_factory`` builds the untrained network ``retrain``
+    starts from (default: the preset's timm model). A PEFT preset's model trains with ``frozen_batchnorm``:
     the backbone's BatchNorm running statistics are part of the frozen backbone (the NTK reference's ``--disable-bn``),
     so they never absorb D_f and the trained function is the eval-mode one that Fast-NTK linearises."""
 
@@ -59,8 +61,10 @@ class ClassifierTask:
         train_data: LabeledDataset,
         test_data: LabeledDataset,
         cache_dir: Path | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
     ) -> None:
         self.preset = preset
+        self.model_factory = model_factory or (lambda: build_classifier(preset, self.num_classes))
         self.cache_dir = cache_dir
         self.name = preset.name
         self.model = model
@@ -107,7 +111,7 @@ class ClassifierTask:
         return loss
 
     def fresh_model(self) -> nn.Module:
-        return build_classifier(self.preset, self.num_classes)
+        return self.model_factory()
 
     def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
         """Named parameters of ``scope``: ``all``, ``batchnorm`` (affine), ``prompts``, ``head``, or a +-joined mix."""

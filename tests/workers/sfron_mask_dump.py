@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from genunlearn import SplitSpec, load_task, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.saliency import accumulate_gradients
-from genunlearn.job import method_config
+from genunlearn.methods.registry import method_config
 from genunlearn.methods.sfron import sfron_mask
 
 pipeline_dir, out = sys.argv[1], sys.argv[2]

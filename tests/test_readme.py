@@ -1,0 +1,52 @@
+"""The README's "Use your own model" code blocks run as written (on a tiny UNet folder and a tiny DiTPipeline folder
+standing in for the user's and for facebook/DiT-XL-2-256), and do what their comments say."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+
+README = Path(__file__).parents[1] / "README.md"
+HUB_DIT = "facebook/DiT-XL-2-256"
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The python code blocks of the README section titled ``section``, in order."""
+    text = README.read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_use_your_own_model_blocks_run(cache_dir, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                num_class_embeds=11).save_pretrained(tmp_path / "my-ddpm" / "unet")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "my-ddpm" / "scheduler")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                        sample_size=4, patch_size=2, num_embeds_ada_norm=1000)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(beta_schedule="linear")).save_pretrained(tmp_path / "dit")
+    monkeypatch.chdir(tmp_path)
+
+    classifier, unet, dit = readme_blocks("Use your own model")
+    assert HUB_DIT in dit
+    scope: dict = {}
+    exec(classifier, scope)
+    after = scope["genunlearn"].evaluate_classifier(scope["result"].model, scope["split"])
+    assert after["forget_acc"] <= 0.05 and after["retain_acc"] >= 0.95
+
+    exec(unet, scope)
+    assert scope["scores"].evaluation["fid_reference"] == "original model's samples"
+    assert scope["scores"].metrics["fid_remain"] is not None
+    saved = UNet2DModel.from_pretrained(tmp_path / "forgot-3" / "unet")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), scope["result"].model.state_dict().values()))
+
+    exec(dit.replace(HUB_DIT, str(tmp_path / "dit")), scope)
+    original = DiTPipeline.from_pretrained(tmp_path / "dit").transformer.state_dict()
+    assert scope["pipe"].transformer is scope["result"].model
+    assert any(not torch.equal(v, original[k]) for k, v in scope["pipe"].transformer.state_dict().items())
