@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from genunlearn.errors import UserError
+from genunlearn.models.peft import classifier_head
 
 FEATURE_BATCH = 512
 FID_LIBRARIES = {"torchmetrics": "torchmetrics", "clean-fid": "clean-fid"}  # name -> distribution
@@ -33,10 +34,7 @@ class ClassifierFeatures(nn.Module):
         if self.timm_style:
             self.num_features = int(classifier.num_features)
             return
-        heads = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
-        if not heads:
-            raise UserError(f"{type(classifier).__name__} has no linear head to take FID features from; pass fid_features='inception'")
-        self.head = heads[-1]
+        self.head = classifier_head(classifier)
         self.num_features = self.head.in_features
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from genunlearn.data.split import ForgetSplit
+from genunlearn.errors import UserError
 from genunlearn.engine.loop import LoopConfig, StepFn, run_loop
 from genunlearn.methods.registry import UnlearnResult
 from genunlearn.tasks.base import Task
@@ -39,3 +40,9 @@ def unlearn_with_loop(
         resume=resume,
     )
     return UnlearnResult(result.model, result.log, result.steps, result.wall_time_s, info or {})
+
+
+def require_classifier(task: Task, method: str) -> None:
+    """A one-line UserError unless ``task`` is a classifier (it has ``logits``): ``method`` needs class predictions."""
+    if not hasattr(task, "logits"):
+        raise UserError(f"{method} applies to classifiers; {task.name} is not one")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.jacobians import NamedParameters, batchnorm_jacobians, functional_jacobians
 from genunlearn.errors import UserError
+from genunlearn.methods.common import require_classifier
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.models.peft import scope_initial_values, scope_parameters
 from genunlearn.tasks.base import Task
@@ -265,6 +266,7 @@ def add_fisher_noise(model: nn.Module, params: NamedParameters, fisher: torch.Te
 def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Accelerator, *, checkpoint_dir=None,
              resume: bool = False) -> UnlearnResult:
     started = time.perf_counter()
+    require_classifier(task, "fast_ntk")
     if cfg.loss == "auto":
         cfg = dataclasses.replace(cfg, loss=getattr(getattr(task.preset, "train", None), "loss", "ce"))
     model = copy.deepcopy(task.model).to(accelerator.device, memory_format=torch.channels_last).eval()

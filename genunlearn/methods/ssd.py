@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.saliency import BatchLoss, GradientTransform, cached_gradient_statistics
 from genunlearn.errors import UserError
+from genunlearn.methods.common import require_classifier
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.tasks.base import Task
 
@@ -67,8 +68,7 @@ def default_alpha(model: nn.Module, forget_kind: str) -> float:
 def importance_objective(task: Task, label_free: bool) -> tuple[BatchLoss, str, GradientTransform]:
     """``(per-sample loss, its cache name, transform)``: SSD squares the cross-entropy gradients (the Fisher
     diagonal); LF-SSD takes |grad| of the squared L2 norm of the logits, which needs no labels."""
-    if not hasattr(task, "logits"):
-        raise UserError(f"ssd and lfssd apply to classifiers; {task.name} is not one")
+    require_classifier(task, "ssd and lfssd")
     if label_free:
         return (lambda model, batch: task.logits(model, batch[0]).pow(2).sum(dim=1)), "logit_sq_norm", "abs"
     return task.importance_loss, task.importance_loss_id, "square"

@@ -30,9 +30,19 @@ def _part(model: nn.Module, part: str) -> list[tuple[str, nn.Parameter]]:
             raise UserError("the prompts scope needs a timm VisionTransformer with prompt tokens (model_args: reg_tokens: P)")
         return [("reg_token", model.reg_token)]
     if part == "head":
-        head_ids = {id(p) for p in model.get_classifier().parameters()}
+        head_ids = {id(p) for p in classifier_head(model).parameters()}
         return [(n, p) for n, p in model.named_parameters() if id(p) in head_ids]
     raise UserError(f"unknown parameter scope {part!r}; use {', '.join(PARTS)} or a +-joined combination")
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The layer that produces the logits: timm's ``get_classifier()``, else the model's last ``nn.Linear``."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise UserError(f"{type(model).__name__} has no linear head; the head scope needs one (or a timm model)")
+    return heads[-1]
 
 
 def scope_parameters(model: nn.Module, scope: str) -> list[tuple[str, nn.Parameter]]:

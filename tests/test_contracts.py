@@ -1,0 +1,117 @@
+"""Registry-wide contracts: every method on a tiny classifier task and (where it applies) a tiny diffusion task, and
+every preset's YAML, method blocks and (shrunk) network."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import genunlearn as gu
+from genunlearn.methods.registry import method_config
+from genunlearn.models.presets import DiffusionPreset, get_preset, list_presets
+from genunlearn.tasks.classifier import build_classifier
+from genunlearn.tasks.diffusion import build_denoiser
+
+CLASSIFIER_ONLY = {"ssd", "lfssd", "fast_ntk"}
+TWO_STEPS = {"steps": 2, "batch_size": 16}
+
+
+def digits_subset(per_class: int):
+    train, test = gu.load_digits_split(8)
+    keep = torch.cat([torch.nonzero(train.targets == c).flatten()[:per_class] for c in range(10)])
+    return TensorDataset(train.images[keep], train.targets[keep]), TensorDataset(test.images[:100], test.targets[:100])
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    return gu.classifier_task(model.eval(), *digits_subset(12))
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                       num_class_embeds=11)
+    return gu.diffusion_task(unet, *digits_subset(6), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+
+
+def settings_for(method: str) -> dict:
+    """Two iterations for loop methods; the one-shot methods take no step count (SSD's α 1: the untrained model's
+    importances are too even for the reference's α to dampen anything)."""
+    return {"alpha": 1.0} if method in ("ssd", "lfssd") else {} if method == "fast_ntk" else dict(TWO_STEPS)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["classifier", "diffusion"])
+@pytest.mark.parametrize("method", sorted(gu.METHODS))
+def test_every_method_runs_leaves_the_original_and_refuses_unknown_settings(method, kind, request):
+    task = request.getfixturevalue(kind)
+    split = gu.forget_split(task, classes=[3])
+    with pytest.raises(gu.UserError, match=f"method {method} has no setting 'bogus'"):
+        gu.unlearn(task, split, method, bogus=1)
+    if kind == "diffusion" and method in CLASSIFIER_ONLY:
+        with pytest.raises(gu.UserError, match="classifiers") as refused:
+            gu.unlearn(task, split, method)
+        assert "\n" not in str(refused.value)
+        return
+    original = snapshot(task.model)
+    result = gu.unlearn(task, split, method, **settings_for(method))
+    assert result.model is not task.model and all(torch.equal(v, original[k]) for k, v in task.model.state_dict().items())
+    assert any(not torch.equal(v, original[k]) for k, v in result.model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["classifier", "diffusion"])
+@pytest.mark.parametrize("method", sorted(m for m in gu.METHODS if m not in CLASSIFIER_ONLY))
+def test_every_loop_method_resumes_to_the_uninterrupted_weights(method, kind, request, tmp_path):
+    """Four iterations straight, against four with a checkpoint at 2 and then a resume from it (iterations 3-4 again)."""
+    task = request.getfixturevalue(kind)
+    split = gu.forget_split(task, classes=[3])
+    four = {**TWO_STEPS, "steps": 4}
+    straight = gu.unlearn(task, split, method, **four).model.state_dict()
+    gu.unlearn(task, split, method, checkpoint_dir=tmp_path, checkpoint_every=2, **four)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step_0000002"]
+    resumed = gu.unlearn(task, split, method, checkpoint_dir=tmp_path, resume=True, checkpoint_every=2, **four).model.state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def shrunk(preset: DiffusionPreset) -> DiffusionPreset:
+    """The preset with a few-channel network of the same kind, input and output shapes."""
+    args = dict(preset.model_args)
+    if preset.architecture == "unet":
+        args.update(block_out_channels=[8] * len(args["block_out_channels"]), norm_num_groups=4, layers_per_block=1)
+    else:
+        args.update(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    return dataclasses.replace(preset, model_args=args)
+
+
+@pytest.mark.parametrize("name", sorted(list_presets()))
+def test_every_preset_loads_builds_its_method_configs_and_runs_a_forward_pass(name):
+    preset = get_preset(name)
+    for method in preset.methods:
+        if method in gu.METHODS:
+            method_config(method, preset, {})
+    assert set(preset.methods) <= set(gu.METHODS), f"{name} names methods that are not registered"
+    if isinstance(preset, DiffusionPreset):
+        denoiser = build_denoiser(shrunk(preset), num_classes=10).eval()
+        size, channels = denoiser.config.sample_size, denoiser.config.in_channels
+        noisy = torch.randn(2, channels, size, size)
+        with torch.no_grad():
+            output = denoiser(noisy, torch.tensor([1, 500]), class_labels=torch.tensor([0, 3])).sample
+        assert output.shape[0] == 2 and output.shape[-1] == size and torch.isfinite(output).all()
+    else:
+        network = build_classifier(preset, num_classes=10).eval()
+        with torch.no_grad():
+            logits = network(torch.randn(2, preset.channels, preset.image_size, preset.image_size))
+        assert logits.shape == (2, 10) and torch.isfinite(logits).all()
