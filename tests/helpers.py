@@ -44,3 +44,10 @@ def accelerate_launch(script: Path, args: list[str], cache_dir: Path, *, process
     command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """Files under ``folder`` whose mode is stricter than a plain write under the current umask gives."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_mode & 0o666 != 0o666 & ~mask]

@@ -18,7 +18,7 @@ from genunlearn.cli import evaluate_main, forget_main, guarded, main, parse_axis
 from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import METRIC_KEYS, REQUIRED_KEYS
 from genunlearn.methods import random_label
-from helpers import export_digits_folder, validate_report
+from helpers import export_digits_folder, unreadable_files, validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,7 @@ def finished_run(cnn_task, tmp_path_factory):
 
 
 def test_report_schema(finished_run):
+    assert unreadable_files(finished_run) == []  # model.safetensors and the PNGs as readable as report.json
     report = json.loads((finished_run / "report.json").read_text())
     validate_report(report)
     for broken in ({**report, "after": {**report["after"], "forget_acc": 1.5}}, {k: v for k, v in report.items() if k != "split"}):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.digits import load_digits_split
 from genunlearn.models.diffusion_loading import load_diffusion_task, load_pipeline, pipeline_for, save_pipeline
-from helpers import accelerate_launch, validate_report
+from helpers import accelerate_launch, unreadable_files, validate_report
 from test_diffusion import tiny_digits_preset
 
 
@@ -36,6 +36,7 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
             "--eval-samples", "20", "--eval-steps", "5", "--output-dir", str(out)]
     assert guarded(forget_main, argv) == 0
     assert "fid_remain" in capsys.readouterr().out
+    assert unreadable_files(out) == []  # the pipeline's safetensors and the grids as readable as report.json
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     with pytest.raises(jsonschema.ValidationError):  # a diffusion report without its protocol

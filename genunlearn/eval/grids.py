@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+from genunlearn.models.store import make_readable
+
 
 def save_class_grid(rows: list[torch.Tensor], path: Path, scale: int = 4) -> None:
     """Write ``rows`` (one ``[n, C, H, W]`` tensor in [-1, 1] per class, equal n) as a PNG grid, upscaled
@@ -21,4 +23,5 @@ def save_class_grid(rows: list[torch.Tensor], path: Path, scale: int = 4) -> Non
     handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(handle)
     save_image((images + 1) / 2, staging, nrow=len(rows[0]), padding=2, pad_value=0.5)
+    make_readable(Path(staging))
     os.replace(staging, path)

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
+from genunlearn.models.store import make_readable
+
 
 def save_log_curves(log: list[dict], path: Path, title: str) -> bool:
     """One panel per logged figure (loss terms, gradient norms, learning rate, forget weight) against the step.
@@ -39,5 +41,6 @@ def save_figure(figure: plt.Figure, path: Path, dpi: int = 100) -> None:
     handle, staging = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
     os.close(handle)
     figure.savefig(staging, dpi=dpi)
+    make_readable(Path(staging))
     plt.close(figure)
     os.replace(staging, path)

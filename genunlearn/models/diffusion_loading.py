@@ -21,7 +21,7 @@ from genunlearn.models.pipeline import (
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
-from genunlearn.models.store import make_staging_dir
+from genunlearn.models.store import make_readable, make_staging_dir
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser, build_noise_scheduler
 from genunlearn.training import TrainConfig, train_from_scratch
 
@@ -50,6 +50,7 @@ def save_pipeline(pipeline: Pipeline, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(directory.parent, directory.name)
     pipeline.save_pretrained(staging)
+    make_readable(staging)
     staging.replace(directory)
 
 

@@ -26,6 +26,14 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain write would (mode & ~umask):
+    safetensors and ``mkstemp`` create files readable by their owner only."""
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~_umask())
+
+
 def make_staging_dir(parent: Path, name: str) -> Path:
     """A fresh hidden folder in ``parent`` to build ``name`` in before renaming it into place."""
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
@@ -47,6 +55,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(path.parent, path.stem)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / path.name))
+    make_readable(staging / path.name)
     os.replace(staging / path.name, path)
     staging.rmdir()
 
@@ -59,6 +68,7 @@ def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_NAME))
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    make_readable(staging)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
