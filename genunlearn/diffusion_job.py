@@ -243,7 +243,7 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
         save_pipeline(pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval()), job.output_dir / PIPELINE_DIR)
         for name, samples in (("samples_before.png", samples_before), ("samples_after.png", samples_after)):
             save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], job.output_dir / name)
-        write_report(job.output_dir, report)
+        write_report(job.output_dir, report, base_model=job.pretrained)
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report

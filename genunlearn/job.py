@@ -204,7 +204,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model_dir(result.model, {"preset": preset.to_dict(), "classes": task.train_data.classes, "unlearned": job.identity()}, job.output_dir / MODEL_DIR)
-        write_report(job.output_dir, report)
+        write_report(job.output_dir, report, base_model=job.pretrained)
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report

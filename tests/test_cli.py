@@ -37,6 +37,9 @@ def finished_run(cnn_task, tmp_path_factory):
 def test_report_schema(finished_run):
     assert unreadable_files(finished_run) == []  # model.safetensors and the PNGs as readable as report.json
     report = json.loads((finished_run / "report.json").read_text())
+    card = (finished_run / "README.md").read_text()  # the model card, in the hub's style
+    assert card.startswith('---\nlibrary_name: "timm"\ntags: ["genunlearn", "machine-unlearning", "random_label"]\n---')
+    assert f"| forget_acc | {report['before']['forget_acc']:.4f} | {report['after']['forget_acc']:.4f} |" in card
     validate_report(report)
     for broken in ({**report, "after": {**report["after"], "forget_acc": 1.5}}, {k: v for k, v in report.items() if k != "split"}):
         with pytest.raises(jsonschema.ValidationError):

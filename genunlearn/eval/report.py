@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from genunlearn.eval.model_card import model_card
 from genunlearn.eval.plots import save_log_curves
 from genunlearn.models.store import atomic_write_text
 
@@ -48,8 +49,10 @@ REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "
 CURVES_FILE = "curves.png"
 
 
-def write_report(output_dir: Path, report: dict) -> None:
-    """Write ``report.json``, ``curves.png`` (the logged figures) and ``report.md`` into ``output_dir``."""
+def write_report(output_dir: Path, report: dict, base_model: str | None = None) -> None:
+    """Write ``report.json``, ``curves.png`` (the logged figures), ``report.md`` and the model card ``README.md``
+    (``base_model``: the weights the run started from) into ``output_dir``."""
+    atomic_write_text(output_dir / "README.md", model_card(report, base_model))
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
     title = f"{report['method']} on {report['model']}, forget {report['class']}"
     curves = save_log_curves(report.get("log", []), output_dir / CURVES_FILE, title)

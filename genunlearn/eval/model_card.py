@@ -1,0 +1,40 @@
+"""A run folder's model card: ``README.md`` in the Hugging Face Hub's style (YAML metadata, then what was done)."""
+
+from __future__ import annotations
+
+import json
+
+from genunlearn.methods import get_method
+
+FIGURES = ("forget_acc", "retain_acc", "test_acc", "mia", "forget_entropy", "remain_acc", "fid_remain", "heldout_acc", "fid_heldout")
+LOADING = {
+    "classifier": "`model/model.safetensors` holds the state dict and `model/config.json` the preset that builds it "
+                  "(`genunlearn.load_task(MODEL, pretrained=\"RUN/model\")`).",
+    "diffusion": "`pipeline/` is a diffusers pipeline folder (`model_index.json`, the denoiser and scheduler in "
+                 "their subfolders); a `DiTPipeline` loads with diffusers alone, genunlearn's class-conditional "
+                 "pipeline with `genunlearn.diffusion_task(\"RUN/pipeline\", ...)`.",
+}
+
+
+def model_card(report: dict, base_model: str | None = None) -> str:
+    """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder)."""
+    library = "diffusers" if report["kind"] == "diffusion" else "timm"
+    metadata = {"library_name": library, "tags": ["genunlearn", "machine-unlearning", report["method"]],
+                **({"base_model": base_model} if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else {})}
+    before, after = report["before"], report["after"]
+    rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in FIGURES
+            if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float))]
+    lines = ["---", *[f"{k}: {json.dumps(v)}" for k, v in metadata.items()], "---", "",
+             f"# {report['model']} without {report['split']['kind']} {report['class']}", "",
+             f"Unlearned by genunlearn {report['genunlearn_version']} with `{report['method']}` "
+             f"({get_method(report['method']).summary}): {report['steps']} iterations in {report['wall_time_s']:.1f} s on "
+             f"{report['processes']} process(es), starting from {base_model or 'the preset ' + report['model'] + ' as genunlearn pretrains it'}.",
+             "", "| figure | before | after |", "|---|---|---|", *rows, ""]
+    if "evaluation" in report:
+        protocol = report["evaluation"]
+        lines += [f"Generator figures: {protocol['per_class']} samples per class, {protocol['sampler']} {protocol['steps']} steps, "
+                  f"guidance {protocol['guidance']}, judged by {protocol['classifier']}; FID ({protocol['fid_features']}) "
+                  f"against {protocol['fid_reference']}.", ""]
+    lines += ["## Files", "", LOADING[report["kind"]], "", "`report.json` / `report.md` hold every figure, the split, the "
+              "method's settings and the per-step log.", ""]
+    return "\n".join(lines)
