@@ -145,8 +145,11 @@ def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_
         model.fc.weight.copy_(trained[:, :-1])
         model.fc.bias.copy_(trained[:, -1])
 
-    class Task:
+    class Task:  # a classifier: images to logits
         name = "linear"
+
+        def logits(self, model, images):
+            return model(images)
 
     task = Task()
     task.model = model
