@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
 from genunlearn.data.digits import load_digits_split
@@ -51,3 +53,16 @@ def unreadable_files(folder: Path) -> list[str]:
     mask = os.umask(0)
     os.umask(mask)
     return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_mode & 0o666 != 0o666 & ~mask]
+
+
+TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 1,
+            "sample_size": 4, "patch_size": 2}
+
+
+def tiny_dit_pipeline() -> DiTPipeline:
+    """A 1000-class latent DiTPipeline with random weights: a 1-layer DiT on 4x4x4 latents and a tiny VAE (8x8 RGB)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8)
+    return DiTPipeline(transformer=DiTTransformer2DModel(**TINY_DIT, num_embeds_ada_norm=1000), vae=vae,
+                       scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))

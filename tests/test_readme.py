@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTPipeline, UNet2DModel
+from helpers import tiny_dit_pipeline
 
 README = Path(__file__).parents[1] / "README.md"
 HUB_DIT = "facebook/DiT-XL-2-256"
@@ -26,11 +27,7 @@ def test_use_your_own_model_blocks_run(cache_dir, tmp_path, monkeypatch):
                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
                 num_class_embeds=11).save_pretrained(tmp_path / "my-ddpm" / "unet")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "my-ddpm" / "scheduler")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                                        sample_size=4, patch_size=2, num_embeds_ada_norm=1000)
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(beta_schedule="linear")).save_pretrained(tmp_path / "dit")
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
     monkeypatch.chdir(tmp_path)
 
     classifier, unet, dit = readme_blocks("Use your own model")

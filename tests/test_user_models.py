@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 import genunlearn as gu
+from helpers import tiny_dit_pipeline
 
 FORGET_CLASS = 3
 
@@ -226,18 +227,10 @@ def test_a_diffusers_unet_with_its_scheduler_forgets_with_data_and_data_free():
                                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2), *real, scheduler=scheduler)
 
 
-TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 1,
-            "sample_size": 4, "patch_size": 2}
-
-
 def test_a_ditpipeline_object_forgets_a_class_data_free():
     """A tiny 1000-class latent DiTPipeline (random weights) as the user holds it: its own latents as data, the DiT
     reference's losses; the forget class's ε error rises against the retained classes' while the pipeline is untouched."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8)
-    pipeline = DiTPipeline(transformer=DiTTransformer2DModel(**TINY_DIT, num_embeds_ada_norm=1000), vae=vae,
-                           scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))
+    pipeline = tiny_dit_pipeline()
     original = {k: v.clone() for k, v in pipeline.transformer.state_dict().items()}
     train, test = gu.sample_dataset(pipeline, classes=[207, 3, 5], per_class=8, steps=2)
     task = gu.diffusion_task(pipeline, train, test)
