@@ -7,7 +7,7 @@ from typing import Sequence
 
 from accelerate import Accelerator
 
-from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
+from genunlearn.data.split import ForgetSplit, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.methods.registry import UnlearnResult, method_config
@@ -18,12 +18,7 @@ def forget_split(task: Task, classes: Sequence[int] = (), *, fraction: float | N
                  seed: int = 0) -> ForgetSplit:
     """What ``task`` forgets, as a split of its own data: whole ``classes``, a random ``fraction`` of its training
     samples (chosen by ``seed``), or ``subclasses`` of a super-class dataset."""
-    if sum([bool(classes), fraction is not None, bool(subclasses)]) != 1:
-        raise UserError("say what to forget with exactly one of classes=, fraction= or subclasses=")
-    if fraction is not None:
-        spec = SplitSpec("random", fraction=fraction, seed=seed)
-    else:
-        spec = SplitSpec("subclass" if subclasses else "class", classes=tuple(int(c) for c in classes or subclasses), seed=seed)
+    spec = choose_split(classes, fraction, subclasses, seed)
     return make_forget_split(task.train_data, task.test_data, spec)
 
 

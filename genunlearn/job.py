@@ -12,7 +12,7 @@ from typing import Callable
 from accelerate import Accelerator
 
 import genunlearn
-from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
+from genunlearn.data.split import ForgetSplit, SplitSpec, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.classify import accuracy, evaluate_classifier, predict_logits
@@ -76,14 +76,8 @@ class ForgetJob:
         }
 
     def split_spec(self) -> SplitSpec:
-        chosen = sum([bool(self.classes), self.random_fraction is not None, bool(self.subclasses)])
-        if chosen != 1:
-            raise UserError("say what to forget with exactly one of --class, --random-fraction or --subclass")
-        if self.random_fraction is not None:
-            return SplitSpec("random", fraction=self.random_fraction, seed=self.seed)
-        if self.subclasses:
-            return SplitSpec("subclass", classes=tuple(self.subclasses), seed=self.seed)
-        return SplitSpec("class", classes=tuple(self.classes), seed=self.seed)
+        return choose_split(self.classes, self.random_fraction, self.subclasses, self.seed,
+                            ("--class", "--random-fraction", "--subclass"))
 
     def forgotten(self) -> int | list[int] | None:
         ids = self.classes or self.subclasses

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
 from PIL import Image
 
 from genunlearn.data.digits import load_digits_split
@@ -66,3 +66,12 @@ def tiny_dit_pipeline() -> DiTPipeline:
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8)
     return DiTPipeline(transformer=DiTTransformer2DModel(**TINY_DIT, num_embeds_ada_norm=1000), vae=vae,
                        scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))
+
+
+def tiny_class_unet(num_classes: int = 10) -> UNet2DModel:
+    """A class-conditional UNet on 8x8 grey images with random weights (seed 0): ``num_classes`` class embeddings and
+    the null class of guidance as the last one."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=num_classes + 1)

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import genunlearn as gu
+from helpers import tiny_class_unet
 from genunlearn.methods.registry import method_config
 from genunlearn.models.presets import DiffusionPreset, get_preset, list_presets
 from genunlearn.tasks.classifier import build_classifier
@@ -37,11 +38,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def diffusion():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
-                       num_class_embeds=11)
-    return gu.diffusion_task(unet, *digits_subset(6), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    return gu.diffusion_task(tiny_class_unet(), *digits_subset(6), scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
 
 
 def settings_for(method: str) -> dict:

@@ -15,17 +15,9 @@ from genunlearn.models.pipeline import ClassConditionalPipeline
 from genunlearn.engine.saliency import accumulate_gradients
 from genunlearn.models.presets import DiffusionObjective, DiffusionPreset, get_preset
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser
+from helpers import tiny_class_unet
 
 NUM_CLASSES = 3
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, num_class_embeds=NUM_CLASSES + 1,
-    )
 
 
 def tiny_dit(in_channels: int = 1, learned_sigma: bool = False, sample_size: int = 8) -> DiTTransformer2DModel:
@@ -54,7 +46,7 @@ def sample(pipe, seed=0, guidance=2.0):
     return pipe([0, 1, 2, 1], guidance_scale=guidance, num_inference_steps=4, generator=torch.Generator().manual_seed(seed)).images
 
 
-@pytest.mark.parametrize("build", [lambda: pipeline(tiny_unet()), lambda: pipeline(tiny_dit()), lambda: pipeline(tiny_dit(2, True, 4), tiny_vae())],
+@pytest.mark.parametrize("build", [lambda: pipeline(tiny_class_unet(NUM_CLASSES)), lambda: pipeline(tiny_dit()), lambda: pipeline(tiny_dit(2, True, 4), tiny_vae())],
                          ids=["unet-pixel", "dit-pixel", "dit-latent-vae"])
 def test_saved_pipeline_reproduces_samples_bit_for_bit(build, tmp_path):
     original = build()
@@ -68,7 +60,7 @@ def test_saved_pipeline_reproduces_samples_bit_for_bit(build, tmp_path):
 
 
 def test_guidance_uses_the_null_class():
-    pipe = pipeline(tiny_unet())
+    pipe = pipeline(tiny_class_unet(NUM_CLASSES))
     seen = []
     pipe.denoiser.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"].tolist()), with_kwargs=True)
     sample(pipe, guidance=3.0)
@@ -84,7 +76,7 @@ def _task(denoiser, vae=None) -> DiffusionTask:
     return DiffusionTask(preset, denoiser, DDPMScheduler(num_train_timesteps=1000), data, data, vae=vae)
 
 
-@pytest.mark.parametrize("make", [lambda: _task(tiny_unet()), lambda: _task(tiny_dit(learned_sigma=True)), lambda: _task(tiny_dit(2, True, 4), tiny_vae())],
+@pytest.mark.parametrize("make", [lambda: _task(tiny_class_unet(NUM_CLASSES)), lambda: _task(tiny_dit(learned_sigma=True)), lambda: _task(tiny_dit(2, True, 4), tiny_vae())],
                          ids=["unet", "dit-learned-sigma", "dit-latent"])
 def test_epsilon_loss_is_per_sample_and_differentiable(make):
     task = make()
@@ -101,7 +93,7 @@ def test_epsilon_loss_is_per_sample_and_differentiable(make):
 
 
 def test_unet_training_loss_drops_labels_to_null():
-    task = _task(tiny_unet())
+    task = _task(tiny_class_unet(NUM_CLASSES))
     seen = []
     task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
     images = torch.zeros(4000, 1, 8, 8)
@@ -148,7 +140,7 @@ def test_pretraining_is_cached_and_reloaded(accelerator, tmp_path):
 def test_generated_class_metrics_are_seeded_per_class(accelerator):
     from genunlearn.eval.generative import classify_generated, generate_class
 
-    pipe = pipeline(tiny_unet())
+    pipe = pipeline(tiny_class_unet(NUM_CLASSES))
     pipe.set_progress_bar_config(disable=True)
     one = generate_class(pipe, 1, 3, guidance=1.0, steps=3, seed=5)
     assert torch.equal(one, generate_class(pipe, 1, 3, guidance=1.0, steps=3, seed=5))
@@ -182,7 +174,7 @@ def test_digits_diffusion_presets_draw_every_class(preset, cache_dir, accelerato
 
 def test_random_label_forms():
     """eps_match pulls ε_θ(x_t, t, c_f) onto the stop-gradient prediction for c'; relabel is the plain ε loss with c'."""
-    task = _task(tiny_unet())
+    task = _task(tiny_class_unet(NUM_CLASSES))
     images, labels = torch.stack([task.train_data[i][0] for i in range(6)]), task.train_data.targets
     other = (labels + 1) % NUM_CLASSES
     torch.manual_seed(3)
@@ -206,7 +198,7 @@ def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerato
     from genunlearn.data.split import SplitSpec, make_forget_split
     from genunlearn.methods.registry import method_config
 
-    task = _task(tiny_unet())
+    task = _task(tiny_class_unet(NUM_CLASSES))
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))
     spec, cfg = method_config("salun", task.preset, {"form": "joint", "steps": 3, "batch_size": 2, "optimizer": "adam",
                                                        "lr": 1e-2, "weight_decay": 0.0, "clip_grad_norm": 1.0, "mask_fraction": 0.3})
@@ -224,7 +216,7 @@ def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerato
 def test_unlearning_losses_draw_timesteps_as_the_preset_reference(scheme):
     """The DDPM references draw every unlearning batch's timesteps antithetically (B//2+1 uniform, then T-1-t of them,
     one per sample) in both steps, rl and the Fishers; DiT's draw them uniformly. Pretraining stays uniform."""
-    task = _objective_task(tiny_unet(), timesteps=scheme)
+    task = _objective_task(tiny_class_unet(NUM_CLASSES), timesteps=scheme)
     seen = []
     task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[1].clone()), with_kwargs=True)
     images, labels = torch.zeros(7, 1, 8, 8), torch.zeros(7, dtype=torch.long)
@@ -248,7 +240,7 @@ def _objective_task(denoiser, **objective) -> DiffusionTask:
 def test_retain_loss_is_summed_as_the_ddpm_references_so_salun_beta_weighs_c_h_w_times_more():
     """The DDPM references sum the ε error over C·H·W while SalUn's rl term is nn.MSELoss (an element mean), so
     SalUn's β = 1e-3 weighs the retain term β·C·H·W against rl; a ``mean`` preset (DiT's mean_flat) averages."""
-    summed, averaged = _objective_task(tiny_unet(), reduction="sum"), _objective_task(tiny_unet(), reduction="mean")
+    summed, averaged = _objective_task(tiny_class_unet(NUM_CLASSES), reduction="sum"), _objective_task(tiny_class_unet(NUM_CLASSES), reduction="mean")
     averaged.model.load_state_dict(summed.model.state_dict())
     images, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
     losses = []
@@ -269,7 +261,7 @@ def test_retain_loss_is_summed_as_the_ddpm_references_so_salun_beta_weighs_c_h_w
 def test_unlearning_losses_drop_labels_in_training_mode(architecture):
     """The DDPM references drop labels with p = 0.1 in both SFR-on steps and in both rl passes (UNet: to the null class
     here); a DiT drops them inside its label embedding in training mode, so its labels pass through; eval: never."""
-    task = _task(tiny_unet() if architecture == "unet" else tiny_dit())
+    task = _task(tiny_class_unet(NUM_CLASSES) if architecture == "unet" else tiny_dit())
     seen = []
     task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
     images, labels = torch.zeros(4000, 1, 8, 8), torch.zeros(4000, dtype=torch.long)
@@ -288,7 +280,7 @@ def test_importance_loss_follows_the_preset_reference():
     """DDPM references: guided ε (s = 3) at antithetic t and T-1-t, summed; SFR-on's DiT: the plain conditional ε at
     uniform t, averaged (mean_flat). Both written out by hand with the same draws."""
     images, labels = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2])
-    ddpm = _objective_task(tiny_unet())
+    ddpm = _objective_task(tiny_class_unet(NUM_CLASSES))
     model = ddpm.model.eval()
     torch.manual_seed(5)
     noise = torch.randn(3, 1, 8, 8)
@@ -315,7 +307,7 @@ def test_importance_loss_follows_the_preset_reference():
 def test_clipped_fisher_batches_are_norm_normalised(accelerator):
     """With the DDPM reference's per-batch clip at 1.0 on the summed loss, every batch gradient has norm 1 before it is
     squared, so the Fisher's entries sum to exactly 1 (γ = 1 is then scale-free)."""
-    task = _objective_task(tiny_unet())
+    task = _objective_task(tiny_class_unet(NUM_CLASSES))
     fisher = accumulate_gradients(task.model, task.importance_loss, task.train_data, accelerator, batch_size=2, max_norm=1.0)
     assert sum(float(f.sum()) for f in fisher) == pytest.approx(1.0, rel=1e-5)
     unclipped = accumulate_gradients(task.model, task.importance_loss, task.train_data, accelerator, batch_size=2)
@@ -328,7 +320,7 @@ def test_sfron_forget_and_retain_steps_have_the_clip_norm_when_it_binds(accelera
     from genunlearn.data.split import SplitSpec, make_forget_split
     from genunlearn.methods.registry import method_config
 
-    task = _objective_task(tiny_unet())
+    task = _objective_task(tiny_class_unet(NUM_CLASSES))
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(0,)))
     spec, cfg = method_config("sfron", task.preset, {"steps": 1, "batch_size": 2, "optimizer": "sgd", "momentum": 0.0,
                                                       "weight_decay": 0.0, "lr": 1.0, "forget_every": 1, "use_mask": False,

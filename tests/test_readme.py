@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, UNet2DModel
-from helpers import tiny_dit_pipeline
+from helpers import tiny_class_unet, tiny_dit_pipeline
 
 README = Path(__file__).parents[1] / "README.md"
 HUB_DIT = "facebook/DiT-XL-2-256"
@@ -22,10 +22,7 @@ def readme_blocks(section: str) -> list[str]:
 
 
 def test_use_your_own_model_blocks_run(cache_dir, tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
-                num_class_embeds=11).save_pretrained(tmp_path / "my-ddpm" / "unet")
+    tiny_class_unet().save_pretrained(tmp_path / "my-ddpm" / "unet")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "my-ddpm" / "scheduler")
     tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
     monkeypatch.chdir(tmp_path)

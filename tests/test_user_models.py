@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 import genunlearn as gu
-from helpers import tiny_dit_pipeline
+from helpers import tiny_class_unet, tiny_dit_pipeline
 
 FORGET_CLASS = 3
 
@@ -192,18 +192,10 @@ def test_retrain_of_a_user_model_starts_from_a_fresh_copy_or_the_factory():
     assert built == [1]
 
 
-def tiny_unet() -> UNet2DModel:
-    """A user's class-conditional UNet: 10 classes and the null class of guidance (the last embedding)."""
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=11)
-
-
 def test_a_diffusers_unet_with_its_scheduler_forgets_with_data_and_data_free():
     """The mechanics on an untrained UNet (the slow test below shows the forgetting): the DDPM reference's losses,
     the user's model untouched, and the public generator scores with the right FID reference."""
-    unet, scheduler = tiny_unet(), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    unet, scheduler = tiny_class_unet(), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     original = {k: v.clone() for k, v in unet.state_dict().items()}
     digits_train, digits_test = gu.load_digits_split(8)
     real = TensorDataset(digits_train.images, digits_train.targets), TensorDataset(digits_test.images, digits_test.targets)

@@ -60,6 +60,18 @@ class ForgetSplit:
         }
 
 
+def choose_split(classes, fraction: float | None, subclasses, seed: int,
+                 names: tuple[str, str, str] = ("classes=", "fraction=", "subclasses=")) -> SplitSpec:
+    """The spec for exactly one of whole ``classes``, a random ``fraction`` or ``subclasses`` (``names``: how the
+    caller spells the three in its error)."""
+    if sum([bool(classes), fraction is not None, bool(subclasses)]) != 1:
+        raise UserError(f"say what to forget with exactly one of {names[0]}, {names[1]} or {names[2]}")
+    if fraction is not None:
+        return SplitSpec("random", fraction=fraction, seed=seed)
+    kind = "subclass" if subclasses else "class"
+    return SplitSpec(kind, classes=tuple(int(c) for c in classes or subclasses), seed=seed)
+
+
 def make_forget_split(train: LabeledDataset, test: LabeledDataset, spec: SplitSpec) -> ForgetSplit:
     """Build the split for ``spec``; deterministic in ``spec.seed``. Raises UserError on bad specs."""
     if spec.kind == "random":

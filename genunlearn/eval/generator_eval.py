@@ -66,14 +66,14 @@ def fid_setup(choice: str, classifier: nn.Module, classifier_name: str, library:
     return FidSetup(ClassifierFeatures(load_timm_classifier(choice, None)).to(device), f"{choice} pre-logits", library)
 
 
-def reference_images(task: DiffusionTask, retain: Dataset, classes: list[int]) -> dict[int, torch.Tensor]:
+def reference_images(task: DiffusionTask | None, retain: Dataset, classes: list[int]) -> dict[int, torch.Tensor]:
     """Per class, the FID reference ``[N_c, C, H, W]`` in [-1, 1]: the retain set's images of ``classes`` (decoded
-    when the set holds latents)."""
+    when ``task``'s sets hold latents; ``task`` None: images as they are)."""
     items = [retain[i] for i in range(len(retain))]
     reference = {}
     for class_id in classes:
         images = torch.stack([image for image, label in items if label == class_id])
-        if task.encoded_data:
+        if task is not None and task.encoded_data:
             device = next(task.vae.parameters()).device
             images = torch.cat([task.decode(images[i : i + DECODE_BATCH].to(device)).cpu() for i in range(0, len(images), DECODE_BATCH)])
         reference[class_id] = images

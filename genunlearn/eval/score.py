@@ -7,12 +7,12 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDIMScheduler
 from torch import nn
 
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import SamplingProtocol, fid_setup, generator_metrics, protocol_record, reference_features, reference_images
+from genunlearn.models.diffusion_loading import pipeline_for, sampler_for
 from genunlearn.models.pipeline import Pipeline, make_pipeline, pipeline_num_classes
 from genunlearn.tasks.diffusion import DiffusionTask
 
@@ -54,12 +54,12 @@ def evaluate_generator(
     accelerator = accelerator or make_accelerator()
     task = source if isinstance(source, DiffusionTask) else None
     if task is not None:
-        num_classes = task.num_classes
-        pipeline = make_pipeline(model if model is not None else task.model, DDIMScheduler.from_config(task.scheduler.config),
-                                 task.vae, num_classes, id2label=task.id2label)
+        num_classes, pipeline = task.num_classes, pipeline_for(task, model)
     else:
         num_classes = pipeline_num_classes(source)
-        pipeline = source if model is None else make_pipeline(model, source.scheduler, source.vae, num_classes)
+        held = source if model is None else make_pipeline(model, source.scheduler, source.vae, num_classes,
+                                                           id2label=source.config.get("id2label"))
+        pipeline = sampler_for(held)  # DDIM on the pipeline's own noise schedule, as a forget run samples
     forgotten = [int(c) for c in forget]
     remaining = [c for c in range(num_classes) if c not in forgotten] if remain is None else [int(c) for c in remain]
     if any(not 0 <= c < num_classes for c in forgotten + remaining):
@@ -67,10 +67,11 @@ def evaluate_generator(
     protocol = SamplingProtocol(per_class=samples_per_class, guidance=guidance, steps=steps, seed=seed)
     name = judge_name or type(judge).__name__
     fid = fid_setup(fid_features, judge, name, "torchmetrics", None, accelerator.device)
-    if reference is not None:
-        real_images = _by_class(reference, remaining)
-    else:
-        real_images = reference_images(task, task.train_data, remaining) if task is not None else None
+    real_images = None
+    if reference is not None:  # the user's images as they are
+        real_images = reference_images(None, reference, remaining)
+    elif task is not None:  # the task's data, decoded when it holds latents
+        real_images = reference_images(task, task.train_data, remaining)
     metrics, samples = generator_metrics(pipeline, judge.to(accelerator.device).eval(), forgotten, remaining,
                                          None if real_images is None else reference_features(real_images, fid), fid, protocol,
                                          accelerator)
@@ -78,11 +79,3 @@ def evaluate_generator(
     record = protocol_record(protocol, fid, name, forgotten + remaining, real_images, own_samples, accelerator.mixed_precision)
     return GeneratorScores(metrics, record, samples)
 
-
-def _by_class(dataset, classes: list[int]) -> dict[int, torch.Tensor]:
-    """Per class of ``classes``, its images in ``dataset`` stacked ``[N_c, C, H, W]``."""
-    items = [dataset[i] for i in range(len(dataset))]
-    found = {c: [image for image, label in items if int(label) == c] for c in classes}
-    if any(len(images) < 2 for images in found.values()):
-        raise UserError("FID needs at least 2 reference images of every remaining class")
-    return {c: torch.stack(images) for c, images in found.items()}

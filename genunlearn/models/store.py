@@ -37,7 +37,7 @@ def make_readable(path: Path) -> None:
 def make_staging_dir(parent: Path, name: str) -> Path:
     """A fresh hidden folder in ``parent`` to build ``name`` in before renaming it into place."""
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
+    make_readable(staging)  # mkdtemp makes it private; give it the usual permissions
     return staging
 
 
@@ -46,7 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
-    os.chmod(handle.name, 0o666 & ~_umask())
+    make_readable(Path(handle.name))
     os.replace(handle.name, path)
 
 
