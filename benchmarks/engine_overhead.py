@@ -26,7 +26,7 @@ from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.geometry import SlowWeights
 from genunlearn.engine.loop import LoopConfig, StepContext, make_optimizer
 from genunlearn.methods.sfron import SFRonConfig, sfron_mask, sfron_step
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 from genunlearn.training import supervised_step
 
 

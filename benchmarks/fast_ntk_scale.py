@@ -105,7 +105,7 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{method} N={count}: {rows[-1]['seconds']:.1f} s, {rows[-1]['peak_gb']:.2f} GB", flush=True)
     print(table(rows))
-    from genunlearn.models.store import atomic_write_text
+    from genunlearn.storage.files import atomic_write_text
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps({"targets": {"images": TARGET_SIZE, "seconds": TARGET_SECONDS, "gb": TARGET_GB},

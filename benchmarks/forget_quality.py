@@ -44,7 +44,7 @@ from genunlearn.job import ForgetJob
 from genunlearn.methods.registry import method_config
 from genunlearn.models.diffusion_loading import pipeline_for
 from genunlearn.models.presets import get_preset
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 
 SCREEN_BOUND = 0.15  # a 100-sample screen above this leaves P(forget_acc <= 0.05) below 1e-4
 THRESHOLDS = {"hit_05": 0.05, "hit_01": 0.01}

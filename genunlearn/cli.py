@@ -294,7 +294,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.eval.generative import classify_generated
     from genunlearn.models.diffusion_loading import pipeline_for, save_pipeline
     from genunlearn.models.loading import load_task
-    from genunlearn.models.store import save_model_dir
+    from genunlearn.job import save_run_classifier
     from genunlearn.tasks.diffusion import DiffusionTask
 
     args = pretrain_parser().parse_args(argv)
@@ -314,8 +314,8 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     else:
         test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
         summary = f"test accuracy {test_acc:.4f}"
-        save = lambda: save_model_dir(  # noqa: E731
-            task.model, {"preset": task.preset.to_dict(), "classes": task.train_data.classes}, args.output_dir)
+        save = lambda: save_run_classifier(  # noqa: E731
+            task.model, task.preset, task.train_data.classes, args.output_dir, {"preset": task.preset.to_dict()})
     if accelerator.is_main_process:
         if args.output_dir is not None:
             save()
@@ -344,7 +344,7 @@ def models_main(argv: Sequence[str] | None = None) -> int:
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.eval.compare import comparison_table, load_reports, save_comparison_plot
-    from genunlearn.models.store import atomic_write_text
+    from genunlearn.storage.files import atomic_write_text
 
     parser = argparse.ArgumentParser(prog="genunlearn compare",
                                      description="One table of several runs' headline figures (before -> after).")

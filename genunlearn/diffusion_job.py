@@ -31,7 +31,7 @@ from genunlearn.eval.report import write_report
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, oracle_and_relearning, run_report
 from genunlearn.methods.registry import method_config
-from genunlearn.models.cache import cache_root
+from genunlearn.storage.cache import cache_root
 from genunlearn.models.diffusion_loading import (
     load_diffusion_pipeline,
     load_pipeline,
@@ -49,7 +49,7 @@ from genunlearn.models.pipeline import (
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
-from genunlearn.models.store import atomic_save_tensors, atomic_write_text
+from genunlearn.storage.files import atomic_save_tensors, atomic_write_text
 from genunlearn.tasks.diffusion import DiffusionTask
 
 PIPELINE_DIR = "pipeline"

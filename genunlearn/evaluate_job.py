@@ -18,13 +18,13 @@ from genunlearn.eval.generator_eval import generator_metrics, fid_setup, protoco
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
 from genunlearn.job import ForgetJob
-from genunlearn.models.cache import cache_root
+from genunlearn.storage.cache import cache_root
 from genunlearn.models.diffusion_loading import load_diffusion_pipeline, task_from_pipeline
 from genunlearn.models.eval_classifier import load_eval_classifier
 from genunlearn.models.loading import load_datasets, load_network
 from genunlearn.models.pipeline import pipeline_num_classes
 from genunlearn.models.presets import ClassifierPreset, DiffusionPreset, get_preset
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 
 EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.png"

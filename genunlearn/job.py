@@ -21,10 +21,12 @@ from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
 from genunlearn.methods import UnlearnResult
 from genunlearn.methods.registry import method_config
-from genunlearn.models.cache import cache_root
+from genunlearn.storage.cache import cache_root
 from genunlearn.models.loading import load_datasets, load_network
-from genunlearn.models.presets import DiffusionPreset, Preset, get_preset
-from genunlearn.models.store import WEIGHTS_NAME, atomic_write_text, load_weights, save_model_dir
+from genunlearn.eval.model_card import classifier_loading
+from genunlearn.models.presets import ClassifierPreset, DiffusionPreset, Preset, get_preset
+from genunlearn.storage.files import WEIGHTS_NAME, atomic_write_text, load_weights, save_model_dir
+from genunlearn.storage.timm_folder import save_classifier
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 
 RUN_FILE = "run.json"
@@ -197,12 +199,19 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
                         weights=f"{MODEL_DIR}/model.safetensors", **extras)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model_dir(result.model, {"preset": preset.to_dict(), "classes": task.train_data.classes, "unlearned": job.identity()}, job.output_dir / MODEL_DIR)
-        write_report(job.output_dir, report, base_model=job.pretrained)
+        loadable = save_run_classifier(result.model, preset, task.train_data.classes, job.output_dir / MODEL_DIR,
+                                       {"preset": preset.to_dict(), "unlearned": job.identity()})
+        write_report(job.output_dir, report, base_model=job.pretrained, loading=classifier_loading(loadable, preset, task.num_classes))
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
 
+
+
+def save_run_classifier(model, preset: ClassifierPreset, classes: list[str], folder: Path, metadata: dict) -> str:
+    """``save_classifier`` with the preset's input size and [-1, 1] scaling (mean 0.5, std 0.5 on [0, 1] pixels)."""
+    size = (preset.channels, preset.image_size, preset.image_size)
+    return save_classifier(model, folder, classes, input_size=size, normalisation=(0.5, 0.5), metadata=metadata)
 
 
 def finished_report(job: ForgetJob) -> dict | None:

@@ -21,7 +21,7 @@ from genunlearn.errors import UserError
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.seeds import mean_std
 from genunlearn.job import ForgetJob, run_seeds
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 
 Axis = tuple[str, list]
 FIGURES = {

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from genunlearn import SplitSpec, load_task, make_forget_split
-from genunlearn.models.cache import CACHE_ENV
+from genunlearn.storage.cache import CACHE_ENV
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -26,7 +26,7 @@ from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, add_up
 from genunlearn.engine.loop import training_mode
 from genunlearn.models import cnn as _register_cnn  # noqa: F401
 from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
-from genunlearn.models.store import load_weights
+from genunlearn.storage.files import load_weights
 from helpers import accelerate_launch, export_digits_folder
 
 CLASSES = 3

@@ -16,7 +16,7 @@ from genunlearn.cli import guarded, pretrain_main
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.models.peft import scope_initial_values, scope_parameters
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
-from genunlearn.models.store import load_weights, read_state_dict
+from genunlearn.storage.files import load_weights, read_state_dict
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 
 

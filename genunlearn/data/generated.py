@@ -15,7 +15,7 @@ from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.eval.generative import sample_classes
 from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
-from genunlearn.models.store import atomic_save_tensors
+from genunlearn.storage.files import atomic_save_tensors
 
 TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds
 TEST_SEED_OFFSET = 10_007

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genunlearn.models.store import make_staging_dir
+from genunlearn.storage.files import make_staging_dir
 
 CHECKPOINT_PREFIX = "step_"
 KEEP_CHECKPOINTS = 2

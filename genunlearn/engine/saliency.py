@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
-from genunlearn.models.store import atomic_save_tensors
+from genunlearn.storage.files import atomic_save_tensors
 from genunlearn.tasks.base import Batch
 
 GradientTransform = Literal["square", "abs", "identity"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from genunlearn.models.store import make_readable
+from genunlearn.storage.files import make_readable
 
 
 def save_class_grid(rows: list[torch.Tensor], path: Path, scale: int = 4) -> None:

@@ -5,19 +5,38 @@ from __future__ import annotations
 import json
 
 from genunlearn.methods import get_method
+from genunlearn.models.presets import ClassifierPreset
+from genunlearn.tasks.classifier import SMALL_STEM_REBUILD
 
 FIGURES = ("forget_acc", "retain_acc", "test_acc", "mia", "forget_entropy", "remain_acc", "fid_remain", "heldout_acc", "fid_heldout")
 LOADING = {
-    "classifier": "`model/model.safetensors` holds the state dict and `model/config.json` the preset that builds it "
-                  "(`genunlearn.load_task(MODEL, pretrained=\"RUN/model\")`).",
     "diffusion": "`pipeline/` is a diffusers pipeline folder (`model_index.json`, the denoiser and scheduler in "
                  "their subfolders); a `DiTPipeline` loads with diffusers alone, genunlearn's class-conditional "
                  "pipeline with `genunlearn.diffusion_task(\"RUN/pipeline\", ...)`.",
 }
 
 
-def model_card(report: dict, base_model: str | None = None) -> str:
-    """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder)."""
+def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int) -> str:
+    """How the run's ``model/`` folder loads, for ``loadable`` as ``genunlearn.save_classifier`` returned it."""
+    if loadable == "timm":
+        return ("`model/` is in timm's hub layout: `timm.create_model(\"local-dir:RUN/model\")` returns the unlearned "
+                "network (class names in `config.json`'s `label_names`, input size and normalisation in its `pretrained_cfg`).")
+    if loadable == "timm-after-import":
+        return (f"`model/` is in timm's hub layout for `{preset.timm_name}`, an architecture genunlearn registers with timm: "
+                "after `import genunlearn`, `timm.create_model(\"local-dir:RUN/model\")` returns the unlearned network.")
+    lines = [f"`model/model.safetensors` holds the state dict, which timm cannot rebuild from arguments alone "
+             f"({'a replaced stem' if preset.stem else 'parameters timm does not create'}): "
+             f"`genunlearn.load_task(\"{preset.name}\", pretrained=\"RUN/model\")` loads it."]
+    if preset.stem == "cifar":
+        lines.append(f"With timm and torch alone: `m = timm.create_model(\"{preset.timm_name}\", num_classes={num_classes}, "
+                     f"in_chans={preset.channels})`, `{SMALL_STEM_REBUILD.format(channels=preset.channels)}`, then "
+                     "`m.load_state_dict(safetensors.torch.load_file(\"RUN/model/model.safetensors\"))`.")
+    return " ".join(lines)
+
+
+def model_card(report: dict, base_model: str | None = None, loading: str | None = None) -> str:
+    """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder);
+    ``loading``: how its weights load (default: the kind's usual folder)."""
     library = "diffusers" if report["kind"] == "diffusion" else "timm"
     metadata = {"library_name": library, "tags": ["genunlearn", "machine-unlearning", report["method"]],
                 **({"base_model": base_model} if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else {})}
@@ -35,6 +54,6 @@ def model_card(report: dict, base_model: str | None = None) -> str:
         lines += [f"Generator figures: {protocol['per_class']} samples per class, {protocol['sampler']} {protocol['steps']} steps, "
                   f"guidance {protocol['guidance']}, judged by {protocol['classifier']}; FID ({protocol['fid_features']}) "
                   f"against {protocol['fid_reference']}.", ""]
-    lines += ["## Files", "", LOADING[report["kind"]], "", "`report.json` / `report.md` hold every figure, the split, the "
+    lines += ["## Files", "", loading or LOADING[report["kind"]], "", "`report.json` / `report.md` hold every figure, the split, the "
               "method's settings and the per-step log.", ""]
     return "\n".join(lines)

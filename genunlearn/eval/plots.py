@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
-from genunlearn.models.store import make_readable
+from genunlearn.storage.files import make_readable
 
 
 def save_log_curves(log: list[dict], path: Path, title: str) -> bool:

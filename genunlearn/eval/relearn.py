@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.loop import run_loop, training_mode
-from genunlearn.models.cache import pretrain_once
+from genunlearn.storage.cache import pretrain_once
 from genunlearn.training import TrainConfig, supervised_step, train_from_scratch
 
 Measure = Callable[[nn.Module], float]

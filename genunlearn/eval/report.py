@@ -24,7 +24,7 @@ from pathlib import Path
 
 from genunlearn.eval.model_card import model_card
 from genunlearn.eval.plots import save_log_curves
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
@@ -49,10 +49,10 @@ REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "
 CURVES_FILE = "curves.png"
 
 
-def write_report(output_dir: Path, report: dict, base_model: str | None = None) -> None:
+def write_report(output_dir: Path, report: dict, base_model: str | None = None, loading: str | None = None) -> None:
     """Write ``report.json``, ``curves.png`` (the logged figures), ``report.md`` and the model card ``README.md``
-    (``base_model``: the weights the run started from) into ``output_dir``."""
-    atomic_write_text(output_dir / "README.md", model_card(report, base_model))
+    (``base_model``: the weights the run started from; ``loading``: how its weights load) into ``output_dir``."""
+    atomic_write_text(output_dir / "README.md", model_card(report, base_model, loading))
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
     title = f"{report['method']} on {report['model']}, forget {report['class']}"
     curves = save_log_curves(report.get("log", []), output_dir / CURVES_FILE, title)

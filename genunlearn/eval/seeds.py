@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from genunlearn.eval.report import SCHEMA_VERSION
-from genunlearn.models.store import atomic_write_text
+from genunlearn.storage.files import atomic_write_text
 
 PHASES = ("before", "after", "oracle", "gap_to_oracle")
 

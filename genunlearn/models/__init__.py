@@ -1,4 +1,4 @@
-"""Model presets, weights storage and loading."""
+"""Model presets, architectures and loading."""
 
 from genunlearn.models.presets import ClassifierPreset, TrainRecipe, get_preset, list_presets
 

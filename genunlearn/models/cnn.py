@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 
@@ -51,11 +51,15 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes)
 
 
+# timm's record of the architecture: no published weights (genunlearn pretrains it), inputs in [-1, 1].
+default_cfgs = generate_default_cfgs({
+    "genunlearn_cnn": {"num_classes": 10, "input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                       "interpolation": "bilinear", "first_conv": "features.0.0", "classifier": "fc"},
+})
+
+
 @register_model
 def genunlearn_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
-    """timm entry point; ``pretrained`` is refused because no published weights exist."""
-    if pretrained:
-        raise ValueError("genunlearn_cnn has no published weights; it is pretrained locally by genunlearn")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return SmallCNN(**kwargs)
+    """timm entry point; ``pretrained`` loads the folder or hub id given as ``local-dir:``/``hf-hub:`` (no
+    published weights exist: genunlearn pretrains it locally)."""
+    return build_model_with_cfg(SmallCNN, "genunlearn_cnn", pretrained, **kwargs)

@@ -12,7 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
-from genunlearn.models.cache import PRETRAIN_SEED, pretrain_once, pretrained_entry
+from genunlearn.storage.cache import PRETRAIN_SEED, pretrain_once, pretrained_entry
 from genunlearn.models.pipeline import (
     ClassConditionalPipeline,
     Pipeline,
@@ -21,7 +21,7 @@ from genunlearn.models.pipeline import (
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
-from genunlearn.models.store import make_readable, make_staging_dir
+from genunlearn.storage.files import make_readable, make_staging_dir
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser, build_noise_scheduler
 from genunlearn.training import TrainConfig, train_from_scratch
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from genunlearn.errors import UserError
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
-from genunlearn.models.store import load_weights
+from genunlearn.storage.files import load_weights
 from genunlearn.tasks.classifier import build_classifier
 
 class PreparedClassifier(nn.Module):

@@ -11,10 +11,10 @@ from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.models.cache import PRETRAIN_SEED, cache_root, pretrain_once, pretrained_entry
+from genunlearn.storage.cache import PRETRAIN_SEED, cache_root, pretrain_once, pretrained_entry
 from genunlearn.models.diffusion_loading import load_diffusion_task
 from genunlearn.models.presets import ClassifierPreset, DiffusionPreset, Preset, get_preset
-from genunlearn.models.store import WEIGHTS_NAME, load_weights, save_model_dir
+from genunlearn.storage.files import WEIGHTS_NAME, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 from genunlearn.tasks.diffusion import DiffusionTask
 from genunlearn.training import TrainConfig, train_from_scratch

@@ -39,8 +39,13 @@ def build_classifier(preset: ClassifierPreset, num_classes: int, pretrained_id: 
     return model if preset.peft is None else prepare_peft(model, preset.peft)
 
 
+# The same stem in the line a model card gives for rebuilding it with timm and torch alone (``m``: the timm ResNet).
+SMALL_STEM_REBUILD = "m.conv1 = torch.nn.Conv2d({channels}, 64, 3, stride=1, padding=1, bias=False); m.maxpool = torch.nn.Identity()"
+
+
 def _use_small_image_stem(model: nn.Module, channels: int) -> None:
-    """3x3 stride-1 first conv and no max-pool (the CIFAR ResNet stem), so 8-32 px inputs keep their resolution."""
+    """3x3 stride-1 first conv and no max-pool (the CIFAR ResNet stem), so 8-32 px inputs keep their resolution.
+    timm has no argument for it, so such a model's folder is a state dict (see ``SMALL_STEM_REBUILD``)."""
     if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
         raise UserError(f"stem: cifar applies to timm ResNets only, not {type(model).__name__}")
     model.conv1 = nn.Conv2d(channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)

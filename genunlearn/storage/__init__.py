@@ -1,0 +1,1 @@
+"""Files on disk: atomic, safe weight files; the model cache; exports in the layouts timm and diffusers read."""

@@ -1,0 +1,85 @@
+"""A classifier's folder in timm's hub layout, so ``timm.create_model("local-dir:DIR")`` rebuilds it where timm can."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import timm
+from genunlearn.storage.files import CONFIG_NAME, WEIGHTS_NAME, make_readable, make_staging_dir
+
+Loadable = Literal["timm", "timm-after-import", "state-dict"]
+PROBE_SEED = 0
+
+
+def save_classifier(
+    model: nn.Module,
+    directory: str | Path,
+    classes: list[str],
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    normalisation: tuple[float, float] | None = None,
+    metadata: dict | None = None,
+) -> Loadable:
+    """Write ``model`` into ``directory`` (atomically): ``model.safetensors`` and ``config.json``.
+
+    A model timm built (and left as timm builds it) gets timm's hub layout, written by ``timm.models.save_for_hf``
+    with ``classes`` as ``label_names``, ``input_size`` ``(C, H, W)`` and ``normalisation`` ``(mean, std)`` (per
+    channel, on [0, 1] pixels) as its preprocessing, and ``metadata`` under the ``genunlearn`` key; it is kept only
+    if ``timm.create_model("local-dir:...")`` then gives bit-identical logits. Returns how the folder loads:
+    ``timm``; ``timm-after-import`` (an architecture genunlearn registers with timm, e.g. ``genunlearn_cnn``:
+    ``import genunlearn`` first); or ``state-dict`` (timm cannot rebuild it from arguments, e.g. a replaced stem, or
+    a model timm did not build): ``config.json`` then holds ``label_names`` and ``metadata`` only."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(directory.parent, directory.name)
+    loadable = _write_timm_layout(model, staging, classes, input_size, normalisation, metadata or {})
+    if loadable == "state-dict":
+        for stale in staging.iterdir():
+            stale.unlink()
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_NAME))
+        config = {"label_names": list(classes), "genunlearn": {**(metadata or {}), "loadable": loadable}}
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    make_readable(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return loadable
+
+
+def _write_timm_layout(model: nn.Module, folder: Path, classes: list[str], input_size, normalisation, metadata: dict) -> Loadable:
+    if not hasattr(model, "pretrained_cfg"):
+        return "state-dict"
+    loadable: Loadable = "timm" if type(model).__module__.startswith("timm.") else "timm-after-import"
+    data_config = {}
+    if input_size is not None:
+        data_config["input_size"] = tuple(input_size)
+    if normalisation is not None:
+        channels = (input_size or model.pretrained_cfg.get("input_size", (3,)))[0]
+        data_config.update(mean=(normalisation[0],) * channels, std=(normalisation[1],) * channels, crop_pct=1.0)
+    config = {"label_names": list(classes), "genunlearn": {**metadata, "loadable": loadable}}
+    was_training, device = model.training, next(model.parameters()).device
+    try:
+        timm.models.save_for_hf(model.cpu().eval(), str(folder), model_config=config, safe_serialization=True,
+                                data_config=data_config or None)
+        return loadable if _reloads_exactly(model, folder) else "state-dict"
+    except (ValueError, RuntimeError, KeyError, TypeError):  # arguments timm cannot serialise or rebuild from
+        return "state-dict"
+    finally:
+        model.to(device).train(was_training)
+
+
+def _reloads_exactly(model: nn.Module, folder: Path) -> bool:
+    """Whether timm rebuilds ``folder`` into a model with ``model``'s logits on a fixed random batch."""
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    size = json.loads((folder / CONFIG_NAME).read_text())["pretrained_cfg"]["input_size"]
+    probe = torch.randn(2, *size, generator=torch.Generator().manual_seed(PROBE_SEED))
+    with torch.no_grad():
+        return torch.equal(model(probe), reloaded(probe))

@@ -1,0 +1,82 @@
+"""Run folders load where the user came from: timm's ``local-dir:`` layout, or timm plus the card's stem lines."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import genunlearn
+from genunlearn.cli import main
+from genunlearn.models.presets import get_preset
+from genunlearn.tasks.classifier import build_classifier
+
+PROBE = torch.Generator().manual_seed(1)
+
+
+def run_alone(script: str, folder: Path) -> str:
+    """Run ``script`` in a fresh interpreter; it loads ``folder``'s model as ``m``, and must reproduce the logits
+    saved beside it on the saved probe without genunlearn ever being imported (unless the script imports it)."""
+    check = f"""
+import sys, torch, timm, safetensors.torch
+{script}
+saved = safetensors.torch.load_file({str(folder.parent / "probe.safetensors")!r})
+assert torch.equal(m.eval()(saved["images"]), saved["logits"]), "logits differ"
+print("genunlearn imported:", "genunlearn" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=folder.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def save_probe(model: torch.nn.Module, folder: Path, size: tuple[int, int, int]) -> None:
+    images = torch.randn(4, *size, generator=PROBE)
+    with torch.no_grad():
+        save_file({"images": images, "logits": model.eval()(images)}, str(folder.parent / "probe.safetensors"))
+
+
+def test_a_user_timm_model_saves_in_timms_layout_and_loads_without_genunlearn(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=4, in_chans=1)
+    folder = tmp_path / "mine"
+    assert genunlearn.save_classifier(model, folder, ["a", "b", "c", "d"], input_size=(1, 16, 16)) == "timm"
+    save_probe(model, folder, (1, 16, 16))
+    out = run_alone(f"m = timm.create_model('local-dir:{folder}', pretrained=True)\n"
+                    "assert m.pretrained_cfg['label_names'] == ['a', 'b', 'c', 'd']", folder)
+    assert "genunlearn imported: False" in out
+
+
+def test_a_model_timm_did_not_build_is_saved_as_a_state_dict(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    assert genunlearn.save_classifier(model, tmp_path / "plain", ["x", "y", "z"]) == "state-dict"
+    assert load_file(str(tmp_path / "plain" / "model.safetensors")).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("preset_name, loadable", [("vit-digits", "timm"), ("resnet18-digits", "state-dict"),
+                                                   ("cnn-digits", "timm-after-import")])
+def test_a_classifier_runs_model_folder_loads_as_its_card_says(preset_name, loadable, cache_dir, tmp_path):
+    preset = get_preset(preset_name)
+    weights = tmp_path / "start.safetensors"
+    save_file(build_classifier(preset, 10).state_dict(), str(weights))  # any weights do: the property is the round trip
+    run = tmp_path / "run"
+    assert main(["forget", "--model", preset_name, "--pretrained", str(weights), "--class", "3", "--method", "finetune",
+                 "--set", "steps=1", "--output-dir", str(run)]) == 0
+    folder = run / "model"
+    unlearned = genunlearn.load_task(preset_name, pretrained=str(folder)).model
+    save_probe(unlearned, folder, (1, 8, 8))
+    files = (run / "README.md").read_text().split("## Files", 1)[1]
+    if loadable == "state-dict":  # the card's recipe for timm and torch alone, run as written
+        recipe = files.split("With timm and torch alone:", 1)[1].split("\n\n", 1)[0]
+        script = "\n".join(re.findall(r"`([^`]+)`", recipe)).replace("RUN/", f"{run}/")
+        assert "timm.create_model(\"resnet18\"" in script
+    else:
+        assert 'timm.create_model("local-dir:RUN/model")' in files
+        script = ("import genunlearn\n" if loadable == "timm-after-import" else "") + \
+            f"m = timm.create_model('local-dir:{folder}', pretrained=True)"
+    out = run_alone(script, folder)
+    assert f"genunlearn imported: {loadable == 'timm-after-import'}" in out
