@@ -292,7 +292,8 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.distributed import make_accelerator
     from genunlearn.eval.classify import accuracy, predict_logits
     from genunlearn.eval.generative import classify_generated
-    from genunlearn.models.diffusion_loading import pipeline_for, save_pipeline
+    from genunlearn.models.diffusion_loading import pipeline_for
+    from genunlearn.storage.pipeline_folder import save_pipeline
     from genunlearn.models.loading import load_task
     from genunlearn.job import save_run_classifier
     from genunlearn.tasks.diffusion import DiffusionTask

@@ -27,6 +27,7 @@ from genunlearn.eval.generator_eval import (
     reference_images,
 )
 from genunlearn.eval.grids import save_class_grid
+from genunlearn.eval.model_card import diffusion_loading
 from genunlearn.eval.report import write_report
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, oracle_and_relearning, run_report
@@ -34,10 +35,8 @@ from genunlearn.methods.registry import method_config
 from genunlearn.storage.cache import cache_root
 from genunlearn.models.diffusion_loading import (
     load_diffusion_pipeline,
-    load_pipeline,
     pipeline_for,
     sampler_for,
-    save_pipeline,
     task_from_pipeline,
 )
 from genunlearn.models.eval_classifier import load_eval_classifier
@@ -50,6 +49,7 @@ from genunlearn.models.pipeline import (
 )
 from genunlearn.models.presets import DiffusionPreset
 from genunlearn.storage.files import atomic_save_tensors, atomic_write_text
+from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
 PIPELINE_DIR = "pipeline"
@@ -240,10 +240,12 @@ def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
                         before=before, after=after, weights=f"{PIPELINE_DIR}/", **extras)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval()), job.output_dir / PIPELINE_DIR)
+        unlearned = pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval())
+        save_pipeline(unlearned, job.output_dir / PIPELINE_DIR)
         for name, samples in (("samples_before.png", samples_before), ("samples_after.png", samples_after)):
             save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], job.output_dir / name)
-        write_report(job.output_dir, report, base_model=job.pretrained)
+        write_report(job.output_dir, report, base_model=job.pretrained,
+                     loading=diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__))
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransforme
 
 from genunlearn import UserError
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
-from genunlearn.models.diffusion_loading import load_pipeline, save_pipeline
+from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.models.pipeline import ClassConditionalPipeline
 from genunlearn.engine.saliency import accumulate_gradients
 from genunlearn.models.presets import DiffusionObjective, DiffusionPreset, get_preset

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from safetensors.torch import load_file
 
 from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.digits import load_digits_split
-from genunlearn.models.diffusion_loading import load_diffusion_task, load_pipeline, pipeline_for, save_pipeline
+from genunlearn.models.diffusion_loading import load_diffusion_task, pipeline_for
+from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from helpers import accelerate_launch, unreadable_files, validate_report
 from test_diffusion import tiny_digits_preset
 
@@ -265,3 +268,29 @@ def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_
     cells[2].write_text(json.dumps(earlier))
     with pytest.raises(SystemExit, match="other method settings .mask_threshold changed"):
         benchmark.main(argv)
+
+
+def test_the_run_pipeline_loads_with_diffusers_alone_and_samples_the_same(cnn_task, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "2",
+            "--eval-samples", "2", "--eval-steps", "2", "--output-dir", str(out)]
+    assert guarded(forget_main, argv) == 0
+    files = (out / "README.md").read_text().split("## Files", 1)[1].split("\n\n", 2)[1]
+    loads = [code.replace("RUN/", f"{out}/") for code in re.findall(r"`([^`]+\.from_pretrained\([^`]+\))`", files)]
+    assert [code.split(".")[0] for code in loads] == ["DiffusionPipeline", "UNet2DModel"]
+    labels, seed = [0, 3, 9], 5
+    expected = load_pipeline(out / "pipeline")(labels, 2.0, 3, torch.Generator().manual_seed(seed)).images
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+torch.set_num_threads({torch.get_num_threads()})  # bit-identical CPU results need the same thread count
+from diffusers import DiffusionPipeline, UNet2DModel
+pipe = {loads[0]}
+denoiser = {loads[1]}
+assert all(torch.equal(a, b) for a, b in zip(denoiser.state_dict().values(), pipe.denoiser.state_dict().values()))
+images = pipe({labels}, 2.0, 3, torch.Generator().manual_seed({seed})).images
+assert torch.equal(images, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)), "samples differ"
+assert "genunlearn" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

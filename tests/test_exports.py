@@ -25,6 +25,7 @@ def run_alone(script: str, folder: Path) -> str:
     saved beside it on the saved probe without genunlearn ever being imported (unless the script imports it)."""
     check = f"""
 import sys, torch, timm, safetensors.torch
+torch.set_num_threads({torch.get_num_threads()})  # bit-identical CPU results need the same thread count
 {script}
 saved = safetensors.torch.load_file({str(folder.parent / "probe.safetensors")!r})
 assert torch.equal(m.eval()(saved["images"]), saved["logits"]), "logits differ"

@@ -9,13 +9,6 @@ from genunlearn.models.presets import ClassifierPreset
 from genunlearn.tasks.classifier import SMALL_STEM_REBUILD
 
 FIGURES = ("forget_acc", "retain_acc", "test_acc", "mia", "forget_entropy", "remain_acc", "fid_remain", "heldout_acc", "fid_heldout")
-LOADING = {
-    "diffusion": "`pipeline/` is a diffusers pipeline folder (`model_index.json`, the denoiser and scheduler in "
-                 "their subfolders); a `DiTPipeline` loads with diffusers alone, genunlearn's class-conditional "
-                 "pipeline with `genunlearn.diffusion_task(\"RUN/pipeline\", ...)`.",
-}
-
-
 def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int) -> str:
     """How the run's ``model/`` folder loads, for ``loadable`` as ``genunlearn.save_classifier`` returned it."""
     if loadable == "timm":
@@ -34,9 +27,23 @@ def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int
     return " ".join(lines)
 
 
-def model_card(report: dict, base_model: str | None = None, loading: str | None = None) -> str:
+def diffusion_loading(pipeline_class: str, denoiser_class: str) -> str:
+    """How the run's ``pipeline/`` folder loads with diffusers alone, for a pipeline and denoiser of those classes."""
+    if pipeline_class == "DiTPipeline":
+        pipeline = '`DiTPipeline.from_pretrained("RUN/pipeline")`'
+    else:
+        pipeline = ('`DiffusionPipeline.from_pretrained("RUN/pipeline", custom_pipeline="RUN/pipeline/pipeline.py", '
+                    'trust_remote_code=True)` (the folder holds its code; `pipe(class_labels, guidance_scale, '
+                    'num_inference_steps, generator)` samples images in [-1, 1], the null class of guidance is the last id)')
+    subfolder = "transformer" if pipeline_class == "DiTPipeline" else "denoiser"
+    return (f"`pipeline/` is a diffusers pipeline folder. With diffusers alone: {pipeline}; the denoiser alone: "
+            f'`{denoiser_class}.from_pretrained("RUN/pipeline", subfolder="{subfolder}")`. In genunlearn: '
+            '`genunlearn.diffusion_task("RUN/pipeline", train, test)`.')
+
+
+def model_card(report: dict, base_model: str | None = None, loading: str = "") -> str:
     """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder);
-    ``loading``: how its weights load (default: the kind's usual folder)."""
+    ``loading``: how its weights load (``classifier_loading``, ``diffusion_loading``)."""
     library = "diffusers" if report["kind"] == "diffusion" else "timm"
     metadata = {"library_name": library, "tags": ["genunlearn", "machine-unlearning", report["method"]],
                 **({"base_model": base_model} if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else {})}
@@ -54,6 +61,6 @@ def model_card(report: dict, base_model: str | None = None, loading: str | None 
         lines += [f"Generator figures: {protocol['per_class']} samples per class, {protocol['sampler']} {protocol['steps']} steps, "
                   f"guidance {protocol['guidance']}, judged by {protocol['classifier']}; FID ({protocol['fid_features']}) "
                   f"against {protocol['fid_reference']}.", ""]
-    lines += ["## Files", "", loading or LOADING[report["kind"]], "", "`report.json` / `report.md` hold every figure, the split, the "
+    lines += ["## Files", "", loading, "", "`report.json` / `report.md` hold every figure, the split, the "
               "method's settings and the per-step log.", ""]
     return "\n".join(lines)

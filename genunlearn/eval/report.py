@@ -49,7 +49,7 @@ REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "
 CURVES_FILE = "curves.png"
 
 
-def write_report(output_dir: Path, report: dict, base_model: str | None = None, loading: str | None = None) -> None:
+def write_report(output_dir: Path, report: dict, base_model: str | None = None, loading: str = "") -> None:
     """Write ``report.json``, ``curves.png`` (the logged figures), ``report.md`` and the model card ``README.md``
     (``base_model``: the weights the run started from; ``loading``: how its weights load) into ``output_dir``."""
     atomic_write_text(output_dir / "README.md", model_card(report, base_model, loading))

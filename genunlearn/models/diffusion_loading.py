@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from accelerate import Accelerator
-from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
@@ -21,12 +18,9 @@ from genunlearn.models.pipeline import (
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
-from genunlearn.storage.files import make_readable, make_staging_dir
+from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser, build_noise_scheduler
 from genunlearn.training import TrainConfig, train_from_scratch
-
-PIPELINE_CLASSES = {"ClassConditionalPipeline": ClassConditionalPipeline, "DiTPipeline": DiTPipeline}
-
 
 def pipeline_for(task: DiffusionTask, denoiser=None) -> Pipeline:
     """The task's model (or ``denoiser``) as a sampling pipeline with a DDIM scheduler on the same noise schedule."""
@@ -43,47 +37,6 @@ def sampler_for(pipeline: Pipeline) -> Pipeline:
     """``pipeline`` re-assembled with a DDIM scheduler on its own noise schedule (how genunlearn samples)."""
     return make_pipeline(pipeline_denoiser(pipeline), DDIMScheduler.from_config(pipeline.scheduler.config), pipeline.vae,
                          pipeline_num_classes(pipeline), id2label=pipeline.config.get("id2label"))
-
-
-def save_pipeline(pipeline: Pipeline, directory: Path) -> None:
-    """``save_pretrained`` into a staging folder beside ``directory``, then rename it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(directory.parent, directory.name)
-    pipeline.save_pretrained(staging)
-    make_readable(staging)
-    staging.replace(directory)
-
-
-def load_pipeline(source: str | Path) -> Pipeline:
-    """A pipeline folder written by ``save_pretrained`` (ours or a ``DiTPipeline``), or a Hugging Face hub id of
-    one (downloaded into the hub cache); a UserError naming the fix otherwise."""
-    path = Path(source)
-    if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        path = _download(str(source))
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
-    config = json.loads(index.read_text())
-    class_name = config.get("_class_name")
-    if class_name not in PIPELINE_CLASSES:
-        raise UserError(f"{path} holds a {class_name}, not a class-conditional pipeline; use a DiTPipeline or a genunlearn pipeline folder")
-    try:
-        pipeline = PIPELINE_CLASSES[class_name].from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"could not load the pipeline in {path} ({str(exc).splitlines()[0][:100]}); re-save it with save_pretrained") from None
-    if config.get("id2label"):
-        pipeline.register_to_config(id2label=config["id2label"])  # DiTPipeline uses but does not keep it
-    return pipeline
-
-
-def _download(hub_id: str) -> Path:
-    try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except (OSError, HfHubHTTPError) as exc:
-        raise UserError(
-            f"could not fetch {hub_id} from the Hugging Face Hub ({type(exc).__name__}: no network or no such repo?); "
-            f"on a connected machine run `hf download {hub_id} --local-dir DIR`, copy DIR here and pass --pretrained DIR"
-        ) from None
 
 
 def load_diffusion_pipeline(

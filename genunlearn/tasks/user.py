@@ -87,7 +87,7 @@ def diffusion_task(
     defaults to ``train``), or a model's own samples from ``sample_dataset`` (data-free forgetting). The losses and
     method defaults are those of the reference for the architecture (``REFERENCE_PRESETS``); pass settings to
     ``unlearn`` to change them."""
-    from genunlearn.models.diffusion_loading import load_pipeline  # diffusion_loading builds tasks: imported on use
+    from genunlearn.storage.pipeline_folder import load_pipeline  # it imports models that build tasks: imported on use
     from genunlearn.models.pipeline import pipeline_denoiser
 
     id2label = None

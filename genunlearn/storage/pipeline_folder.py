@@ -1,0 +1,64 @@
+"""Diffusion pipeline folders: written atomically, with their code where diffusers lacks it; read from a folder or hub id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import DiTPipeline
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+
+from genunlearn.errors import UserError
+from genunlearn.models import class_conditional
+from genunlearn.models.pipeline import ClassConditionalPipeline, Pipeline
+from genunlearn.storage.files import make_readable, make_staging_dir
+
+PIPELINE_CLASSES = {"ClassConditionalPipeline": ClassConditionalPipeline, "DiTPipeline": DiTPipeline}
+PIPELINE_CODE = "pipeline.py"  # diffusers' name for a custom pipeline's code file
+
+
+def save_pipeline(pipeline: Pipeline, directory: Path) -> None:
+    """``save_pretrained`` into a staging folder beside ``directory``, then rename it into place. A
+    ``ClassConditionalPipeline`` gets its own code as ``pipeline.py``, so diffusers alone loads the folder:
+    ``DiffusionPipeline.from_pretrained(directory, custom_pipeline=directory / "pipeline.py", trust_remote_code=True)``."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(directory.parent, directory.name)
+    pipeline.save_pretrained(staging)
+    if isinstance(pipeline, ClassConditionalPipeline):
+        shutil.copyfile(class_conditional.__file__, staging / PIPELINE_CODE)
+    make_readable(staging)
+    staging.replace(directory)
+
+
+def load_pipeline(source: str | Path) -> Pipeline:
+    """A pipeline folder written by ``save_pretrained`` (ours or a ``DiTPipeline``), or a Hugging Face hub id of
+    one (downloaded into the hub cache); a UserError naming the fix otherwise."""
+    path = Path(source)
+    if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+        path = _download(str(source))
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
+    config = json.loads(index.read_text())
+    class_name = config.get("_class_name")
+    if class_name not in PIPELINE_CLASSES:
+        raise UserError(f"{path} holds a {class_name}, not a class-conditional pipeline; use a DiTPipeline or a genunlearn pipeline folder")
+    try:
+        pipeline = PIPELINE_CLASSES[class_name].from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"could not load the pipeline in {path} ({str(exc).splitlines()[0][:100]}); re-save it with save_pretrained") from None
+    if config.get("id2label"):
+        pipeline.register_to_config(id2label=config["id2label"])  # DiTPipeline uses but does not keep it
+    return pipeline
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except (OSError, HfHubHTTPError) as exc:
+        raise UserError(
+            f"could not fetch {hub_id} from the Hugging Face Hub ({type(exc).__name__}: no network or no such repo?); "
+            f"on a connected machine run `hf download {hub_id} --local-dir DIR`, copy DIR here and pass --pretrained DIR"
+        ) from None
