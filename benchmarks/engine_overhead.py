@@ -27,7 +27,7 @@ from genunlearn.engine.geometry import SlowWeights
 from genunlearn.engine.loop import LoopConfig, StepContext, make_optimizer
 from genunlearn.methods.sfron import SFRonConfig, sfron_mask, sfron_step
 from genunlearn.storage.files import atomic_write_text
-from genunlearn.training import supervised_step
+from genunlearn.engine.training import supervised_step
 
 
 def _context(task, split, cfg: LoopConfig, accelerator) -> StepContext:

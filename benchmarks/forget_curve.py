@@ -31,7 +31,7 @@ from genunlearn.eval.generator_eval import (
 )
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.methods.registry import method_config
-from genunlearn.models.diffusion_loading import pipeline_for
+from genunlearn.models.sampling import pipeline_for
 from genunlearn.storage.files import atomic_write_text
 
 

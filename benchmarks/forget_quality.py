@@ -33,16 +33,16 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 
 from genunlearn.cli import parse_setting
-from genunlearn.diffusion_job import DiffusionSetup, prepare_diffusion
+from genunlearn.kinds.diffusion_setup import DiffusionSetup, prepare_diffusion
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import generator_metrics, forget_sample_accuracy
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.seeds import mean_std
-from genunlearn.job import ForgetJob
+from genunlearn.runs.job import ForgetJob
 from genunlearn.methods.registry import method_config
-from genunlearn.models.diffusion_loading import pipeline_for
+from genunlearn.models.sampling import pipeline_for
 from genunlearn.models.presets import get_preset
 from genunlearn.storage.files import atomic_write_text
 

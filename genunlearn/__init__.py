@@ -9,7 +9,7 @@ from genunlearn.errors import UserError  # noqa: E402
 from genunlearn.eval.classify import evaluate_classifier  # noqa: E402
 from genunlearn.eval.score import GeneratorScores, evaluate_generator  # noqa: E402
 from genunlearn.methods import METHODS, UnlearnResult  # noqa: E402
-from genunlearn.models.loading import load_task  # noqa: E402
+from genunlearn.kinds import load_task  # noqa: E402
 from genunlearn.storage.timm_folder import save_classifier  # noqa: E402
 from genunlearn.tasks.user import classifier_task, diffusion_task, sample_dataset  # noqa: E402
 

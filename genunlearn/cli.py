@@ -178,7 +178,7 @@ def generator_evaluation_settings(args: argparse.Namespace) -> dict:
 def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", suffix: str = ""):
     """The ForgetJob that ``forget_parser``'s options describe (``settings``: the method settings they set; the
     default output folder is outputs/<prefix><model>-<forgotten>-<method>[-datafree]<suffix>)."""
-    from genunlearn.job import ForgetJob
+    from genunlearn.runs.job import ForgetJob
 
     settings = {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                       ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every)) if v is not None},
@@ -213,7 +213,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
 def forget_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.eval.report import SUMMARY_KEYS, summary_line
     from genunlearn.eval.seeds import summary_line as seeds_summary_line
-    from genunlearn.job import run_forget_job, run_seeds
+    from genunlearn.runs.forget import run_forget_job, run_seeds
 
     args = forget_parser().parse_args(argv)
     job = job_from_args(args, dict(args.settings), suffix="-seeds" if args.seeds else "")
@@ -261,8 +261,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.evaluate_job import run_evaluation
-    from genunlearn.job import ForgetJob
+    from genunlearn.runs.evaluate import run_evaluation
+    from genunlearn.runs.job import ForgetJob
 
     args = evaluate_parser().parse_args(argv)
     job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{Path(args.model).stem}",
@@ -289,38 +289,12 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.distributed import make_accelerator
-    from genunlearn.eval.classify import accuracy, predict_logits
-    from genunlearn.eval.generative import classify_generated
-    from genunlearn.models.diffusion_loading import pipeline_for
-    from genunlearn.storage.pipeline_folder import save_pipeline
-    from genunlearn.models.loading import load_task
-    from genunlearn.job import save_run_classifier
-    from genunlearn.tasks.diffusion import DiffusionTask
+    from genunlearn.runs.pretrain import run_pretrain
 
     args = pretrain_parser().parse_args(argv)
-    if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()):
-        raise UserError(f"{args.output_dir} is not empty; choose a new --output-dir")
-    accelerator = make_accelerator()
-    task = load_task(args.model, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator)
-    if isinstance(task, DiffusionTask):
-        classifier = load_task(task.preset.eval_classifier, data=args.data, cache_dir=args.cache_dir, accelerator=accelerator).model
-        sampling = task.preset.sampling
-        pipeline = pipeline_for(task)
-        per_class = classify_generated(pipeline, classifier, list(range(task.num_classes)), 50, accelerator,
-                                       guidance=sampling.guidance, steps=sampling.steps)
-        summary = f"samples recognised as their class by {task.preset.eval_classifier}: " + ", ".join(
-            f"{c}: {m['accuracy']:.2f}" for c, m in sorted(per_class.items()))
-        save = lambda: save_pipeline(pipeline, args.output_dir)  # noqa: E731
-    else:
-        test_acc = accuracy(*predict_logits(task.model.to(accelerator.device), task.test_data, accelerator))
-        summary = f"test accuracy {test_acc:.4f}"
-        save = lambda: save_run_classifier(  # noqa: E731
-            task.model, task.preset, task.train_data.classes, args.output_dir, {"preset": task.preset.to_dict()})
-    if accelerator.is_main_process:
-        if args.output_dir is not None:
-            save()
-        print(f"{task.name}: {summary}")
+    summary = run_pretrain(args.model, data=args.data, cache_dir=args.cache_dir, output_dir=args.output_dir)
+    if _is_main_process():
+        print(summary)
     return 0
 
 

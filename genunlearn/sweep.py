@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.seeds import mean_std
-from genunlearn.job import ForgetJob, run_seeds
+from genunlearn.runs.forget import run_seeds
+from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.files import atomic_write_text
 
 Axis = tuple[str, list]

@@ -196,12 +196,12 @@ def test_listing_commands(capsys):
 
 
 def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
-    import genunlearn.job
+    import genunlearn.runs.forget
 
     def exhausted(job, accelerator=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(genunlearn.job, "run_forget_job", exhausted)
+    monkeypatch.setattr(genunlearn.runs.forget, "run_forget_job", exhausted)
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err and "--mixed-precision" in err

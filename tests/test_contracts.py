@@ -3,7 +3,9 @@ every preset's YAML, method blocks and (shrunk) network."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +114,50 @@ def test_every_preset_loads_builds_its_method_configs_and_runs_a_forward_pass(na
         with torch.no_grad():
             logits = network(torch.randn(2, preset.channels, preset.image_size, preset.image_size))
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["salun", "sfron", "random_label"])
+def test_a_label_shift_that_maps_classes_onto_themselves_is_refused_before_any_mask(method, classifier, monkeypatch):
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("gradient statistics computed before the settings were checked")
+
+    monkeypatch.setattr("genunlearn.methods.salun.cached_gradient_statistics", no_statistics)
+    monkeypatch.setattr("genunlearn.methods.sfron.cached_gradient_statistics", no_statistics, raising=False)
+    with pytest.raises(gu.UserError, match="rl_shift 10 maps every class onto itself"):
+        gu.unlearn(classifier, gu.forget_split(classifier, classes=[3]), method, rl_shift=10, **TWO_STEPS)
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each genunlearn module -> the genunlearn modules it imports, at module level or inside functions."""
+    root = Path(gu.__file__).parent
+    modules = {".".join(("genunlearn", *f.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): f
+               for f in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("genunlearn"):
+                found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = {m for m in found if m in modules and m not in (name, "genunlearn")}
+    return graph
+
+
+def test_no_genunlearn_module_imports_another_in_a_cycle():
+    graph = package_imports()
+    assert "genunlearn.runs.forget" in graph and "genunlearn.kinds" in graph["genunlearn.runs.forget"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)) for nxt in graph[start])
+
+    cycles = [name for name in graph if reaches(name, name, set())]
+    assert cycles == []
+
+
+def test_method_files_stay_short_and_the_library_does_not_import_its_clients():
+    methods = Path(gu.__file__).parent / "methods"
+    assert {f.name: n for f in methods.glob("*.py") if (n := len(f.read_text().splitlines())) >= 150} == {}
+    graph = package_imports()
+    clients = {m for m in graph if m.startswith(("genunlearn.runs", "genunlearn.cli", "genunlearn.sweep"))}
+    assert not graph["genunlearn.api"] & clients and not graph["genunlearn.kinds"] & (clients - {"genunlearn.runs.job"})

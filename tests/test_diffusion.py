@@ -124,7 +124,8 @@ def tiny_digits_preset() -> DiffusionPreset:
 
 def test_pretraining_is_cached_and_reloaded(accelerator, tmp_path):
     from genunlearn.data.digits import load_digits_split
-    from genunlearn.models.diffusion_loading import load_diffusion_task, pipeline_for
+    from genunlearn.models.diffusion_loading import load_diffusion_task
+    from genunlearn.models.sampling import pipeline_for
 
     train, test = load_digits_split()
     first = load_diffusion_task(tiny_digits_preset(), train, test, "digits8", pretrained=None, cache_root=tmp_path, accelerator=accelerator)
@@ -138,7 +139,8 @@ def test_pretraining_is_cached_and_reloaded(accelerator, tmp_path):
 
 
 def test_generated_class_metrics_are_seeded_per_class(accelerator):
-    from genunlearn.eval.generative import classify_generated, generate_class
+    from genunlearn.eval.generative import classify_generated
+    from genunlearn.models.sampling import generate_class
 
     pipe = pipeline(tiny_class_unet(NUM_CLASSES))
     pipe.set_progress_bar_config(disable=True)
@@ -163,7 +165,7 @@ def test_digits_diffusion_presets_draw_every_class(preset, cache_dir, accelerato
     """The preset's full pretraining (about 4.5 and 5.5 min on 2 cores): each class's samples are recognised."""
     from genunlearn import load_task
     from genunlearn.eval.generative import classify_generated
-    from genunlearn.models.diffusion_loading import pipeline_for
+    from genunlearn.models.sampling import pipeline_for
 
     task = load_task(preset, accelerator=accelerator)
     classifier = load_task("cnn-digits", accelerator=accelerator).model

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.digits import load_digits_split
-from genunlearn.models.diffusion_loading import load_diffusion_task, pipeline_for
+from genunlearn.models.diffusion_loading import load_diffusion_task
+from genunlearn.models.sampling import pipeline_for
 from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from helpers import accelerate_launch, unreadable_files, validate_report
 from test_diffusion import tiny_digits_preset
@@ -117,7 +118,7 @@ def test_data_free_is_for_diffusion_models(cnn_task, tmp_path, capsys):
 
 def test_generated_training_data_never_reuses_evaluation_seeds(tiny_pipeline_dir, accelerator):
     from genunlearn.data.generated import generated_datasets
-    from genunlearn.eval.generative import sample_classes
+    from genunlearn.models.sampling import sample_classes
 
     pipe = load_pipeline(tiny_pipeline_dir)
     train, test = generated_datasets(pipe, [str(c) for c in range(10)], [3, 5], 4, accelerator, guidance=1.0, steps=3, seed=0,

@@ -22,7 +22,7 @@ from genunlearn.cli import forget_main, guarded
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.methods.registry import method_config
-from genunlearn.models.pipeline import sample_images
+from genunlearn.models.sampling import sample_images
 from genunlearn.models.presets import get_preset
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser, build_noise_scheduler
 

@@ -21,9 +21,10 @@ from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.jacobians import batchnorm_jacobians, functional_jacobians
-from genunlearn.methods.fast_ntk import (FastNTKConfig, add_fisher_noise, add_upper_gram, fast_ntk, kernel_sums,
-                                         mirror_upper, prediction_fisher, residuals, scrub_direction)
 from genunlearn.engine.loop import training_mode
+from genunlearn.engine.ntk import (add_fisher_noise, add_upper_gram, kernel_sums, mirror_upper, prediction_fisher,
+                                   residuals, scrub_direction)
+from genunlearn.methods.fast_ntk import FastNTKConfig, fast_ntk
 from genunlearn.models import cnn as _register_cnn  # noqa: F401
 from genunlearn.models.peft import prepare_peft, scope_initial_values, scope_parameters
 from genunlearn.storage.files import load_weights
@@ -99,8 +100,8 @@ def test_primal_equals_dual(scope, count, regime):
     offset = torch.randn(size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # a centred ridge
     directions, retain_steps = {}, {}
     for form in ("primal", "dual"):
-        cfg = FastNTKConfig(scope=scope, form=form, chunk_size=7, loss="ce")
-        directions[form], retain_steps[form], info = scrub_direction(model, scope_parameters(model, scope), offset, split, cfg, accelerator)
+        directions[form], retain_steps[form], info = scrub_direction(model, scope_parameters(model, scope), offset, split, accelerator,
+                                                                     form=form, ridge=0.1, chunk_size=7, path="auto", loss="ce")
         assert info["form"] == form
     assert torch.allclose(directions["primal"], directions["dual"], rtol=1e-6, atol=1e-10)
     assert torch.allclose(retain_steps["primal"], retain_steps["dual"], rtol=1e-6, atol=1e-10)
@@ -207,7 +208,7 @@ def test_prediction_fisher_equals_label_expectation_of_squared_gradients():
             loss = nn.functional.cross_entropy(logits, torch.tensor([label]))
             grads = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True)
             expected += probs[label] * torch.cat([g.reshape(-1) for g in grads]).pow(2)
-    fisher = prediction_fisher(model, params, data, FastNTKConfig(chunk_size=4), make_accelerator())
+    fisher = prediction_fisher(model, params, data, make_accelerator(), chunk_size=4, path="auto")
     assert torch.allclose(fisher, expected / len(data), rtol=1e-9, atol=1e-14)
 
 
@@ -240,9 +241,8 @@ def test_two_process_kernel_sums_equal_one(tmp_path):
     model = tiny_bn_cnn()
     params = scope_parameters(model, "batchnorm+head")
     data, _ = random_split(23)
-    cfg = FastNTKConfig(chunk_size=5, loss="ce")
-    gram, pull = kernel_sums(model, params, data, cfg, make_accelerator(), "sums")
-    fisher = prediction_fisher(model, params, data, cfg, make_accelerator())
+    gram, pull = kernel_sums(model, params, data, make_accelerator(), "sums", chunk_size=5, path="auto", loss="ce")
+    fisher = prediction_fisher(model, params, data, make_accelerator(), chunk_size=5, path="auto")
     assert torch.allclose(two["gram"], gram, rtol=1e-10, atol=1e-12)
     assert torch.allclose(two["pull"], pull, rtol=1e-10, atol=1e-12)
     assert torch.allclose(two["fisher"], fisher, rtol=1e-10, atol=1e-14)

@@ -11,7 +11,7 @@ from genunlearn import UserError
 from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.checkpoint import latest_checkpoint
 from genunlearn.engine.loop import LoopConfig, run_loop
-from genunlearn.training import supervised_step
+from genunlearn.engine.training import supervised_step
 
 
 def test_global_batch_is_the_same_for_any_process_count():

@@ -33,7 +33,7 @@ def test_presets_and_timm_names():
 def test_squared_loss_and_decay_toward_the_peft_start():
     """``loss: mse, decay_to: start``: ½‖f − (2·onehot − 1)‖² per sample plus (wd/2)‖θ_scope − θ_start‖²; the
     optimizer then decays nothing; decay_to start without a PEFT scope is refused."""
-    from genunlearn.training import TrainConfig
+    from genunlearn.engine.training import TrainConfig
 
     raw = get_preset("vit-digits-prompts").to_dict()
     raw["model_args"].update(embed_dim=16, depth=1, num_heads=2, reg_tokens=2)
@@ -122,7 +122,7 @@ def test_evaluation_fingerprint_ignores_how_a_model_is_judged():
 def test_timm_eval_classifier_resizes_and_normalises(tmp_path, accelerator):
     from safetensors.torch import save_file
 
-    from genunlearn.models.eval_classifier import load_eval_classifier
+    from genunlearn.eval.judge import load_eval_classifier
 
     torch.manual_seed(0)
     save_file(timm.create_model("test_resnet", num_classes=1000).state_dict(), str(tmp_path / "w.safetensors"))

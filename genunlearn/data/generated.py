@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
-from genunlearn.eval.generative import sample_classes
 from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
+from genunlearn.models.sampling import sample_classes
 from genunlearn.storage.files import atomic_save_tensors
 
 TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds

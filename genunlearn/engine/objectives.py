@@ -33,14 +33,19 @@ def adaptive_gradient_ascent(task: Task, model: nn.Module, batch: Batch, tempera
     return -(adaptive_weights(losses, temperature) * losses).sum()
 
 
+def check_rl_shift(shift: int, num_classes: int) -> None:
+    """A UserError unless (c + ``shift``) mod ``num_classes`` is another class than c."""
+    if shift % num_classes == 0:
+        raise UserError(f"rl_shift {shift} maps every class onto itself with {num_classes} classes; use 1..{num_classes - 1}")
+
+
 def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContext") -> torch.Tensor:
     """The other label of each true label ``[B]``: uniformly random (shift by 1..K-1, mod K), or with
     ``ctx.cfg.rl_shift`` = k the fixed (c + k) mod K, as the references fix it (DDPM k = 1, DiT k = 100)."""
     shift = ctx.cfg.rl_shift
     if shift is None:
         return (labels + ctx.global_randint(num_classes - 1, len(labels)) + 1) % num_classes
-    if shift % num_classes == 0:
-        raise UserError(f"rl_shift {shift} maps every class onto itself with {num_classes} classes; use 1..{num_classes - 1}")
+    check_rl_shift(shift, num_classes)
     return (labels + shift) % num_classes
 
 

@@ -21,7 +21,8 @@ from genunlearn.eval.fid import (
     library_version,
 )
 from genunlearn.eval.classify import class_metrics
-from genunlearn.eval.generative import classify_generated, sample_classes
+from genunlearn.eval.generative import classify_generated
+from genunlearn.models.sampling import sample_classes
 from genunlearn.models.pipeline import Pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
@@ -61,7 +62,7 @@ def fid_setup(choice: str, classifier: nn.Module, classifier_name: str, library:
     if choice == "inception":
         weights = inception_weights or DEFAULT_INCEPTION_WEIGHTS
         return FidSetup(InceptionFeatures(weights).to(device), f"Inception-v3 pool3 ({Path(weights).name})", library)
-    from genunlearn.models.eval_classifier import load_timm_classifier
+    from genunlearn.eval.judge import load_timm_classifier
 
     return FidSetup(ClassifierFeatures(load_timm_classifier(choice, None)).to(device), f"{choice} pre-logits", library)
 

@@ -12,7 +12,7 @@ from torch import nn
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import SamplingProtocol, fid_setup, generator_metrics, protocol_record, reference_features, reference_images
-from genunlearn.models.diffusion_loading import pipeline_for, sampler_for
+from genunlearn.models.sampling import pipeline_for
 from genunlearn.models.pipeline import Pipeline, make_pipeline, pipeline_num_classes
 from genunlearn.tasks.diffusion import DiffusionTask
 
@@ -59,7 +59,7 @@ def evaluate_generator(
         num_classes = pipeline_num_classes(source)
         held = source if model is None else make_pipeline(model, source.scheduler, source.vae, num_classes,
                                                            id2label=source.config.get("id2label"))
-        pipeline = sampler_for(held)  # DDIM on the pipeline's own noise schedule, as a forget run samples
+        pipeline = pipeline_for(held)  # DDIM on the pipeline's own noise schedule, as a forget run samples
     forgotten = [int(c) for c in forget]
     remaining = [c for c in range(num_classes) if c not in forgotten] if remain is None else [int(c) for c in remain]
     if any(not 0 <= c < num_classes for c in forgotten + remaining):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from genunlearn.engine.loop import LoopConfig
 from genunlearn.methods.common import unlearn_with_loop
 from genunlearn.methods.registry import UnlearnResult, register_method
-from genunlearn.training import supervised_step
+from genunlearn.engine.training import supervised_step
 
 
 @dataclass

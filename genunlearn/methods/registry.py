@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from genunlearn.data.split import ForgetSplit
+from genunlearn.engine.objectives import check_rl_shift
 from genunlearn.errors import UserError
 from genunlearn.tasks.base import Task
 
@@ -83,10 +85,22 @@ def register_method(name: str, summary: str, config_class: type,
     """Decorator adding a method's run function to ``METHODS`` under ``name``."""
 
     def add(run: MethodRun) -> MethodRun:
-        METHODS[name] = MethodSpec(name, summary, config_class, run, preset_layer)
+        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer)
         return run
 
     return add
+
+
+def _checked_against_task(run: MethodRun) -> MethodRun:
+    """``run`` after the checks of its config against the task, so they fail before masks or Fishers are computed."""
+
+    @functools.wraps(run)
+    def checked(task: Task, split: ForgetSplit, cfg, accelerator: Accelerator, **options) -> UnlearnResult:
+        if getattr(cfg, "rl_shift", None) is not None:
+            check_rl_shift(cfg.rl_shift, task.num_classes)
+        return run(task, split, cfg, accelerator, **options)
+
+    return checked
 
 
 def get_method(name: str) -> MethodSpec:

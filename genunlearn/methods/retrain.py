@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from genunlearn.methods.registry import UnlearnResult, register_method
-from genunlearn.training import TrainConfig, train_from_scratch
+from genunlearn.engine.training import TrainConfig, train_from_scratch
 
 
 @register_method("retrain", "train from scratch on the retain set with the pretraining recipe (oracle)", TrainConfig,

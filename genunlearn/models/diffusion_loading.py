@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import Accelerator
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
@@ -13,31 +13,14 @@ from genunlearn.storage.cache import PRETRAIN_SEED, pretrain_once, pretrained_en
 from genunlearn.models.pipeline import (
     ClassConditionalPipeline,
     Pipeline,
-    make_pipeline,
     pipeline_denoiser,
     pipeline_num_classes,
 )
 from genunlearn.models.presets import DiffusionPreset
+from genunlearn.models.sampling import pipeline_for
 from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask, build_denoiser, build_noise_scheduler
-from genunlearn.training import TrainConfig, train_from_scratch
-
-def pipeline_for(task: DiffusionTask, denoiser=None) -> Pipeline:
-    """The task's model (or ``denoiser``) as a sampling pipeline with a DDIM scheduler on the same noise schedule."""
-    return make_pipeline(
-        denoiser if denoiser is not None else task.model,
-        DDIMScheduler.from_config(task.scheduler.config),
-        task.vae,
-        task.num_classes,
-        id2label=task.id2label,
-    )
-
-
-def sampler_for(pipeline: Pipeline) -> Pipeline:
-    """``pipeline`` re-assembled with a DDIM scheduler on its own noise schedule (how genunlearn samples)."""
-    return make_pipeline(pipeline_denoiser(pipeline), DDIMScheduler.from_config(pipeline.scheduler.config), pipeline.vae,
-                         pipeline_num_classes(pipeline), id2label=pipeline.config.get("id2label"))
-
+from genunlearn.engine.training import TrainConfig, train_from_scratch
 
 def load_diffusion_pipeline(
     preset: DiffusionPreset,

@@ -1,4 +1,4 @@
-"""``load_task``: a preset or timm model, its data, and its weights (given, downloaded, cached or pretrained now)."""
+"""Loading a preset's data and a classifier with its weights (given, downloaded, cached or pretrained now)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.storage.cache import PRETRAIN_SEED, cache_root, pretrain_once, pretrained_entry
-from genunlearn.models.diffusion_loading import load_diffusion_task
-from genunlearn.models.presets import ClassifierPreset, DiffusionPreset, Preset, get_preset
+from genunlearn.models.presets import ClassifierPreset, Preset, get_preset
 from genunlearn.storage.files import WEIGHTS_NAME, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
-from genunlearn.tasks.diffusion import DiffusionTask
-from genunlearn.training import TrainConfig, train_from_scratch
+from genunlearn.engine.training import TrainConfig, train_from_scratch
 
 
 
@@ -37,23 +35,20 @@ def load_datasets(preset: Preset, data_dir: str | Path | None) -> tuple[LabeledD
     return train, test, f"digits{preset.image_size}"
 
 
-def load_task(
-    model: str,
+def load_classifier_task(
+    model: str | ClassifierPreset,
     *,
     pretrained: str | None = None,
     data: str | Path | None = None,
     cache_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
-) -> ClassifierTask | DiffusionTask:
-    """Build the task for ``model`` (a preset or timm name) with its data and weights (see ``load_network``;
-    diffusion presets: ``load_diffusion_task``)."""
-    preset = get_preset(model)
+) -> ClassifierTask:
+    """The classifier task of ``model`` (a classifier preset, its name or a timm name) with its data and weights
+    (see ``load_network``)."""
+    preset = get_preset(model) if isinstance(model, str) else model
+    if not isinstance(preset, ClassifierPreset):
+        raise UserError(f"{preset.name} is a {preset.kind} model; a classifier is needed here")
     train, test, data_id = load_datasets(preset, data)
-    if isinstance(preset, DiffusionPreset):
-        return load_diffusion_task(
-            preset, train, test, data_id, pretrained=pretrained, cache_root=cache_root(cache_dir),
-            accelerator=accelerator or make_accelerator(),
-        )
     network = load_network(preset, train, data_id, pretrained=pretrained, cache_dir=cache_dir, accelerator=accelerator)
     return ClassifierTask(preset, network, train, test, cache_dir=cache_root(cache_dir))
 

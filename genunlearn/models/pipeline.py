@@ -4,15 +4,13 @@
 round-trip) over a UNet or DiT denoiser, a scheduler and an optional VAE, with classifier-free guidance
 around the null class ``num_classes``. diffusers' own ``DiTPipeline`` hard-codes the null class 1000 and
 always decodes through a VAE, so it serves only 1000-class latent DiTs (DiT-XL/2 and its kind).
-``sample_images`` samples either kind the same way.
 """
 
 from __future__ import annotations
 
-import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from genunlearn.models.class_conditional import ClassConditionalPipeline, eval_mode
+from genunlearn.models.class_conditional import ClassConditionalPipeline
 from genunlearn.tasks.diffusion import Denoiser
 
 DIT_PIPELINE_CLASSES = 1000  # DiTPipeline's hard-coded null class id
@@ -47,20 +45,3 @@ def pipeline_class_names(pipeline: Pipeline) -> list[str]:
     for key, value in (id2label or {}).items():
         names[int(key)] = value.split(",")[0].strip()
     return names
-
-
-@torch.no_grad()
-def sample_images(pipeline: Pipeline, labels: list[int], *, guidance: float, steps: int, generator: torch.Generator,
-                  latents: bool = False) -> torch.Tensor:
-    """One sample per label ``[N, C, H, W]`` on CPU: images in [-1, 1], or with ``latents`` the denoiser's own
-    output space (VAE latents times the scaling factor, never decoded), in eval mode for either pipeline kind."""
-    if latents:
-        pipeline = ClassConditionalPipeline(denoiser=pipeline_denoiser(pipeline), scheduler=pipeline.scheduler,
-                                            num_classes=pipeline_num_classes(pipeline))
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline(labels, guidance, steps, generator, output_type="latent").images.cpu()
-    if isinstance(pipeline, DiTPipeline):
-        with eval_mode(pipeline.transformer, pipeline.vae):
-            images = pipeline(labels, guidance, generator, steps, output_type="pt").images
-        return (images.float() * 2 - 1).cpu()  # DiTPipeline returns [0, 1]
-    return pipeline(labels, guidance, steps, generator, output_type="pt").images.cpu()

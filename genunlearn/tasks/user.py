@@ -146,7 +146,7 @@ def sample_dataset(
     (and ``vae``)."""
     from genunlearn.data.generated import generated_datasets
     from genunlearn.distributed import make_accelerator
-    from genunlearn.models.diffusion_loading import sampler_for
+    from genunlearn.models.sampling import pipeline_for
     from genunlearn.models.pipeline import make_pipeline, pipeline_class_names
 
     if not isinstance(model, DiffusionPipeline):
@@ -157,7 +157,7 @@ def sample_dataset(
     if per_class < 2 or not classes:
         raise UserError("sample at least 2 images per class of at least one class")
     latents = model.vae is not None
-    train, test = generated_datasets(sampler_for(model), pipeline_class_names(model), sorted(set(classes)), per_class,
+    train, test = generated_datasets(pipeline_for(model), pipeline_class_names(model), sorted(set(classes)), per_class,
                                      accelerator or make_accelerator(), guidance=guidance, steps=steps, seed=seed,
                                      cache_dir=None if cache_dir is None else Path(cache_dir), latents=latents)
     for dataset in (train, test):

@@ -6,7 +6,7 @@ import sys
 from safetensors.torch import save_file
 
 from genunlearn.distributed import make_accelerator
-from genunlearn.methods.fast_ntk import FastNTKConfig, kernel_sums, prediction_fisher
+from genunlearn.engine.ntk import kernel_sums, prediction_fisher
 from genunlearn.models.peft import scope_parameters
 
 sys.path.insert(0, sys.argv[2])
@@ -16,8 +16,7 @@ accelerator = make_accelerator()
 model = tiny_bn_cnn()
 params = scope_parameters(model, "batchnorm+head")
 data, _ = random_split(23)
-cfg = FastNTKConfig(chunk_size=5, loss="ce")
-gram, pull = kernel_sums(model, params, data, cfg, accelerator, "sums")
-fisher = prediction_fisher(model, params, data, cfg, accelerator)
+gram, pull = kernel_sums(model, params, data, accelerator, "sums", chunk_size=5, path="auto", loss="ce")
+fisher = prediction_fisher(model, params, data, accelerator, chunk_size=5, path="auto")
 if accelerator.is_main_process:
     save_file({"gram": gram.cpu().contiguous(), "pull": pull.cpu().contiguous(), "fisher": fisher.cpu().contiguous()}, sys.argv[1])

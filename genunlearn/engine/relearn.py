@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.loop import run_loop, training_mode
 from genunlearn.storage.cache import pretrain_once
-from genunlearn.training import TrainConfig, supervised_step, train_from_scratch
+from genunlearn.engine.training import TrainConfig, supervised_step, train_from_scratch
 
 Measure = Callable[[nn.Module], float]
 
@@ -64,9 +64,3 @@ def retrain_oracle(task, split: ForgetSplit, data_id: str, root: Path, accelerat
 
     pretrain_once(entry, marker, train_and_save, accelerator, f"the retrain oracle of {task.preset.name}")
     return load(entry)
-
-
-def oracle_gaps(after: dict, oracle: dict) -> dict:
-    """``after - oracle`` for every numeric figure both hold (positive: the unlearned model scores higher)."""
-    return {k: after[k] - oracle[k] for k in after
-            if isinstance(after[k], (int, float)) and isinstance(oracle.get(k), (int, float)) and not k.endswith("_time_s")}

@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 
 from genunlearn.errors import UserError
+from genunlearn.models.loading import load_classifier_task
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
 from genunlearn.storage.files import load_weights
 from genunlearn.tasks.classifier import build_classifier
@@ -68,11 +69,7 @@ def load_eval_classifier(
         if not isinstance(preset, ClassifierPreset):
             raise UserError(f"--eval-classifier {name} is not a classifier; name a classifier preset or a timm model")
         if weights is None:
-            from genunlearn.models.loading import (
-                load_task,  # imported here: loading builds on this module's siblings
-            )
-
-            model = load_task(name, data=data, cache_dir=cache_dir, accelerator=accelerator).model
+            model = load_classifier_task(preset, data=data, cache_dir=cache_dir, accelerator=accelerator).model
         else:
             model = _with_weights(build_classifier(preset, num_classes), weights)
     else:

@@ -1,10 +1,10 @@
-"""The main job for class-conditional diffusion models: evaluate by sampling, unlearn, evaluate, write the run folder."""
+"""What a diffusion run is evaluated with (task, split, judge, FID references, sampling protocol), shared by the
+forget and evaluate stages and by the forget-quality benchmark."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,44 +15,28 @@ from safetensors.torch import load_file
 
 from genunlearn.data.generated import generated_datasets
 from genunlearn.data.split import ForgetSplit, check_ids, make_forget_split
+from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import (
     FidSetup,
     SamplingProtocol,
-    generator_metrics,
     fid_setup,
-    forget_sample_accuracy,
+    generator_metrics,
     protocol_record,
     reference_features,
     reference_images,
 )
-from genunlearn.eval.grids import save_class_grid
-from genunlearn.eval.model_card import diffusion_loading
-from genunlearn.eval.report import write_report
-from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
-from genunlearn.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, oracle_and_relearning, run_report
-from genunlearn.methods.registry import method_config
-from genunlearn.storage.cache import cache_root
-from genunlearn.models.diffusion_loading import (
-    load_diffusion_pipeline,
-    pipeline_for,
-    sampler_for,
-    task_from_pipeline,
-)
-from genunlearn.models.eval_classifier import load_eval_classifier
+from genunlearn.eval.judge import load_eval_classifier
+from genunlearn.models.diffusion_loading import load_diffusion_pipeline, task_from_pipeline
 from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
-from genunlearn.models.pipeline import (
-    Pipeline,
-    pipeline_class_names,
-    pipeline_denoiser,
-    pipeline_num_classes,
-)
+from genunlearn.models.pipeline import Pipeline, pipeline_class_names, pipeline_num_classes
 from genunlearn.models.presets import DiffusionPreset
+from genunlearn.models.sampling import pipeline_for
+from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.cache import cache_root
 from genunlearn.storage.files import atomic_save_tensors, atomic_write_text
-from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
-PIPELINE_DIR = "pipeline"
 GRID_SAMPLES = 8
 EVALUATIONS = "evaluations"
 
@@ -177,7 +161,7 @@ def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
 
         def generated(classes: list[int]):
             return generated_datasets(
-                sampler_for(pipeline), pipeline_class_names(pipeline), classes, job.data_free_samples, accelerator,
+                pipeline_for(pipeline), pipeline_class_names(pipeline), classes, job.data_free_samples, accelerator,
                 guidance=protocol.guidance, steps=protocol.steps, seed=job.seed, cache_dir=root, latents=latents,
             )
 
@@ -197,56 +181,3 @@ def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
         reference.update(reference_images(task, heldout_set, heldout))
     return DiffusionSetup(pipeline, task, split, forgotten, remaining, heldout, classifier, classifier_name, fid, protocol,
                           reference, reference_features(reference, fid), data_free, real)
-
-
-def run_diffusion_job(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> dict:
-    """Run ``job`` on a diffusion preset and return its report (written to ``job.output_dir`` by the main process).
-
-    Data-free (``--data-free``, or no ``--data`` for a preset whose data is not embedded): the forget and retain
-    sets are the pretrained model's own samples, latents for latent models (see ``prepare_diffusion``)."""
-    method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
-    check_output_dir(job)
-    accelerator.wait_for_everyone()
-    setup = prepare_diffusion(job, preset, accelerator)
-    task, split, protocol, classifier, forgotten = setup.task, setup.split, setup.protocol, setup.classifier, setup.forgotten
-    real, data_free = setup.real, setup.data_free
-    if accelerator.is_main_process:
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
-
-    def evaluate(model: torch.nn.Module) -> tuple[dict, dict[int, torch.Tensor]]:
-        return setup.evaluate(model, accelerator)
-
-    before, samples_before = evaluate_original(setup, accelerator, cache_root(job.cache_dir))
-    result = method.run(task, split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
-    after, samples_after = evaluate(result.model)
-    evaluation = setup.protocol_record(accelerator.mixed_precision)
-
-    def forget_accuracy(model: torch.nn.Module) -> float:
-        return forget_sample_accuracy(pipeline_for(task, model), classifier, forgotten, protocol, accelerator)
-
-    def save_oracle(model: torch.nn.Module, folder) -> None:
-        save_pipeline(pipeline_for(task, model), folder)
-
-    def load_oracle(folder) -> torch.nn.Module:
-        return pipeline_denoiser(load_pipeline(folder)).eval()
-
-    data_id = real[2] if real is not None and not data_free else "generated"
-    if data_free and (job.compare_retrain or job.relearn_steps):  # the oracle trains on this model's own samples
-        data_id = f"generated-{model_fingerprint(task.model)}-{job.data_free_samples}"
-    extras = oracle_and_relearning(job, task, split, data_id, result.model, after, lambda m: evaluate(m)[0], forget_accuracy,
-                                   (save_oracle, load_oracle, "model_index.json"), accelerator)
-    report = run_report("diffusion", job, preset, split, cfg, result, accelerator, evaluation=evaluation,
-                        before=before, after=after, weights=f"{PIPELINE_DIR}/", **extras)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unlearned = pipeline_for(task, accelerator.unwrap_model(result.model).cpu().eval())
-        save_pipeline(unlearned, job.output_dir / PIPELINE_DIR)
-        for name, samples in (("samples_before.png", samples_before), ("samples_after.png", samples_after)):
-            save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], job.output_dir / name)
-        write_report(job.output_dir, report, base_model=job.pretrained,
-                     loading=diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__))
-        shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return report
-

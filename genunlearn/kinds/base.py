@@ -1,0 +1,75 @@
+"""The per-kind adapter contract: what the run flow (``genunlearn.runs``) asks of a classifier, a diffusion model,
+or any kind added later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from genunlearn.data.split import ForgetSplit
+from genunlearn.models.presets import Preset
+from genunlearn.runs.job import ForgetJob
+from genunlearn.tasks.base import Task
+
+OracleStore = tuple[Callable[[nn.Module, Path], None], Callable[[Path], nn.Module], str]  # save, load, marker file
+
+
+class Run(Protocol):
+    """One prepared forget run of a kind: its task and split, how it measures a model, and what it writes."""
+
+    task: Task
+    split: ForgetSplit
+    data_id: str  # what the retrain oracle's cache entry is keyed by
+    weights: str  # the report's pointer to the written weights, relative to the run folder
+
+    def evaluate_before(self) -> tuple[dict, Any]:
+        """The original model's figures and visuals (``Any``: what ``write`` shows, e.g. sample grids)."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> tuple[dict, Any]:
+        """``model``'s figures and visuals, measured as the original's were."""
+        ...
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        """The one figure a relearning curve follows."""
+        ...
+
+    def oracle_store(self) -> OracleStore:
+        """How the cached retrain oracle is saved and loaded."""
+        ...
+
+    def report_entries(self) -> dict:
+        """The kind's own report keys, placed before ``before``/``after`` (diffusion: the sampling protocol)."""
+        ...
+
+    def write(self, model: nn.Module, output_dir: Path, before: Any, after: Any) -> str:
+        """Write the unlearned ``model`` (and the visuals) into ``output_dir``; return how its weights load (markdown)."""
+        ...
+
+
+class Kind(Protocol):
+    """Everything that differs between model kinds, once per stage."""
+
+    name: str  # a preset's ``kind``
+
+    def load_task(self, preset: Preset, *, pretrained: str | None, data: str | Path | None, cache_dir: str | Path | None,
+                  accelerator: Accelerator) -> Task:
+        """The preset's task with its data and weights (given, cached, or pretrained now)."""
+        ...
+
+    def prepare_run(self, job: ForgetJob, preset: Preset, accelerator: Accelerator) -> Run:
+        """Load ``job``'s model and data and build its split and measures."""
+        ...
+
+    def evaluate_model(self, job: ForgetJob, preset: Preset, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor] | None]:
+        """``genunlearn evaluate``'s report entries for ``job``'s model, and per-class samples to show (or None)."""
+        ...
+
+    def pretrain_summary(self, task: Task, *, data: str | None, cache_dir: str | None,
+                         accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:
+        """A one-line quality figure of a freshly pretrained ``task``, and how to write its weights to a folder."""
+        ...

@@ -1,0 +1,155 @@
+"""The diffusion kind: a class-conditional denoiser sampled through a pipeline, measured by a judge and FID."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from genunlearn.data.split import ForgetSplit, check_ids
+from genunlearn.engine.fingerprint import model_fingerprint
+from genunlearn.errors import UserError
+from genunlearn.eval.generative import classify_generated
+from genunlearn.eval.generator_eval import (
+    fid_setup,
+    forget_sample_accuracy,
+    generator_metrics,
+    protocol_record,
+    reference_features,
+    reference_images,
+)
+from genunlearn.eval.grids import save_class_grid
+from genunlearn.eval.judge import load_eval_classifier
+from genunlearn.eval.model_card import diffusion_loading
+from genunlearn.kinds.base import OracleStore
+from genunlearn.kinds.diffusion_setup import (
+    GRID_SAMPLES,
+    DiffusionSetup,
+    evaluate_original,
+    prepare_diffusion,
+    real_datasets,
+    remain_classes,
+    sampling_protocol,
+)
+from genunlearn.models.diffusion_loading import load_diffusion_pipeline, load_diffusion_task, task_from_pipeline
+from genunlearn.models.loading import load_classifier_task, load_datasets
+from genunlearn.models.pipeline import pipeline_denoiser, pipeline_num_classes
+from genunlearn.models.presets import DiffusionPreset
+from genunlearn.models.sampling import pipeline_for
+from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.cache import cache_root
+from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
+from genunlearn.tasks.diffusion import DiffusionTask
+
+PIPELINE_DIR = "pipeline"
+Samples = dict[int, torch.Tensor]
+
+
+@dataclass
+class DiffusionRun:
+    job: ForgetJob
+    setup: DiffusionSetup
+    accelerator: Accelerator
+    weights: str = f"{PIPELINE_DIR}/"
+
+    @property
+    def task(self) -> DiffusionTask:
+        return self.setup.task
+
+    @property
+    def split(self) -> ForgetSplit:
+        return self.setup.split
+
+    @property
+    def data_id(self) -> str:
+        """The retrain oracle's data: the real data's id, or (data-free) the model's own samples."""
+        if not self.setup.data_free:
+            return self.setup.real[2]
+        return f"generated-{model_fingerprint(self.task.model)}-{self.job.data_free_samples}"
+
+    def evaluate_before(self) -> tuple[dict, Samples]:
+        return evaluate_original(self.setup, self.accelerator, cache_root(self.job.cache_dir))
+
+    def evaluate(self, model: nn.Module) -> tuple[dict, Samples]:
+        return self.setup.evaluate(model, self.accelerator)
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        setup = self.setup
+        return forget_sample_accuracy(pipeline_for(setup.task, model), setup.classifier, setup.forgotten, setup.protocol,
+                                      self.accelerator)
+
+    def oracle_store(self) -> OracleStore:
+        def save(model: nn.Module, folder: Path) -> None:
+            save_pipeline(pipeline_for(self.task, model), folder)
+
+        def load(folder: Path) -> nn.Module:
+            return pipeline_denoiser(load_pipeline(folder)).eval()
+
+        return save, load, "model_index.json"
+
+    def report_entries(self) -> dict:
+        return {"evaluation": self.setup.protocol_record(self.accelerator.mixed_precision)}
+
+    def write(self, model: nn.Module, output_dir: Path, before: Samples, after: Samples) -> str:
+        unlearned = pipeline_for(self.task, model.cpu().eval())
+        save_pipeline(unlearned, output_dir / PIPELINE_DIR)
+        for name, samples in (("samples_before.png", before), ("samples_after.png", after)):
+            save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], output_dir / name)
+        return diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__)
+
+
+class DiffusionKind:
+    name = "diffusion"
+
+    def load_task(self, preset: DiffusionPreset, *, pretrained: str | None, data: str | Path | None,
+                  cache_dir: str | Path | None, accelerator: Accelerator) -> DiffusionTask:
+        train, test, data_id = load_datasets(preset, data)
+        return load_diffusion_task(preset, train, test, data_id, pretrained=pretrained, cache_root=cache_root(cache_dir),
+                                   accelerator=accelerator)
+
+    def prepare_run(self, job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> DiffusionRun:
+        """Data-free (``--data-free``, or no ``--data`` for a preset whose data is not embedded): the forget and
+        retain sets are the pretrained model's own samples, latents for latent models (see ``prepare_diffusion``)."""
+        return DiffusionRun(job, prepare_diffusion(job, preset, accelerator), accelerator)
+
+    def evaluate_model(self, job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> tuple[dict, Samples]:
+        """Sample every evaluated class under the protocol, judge the samples, and measure FID against real images
+        (``--data`` or the embedded data; none without real images). ``--class`` marks the forgotten classes."""
+        if job.subclasses or job.random_fraction is not None:
+            raise UserError("diffusion models are evaluated per class; pass --class (or nothing)")
+        protocol = sampling_protocol(job, preset)
+        root = cache_root(job.cache_dir)
+        real = real_datasets(preset, job.data)
+        pipeline = load_diffusion_pipeline(preset, pretrained=job.pretrained, data=real, cache_root=root, accelerator=accelerator)
+        num_classes = pipeline_num_classes(pipeline)
+        forgotten = list(job.classes)
+        if forgotten:
+            check_ids(forgotten, num_classes, "class")
+        remaining = remain_classes(num_classes, forgotten, job.remain_classes or preset.remain_classes, job.seed)
+        classifier_name = job.eval_classifier or preset.eval_classifier
+        classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
+                                          data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
+        fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)
+        reference = None
+        if real is not None:
+            task = task_from_pipeline(preset, pipeline, real[0], real[1], cache_root=root)
+            reference = reference_images(task, real[0], remaining)
+        metrics, samples = generator_metrics(pipeline, classifier, forgotten, remaining,
+                                             None if reference is None else reference_features(reference, fid), fid, protocol, accelerator)
+        evaluation = protocol_record(protocol, fid, classifier_name, forgotten + remaining, reference, False, accelerator.mixed_precision)
+        return {"metrics": metrics, "evaluation": evaluation}, samples
+
+    def pretrain_summary(self, task: DiffusionTask, *, data: str | None, cache_dir: str | None,
+                         accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:
+        judge = load_classifier_task(task.preset.eval_classifier, data=data, cache_dir=cache_dir, accelerator=accelerator).model
+        sampling = task.preset.sampling
+        pipeline = pipeline_for(task)
+        per_class = classify_generated(pipeline, judge, list(range(task.num_classes)), 50, accelerator,
+                                       guidance=sampling.guidance, steps=sampling.steps)
+        summary = f"samples recognised as their class by {task.preset.eval_classifier}: " + ", ".join(
+            f"{c}: {m['accuracy']:.2f}" for c, m in sorted(per_class.items()))
+        return summary, lambda folder: save_pipeline(pipeline, folder)

@@ -1,0 +1,45 @@
+"""The evaluate stage (``genunlearn evaluate``): measure a model as it is, without unlearning, with the same metrics
+and protocol as a forget run (so an evaluation of an unlearned model and of its original compare figure by figure)."""
+
+from __future__ import annotations
+
+import json
+
+from accelerate import Accelerator
+
+import genunlearn
+from genunlearn.distributed import make_accelerator
+from genunlearn.errors import UserError
+from genunlearn.eval.grids import save_class_grid
+from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
+from genunlearn.kinds import kind_of
+from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
+from genunlearn.models.presets import get_preset
+from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.files import atomic_write_text
+
+EVALUATION_FILE = "evaluation.json"
+SAMPLES_FILE = "samples.png"
+
+
+def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
+    """Evaluate ``job``'s model (method and unlearning settings are ignored) and write ``evaluation.json``,
+    ``evaluation.md`` and, for generators, ``samples.png`` (one row per class) to ``job.output_dir``."""
+    out = job.output_dir
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose a new --output-dir")
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    preset = get_preset(job.model)
+    kind = kind_of(preset)
+    entries, samples = kind.evaluate_model(job, preset, accelerator)
+    report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
+              "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
+              "processes": accelerator.num_processes, **entries}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if samples is not None:
+            save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], out / SAMPLES_FILE)
+        atomic_write_text(out / EVALUATION_FILE, json.dumps(report, indent=2))
+        atomic_write_text(out / "evaluation.md", render_evaluation(report, SAMPLES_FILE if samples is not None else None))
+    accelerator.wait_for_everyone()
+    return report

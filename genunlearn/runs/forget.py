@@ -1,0 +1,125 @@
+"""The forget stage, once for every kind: load, split, evaluate, unlearn, evaluate, compare to the oracle, write."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+from accelerate import Accelerator
+
+import genunlearn
+from genunlearn.distributed import make_accelerator
+from genunlearn.engine.relearn import relearn_curve, retrain_oracle
+from genunlearn.errors import UserError
+from genunlearn.eval.report import SCHEMA_VERSION, write_report
+from genunlearn.eval.seeds import aggregate_reports, write_summary
+from genunlearn.kinds import kind_of
+from genunlearn.kinds.base import Run
+from genunlearn.methods import UnlearnResult
+from genunlearn.methods.registry import method_config
+from genunlearn.models.presets import Preset, get_preset
+from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
+from genunlearn.storage.cache import cache_root
+from genunlearn.storage.files import atomic_write_text
+
+
+def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result: UnlearnResult,
+               accelerator: Accelerator, **entries) -> dict:
+    """The report's common keys (see ``genunlearn.eval.report``) followed by ``entries``."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "genunlearn_version": genunlearn.__version__,
+        "kind": kind,
+        "model": preset.name,
+        "class": job.forgotten(),
+        "method": job.method,
+        "steps": result.steps,
+        "wall_time_s": result.wall_time_s,
+        "processes": accelerator.num_processes,
+        "split": run.split.summary(),
+        "config": dataclasses.asdict(cfg),
+        "method_info": result.info,
+        "log": result.log,
+        **entries,
+    }
+
+
+def oracle_gaps(after: dict, oracle: dict) -> dict:
+    """``after - oracle`` for every numeric figure both hold (positive: the unlearned model scores higher)."""
+    return {k: after[k] - oracle[k] for k in after
+            if isinstance(after[k], (int, float)) and isinstance(oracle.get(k), (int, float)) and not k.endswith("_time_s")}
+
+
+def oracle_and_relearning(job: ForgetJob, run: Run, unlearned, after: dict, accelerator: Accelerator) -> dict:
+    """The report entries ``--compare-retrain`` and ``--relearn-steps`` ask for: the retrain oracle's metrics and
+    the gaps to them (``oracle``, ``gap_to_oracle``), and relearning curves of the unlearned model and the
+    oracle (``relearn``)."""
+    if not (job.compare_retrain or job.relearn_steps):
+        return {}
+    task, split = run.task, run.split
+    oracle = retrain_oracle(task, split, run.data_id, cache_root(job.cache_dir), accelerator, *run.oracle_store())
+    entries = {}
+    if job.compare_retrain:
+        oracle_metrics = run.evaluate(oracle)[0]
+        entries.update(oracle=oracle_metrics, gap_to_oracle=oracle_gaps(after, oracle_metrics))
+    if job.relearn_steps:
+        entries["relearn"] = {
+            "steps": job.relearn_steps,
+            "samples": job.relearn_samples,
+            "lr": task.preset.train.lr if job.relearn_lr is None else job.relearn_lr,
+            **{name: relearn_curve(task, model, split, job.relearn_steps, run.forget_accuracy, accelerator,
+                                   samples=job.relearn_samples, seed=job.seed, lr=job.relearn_lr)
+               for name, model in (("unlearned", unlearned), ("retrain", oracle))},
+        }
+    return entries
+
+
+def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
+    """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
+    if job.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise UserError(f"unknown --mixed-precision {job.mixed_precision!r}; use no, fp16 or bf16")
+    if job.relearn_steps < 0 or job.relearn_samples < 1 or (job.relearn_lr is not None and job.relearn_lr <= 0):
+        raise UserError("--relearn-steps must be non-negative, --relearn-samples at least 1 and --relearn-lr positive")
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    preset = get_preset(job.model)
+    kind = kind_of(preset)
+    method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
+    job.split_spec()  # a bad --class/--random-fraction/--subclass is named before the output folder is touched
+    check_output_dir(job)
+    accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
+    run = kind.prepare_run(job, preset, accelerator)
+    if accelerator.is_main_process:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
+    before, shown_before = run.evaluate_before()
+    result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
+    after, shown_after = run.evaluate(result.model)
+    extras = oracle_and_relearning(job, run, result.model, after, accelerator)
+    report = run_report(kind.name, job, preset, run, cfg, result, accelerator, **run.report_entries(),
+                        before=before, after=after, weights=run.weights, **extras)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        loading = run.write(accelerator.unwrap_model(result.model), job.output_dir, shown_before, shown_after)
+        write_report(job.output_dir, report, base_model=job.pretrained, loading=loading)
+        shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def run_seeds(job: ForgetJob, seeds: list[int], accelerator: Accelerator | None = None) -> dict:
+    """Run ``job`` once per seed into ``output_dir/seed-<s>`` (finished seeds are reused, so a killed series
+    continues) and write the mean ± std of every figure to ``output_dir/summary.{json,md}``; return the summary."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError("--seeds needs one or more distinct seeds, e.g. --seeds 0 1 2")
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    runs = [f"seed-{seed}" for seed in seeds]
+    reports = []
+    for seed, run in zip(seeds, runs):
+        one = dataclasses.replace(job, seed=seed, output_dir=job.output_dir / run)
+        reports.append(finished_report(one) or run_forget_job(one, accelerator))
+    summary = aggregate_reports(reports, seeds, runs)
+    if accelerator.is_main_process:
+        write_summary(job.output_dir, summary)
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,96 @@
+"""A forgetting run's identity (``ForgetJob``) and its output folder's guard: what a run is, before any kind's code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genunlearn.data.split import SplitSpec, choose_split
+from genunlearn.errors import UserError
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class ForgetJob:
+    """One forgetting run. ``settings`` override the method's settings (after the preset's defaults)."""
+
+    model: str
+    method: str
+    output_dir: Path
+    classes: list[int] = field(default_factory=list)
+    random_fraction: float | None = None
+    subclasses: list[int] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    data: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    eval_samples: int = 100
+    data_free: bool = False
+    data_free_samples: int = 100
+    eval_steps: int | None = None
+    eval_guidance: float | None = None
+    eval_classifier: str | None = None
+    eval_classifier_weights: str | None = None
+    remain_classes: int | None = None
+    fid_features: str = "classifier"
+    fid_library: str = "torchmetrics"
+    fid_inception_weights: str | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    compare_retrain: bool = False
+    relearn_steps: int = 0
+    relearn_samples: int = 8
+    relearn_lr: float | None = None
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (everything but where caches live, whether to resume, and gradient
+        checkpointing, which changes memory, not results)."""
+        return {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing")
+        }
+
+    def split_spec(self) -> SplitSpec:
+        return choose_split(self.classes, self.random_fraction, self.subclasses, self.seed,
+                            ("--class", "--random-fraction", "--subclass"))
+
+    def has_target(self) -> bool:
+        """Whether the job names a forgotten part (then its figures are reported separately)."""
+        return bool(self.classes or self.subclasses) or self.random_fraction is not None
+
+    def forgotten(self) -> int | list[int] | None:
+        ids = self.classes or self.subclasses
+        return None if not ids else ids[0] if len(ids) == 1 else list(ids)
+
+
+def check_output_dir(job: ForgetJob) -> None:
+    """Refuse to touch an output dir that holds anything but this job's unfinished run (resumable)."""
+    out = job.output_dir
+    if not out.exists() or not any(out.iterdir()):
+        return
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(f"{out} is not empty and holds no genunlearn run; choose a new --output-dir")
+    held = json.loads(run_file.read_text())
+    if held != job.identity():
+        differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
+        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir")
+    if (out / "report.json").is_file():
+        raise UserError(f"{out} already holds this finished run; choose a new --output-dir to run it again")
+    if not job.resume:
+        raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
+
+
+def finished_report(job: ForgetJob) -> dict | None:
+    """The report of ``job`` if its output folder already holds it finished, else None."""
+    run_file, report_file = job.output_dir / RUN_FILE, job.output_dir / "report.json"
+    if run_file.is_file() and report_file.is_file() and json.loads(run_file.read_text()) == job.identity():
+        return json.loads(report_file.read_text())
+    return None
