@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -11,11 +12,12 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from genunlearn import UserError
+from genunlearn import UserError, load_task
 from genunlearn.cli import guarded, pretrain_main
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.models.peft import scope_initial_values, scope_parameters
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
+from genunlearn.storage.cache import PRETRAIN_SEED, pretrained_entry
 from genunlearn.storage.files import load_weights, read_state_dict
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
 
@@ -137,3 +139,12 @@ def test_timm_eval_classifier_resizes_and_normalises(tmp_path, accelerator):
                              cache_dir=None, accelerator=accelerator)
     with pytest.raises(UserError, match="unknown evaluation classifier"):
         load_eval_classifier("resnet-9000", weights=None, num_classes=10, data=None, cache_dir=None, accelerator=accelerator)
+
+
+def test_a_corrupt_cache_entry_names_the_folder_to_delete(cnn_task, cache_dir, tmp_path):
+    entry = pretrained_entry(cache_dir, cnn_task.preset, "digits8", PRETRAIN_SEED)
+    copy = pretrained_entry(tmp_path, cnn_task.preset, "digits8", PRETRAIN_SEED)
+    shutil.copytree(entry, copy)
+    (copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=f"cache entry {copy} .* is corrupt; delete that folder"):
+        load_task("cnn-digits", cache_dir=tmp_path)

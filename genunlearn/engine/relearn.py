@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.loop import run_loop, training_mode
-from genunlearn.storage.cache import pretrain_once
+from genunlearn.storage.cache import cached_or_built
 from genunlearn.engine.training import TrainConfig, supervised_step, train_from_scratch
 
 Measure = Callable[[nn.Module], float]
@@ -62,5 +62,4 @@ def retrain_oracle(task, split: ForgetSplit, data_id: str, root: Path, accelerat
         if accelerator.is_main_process:
             save(accelerator.unwrap_model(model).cpu(), entry)
 
-    pretrain_once(entry, marker, train_and_save, accelerator, f"the retrain oracle of {task.preset.name}")
-    return load(entry)
+    return cached_or_built(entry, marker, train_and_save, load, accelerator, f"the retrain oracle of {task.preset.name}")

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
-from genunlearn.storage.cache import PRETRAIN_SEED, pretrain_once, pretrained_entry
+from genunlearn.storage.cache import PRETRAIN_SEED, cached_or_built, pretrained_entry
 from genunlearn.models.pipeline import (
     ClassConditionalPipeline,
     Pipeline,
@@ -89,8 +89,5 @@ def _cached_or_pretrained(preset, train, test, data_id, root: Path, accelerator:
         if accelerator.is_main_process:
             save_pipeline(pipeline_for(task, trained.cpu()), entry)
 
-    pretrain_once(entry, "model_index.json", pretrain_and_save, accelerator, f"{preset.name} on {data_id}")
-    try:
-        return ClassConditionalPipeline.from_pretrained(entry)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cached pipeline in {entry} is corrupt ({str(exc)[:60]}); delete that folder to pretrain again") from None
+    return cached_or_built(entry, "model_index.json", pretrain_and_save, ClassConditionalPipeline.from_pretrained, accelerator,
+                           f"{preset.name} on {data_id}")

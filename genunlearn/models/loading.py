@@ -11,7 +11,7 @@ from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.storage.cache import PRETRAIN_SEED, cache_root, pretrain_once, pretrained_entry
+from genunlearn.storage.cache import PRETRAIN_SEED, cache_root, cached_or_built, pretrained_entry
 from genunlearn.models.presets import ClassifierPreset, Preset, get_preset
 from genunlearn.storage.files import WEIGHTS_NAME, load_weights, save_model_dir
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
@@ -88,9 +88,8 @@ def _cached_or_pretrained(
         if accelerator.is_main_process:
             save_model_dir(trained, {"preset": preset.to_dict(), "data": data_id, "classes": train.classes}, entry)
 
-    pretrain_once(entry, WEIGHTS_NAME, pretrain_and_save, accelerator, f"{preset.name} on {data_id}")
-    try:
-        load_weights(network, entry / WEIGHTS_NAME)
-    except UserError:
-        raise UserError(f"cached weights in {entry} are corrupt; delete that folder to pretrain again") from None
-    return network
+    def load(folder: Path):
+        load_weights(network, folder / WEIGHTS_NAME)
+        return network
+
+    return cached_or_built(entry, WEIGHTS_NAME, pretrain_and_save, load, accelerator, f"{preset.name} on {data_id}")

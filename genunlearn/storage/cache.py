@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from genunlearn.errors import UserError
+
 CACHE_ENV = "GENUNLEARN_CACHE"
+Loaded = TypeVar("Loaded")
 PRETRAIN_SEED = 0
 
 
@@ -38,3 +41,15 @@ def pretrain_once(entry: Path, marker: str, pretrain_and_save: Callable[[], None
         print(f"pretraining {what} (first use; cached in {entry})", flush=True)
     pretrain_and_save()
     accelerator.wait_for_everyone()
+
+
+def cached_or_built(entry: Path, marker: str, build_and_save: Callable[[], None], load: Callable[[Path], Loaded],
+                    accelerator: Accelerator, what: str) -> Loaded:
+    """``load(entry)`` once ``entry`` holds ``what``: built now by ``build_and_save`` unless ``entry/marker`` exists
+    (``pretrain_once``). Pretrained presets and retrain oracles alike are cached this way; an entry that fails to
+    load is a UserError naming the folder to delete."""
+    pretrain_once(entry, marker, build_and_save, accelerator, what)
+    try:
+        return load(entry)
+    except (UserError, OSError, ValueError, RuntimeError):
+        raise UserError(f"the cache entry {entry} ({what}) is corrupt; delete that folder to build it again") from None
