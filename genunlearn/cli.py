@@ -50,7 +50,7 @@ TARGET_PATTERN = re.compile(r"^([a-z_]+)(<=|>=)([-+0-9.eE]+)$")
 
 def parse_target(text: str) -> tuple[str, str, float]:
     """A sweep target: ``"forget_acc<=0.05"`` -> ``("forget_acc", "<=", 0.05)``."""
-    from genunlearn.sweep import FIGURES
+    from genunlearn.runs.sweep import FIGURES
 
     match = TARGET_PATTERN.match(text.replace(" ", ""))
     known = sorted({name for names in FIGURES.values() for name in names})
@@ -230,7 +230,7 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.distributed import make_accelerator
-    from genunlearn.sweep import run_sweep
+    from genunlearn.runs.sweep import run_sweep
 
     args = forget_parser(sweep=True).parse_args(argv)
     job = job_from_args(args, {}, prefix="sweep-")
