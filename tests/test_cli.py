@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -281,4 +282,15 @@ def test_sweep_runs_each_cell_once_and_frames_the_robust_window(cnn_task, tmp_pa
 def test_setting_values_read_numbers_as_numbers():
     assert parse_setting("lr=1e-4") == ("lr", 1e-4) and parse_setting("forget-clip=null") == ("forget_clip", None)
     assert parse_setting("forget_objective=adaga") == ("forget_objective", "adaga")
+    assert parse_setting("fisher_noise=1e-9") == ("fisher_noise", 1e-9) and parse_setting("lr=1e30") == ("lr", 1e30)
+    assert math.isnan(parse_setting("lr=nan")[1]) and parse_setting("joint=true") == ("joint", True)
+
+
+@pytest.mark.parametrize("setting, message", [("joint=maybe", "takes true or false"), ("steps=abc", "takes a whole number"),
+                                              ("lr=nan", "finite number"), ("lr=inf", "finite number")])
+def test_a_mistyped_setting_is_one_error_line_before_any_work(setting, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--set", setting, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and not out.exists()
     assert parse_axis("lr=5e-5,1e-4") == ("lr", [5e-5, 1e-4]) and parse_axis("steps=10,20") == ("steps", [10, 20])

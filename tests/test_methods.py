@@ -78,3 +78,15 @@ def test_settings_are_read_as_their_fields_types():
         METHODS["sfron"].make_config({"lr": "1e-4"})
     with pytest.raises(UserError, match="whole number"):
         METHODS["sfron"].make_config({"steps": 2.5})
+    config = METHODS["sfron"].make_config({"joint": 1, "fisher_clip": 1e-9, "lr": 1e30})
+    assert config.joint is True and config.fisher_clip == 1e-9 and config.lr == 1e30
+    assert METHODS["fast_ntk"].make_config({"scale": 1}).scale == 1.0 and METHODS["fast_ntk"].make_config({}).scale == "trapezium"
+    for settings, message in (({"joint": "maybe"}, "setting joint takes true or false, got 'maybe'"),
+                              ({"steps": "ten"}, "setting steps takes a whole number, got 'ten'"),
+                              ({"steps": True}, "setting steps takes a whole number"),
+                              ({"lr": float("nan")}, "setting lr takes a finite number, got nan"),
+                              ({"lr": float("inf")}, "finite number"),
+                              ({"lr": None}, "setting lr cannot be null"),
+                              ({"forget_objective": 3}, "setting forget_objective takes text, got 3")):
+        with pytest.raises(UserError, match=message):
+            METHODS["sfron"].make_config(settings)

@@ -96,7 +96,7 @@ def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Ac
         fisher = prediction_fisher(model, params, split.retain, accelerator, chunk_size=cfg.chunk_size, path=cfg.jacobian)
         forgotten = split.spec.classes if split.spec.kind == "class" else ()
         add_fisher_noise(model, params, fisher, cfg.fisher_noise, forgotten, cfg.seed)
-    info.update(scale=scale, direction_norm=float(direction.norm()), scope=cfg.scope, loss=cfg.loss,
+    info.update(scale=scale, direction_norm=float(direction.detach().norm()), scope=cfg.scope, loss=cfg.loss,
                 fisher_noise=cfg.fisher_noise)
     model = model.to(memory_format=torch.contiguous_format)  # contiguous weights again (safetensors needs them)
     return UnlearnResult(model, [], 0, time.perf_counter() - started, info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,20 +62,29 @@ class MethodSpec:
 
 
 def _typed(key: str, value, hint):
-    """``value`` as the config field ``key`` of type ``hint`` wants it (an int where a float goes becomes a float, a
-    whole float where an int goes an int); a number field given text or a fraction where a count goes is a UserError."""
+    """``value`` as the config field ``key`` of type ``hint`` wants it: a bool only from true/false (or 1/0), a whole
+    number where a count goes, a finite number where a float goes (an int becomes a float), text where text goes,
+    None where the field is optional. Anything else is a UserError naming the setting and what it takes."""
     allowed = typing.get_args(hint) or (hint,)
-    if value is None or isinstance(value, bool) or not any(t in (int, float) for t in allowed):
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise UserError(f"setting {key} cannot be null")
+    if bool in allowed:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise UserError(f"setting {key} takes true or false, got {value!r}")
+    if isinstance(value, str) and str in allowed:
         return value
-    if isinstance(value, int) and float in allowed and int not in allowed:
-        return float(value)
-    if not isinstance(value, (int, float)):
-        raise UserError(f"setting {key} takes a number, got {value!r}")
-    if isinstance(value, float) and float not in allowed:
-        if not value.is_integer():
-            raise UserError(f"setting {key} takes a whole number, got {value!r}")
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if numeric and not math.isfinite(value):
+        raise UserError(f"setting {key} takes a finite number, got {value!r}")
+    if numeric and int in allowed and (isinstance(value, int) or float not in allowed and value.is_integer()):
         return int(value)
-    return value
+    if numeric and float in allowed:
+        return float(value)
+    wanted = " or ".join("a whole number" if t is int else "a number" if t is float else "text" for t in allowed if t is not type(None))
+    raise UserError(f"setting {key} takes {wanted}, got {value!r}")
 
 
 METHODS: dict[str, MethodSpec] = {}
