@@ -13,10 +13,12 @@ from genunlearn.errors import UserError
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
 from genunlearn.kinds import kind_of
+from genunlearn.kinds.base import Kind
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
-from genunlearn.models.presets import get_preset
+from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.files import atomic_write_text
+from genunlearn.storage.lock import main_process_lock
 
 EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.png"
@@ -25,12 +27,16 @@ SAMPLES_FILE = "samples.png"
 def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Evaluate ``job``'s model (method and unlearning settings are ignored) and write ``evaluation.json``,
     ``evaluation.md`` and, for generators, ``samples.png`` (one row per class) to ``job.output_dir``."""
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    preset = get_preset(job.model)
+    with main_process_lock(job.output_dir, accelerator):
+        return _evaluate_holding_the_folder(job, preset, kind_of(preset), accelerator)
+
+
+def _evaluate_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, accelerator: Accelerator) -> dict:
     out = job.output_dir
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --output-dir")
-    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
-    preset = get_preset(job.model)
-    kind = kind_of(preset)
     entries, samples = kind.evaluate_model(job, preset, accelerator)
     report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
               "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,

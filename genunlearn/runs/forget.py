@@ -15,13 +15,14 @@ from genunlearn.errors import UserError
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
 from genunlearn.kinds import kind_of
-from genunlearn.kinds.base import Run
+from genunlearn.kinds.base import Kind, Run
 from genunlearn.methods import UnlearnResult
-from genunlearn.methods.registry import method_config
+from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.files import atomic_write_text
+from genunlearn.storage.lock import main_process_lock
 
 
 def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result: UnlearnResult,
@@ -86,6 +87,11 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     job.split_spec()  # a bad --class/--random-fraction/--subclass is named before the output folder is touched
+    with main_process_lock(job.output_dir, accelerator):
+        return _run_holding_the_folder(job, preset, kind, method, cfg, accelerator)
+
+
+def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator) -> dict:
     check_output_dir(job)
     accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
     run = kind.prepare_run(job, preset, accelerator)

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from genunlearn.errors import UserError
+from genunlearn.storage.lock import main_process_lock
 
 CACHE_ENV = "GENUNLEARN_CACHE"
 Loaded = TypeVar("Loaded")
@@ -32,15 +33,17 @@ def pretrained_entry(root: Path, preset, data_id: str, seed: int) -> Path:
 
 def pretrain_once(entry: Path, marker: str, pretrain_and_save: Callable[[], None], accelerator: Accelerator, what: str) -> None:
     """Unless ``entry/marker`` exists, run ``pretrain_and_save`` on every process (it writes ``entry`` from the
-    main one) and wait for it. The main process decides for all, even if another job fills the cache meanwhile."""
-    cached = [(entry / marker).is_file()]
-    broadcast_object_list(cached)
-    if cached[0]:
-        return
-    if accelerator.is_main_process:
-        print(f"pretraining {what} (first use; cached in {entry})", flush=True)
-    pretrain_and_save()
-    accelerator.wait_for_everyone()
+    main one) and wait for it. The main process decides for all, holding ``entry``'s lock: a job that is filling the
+    same entry is waited for, and its result used."""
+    with main_process_lock(entry, accelerator, wait=True):
+        cached = [(entry / marker).is_file()]
+        broadcast_object_list(cached)
+        if cached[0]:
+            return
+        if accelerator.is_main_process:
+            print(f"pretraining {what} (first use; cached in {entry})", flush=True)
+        pretrain_and_save()
+        accelerator.wait_for_everyone()
 
 
 def cached_or_built(entry: Path, marker: str, build_and_save: Callable[[], None], load: Callable[[Path], Loaded],

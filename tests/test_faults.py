@@ -1,0 +1,130 @@
+"""Faults a run must survive with nothing lost: concurrent runs into one folder, locks left by killed processes,
+caches filled by two jobs at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+from helpers import accelerate_launch
+
+from genunlearn import UserError
+from genunlearn.cli import forget_main, guarded
+from genunlearn.storage.cache import pretrain_once
+from genunlearn.storage.lock import acquire, lock_path, release
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_forget(args: list[str], cache_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "genunlearn", "forget", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+
+
+def wait_for(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    return finished.pid
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes(cnn_task, cache_dir, tmp_path, capsys):
+    out = tmp_path / "race"
+    first = start_forget(["--model", "cnn-digits", "--class", "1", "--method", "sfron", "--steps", "400", "--output-dir", str(out)],
+                         cache_dir)
+    wait_for(lambda: lock_path(out).exists() or first.poll() is not None)
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "1", "--method", "finetune", "--steps", "5",
+                                 "--output-dir", str(out)]) == 2
+    assert "is in use by another genunlearn run (pid" in one_error_line(capsys)
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "sfron" and json.loads((out / "run.json").read_text())["method"] == "sfron"
+    assert not lock_path(out).exists()  # released when the run ends
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(cnn_task, cache_dir, tmp_path):
+    out = tmp_path / "killed"
+    victim = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "400",
+                           "--checkpoint-every", "50", "--output-dir", str(out)], cache_dir)
+    wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) or victim.poll() is not None)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert lock_path(out).exists() and not (out / "report.json").exists()
+    resumed = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "400",
+                            "--checkpoint-every", "50", "--output-dir", str(out), "--resume_from_checkpoint", "latest"], cache_dir)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"taking over the stale lock {lock_path(out)}" in err and f"pid {victim.pid}" in err
+    assert (out / "report.json").is_file() and not lock_path(out).exists()
+
+
+def test_locks_of_live_dead_and_half_written_owners(tmp_path):
+    folder = tmp_path / "entry"
+    held = acquire(folder, wait=False)
+    with pytest.raises(UserError, match=f"pid {os.getpid()} on {socket.gethostname()}"):
+        acquire(folder, wait=False)
+    release(held)
+    assert not held.exists()
+    held.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    release(acquire(folder, wait=False))  # a dead owner's lock is taken over
+    held.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(UserError, match=f"delete {held}"):  # another machine's owner cannot be checked: never taken over
+        acquire(folder, wait=False)
+    held.write_text("")
+    with pytest.raises(UserError, match="in use"):  # being written right now
+        acquire(folder, wait=False)
+    os.utime(held, (time.time() - 60, time.time() - 60))
+    release(acquire(folder, wait=False))  # empty for a minute: its writer died
+
+
+def test_a_cache_entry_being_filled_by_another_job_is_waited_for_and_used(tmp_path, capsys):
+    entry = tmp_path / "models" / "entry"
+    other = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from genunlearn.storage.lock import acquire, release
+from pathlib import Path
+held = acquire(Path({str(entry)!r}), wait=False)
+time.sleep(2)
+Path({str(entry)!r}).mkdir(parents=True)
+Path({str(entry)!r}, "done").write_text("the other job's result")
+release(held)
+"""])
+    wait_for(lambda: lock_path(entry).exists() or other.poll() is not None)
+    built = []
+    pretrain_once(entry, "done", lambda: built.append(True), Accelerator(cpu=True), "a test entry")
+    assert other.wait() == 0 and built == [] and (entry / "done").read_text() == "the other job's result"
+
+
+def test_two_processes_into_a_locked_folder_stop_together_and_write_nothing(cnn_task, cache_dir, tmp_path):
+    out = tmp_path / "locked"
+    held = acquire(out, wait=False)
+    try:
+        done = accelerate_launch(REPO / "scripts" / "forget_class.py",
+                                 ["--model", "cnn-digits", "--class", "3", "--output-dir", str(out)], cache_dir, port=29533)
+    finally:
+        release(held)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and str(REPO / "genunlearn") not in done.stderr, done.stderr[-2000:]  # only the launcher's own report
+    assert len(errors) == 1 and "is in use by another genunlearn run" in errors[0]  # said once, by the main process
+    assert not out.exists()
