@@ -351,6 +351,17 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _report(message: str) -> None:
+    """Print ``message`` to stderr from the main process, on a line of its own: progress bars left open by the failed
+    work are closed first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    if _is_main_process():
+        print(message, file=sys.stderr)
+
+
 def torch_out_of_memory() -> type[BaseException]:
     """``torch.OutOfMemoryError`` (GPU allocations; a CPU machine's OOM kills the process instead)."""
     import torch
@@ -363,17 +374,14 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         return entry(argv)
     except UserError as exc:
-        if _is_main_process():
-            print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}")
         return EXIT_USER_ERROR
     except torch_out_of_memory():
-        if _is_main_process():
-            print("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
-                  "(or fp16), or spread the batch over more GPUs with accelerate launch", file=sys.stderr)
+        _report("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
+                "(or fp16), or spread the batch over more GPUs with accelerate launch")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        if _is_main_process():
-            print("interrupted; continue with --resume_from_checkpoint latest (if checkpoints were on)", file=sys.stderr)
+        _report("interrupted; continue with --resume_from_checkpoint latest (if checkpoints were on)")
         return EXIT_INTERRUPTED
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from accelerate import Accelerator
 from helpers import accelerate_launch
+from tqdm import tqdm
 
 from genunlearn import UserError
-from genunlearn.cli import forget_main, guarded
+from genunlearn.cli import compare_main, evaluate_main, forget_main, guarded
 from genunlearn.storage.cache import pretrain_once
 from genunlearn.storage.lock import acquire, lock_path, release
 
@@ -128,3 +129,51 @@ def test_two_processes_into_a_locked_folder_stop_together_and_write_nothing(cnn_
     assert done.returncode != 0 and str(REPO / "genunlearn") not in done.stderr, done.stderr[-2000:]  # only the launcher's own report
     assert len(errors) == 1 and "is in use by another genunlearn run" in errors[0]  # said once, by the main process
     assert not out.exists()
+
+
+@pytest.mark.parametrize("place, message", [("a-file", "is a file, not a folder"), ("a-file/run", "a-file is a file"),
+                                            ("/proc/genunlearn-run", "cannot write /proc/genunlearn-run")])
+def test_an_output_folder_that_cannot_be_written_is_one_error_line(place, message, cnn_task, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("precious")
+    out = place if place.startswith("/") else str(tmp_path / place)
+    for command in (forget_main, evaluate_main):
+        assert guarded(command, ["--model", "cnn-digits", "--class", "3", "--output-dir", out]) == 2
+        assert message in one_error_line(capsys)
+    assert (tmp_path / "a-file").read_text() == "precious"
+
+
+def test_an_unwritable_cache_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GENUNLEARN_CACHE", "/proc/genunlearn-cache")
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "the model cache /proc/genunlearn-cache is not writable" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [(["--log-every", "0"], "log_every must be at least 1"),
+                                            (["--checkpoint-every", "-1"], "checkpoint_every at least 0")])
+def test_loop_settings_out_of_range_are_refused(flags, message, tmp_path, capsys):
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", *flags, "--output-dir", str(tmp_path / "r")]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_compare_refuses_corrupt_and_foreign_reports_and_unwritable_outputs(cnn_task, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    assert guarded(compare_main, [str(run), "--output", str(tmp_path / "a-file" / "table")]) == 2
+    assert "cannot write" in one_error_line(capsys)
+    for text, message in (("{not json", "is not valid JSON"), ('{"kind": "classifier"}', "not a genunlearn forget report")):
+        (run / "report.json").write_text(text)
+        assert guarded(compare_main, [str(run)]) == 2
+        assert message in one_error_line(capsys)
+
+
+def test_an_error_after_a_progress_bar_gets_a_line_of_its_own(capsys):
+    def failing(argv):
+        bar = tqdm(range(3), desc="working")
+        next(iter(bar))
+        raise UserError("loss became NaN")
+
+    assert guarded(failing, []) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: loss became NaN"

@@ -63,6 +63,9 @@ class LoopConfig:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw")
         if self.schedule not in ("constant", "cosine"):
             raise UserError(f"unknown schedule {self.schedule!r}; use constant or cosine")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise UserError(f"log_every must be at least 1 and checkpoint_every at least 0 (0: no checkpoints), got "
+                            f"{self.log_every} and {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise UserError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.rl_form not in ("eps_match", "relabel"):

@@ -10,6 +10,9 @@ from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.report import SUMMARY_KEYS
 
 
+REPORT_KEYS = ("kind", "model", "method", "class", "steps", "wall_time_s", "before", "after")
+
+
 def load_reports(runs: list[Path]) -> list[dict]:
     """Each run folder's report.json; a UserError names a folder that holds none."""
     reports = []
@@ -17,7 +20,15 @@ def load_reports(runs: list[Path]) -> list[dict]:
         path = Path(run) / "report.json"
         if not path.is_file():
             raise UserError(f"{run} holds no report.json; pass run folders written by `genunlearn forget`")
-        reports.append(json.loads(path.read_text()))
+        try:
+            report = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON; re-run that run or leave it out") from None
+        missing = [key for key in REPORT_KEYS if not isinstance(report, dict) or key not in report]
+        if missing:
+            raise UserError(f"{path} is not a genunlearn forget report (no {missing[0]!r}); pass run folders written by "
+                            "`genunlearn forget`")
+        reports.append(report)
     return reports
 
 

@@ -13,6 +13,7 @@ from genunlearn.kinds.base import Kind
 from genunlearn.kinds.classifier import ClassifierKind
 from genunlearn.kinds.diffusion import DiffusionKind
 from genunlearn.models.presets import Preset, get_preset
+from genunlearn.storage.cache import writable_cache_root
 from genunlearn.tasks.base import Task
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (ClassifierKind(), DiffusionKind())}
@@ -37,5 +38,6 @@ def load_task(
     root, else the preset's embedded data) and weights: ``pretrained`` (a weights file, model or pipeline folder, or
     hub id), else cached, else pretrained now (with a progress bar) and cached."""
     preset = get_preset(model)
+    writable_cache_root(cache_dir)
     return kind_of(preset).load_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir,
                                      accelerator=accelerator or make_accelerator())

@@ -17,6 +17,7 @@ from genunlearn.kinds.base import Kind
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.cache import writable_cache_root
 from genunlearn.storage.files import atomic_write_text
 from genunlearn.storage.lock import main_process_lock
 
@@ -29,6 +30,7 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     ``evaluation.md`` and, for generators, ``samples.png`` (one row per class) to ``job.output_dir``."""
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
+    writable_cache_root(job.cache_dir)
     with main_process_lock(job.output_dir, accelerator):
         return _evaluate_holding_the_folder(job, preset, kind_of(preset), accelerator)
 

@@ -20,7 +20,7 @@ from genunlearn.methods import UnlearnResult
 from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
-from genunlearn.storage.cache import cache_root
+from genunlearn.storage.cache import cache_root, writable_cache_root
 from genunlearn.storage.files import atomic_write_text
 from genunlearn.storage.lock import main_process_lock
 
@@ -87,6 +87,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     job.split_spec()  # a bad --class/--random-fraction/--subclass is named before the output folder is touched
+    writable_cache_root(job.cache_dir)
     with main_process_lock(job.output_dir, accelerator):
         return _run_holding_the_folder(job, preset, kind, method, cfg, accelerator)
 

@@ -10,6 +10,7 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.kinds import kind_of
 from genunlearn.models.presets import get_preset
+from genunlearn.storage.cache import writable_cache_root
 from genunlearn.storage.lock import main_process_lock
 
 
@@ -19,6 +20,7 @@ def run_pretrain(model: str, *, data: str | None = None, cache_dir: str | None =
     accelerator = make_accelerator()
     preset = get_preset(model)
     kind = kind_of(preset)
+    writable_cache_root(cache_dir)
     with main_process_lock(output_dir, accelerator) if output_dir is not None else nullcontext():
         if output_dir is not None and output_dir.exists() and any(output_dir.iterdir()):
             raise UserError(f"{output_dir} is not empty; choose a new --output-dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -24,6 +25,18 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "genunlearn"
+
+
+def writable_cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_root(cache_dir)``, checked before any work: it must be (or become) a folder this process can write."""
+    root = cache_root(cache_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        raise UserError(f"the model cache {root} is not writable ({exc.strerror}); pass --cache-dir or set "
+                        f"{CACHE_ENV} to a writable folder") from None
+    return root
 
 
 def pretrained_entry(root: Path, preset, data_id: str, seed: int) -> Path:

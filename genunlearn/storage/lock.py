@@ -69,12 +69,17 @@ def _take_over(path: Path, owner: dict) -> None:
 
 def acquire(folder: Path, *, wait: bool, poll_s: float = 0.5) -> Path:
     """Create ``folder``'s lock file. A live owner's lock: a UserError naming it, or (``wait``) poll until it goes."""
-    path = lock_path(Path(folder))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    path = lock_path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another folder")
     while True:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if not path.parent.is_dir():
+                raise UserError(f"cannot create {folder}: {path.parent} is a file; choose another folder") from None
             owner = _owner(path)
             if owner is None:
                 continue
@@ -87,6 +92,8 @@ def acquire(folder: Path, *, wait: bool, poll_s: float = 0.5) -> Path:
                                 f"(a lock left by a crash on another machine: delete {path})") from None
             time.sleep(poll_s)
             continue
+        except OSError as exc:
+            raise UserError(f"cannot write {folder} ({exc.strerror}: {exc.filename}); choose a writable folder") from None
         with os.fdopen(fd, "w") as handle:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, handle)
         return path
