@@ -177,3 +177,20 @@ def test_an_error_after_a_progress_bar_gets_a_line_of_its_own(capsys):
 
     assert guarded(failing, []) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "error: loss became NaN"
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_a_corrected_rerun(cnn_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"model": "cnn-digits", "method": "sfron", "settings": {"lr": 1e3}}))
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["settings"] == {"steps": 2}
+
+
+def test_a_corrupt_run_file_beside_checkpoints_is_named(cnn_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (out / "run.json").write_text("{truncated")
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(out),
+                                 "--resume_from_checkpoint", "latest"]) == 2
+    assert f"{out / 'run.json'} is corrupt" in one_error_line(capsys)

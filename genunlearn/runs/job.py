@@ -78,7 +78,11 @@ def check_output_dir(job: ForgetJob) -> None:
     run_file = out / RUN_FILE
     if not run_file.is_file():
         raise UserError(f"{out} is not empty and holds no genunlearn run; choose a new --output-dir")
-    held = json.loads(run_file.read_text())
+    if [p.name for p in out.iterdir()] == [RUN_FILE]:
+        return  # a run that stopped before its first checkpoint left nothing to keep: any run may start afresh here
+    held = read_run_file(run_file)
+    if held is None:
+        raise UserError(f"{run_file} is corrupt, so the run in {out} cannot be resumed; delete {out} or choose another --output-dir")
     if held != job.identity():
         differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
         raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir")
@@ -91,6 +95,17 @@ def check_output_dir(job: ForgetJob) -> None:
 def finished_report(job: ForgetJob) -> dict | None:
     """The report of ``job`` if its output folder already holds it finished, else None."""
     run_file, report_file = job.output_dir / RUN_FILE, job.output_dir / "report.json"
-    if run_file.is_file() and report_file.is_file() and json.loads(run_file.read_text()) == job.identity():
-        return json.loads(report_file.read_text())
+    if run_file.is_file() and report_file.is_file() and read_run_file(run_file) == job.identity():
+        try:
+            return json.loads(report_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # check_output_dir names the folder when the run is attempted again
     return None
+
+
+def read_run_file(path: Path) -> dict | None:
+    """A run folder's ``run.json``, or None when it is not readable JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
