@@ -3,6 +3,7 @@ caches filled by two jobs at once."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -13,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 from helpers import accelerate_launch
 from tqdm import tqdm
 
+import genunlearn as gu
 from genunlearn import UserError
 from genunlearn.cli import compare_main, evaluate_main, forget_main, guarded
 from genunlearn.storage.cache import pretrain_once
@@ -194,3 +197,31 @@ def test_a_corrupt_run_file_beside_checkpoints_is_named(cnn_task, tmp_path, caps
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(out),
                                  "--resume_from_checkpoint", "latest"]) == 2
     assert f"{out / 'run.json'} is corrupt" in one_error_line(capsys)
+
+
+def test_a_truncated_fisher_cache_file_is_moved_aside_and_computed_again(cnn_task, class3_split, tmp_path):
+    task = copy.copy(cnn_task)
+    task.cache_dir = tmp_path
+    clean = gu.unlearn(task, class3_split, "sfron", steps=2).model
+    cached = sorted((tmp_path / "saliency").glob("*.safetensors"))[0]  # one of D_f's and D_r's Fishers
+    cached.write_bytes(cached.read_bytes()[:64])
+    with pytest.warns(UserWarning, match=f"the cache file {cached} is unreadable"):
+        again = gu.unlearn(task, class3_split, "sfron", steps=2)
+    assert again.info["mask_cached"] is False
+    assert all(torch.equal(a, b) for a, b in zip(clean.state_dict().values(), again.model.state_dict().values()))
+    assert cached.with_name(cached.name + ".corrupt").is_file() and cached.is_file()  # recomputed and written again
+
+
+def test_staging_folders_left_by_a_killed_cache_write_are_removed(tmp_path):
+    entry = tmp_path / "models" / "entry"
+    leftover = tmp_path / "models" / ".entry.k1ll3d"
+    (leftover / "half").mkdir(parents=True)
+    other = tmp_path / "models" / ".other-entry.x"
+    other.mkdir()
+
+    def build() -> None:
+        entry.mkdir()
+        (entry / "done").write_text("")
+
+    pretrain_once(entry, "done", build, Accelerator(cpu=True), "a test entry")
+    assert (entry / "done").is_file() and not leftover.exists() and other.is_dir()

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from genunlearn import UserError
 from genunlearn.engine.batches import StepBatchSampler
-from genunlearn.engine.checkpoint import latest_checkpoint
+from genunlearn.engine.checkpoint import checkpoints_newest_first
 from genunlearn.engine.loop import LoopConfig, run_loop
 from genunlearn.engine.training import supervised_step
 
@@ -54,7 +55,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(cnn_task, class3_split,
 
     with pytest.raises(KeyboardInterrupt):
         _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=dies_at_step_8)
-    assert latest_checkpoint(tmp_path).name == "step_0000005"
+    assert [p.name for p in checkpoints_newest_first(tmp_path)] == ["step_0000005"]
     resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -71,3 +72,40 @@ def test_non_finite_loss_stops_with_a_clear_error(cnn_task, class3_split, accele
     with pytest.raises(UserError, match="non-finite.*lower the learning rate"):
         _finetune(cnn_task, class3_split, accelerator, LoopConfig(steps=3), step_fn=nan_step)
     assert all(torch.isfinite(p).all() for p in cnn_task.model.parameters())
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, class3_split, accelerator, tmp_path):
+    cfg = LoopConfig(steps=12, batch_size=32, lr=0.05, checkpoint_every=4, log_every=3)
+    straight = _finetune(cnn_task, class3_split, accelerator, cfg)
+
+    def dies_at_step_9(ctx):
+        if ctx.step == 9:
+            raise KeyboardInterrupt
+        return supervised_step(ctx)
+
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=dies_at_step_9)
+    newest = checkpoints_newest_first(tmp_path)[0]
+    assert newest.name == "step_0000008"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a write cut short
+    with pytest.warns(UserWarning, match=f"checkpoint {newest} is unreadable"):
+        resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(cnn_task, class3_split, accelerator, tmp_path):
+    def poisons_at_step_3(ctx):
+        out = supervised_step(ctx)
+        if ctx.step == 2:
+            with torch.no_grad():
+                next(iter(ctx.model.parameters())).fill_(float("inf"))
+        return out
+
+    cfg = LoopConfig(steps=8, batch_size=32, lr=0.05, checkpoint_every=1, log_every=1)
+    with pytest.raises(UserError, match="weights became non-finite by step 3"):
+        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=poisons_at_step_3)
+    kept = checkpoints_newest_first(tmp_path)
+    assert kept[0].name == "step_0000002"
+    assert all(torch.isfinite(t).all() for t in load_file(str(kept[0] / "model.safetensors")).values())

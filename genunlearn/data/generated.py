@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
 
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
 from genunlearn.models.sampling import sample_classes
-from genunlearn.storage.files import atomic_save_tensors
+from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
 
 TRAIN_SEED_OFFSET = 20_011  # generated data never reuses the evaluation's seeds
 TEST_SEED_OFFSET = 10_007
@@ -50,10 +48,8 @@ def generated_datasets(
     key = json.dumps([model_fingerprint(pipeline_denoiser(pipeline)), vae, latents, classes, per_class, test_per_class,
                       guidance, steps, train_seed])
     path = None if cache_dir is None else Path(cache_dir) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-    hit = [path is not None and path.is_file()]
-    broadcast_object_list(hit)
-    if hit[0]:
-        stored = load_file(str(path))
+    stored = read_cached_tensors(path, accelerator)
+    if stored is not None:
         parts = [stored["train_images"], stored["train_labels"], stored["test_images"], stored["test_labels"]]
     else:
         parts = [*_generate(pipeline, classes, per_class, accelerator, guidance, steps, train_seed, latents),

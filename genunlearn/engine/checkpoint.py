@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,10 +42,9 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: tor
     return final
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint under ``directory``, or None."""
-    found = sorted(p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").is_file())
-    return found[-1] if found else None
+def checkpoints_newest_first(directory: Path) -> list[Path]:
+    """The complete checkpoints under ``directory``, newest first."""
+    return sorted((p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").is_file()), reverse=True)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -51,3 +53,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     loop_state = json.loads((path / "loop_state.json").read_text())
     return model_state, optimizer_state, loop_state
+
+
+def load_latest_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
+    """``load_checkpoint`` of the newest checkpoint that loads; one that does not (truncated, corrupt) is skipped with a
+    warning naming it. None when there is none."""
+    for path in checkpoints_newest_first(directory):
+        try:
+            return load_checkpoint(path)
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}); resuming from the one before it",
+                          stacklevel=2)
+    return None

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     save_checkpoint,
 )
 from genunlearn.engine.masks import ParameterMask
@@ -206,9 +205,9 @@ def run_loop(
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, log, wall_before, positions = 0, [], 0.0, {}
     optimizer_state = None
-    checkpoint = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+    checkpoint = load_latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
     if checkpoint is not None:
-        model_state, optimizer_state, loop_state = load_checkpoint(checkpoint)
+        model_state, optimizer_state, loop_state = checkpoint
         model.load_state_dict(model_state)
         start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
         positions = loop_state["stream_positions"]
@@ -246,6 +245,9 @@ def run_loop(
                 observe(done, accelerator.unwrap_model(model))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             wall = wall_before + time.perf_counter() - started
+            if not all(torch.isfinite(param).all() for param in model.parameters()):
+                raise UserError(f"the weights became non-finite by step {done}; lower the learning rate (--lr, now "
+                                f"{cfg.lr}) or set a gradient clip; the last checkpoint, which is finite, is kept")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 streams = {"forget": ctx.forget, "retain": ctx.retain}

@@ -13,15 +13,13 @@ from typing import Callable, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
-from genunlearn.storage.files import atomic_save_tensors
+from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
 from genunlearn.tasks.base import Batch
 
 GradientTransform = Literal["square", "abs", "identity"]
@@ -109,10 +107,8 @@ def cached_gradient_statistics(
         key = json.dumps([model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm]
                          + ([] if batches is None else [batches]))  # one-pass keys as before: their caches stay valid
         path = Path(cache_dir) / "saliency" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-    hit = [path is not None and path.is_file()]
-    broadcast_object_list(hit)
-    if hit[0]:
-        stored = load_file(str(path))
+    stored = read_cached_tensors(path, accelerator)
+    if stored is not None:
         return [stored[n].to(accelerator.device) for n in names], True
     stats = accumulate_gradients(model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform,
                                  max_norm=max_norm, batches=batches, desc=desc)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
 
 from genunlearn.data.generated import generated_datasets
 from genunlearn.data.split import ForgetSplit, check_ids, make_forget_split
@@ -34,7 +32,7 @@ from genunlearn.models.presets import DiffusionPreset
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
-from genunlearn.storage.files import atomic_save_tensors, atomic_write_text
+from genunlearn.storage.files import atomic_save_tensors, atomic_write_text, read_cached_json, read_cached_tensors
 from genunlearn.tasks.diffusion import DiffusionTask
 
 GRID_SAMPLES = 8
@@ -121,10 +119,10 @@ def evaluate_original(setup: DiffusionSetup, accelerator: Accelerator, root: Pat
                       tensors_fingerprint(setup.features), accelerator.mixed_precision, accelerator.device.type])
     stem = root / EVALUATIONS / hashlib.sha256(key.encode()).hexdigest()[:24]
     metrics_file, samples_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    hit = [metrics_file.is_file() and samples_file.is_file()]
-    broadcast_object_list(hit)
-    if hit[0]:
-        return json.loads(metrics_file.read_text()), {int(c): images for c, images in load_file(str(samples_file)).items()}
+    metrics = read_cached_json(metrics_file, accelerator)
+    stored = read_cached_tensors(samples_file, accelerator) if metrics is not None else None
+    if stored is not None:
+        return metrics, {int(c): images for c, images in stored.items()}
     metrics, samples = setup.evaluate(setup.task.model, accelerator)
     samples = {c: images[:GRID_SAMPLES] for c, images in samples.items()}
     if accelerator.is_main_process:

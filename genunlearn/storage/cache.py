@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from genunlearn.errors import UserError
+from genunlearn.storage.files import remove_stale_staging
 from genunlearn.storage.lock import main_process_lock
 
 CACHE_ENV = "GENUNLEARN_CACHE"
@@ -49,6 +50,8 @@ def pretrain_once(entry: Path, marker: str, pretrain_and_save: Callable[[], None
     main one) and wait for it. The main process decides for all, holding ``entry``'s lock: a job that is filling the
     same entry is waited for, and its result used."""
     with main_process_lock(entry, accelerator, wait=True):
+        if accelerator.is_main_process:
+            remove_stale_staging(entry)
         cached = [(entry / marker).is_file()]
         broadcast_object_list(cached)
         if cached[0]:

@@ -7,9 +7,12 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,6 +42,14 @@ def make_staging_dir(parent: Path, name: str) -> Path:
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
     make_readable(staging)  # mkdtemp makes it private; give it the usual permissions
     return staging
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Delete the staging folders ``make_staging_dir`` left beside ``path`` (a killed write); call it holding
+    ``path``'s lock, so that no live writer's folder goes."""
+    for staging in Path(path).parent.glob(f".{Path(path).name}.*"):
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -109,3 +120,39 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise UserError(f"weights in {path} do not fit this model ({first[:100]}); pass weights of the same architecture") from None
+
+
+def _moved_aside(path: Path, exc: BaseException) -> None:
+    aside = path.with_name(f"{path.name}.corrupt")
+    os.replace(path, aside)
+    warnings.warn(f"the cache file {path} is unreadable ({type(exc).__name__}); moved it to {aside} and computing it "
+                  "again", stacklevel=3)
+
+
+def read_cached_tensors(path: Path | None, accelerator: Accelerator) -> dict[str, torch.Tensor] | None:
+    """The tensors of the cache file ``path`` on every process, or None when there is none (``path`` None or no such
+    file). The main process decides for all: a file it cannot read is moved aside (``.corrupt``) with a warning
+    naming it, and the caller computes it again."""
+    stored, hit = None, [False]
+    if path is not None and accelerator.is_main_process and path.is_file():
+        try:
+            stored = load_file(str(path))
+            hit = [True]
+        except (SafetensorError, OSError, ValueError) as exc:
+            _moved_aside(path, exc)
+    broadcast_object_list(hit)
+    if not hit[0]:
+        return None
+    return stored if accelerator.is_main_process else load_file(str(path))
+
+
+def read_cached_json(path: Path, accelerator: Accelerator):
+    """``read_cached_tensors`` for a JSON cache file: its value on every process, or None."""
+    value = [None]
+    if accelerator.is_main_process and path.is_file():
+        try:
+            value = [json.loads(path.read_text())]
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            _moved_aside(path, exc)
+    broadcast_object_list(value)
+    return value[0]
