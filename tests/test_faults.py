@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import accelerate_launch
+from helpers import accelerate_launch, export_digits_folder
 from tqdm import tqdm
 
 import genunlearn as gu
 from genunlearn import UserError
 from genunlearn.cli import compare_main, evaluate_main, forget_main, guarded
+from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.storage.cache import pretrain_once
 from genunlearn.storage.lock import acquire, lock_path, release
 
@@ -225,3 +226,23 @@ def test_staging_folders_left_by_a_killed_cache_write_are_removed(tmp_path):
 
     pretrain_once(entry, "done", build, Accelerator(cpu=True), "a test entry")
     assert (entry / "done").is_file() and not leftover.exists() and other.is_dir()
+
+
+def test_swapping_images_between_classes_changes_the_folder_fingerprint_and_unchanged_files_are_not_reread(
+        tmp_path, monkeypatch):
+    root = export_digits_folder(tmp_path / "data", per_class=4)
+    zero, one = root / "train" / "digit0" / "000.png", root / "train" / "digit1" / "000.png"
+    zero.write_bytes(b"\x89PNG one image")
+    one.write_bytes(b"\x89PNG two image")  # the same size: only the contents tell them apart
+    transform = default_transform(8, 1)
+    before = ImageFolderDataset(root, "train", transform).fingerprint()
+    reads = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read(self))
+    assert ImageFolderDataset(root, "train", transform).fingerprint() == before and reads == []  # remembered, not re-read
+    swap = tmp_path / "swap.png"
+    zero.rename(swap)
+    one.rename(zero)
+    swap.rename(one)  # same names and sizes; each class now holds the other's image
+    assert ImageFolderDataset(root, "train", transform).fingerprint() != before
+    assert sorted(reads) == sorted([zero, one])  # only the two changed files were read again

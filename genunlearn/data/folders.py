@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from genunlearn.errors import UserError
+from genunlearn.storage.content_hash import file_hashes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -87,10 +88,11 @@ class ImageFolderDataset(Dataset):
             return self.transform(image), int(self.targets[index])
 
     def fingerprint(self) -> str:
-        """A short hash of the file list and sizes: changes when the data changes."""
+        """A short hash of every image's path under the root (its class folder) and content: changes when any image
+        does, or moves to another class (contents are read once; see ``file_hashes``)."""
         digest = hashlib.sha256()
-        for path in self.paths:
-            digest.update(f"{path.relative_to(self.root)}:{path.stat().st_size}\n".encode())
+        for path, content in zip(self.paths, file_hashes(self.paths)):
+            digest.update(f"{path.relative_to(self.root)}:{content}\n".encode())
         return digest.hexdigest()[:16]
 
 
