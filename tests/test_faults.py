@@ -17,6 +17,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from helpers import accelerate_launch, export_digits_folder
+from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import genunlearn as gu
@@ -49,9 +51,11 @@ def dead_pid() -> int:
 
 
 def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    """The one ``error:`` line on stderr (progress bars of work done before the fault may precede it), no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err and err.rstrip().endswith(errors[0]), err
+    return errors[0]
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes(cnn_task, cache_dir, tmp_path, capsys):
@@ -246,3 +250,45 @@ def test_swapping_images_between_classes_changes_the_folder_fingerprint_and_unch
     swap.rename(one)  # same names and sizes; each class now holds the other's image
     assert ImageFolderDataset(root, "train", transform).fingerprint() != before
     assert sorted(reads) == sorted([zero, one])  # only the two changed files were read again
+
+
+def one_class_folder(root: Path, broken: str | None = None) -> Path:
+    """ROOT/{train,test}/<class>/ with three 8x8 PNGs per class; ``broken``: a class whose first image is garbage."""
+    for split in ("train", "test"):
+        for name in ("a",) if broken is None else ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (8, 8), 40 * i + (100 if name == "b" else 0)).save(root / split / name / f"{i}.png")
+    if broken is not None:
+        (root / "train" / broken / "0.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty-pt", "is corrupt or unreadable (EOFError)"),
+    ("nan-weights", "hold NaN or infinite values"),
+    ("garbage-yaml", "is not valid YAML (line 3)"),
+    ("image-size-text", "image_size must be int, got 'eight'"),
+    ("one-class-folder", "holds 1 class; a classifier, and forgetting, need at least two"),
+    ("corrupt-png", "0.png is not a readable image (UnidentifiedImageError)"),
+])
+def test_small_faults_are_one_error_line(case, message, cnn_task, tmp_path, capsys):
+    args = ["--model", "cnn-digits", "--class", "0"]
+    if case == "empty-pt":
+        (tmp_path / "w.pt").write_bytes(b"")
+        args += ["--pretrained", str(tmp_path / "w.pt")]
+    elif case == "nan-weights":
+        save_file({k: v * float("nan") if v.is_floating_point() else v for k, v in cnn_task.model.state_dict().items()},
+                  str(tmp_path / "w.safetensors"))
+        args += ["--pretrained", str(tmp_path / "w.safetensors")]
+    elif case in ("garbage-yaml", "image-size-text"):
+        preset = (REPO / "genunlearn" / "configs" / "models" / "cnn-digits.yaml").read_text()
+        text = "name: x\nkind: classifier\n  bad: [\n" if case == "garbage-yaml" else preset.replace("image_size: 8", "image_size: eight")
+        (tmp_path / "p.yaml").write_text(text)
+        args[1] = str(tmp_path / "p.yaml")
+    elif case == "one-class-folder":
+        args = ["--model", "cnn-digits", "--random-fraction", "0.2", "--data", str(one_class_folder(tmp_path / "d"))]
+    else:
+        args += ["--data", str(one_class_folder(tmp_path / "d", broken="a"))]
+    assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "run")]) == 2
+    assert message in one_error_line(capsys)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
@@ -79,13 +79,19 @@ class ImageFolderDataset(Dataset):
         else:
             self.classes, self.targets = folder_classes, folder_targets
             self.subclasses, self.subclass_targets = None, None
+        if len(self.classes) < 2:
+            raise UserError(f"{split_dir} holds {len(self.classes)} class; a classifier, and forgetting, need at least two")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image), int(self.targets[index])
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image), int(self.targets[index])
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"{path} is not a readable image ({type(exc).__name__}); replace or remove it") from None
 
     def fingerprint(self) -> str:
         """A short hash of every image's path under the root (its class folder) and content: changes when any image

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -178,12 +179,42 @@ def list_presets() -> dict[str, str]:
     return {name: yaml.safe_load(text).get("description", "") for name, text in sorted(_preset_files().items())}
 
 
+SCALARS = (int, float, str, bool, type(None))
+
+
+def _fits(value, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    return isinstance(value, allowed) or isinstance(value, int) and float in allowed
+
+
+def _check_types(record, source: str) -> None:
+    """A UserError unless every scalar field of ``record`` (and of the records in it) holds its type."""
+    hints = typing.get_type_hints(type(record))
+    for item in fields(record):
+        value, allowed = getattr(record, item.name), typing.get_args(hints[item.name]) or (hints[item.name],)
+        if is_dataclass(value):
+            _check_types(value, source)
+        elif all(kind in SCALARS for kind in allowed) and not _fits(value, allowed):
+            wanted = " or ".join(kind.__name__ for kind in allowed if kind is not type(None))
+            raise UserError(f"{source}: {item.name} must be {wanted}, got {value!r}; compare it with genunlearn/configs/models/*.yaml")
+
+
 def _preset_from_text(text: str, source: str) -> Preset:
-    raw = yaml.safe_load(text)
     try:
-        return DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        raise UserError(f"{source} is not valid YAML{f' (line {where.line + 1})' if where else ''}; fix it or compare it with "
+                        "genunlearn/configs/models/*.yaml") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source} is not a preset (a YAML mapping of settings); compare it with genunlearn/configs/models/*.yaml")
+    try:
+        preset = DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
     except (TypeError, AttributeError) as exc:
         raise UserError(f"{source} is not a valid preset ({exc}); compare it with genunlearn/configs/models/*.yaml") from None
+    _check_types(preset, source)
+    return preset
 
 
 def get_preset(name: str) -> Preset:

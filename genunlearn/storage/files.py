@@ -90,6 +90,11 @@ def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
     os.replace(staging, directory)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file or a torch checkpoint (loaded with ``weights_only=True``)."""
     path = Path(path)
@@ -100,7 +105,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise UserError(f"weights file {path} is corrupt or unreadable ({str(exc).splitlines()[0][:80]}); delete it and re-create it") from None
+        raise UserError(f"weights file {path} is corrupt or unreadable ({first_line(exc)[:80]}); delete it and re-create it") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -118,8 +123,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        lines = str(exc).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else first_line(exc)
         raise UserError(f"weights in {path} do not fit this model ({first[:100]}); pass weights of the same architecture") from None
+    if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
+        raise UserError(f"weights in {path} hold NaN or infinite values; pass the weights of a trained model")
 
 
 def _moved_aside(path: Path, exc: BaseException) -> None:
