@@ -25,6 +25,7 @@ import genunlearn as gu
 from genunlearn import UserError
 from genunlearn.cli import compare_main, evaluate_main, forget_main, guarded
 from genunlearn.data.folders import ImageFolderDataset, default_transform
+from genunlearn.methods import random_label
 from genunlearn.storage.cache import pretrain_once
 from genunlearn.storage.lock import acquire, lock_path, release
 
@@ -292,3 +293,30 @@ def test_small_faults_are_one_error_line(case, message, cnn_task, tmp_path, caps
         args += ["--data", str(one_class_folder(tmp_path / "d", broken="a"))]
     assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "run")]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_a_resume_may_change_the_learning_rate_and_steps_but_not_the_method(cnn_task, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--model", "cnn-digits", "--class", "3", "--checkpoint-every", "10", "--output-dir", str(out)]
+    real_step = random_label.random_label_step
+
+    def interrupted_at_25(ctx):
+        if ctx.step == 25:
+            raise KeyboardInterrupt
+        return real_step(ctx)
+
+    monkeypatch.setattr(random_label, "random_label_step", interrupted_at_25)
+    assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "40", "--lr", "0.01"]) == 130
+    monkeypatch.setattr(random_label, "random_label_step", real_step)
+    capsys.readouterr()
+    assert guarded(forget_main, [*common, "--method", "finetune", "--steps", "40", "--resume_from_checkpoint", "latest"]) == 2
+    assert "differs in method" in one_error_line(capsys)
+    assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "15", "--lr", "0.005",
+                                 "--resume_from_checkpoint", "latest"]) == 2
+    assert "the newest checkpoint is at step 20; resume with more than 20 steps" in one_error_line(capsys)
+    assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "50", "--lr", "0.005",
+                                 "--resume_from_checkpoint", "latest"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_with"] == {"lr": [0.01, 0.005], "steps": [40, 50]} and report["steps"] == 50
+    assert [entry["lr"] for entry in report["log"] if entry["step"] > 20] == [0.005] * 3
+    assert json.loads((out / "run.json").read_text())["settings"]["lr"] == 0.005

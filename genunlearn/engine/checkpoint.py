@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genunlearn.errors import UserError
 from genunlearn.storage.files import make_staging_dir
 
 CHECKPOINT_PREFIX = "step_"
@@ -65,3 +66,15 @@ def load_latest_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], di
             warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}); resuming from the one before it",
                           stacklevel=2)
     return None
+
+
+def check_resumable(directory: Path, steps: int) -> None:
+    """A UserError when the newest checkpoint under ``directory`` is already at or past ``steps``."""
+    for path in checkpoints_newest_first(directory):
+        try:
+            done = json.loads((path / "loop_state.json").read_text())["step"]
+        except (json.JSONDecodeError, KeyError, OSError):
+            continue
+        if done >= steps:
+            raise UserError(f"the newest checkpoint is at step {done}; resume with more than {done} steps")
+        return

@@ -210,6 +210,8 @@ def run_loop(
         model_state, optimizer_state, loop_state = checkpoint
         model.load_state_dict(model_state)
         start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
+        if start_step >= cfg.steps:
+            raise UserError(f"the newest checkpoint is at step {start_step}; resume with more than {start_step} steps")
         positions = loop_state["stream_positions"]
     model, optimizer = accelerator.prepare(model, optimizer)
     if optimizer_state is not None:

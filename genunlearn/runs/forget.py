@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 import genunlearn
 from genunlearn.distributed import make_accelerator
+from genunlearn.engine.checkpoint import check_resumable
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
 from genunlearn.errors import UserError
 from genunlearn.eval.report import SCHEMA_VERSION, write_report
@@ -93,7 +94,9 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
 
 
 def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator) -> dict:
-    check_output_dir(job)
+    resumed_with = check_output_dir(job)
+    if job.resume and hasattr(cfg, "steps"):
+        check_resumable(job.output_dir / CHECKPOINTS, cfg.steps)
     accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
     run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
@@ -103,6 +106,8 @@ def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: 
     result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
     after, shown_after = run.evaluate(result.model)
     extras = oracle_and_relearning(job, run, result.model, after, accelerator)
+    if resumed_with:
+        extras["resumed_with"] = resumed_with
     report = run_report(kind.name, job, preset, run, cfg, result, accelerator, **run.report_entries(),
                         before=before, after=after, weights=run.weights, **extras)
     accelerator.wait_for_everyone()

@@ -70,26 +70,43 @@ class ForgetJob:
         return None if not ids else ids[0] if len(ids) == 1 else list(ids)
 
 
-def check_output_dir(job: ForgetJob) -> None:
-    """Refuse to touch an output dir that holds anything but this job's unfinished run (resumable)."""
+RESUMABLE_SETTINGS = ("lr", "steps", "log_every", "checkpoint_every", "keep_checkpoints")  # a resume may change these
+
+
+def resumable_changes(held: dict, wanted: dict) -> dict | None:
+    """``{setting: [before, after]}`` when the run ``wanted`` differs from the ``held`` one only in
+    ``RESUMABLE_SETTINGS`` (how long and how fast it trains, how it logs), else None."""
+    if {k: v for k, v in held.items() if k != "settings"} != {k: v for k, v in wanted.items() if k != "settings"}:
+        return None
+    before, after = held.get("settings", {}), wanted.get("settings", {})
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return {k: [before.get(k), after.get(k)] for k in changed} if set(changed) <= set(RESUMABLE_SETTINGS) else None
+
+
+def check_output_dir(job: ForgetJob) -> dict:
+    """Refuse to touch an output dir that holds anything but this job's unfinished run (resumable, with
+    ``RESUMABLE_SETTINGS`` changed or not); return the settings a resume changes (``resumable_changes``)."""
     out = job.output_dir
     if not out.exists() or not any(out.iterdir()):
-        return
+        return {}
     run_file = out / RUN_FILE
     if not run_file.is_file():
         raise UserError(f"{out} is not empty and holds no genunlearn run; choose a new --output-dir")
     if [p.name for p in out.iterdir()] == [RUN_FILE]:
-        return  # a run that stopped before its first checkpoint left nothing to keep: any run may start afresh here
+        return {}  # a run that stopped before its first checkpoint left nothing to keep: any run may start afresh here
     held = read_run_file(run_file)
     if held is None:
         raise UserError(f"{run_file} is corrupt, so the run in {out} cannot be resumed; delete {out} or choose another --output-dir")
-    if held != job.identity():
+    changes = resumable_changes(held, job.identity()) if job.resume else None
+    if held != job.identity() and changes is None:
         differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
-        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir")
+        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}; a resume may change only "
+                        f"{', '.join(RESUMABLE_SETTINGS)}); choose another --output-dir")
     if (out / "report.json").is_file():
         raise UserError(f"{out} already holds this finished run; choose a new --output-dir to run it again")
     if not job.resume:
         raise UserError(f"{out} holds an unfinished run of this job; add --resume_from_checkpoint latest to continue it")
+    return changes or {}
 
 
 def finished_report(job: ForgetJob) -> dict | None:
