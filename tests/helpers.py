@@ -38,14 +38,18 @@ def validate_report(report: dict) -> None:
     jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
 
 
+def accelerate_command(script: Path, args: list[str], *, processes: int = 2, port: int = 29517) -> list[str]:
+    """The command running ``script args`` under ``accelerate launch`` on the CPU (``processes`` > 1: gloo, ``--multi_gpu``)."""
+    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args]
+
+
 def accelerate_launch(script: Path, args: list[str], cache_dir: Path, *, processes: int = 2,
                       port: int = 29517) -> subprocess.CompletedProcess:
-    """Run ``script args`` under ``accelerate launch`` on the CPU (``processes`` > 1: gloo, ``--multi_gpu``) with
-    ``cache_dir`` as the model cache; output captured."""
-    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    """Run ``accelerate_command`` with ``cache_dir`` as the model cache; output captured."""
+    return subprocess.run(accelerate_command(script, args, processes=processes, port=port), capture_output=True, text=True,
+                          env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
 
 
 def unreadable_files(folder: Path) -> list[str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import accelerate_launch, export_digits_folder
+from helpers import accelerate_command, accelerate_launch, export_digits_folder
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import genunlearn as gu
@@ -320,3 +320,36 @@ def test_a_resume_may_change_the_learning_rate_and_steps_but_not_the_method(cnn_
     assert report["resumed_with"] == {"lr": [0.01, 0.005], "steps": [40, 50]} and report["steps"] == 50
     assert [entry["lr"] for entry in report["log"] if entry["step"] > 20] == [0.005] * 3
     assert json.loads((out / "run.json").read_text())["settings"]["lr"] == 0.005
+
+
+def worker_pids(launcher: int) -> list[int]:
+    """The processes ``accelerate launch`` (pid ``launcher``) started, through any agent in between."""
+    children = [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return [pid for child in children for pid in [child, *worker_pids(child)]]
+
+
+@pytest.mark.slow
+def test_one_of_two_processes_killed_leaves_no_outputs_and_the_run_resumes_to_the_same_weights(cnn_task, cache_dir, tmp_path):
+    """About 2 minutes on 2 cores: an uninterrupted 2-process run, one killed with SIGKILL mid-run, its resume."""
+    script = REPO / "scripts" / "forget_class.py"
+    common = ["--model", "cnn-digits", "--class", "3", "--method", "random_label", "--steps", "300", "--checkpoint-every", "50"]
+    straight = accelerate_launch(script, [*common, "--output-dir", str(tmp_path / "straight")], cache_dir, port=29541)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "killed"
+    env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
+    victim = subprocess.Popen(accelerate_command(script, [*common, "--output-dir", str(out)], port=29543), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (out / "checkpoints" / "step_0000050").is_dir() or victim.poll() is not None, timeout_s=300)
+    workers = worker_pids(victim.pid)
+    assert victim.poll() is None and workers
+    os.kill(workers[-1], signal.SIGKILL)
+    victim.wait(timeout=120)
+    assert victim.returncode != 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json"]  # no report, no model, no staging
+    resumed = accelerate_launch(script, [*common, "--output-dir", str(out), "--resume_from_checkpoint", "latest"], cache_dir,
+                                port=29545)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

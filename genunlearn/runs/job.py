@@ -100,8 +100,8 @@ def check_output_dir(job: ForgetJob) -> dict:
     changes = resumable_changes(held, job.identity()) if job.resume else None
     if held != job.identity() and changes is None:
         differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
-        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}; a resume may change only "
-                        f"{', '.join(RESUMABLE_SETTINGS)}); choose another --output-dir")
+        raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir "
+                        f"(a resume may change only {', '.join(RESUMABLE_SETTINGS)})")
     if (out / "report.json").is_file():
         raise UserError(f"{out} already holds this finished run; choose a new --output-dir to run it again")
     if not job.resume:
