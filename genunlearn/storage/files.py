@@ -37,6 +37,15 @@ def make_readable(path: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~_umask())
 
 
+def flush_to_disk(path: Path) -> None:
+    """fsync ``path`` (a file, or every file in a folder) so that a rename after it never publishes torn contents."""
+    path = Path(path)
+    for item in path.rglob("*") if path.is_dir() else [path]:
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def make_staging_dir(parent: Path, name: str) -> Path:
     """A fresh hidden folder in ``parent`` to build ``name`` in before renaming it into place."""
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
@@ -72,6 +81,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     staging = make_staging_dir(path.parent, path.stem)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / path.name))
     make_readable(staging / path.name)
+    flush_to_disk(staging / path.name)
     os.replace(staging / path.name, path)
     staging.rmdir()
 
@@ -85,6 +95,7 @@ def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
     save_file(state, str(staging / WEIGHTS_NAME))
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     make_readable(staging)
+    flush_to_disk(staging)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)

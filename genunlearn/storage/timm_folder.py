@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import timm
-from genunlearn.storage.files import CONFIG_NAME, WEIGHTS_NAME, make_readable, make_staging_dir
+from genunlearn.storage.files import CONFIG_NAME, WEIGHTS_NAME, flush_to_disk, make_readable, make_staging_dir
 
 Loadable = Literal["timm", "timm-after-import", "state-dict"]
 PROBE_SEED = 0
@@ -48,6 +48,7 @@ def save_classifier(
         config = {"label_names": list(classes), "genunlearn": {**(metadata or {}), "loadable": loadable}}
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     make_readable(staging)
+    flush_to_disk(staging)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
