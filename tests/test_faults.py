@@ -61,7 +61,7 @@ def one_error_line(capsys) -> str:
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes(cnn_task, cache_dir, tmp_path, capsys):
     out = tmp_path / "race"
-    first = start_forget(["--model", "cnn-digits", "--class", "1", "--method", "sfron", "--steps", "400", "--output-dir", str(out)],
+    first = start_forget(["--model", "cnn-digits", "--class", "1", "--method", "sfron", "--steps", "150", "--output-dir", str(out)],
                          cache_dir)
     wait_for(lambda: lock_path(out).exists() or first.poll() is not None)
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "1", "--method", "finetune", "--steps", "5",
@@ -75,13 +75,13 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes(cnn
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_message(cnn_task, cache_dir, tmp_path):
     out = tmp_path / "killed"
-    victim = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "400",
+    victim = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "200",
                            "--checkpoint-every", "50", "--output-dir", str(out)], cache_dir)
     wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) or victim.poll() is not None)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert lock_path(out).exists() and not (out / "report.json").exists()
-    resumed = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "400",
+    resumed = start_forget(["--model", "cnn-digits", "--class", "3", "--method", "sfron", "--steps", "200",
                             "--checkpoint-every", "50", "--output-dir", str(out), "--resume_from_checkpoint", "latest"], cache_dir)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
@@ -332,14 +332,14 @@ def worker_pids(launcher: int) -> list[int]:
 def test_one_of_two_processes_killed_leaves_no_outputs_and_the_run_resumes_to_the_same_weights(cnn_task, cache_dir, tmp_path):
     """An uninterrupted 2-process run, one killed with SIGKILL mid-run, and its resume (about 80 s on 2 cores)."""
     script = REPO / "scripts" / "forget_class.py"
-    common = ["--model", "cnn-digits", "--class", "3", "--method", "random_label", "--steps", "300", "--checkpoint-every", "50"]
+    common = ["--model", "cnn-digits", "--class", "3", "--method", "random_label", "--steps", "120", "--checkpoint-every", "20"]
     straight = accelerate_launch(script, [*common, "--output-dir", str(tmp_path / "straight")], cache_dir, port=29541)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "killed"
     env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
     victim = subprocess.Popen(accelerate_command(script, [*common, "--output-dir", str(out)], port=29543), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (out / "checkpoints" / "step_0000050").is_dir() or victim.poll() is not None, timeout_s=300)
+    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir() or victim.poll() is not None, timeout_s=300)
     workers = worker_pids(victim.pid)
     assert victim.poll() is None and workers
     os.kill(workers[-1], signal.SIGKILL)
