@@ -1,4 +1,5 @@
-"""Where pretrained embedded models are cached: ``--cache-dir``, else ``$GENUNLEARN_CACHE``, else the user cache dir."""
+"""The model cache: where it lives (``--cache-dir``, else ``$GENUNLEARN_CACHE``, else the user cache dir), and entries
+built once, under a lock, then loaded (pretrained presets, retrain oracles)."""
 
 from __future__ import annotations
 
