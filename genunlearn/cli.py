@@ -59,11 +59,34 @@ def parse_target(text: str) -> tuple[str, str, float]:
     return match[1], match[2], float(match[3])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that also takes every dashed long option in the underscore spelling of diffusers' example scripts
+    (``--output_dir`` for ``--output-dir``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._dashed(token) for token in args], namespace)
+
+    def _dashed(self, token: str) -> str:
+        flag, sep, value = token.partition("=")
+        dashed = flag.replace("_", "-")
+        known = self._option_string_actions
+        return dashed + sep + value if token.startswith("--") and flag not in known and dashed in known else token
+
+
+def program(command: str, argv: Sequence[str] | None) -> str:
+    """``genunlearn COMMAND`` when called with arguments (the console script), else the script's own name."""
+    return f"genunlearn {command}" if argv is not None else Path(sys.argv[0]).name
+
+
+UNDERSCORE_NOTE = "Every --multi-word option also takes diffusers' spelling (--output_dir, --mixed_precision, ...)."
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="a preset (see `genunlearn models`), a preset YAML file, or a timm model name")
     parser.add_argument(
-        "--pretrained",
+        "--pretrained", "--pretrained_model_name_or_path",
         help="classifiers: a .safetensors/.pt file, a folder holding model.safetensors, or an hf-hub:ORG/NAME id; "
         "diffusion: a pipeline folder (save_pretrained, e.g. a DiTPipeline) or a hub id ORG/NAME (needs network). "
         "Default: the preset's hub id, else its locally pretrained weights (trained on first use, then cached)",
@@ -121,23 +144,25 @@ SWEEP_DESCRIPTION = (
 )
 
 
-def forget_parser(sweep: bool = False) -> argparse.ArgumentParser:
+def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argparse.ArgumentParser:
     """The forget job's options; ``sweep``: ``genunlearn sweep``'s, where --set takes grid axes and --target is added."""
-    parser = argparse.ArgumentParser(prog="genunlearn sweep" if sweep else "forget_class.py",
-                                     description=SWEEP_DESCRIPTION if sweep else FORGET_DESCRIPTION)
+    parser = Parser(prog="genunlearn sweep" if sweep else prog, description=SWEEP_DESCRIPTION if sweep else FORGET_DESCRIPTION,
+                    epilog=UNDERSCORE_NOTE)
     add_model_arguments(parser)
     add_target_arguments(parser, "what to forget (exactly one)")
     parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
     parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
-    parser.add_argument("--steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--batch-size", type=int, help="batch size per process")
+    parser.add_argument("--steps", "--max_train_steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
+    parser.add_argument("--lr", "--learning_rate", type=float, help="learning rate")
+    parser.add_argument("--batch-size", "--train_batch_size", type=int, help="batch size per process")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and random labels (default 0)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
                         help="run once per seed (replaces --seed) into OUTPUT_DIR/seed-S and write summary.md/json with "
                         "the mean ± std of every figure; finished seeds are reused")
     parser.add_argument("--log-every", type=int, help="log figures every N steps")
-    parser.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoint-every", "--checkpointing_steps", type=int,
+                        help="write a resumable checkpoint every N steps (0: never)")
+    parser.add_argument("--checkpoints-total-limit", type=int, metavar="N", help="keep the newest N checkpoints (default 2)")
     if sweep:
         parser.add_argument("--set", dest="axes", type=parse_axis, nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                             help="grid axes: a method setting and its values, e.g. --set mask_threshold=1,2,3 lr=5e-5,1e-4")
@@ -163,8 +188,9 @@ def forget_parser(sweep: bool = False) -> argparse.ArgumentParser:
                         help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: much less memory, about a third slower")
-    parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", choices=["latest"],
-                        help="continue the unfinished run in --output-dir from its newest checkpoint")
+    parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", metavar="latest|PATH",
+                        help="continue the unfinished run in --output-dir from its newest checkpoint (latest) or from one "
+                        "of its checkpoints (OUTPUT_DIR/checkpoints/step_N); --lr, --steps and logging may change")
     return parser
 
 
@@ -181,7 +207,8 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
     from genunlearn.runs.job import ForgetJob
 
     settings = {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                                      ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every)) if v is not None},
+                                      ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every),
+                                      ("keep_checkpoints", args.checkpoints_total_limit)) if v is not None},
                 **settings}
     forgotten = "-".join(map(str, args.classes or args.subclasses)) or f"random{args.random_fraction}"
     return ForgetJob(
@@ -197,7 +224,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         data=args.data,
         cache_dir=args.cache_dir,
         seed=args.seed,
-        resume=args.resume == "latest",
+        resume=True if args.resume == "latest" else args.resume or False,
         data_free=args.data_free,
         data_free_samples=args.data_free_samples,
         **generator_evaluation_settings(args),
@@ -215,7 +242,7 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.eval.seeds import summary_line as seeds_summary_line
     from genunlearn.runs.forget import run_forget_job, run_seeds
 
-    args = forget_parser().parse_args(argv)
+    args = forget_parser(prog=program("forget", argv)).parse_args(argv)
     job = job_from_args(args, dict(args.settings), suffix="-seeds" if args.seeds else "")
     if args.seeds:
         summary = run_seeds(job, args.seeds)
@@ -243,8 +270,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="genunlearn evaluate",
+    parser = Parser(
+        prog="genunlearn evaluate", epilog=UNDERSCORE_NOTE,
         description="Evaluate a model as it is, without unlearning, with a forget run's metrics and protocol: "
         "classifiers: accuracy on all train/test images and per class; diffusion models: samples of every class judged "
         "by the evaluation classifier, FID against real images (per class and pooled), a sample grid. Name a forgotten "
@@ -276,9 +303,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def pretrain_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pretrain.py",
+def pretrain_parser(prog: str = "genunlearn pretrain") -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=prog, epilog=UNDERSCORE_NOTE,
         description="Train a preset from scratch on its data (or --data) and cache it, or write it to --output-dir.",
     )
     parser.add_argument("--model", required=True, help="a preset (see `genunlearn models`) or a timm model name")
@@ -291,7 +318,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.runs.pretrain import run_pretrain
 
-    args = pretrain_parser().parse_args(argv)
+    args = pretrain_parser(program("pretrain", argv)).parse_args(argv)
     summary = run_pretrain(args.model, data=args.data, cache_dir=args.cache_dir, output_dir=args.output_dir)
     if _is_main_process():
         print(summary)
@@ -299,11 +326,22 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 def methods_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.methods import METHODS
+    from genunlearn.methods import METHODS, get_method
+    from genunlearn.methods.registry import method_settings
 
-    argparse.ArgumentParser(prog="genunlearn methods", description="List the unlearning methods.").parse_args(argv)
-    for name, spec in sorted(METHODS.items()):
-        print(f"{name:14s} {spec.summary}")
+    parser = Parser(prog="genunlearn methods", description="List the unlearning methods, or show one method's settings: "
+                    "each default (its source is the config class's docstring) and what --model's preset sets instead.")
+    parser.add_argument("name", nargs="?", help="a method: print its settings and defaults")
+    parser.add_argument("--model", help="also show this preset's settings for the method")
+    args = parser.parse_args(argv)
+    if args.name is None:
+        for name, spec in sorted(METHODS.items()):
+            print(f"{name:14s} {spec.summary}")
+        return 0
+    spec = get_method(args.name)
+    print(f"{spec.name}: {spec.summary}\n\n{' '.join((spec.config_class.__doc__ or '').split())}\n")
+    for key, default, preset_value in method_settings(spec, args.model):
+        print(f"  {key:22s} {default!r:>14}" + ("" if preset_value is None else f"   {args.model}: {preset_value!r}"))
     return 0
 
 
@@ -342,7 +380,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "evaluate": (evaluate_main, "evaluate a model as it is (no unlearning): the forget run's metrics, FID, sample grid"),
     "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
     "compare": (compare_main, "one table and plot of several runs' reports"),
-    "methods": (methods_main, "list the unlearning methods"),
+    "methods": (methods_main, "list the unlearning methods, or one method's settings and defaults (genunlearn methods NAME)"),
     "models": (models_main, "list the model presets"),
 }
 
@@ -387,8 +425,15 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        from genunlearn import __version__
+
+        print(f"genunlearn {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: genunlearn COMMAND [options]   (genunlearn COMMAND --help for each)\n")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print("usage: genunlearn COMMAND [options]   (genunlearn COMMAND --help for each; genunlearn --version)\n")
         for name, (_, summary) in COMMANDS.items():
             print(f"  {name:10s} {summary}")
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USER_ERROR

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -294,3 +295,81 @@ def test_a_mistyped_setting_is_one_error_line_before_any_work(setting, message, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and not out.exists()
     assert parse_axis("lr=5e-5,1e-4") == ("lr", [5e-5, 1e-4]) and parse_axis("steps=10,20") == ("steps", [10, 20])
+
+
+DIFFUSERS_SPELLINGS = [
+    (["--output_dir", "o"], ["--output-dir", "o"]),
+    (["--mixed_precision", "bf16"], ["--mixed-precision", "bf16"]),
+    (["--gradient_checkpointing"], ["--gradient-checkpointing"]),
+    (["--train_batch_size", "16"], ["--batch-size", "16"]),
+    (["--learning_rate", "0.002"], ["--lr", "0.002"]),
+    (["--max_train_steps", "7"], ["--steps", "7"]),
+    (["--pretrained_model_name_or_path", "w.safetensors"], ["--pretrained", "w.safetensors"]),
+    (["--checkpointing_steps", "5"], ["--checkpoint-every", "5"]),
+    (["--checkpoints_total_limit", "3"], ["--checkpoints-total-limit", "3"]),
+    (["--cache_dir", "c"], ["--cache-dir", "c"]),
+    (["--log_every", "2"], ["--log-every", "2"]),
+    (["--eval_samples", "9"], ["--eval-samples", "9"]),
+    (["--data_free"], ["--data-free"]),
+    (["--random_fraction", "0.1"], ["--random-fraction", "0.1"]),
+    (["--resume_from_checkpoint", "latest"], ["--resume-from-checkpoint", "latest"]),
+]
+
+
+@pytest.mark.parametrize("diffusers_style, dashed", DIFFUSERS_SPELLINGS)
+def test_every_option_takes_the_diffusers_spelling_too(diffusers_style, dashed):
+    from genunlearn.cli import forget_parser, job_from_args
+
+    def job(flags):
+        args = forget_parser().parse_args(["--model", "cnn-digits", *([] if any(f.startswith("--random") for f in flags) else ["--class", "3"]), *flags])
+        return job_from_args(args, dict(args.settings))
+
+    one, other = job(diffusers_style), job(dashed)
+    assert one == other and one != job([])
+
+
+def test_resume_from_a_named_checkpoint_and_keep_a_number_of_them(cnn_task, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--class", "3", "--method", "random_label", "--steps", "40", "--checkpointing_steps", "10",
+              "--checkpoints_total_limit", "3"]
+    assert forget(*common, "--output-dir", str(tmp_path / "straight")) == 0
+    real_step = random_label.random_label_step
+
+    def interrupted_at_35(ctx):
+        if ctx.step == 35:
+            raise KeyboardInterrupt
+        return real_step(ctx)
+
+    monkeypatch.setattr(random_label, "random_label_step", interrupted_at_35)
+    assert forget(*common, "--output-dir", str(out)) == 130
+    monkeypatch.setattr(random_label, "random_label_step", real_step)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_0000010", "step_0000020", "step_0000030"]  # the newest 3, not the default 2
+    newest = out / "checkpoints" / "step_0000030" / "model.safetensors"
+    newest.write_bytes(b"")  # only an explicit older checkpoint can resume now without falling back
+    capsys.readouterr()
+    assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(newest.parent)) == 2
+    assert "is unreadable" in _one_error_line(capsys)
+    assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(tmp_path)) == 2
+    assert "is not one of" in _one_error_line(capsys)
+    assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(out / "checkpoints" / "step_0000010")) == 0
+    straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    resumed = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    report = json.loads((out / "report.json").read_text())
+    assert [entry["step"] for entry in report["log"]] == [10, 20, 30, 40]
+
+
+def test_version_unknown_commands_and_a_methods_settings(capsys):
+    from genunlearn import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"genunlearn {__version__}"
+    assert main(["forgt"]) == 2
+    assert "error: unknown command 'forgt'; choose one of forget, sweep" in capsys.readouterr().err
+    assert main(["methods", "sfron", "--model", "ddpm-digits"]) == 0
+    shown = capsys.readouterr().out
+    assert "K1nght/Unified-Unlearning-w-Remain-Geometry" in shown  # the reference the defaults come from
+    assert re.search(r"forget_objective\s+'adaga'\s+ddpm-digits: 'rl'", shown) and re.search(r"steps\s+1500\s+ddpm-digits: 50", shown)
+    with pytest.raises(SystemExit):
+        main(["forget", "--help"])
+    assert capsys.readouterr().out.startswith("usage: genunlearn forget")

@@ -313,7 +313,7 @@ def test_a_resume_may_change_the_learning_rate_and_steps_but_not_the_method(cnn_
     assert "differs in method" in one_error_line(capsys)
     assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "15", "--lr", "0.005",
                                  "--resume_from_checkpoint", "latest"]) == 2
-    assert "the newest checkpoint is at step 20; resume with more than 20 steps" in one_error_line(capsys)
+    assert "the checkpoint is at step 20; resume with more than 20 steps" in one_error_line(capsys)
     assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "50", "--lr", "0.005",
                                  "--resume_from_checkpoint", "latest"]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -69,13 +69,25 @@ def load_latest_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], di
     return None
 
 
-def check_resumable(directory: Path, steps: int) -> None:
-    """A UserError when the newest checkpoint under ``directory`` is already at or past ``steps``."""
-    for path in checkpoints_newest_first(directory):
+def load_checkpoint_at(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``load_checkpoint`` of the checkpoint folder ``path``; a UserError when it is not one or does not load."""
+    if not (Path(path) / "loop_state.json").is_file():
+        raise UserError(f"{path} is not a checkpoint (no loop_state.json); pass latest or a folder from the run's checkpoints/")
+    try:
+        return load_checkpoint(Path(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}); resume from another one") from None
+
+
+def check_resumable(checkpoint: Path, steps: int) -> None:
+    """A UserError when ``checkpoint`` (a checkpoint folder, or a folder of them: the newest readable) is already at or
+    past ``steps``."""
+    candidates = [checkpoint] if (checkpoint / "loop_state.json").is_file() else checkpoints_newest_first(checkpoint)
+    for path in candidates:
         try:
             done = json.loads((path / "loop_state.json").read_text())["step"]
         except (json.JSONDecodeError, KeyError, OSError):
             continue
         if done >= steps:
-            raise UserError(f"the newest checkpoint is at step {done}; resume with more than {done} steps")
+            raise UserError(f"the checkpoint is at step {done}; resume with more than {done} steps")
         return

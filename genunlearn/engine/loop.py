@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import (
+    load_checkpoint_at,
     load_latest_checkpoint,
     save_checkpoint,
 )
@@ -191,27 +192,30 @@ def run_loop(
     forget_data: Dataset | None = None,
     retain_data: Dataset | None = None,
     checkpoint_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool | Path = False,
     desc: str = "unlearning",
     observe: Callable[[int, nn.Module], None] | None = None,
 ) -> LoopResult:
     """Run ``cfg.steps`` steps of ``step_fn`` on ``model`` (modified in place) and return it with its log.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every`` > 0, a checkpoint is written every that many
-    steps; ``resume=True`` continues from the newest one there (same config required). ``observe(step,
+    steps; ``resume=True`` continues from the newest one there, ``resume=PATH`` from that checkpoint (same config required). ``observe(step,
     model)`` runs on every process after each logged step but the last (e.g. to evaluate mid-run); it
     must leave the model as it found it.
     """
     optimizer = make_optimizer(cfg, model.parameters())
     start_step, log, wall_before, positions = 0, [], 0.0, {}
     optimizer_state = None
-    checkpoint = load_latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+    if isinstance(resume, Path):
+        checkpoint = load_checkpoint_at(resume)
+    else:
+        checkpoint = load_latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
     if checkpoint is not None:
         model_state, optimizer_state, loop_state = checkpoint
         model.load_state_dict(model_state)
         start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
         if start_step >= cfg.steps:
-            raise UserError(f"the newest checkpoint is at step {start_step}; resume with more than {start_step} steps")
+            raise UserError(f"the checkpoint is at step {start_step}; resume with more than {start_step} steps")
         positions = loop_state["stream_positions"]
     model, optimizer = accelerator.prepare(model, optimizer)
     if optimizer_state is not None:

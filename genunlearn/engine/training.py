@@ -53,7 +53,7 @@ def train_from_scratch(
     accelerator: Accelerator,
     *,
     checkpoint_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool | Path = False,
     desc: str = "training",
 ) -> LoopResult:
     """Initialise a fresh model (seeded by ``cfg.seed``) and train it on ``dataset`` with ``cfg``."""

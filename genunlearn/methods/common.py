@@ -22,7 +22,7 @@ def unlearn_with_loop(
     step_fn: StepFn,
     *,
     checkpoint_dir: Path | None,
-    resume: bool,
+    resume: bool | Path,
     uses_forget: bool = True,
     uses_retain: bool = True,
     info: dict | None = None,

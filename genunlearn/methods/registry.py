@@ -16,6 +16,7 @@ from torch import nn
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.objectives import check_rl_shift
 from genunlearn.errors import UserError
+from genunlearn.models.presets import get_preset
 from genunlearn.tasks.base import Task
 
 
@@ -33,7 +34,7 @@ class UnlearnResult:
 
 class MethodRun(Protocol):
     def __call__(
-        self, task: Task, split: ForgetSplit, cfg, accelerator: Accelerator, *, checkpoint_dir: Path | None, resume: bool
+        self, task: Task, split: ForgetSplit, cfg, accelerator: Accelerator, *, checkpoint_dir: Path | None, resume: bool | Path
     ) -> UnlearnResult: ...
 
 
@@ -129,3 +130,14 @@ def method_config(method: str, preset, settings: dict) -> tuple[MethodSpec, obje
         user.setdefault("epochs", None)  # an explicit step count replaces the recipe's epochs
     layers += [preset.methods.get(method, {}), user]
     return spec, spec.make_config(*layers)
+
+
+def method_settings(spec: MethodSpec, preset_name: str | None = None) -> list[tuple[str, object, object]]:
+    """``[(setting, default, the preset's value or None)]`` of ``spec``'s config, in field order; the preset's value
+    is its ``preset_layer`` and ``methods:`` block (``preset_name``: a preset or YAML file)."""
+    layer = {}
+    if preset_name is not None:
+        preset = get_preset(preset_name)
+        layer = {**(spec.preset_layer(preset) if spec.preset_layer else {}), **preset.methods.get(spec.name, {})}
+    defaults = spec.make_config()
+    return [(item.name, getattr(defaults, item.name), layer.get(item.name)) for item in dataclasses.fields(spec.config_class)]

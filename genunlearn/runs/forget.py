@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 from accelerate import Accelerator
 
@@ -95,15 +96,16 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
 
 def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator) -> dict:
     resumed_with = check_output_dir(job)
-    if job.resume and hasattr(cfg, "steps"):
-        check_resumable(job.output_dir / CHECKPOINTS, cfg.steps)
+    resume = job.resume_from()
+    if resume and hasattr(cfg, "steps"):
+        check_resumable(resume if isinstance(resume, Path) else job.output_dir / CHECKPOINTS, cfg.steps)
     accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
     run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
     before, shown_before = run.evaluate_before()
-    result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=job.resume)
+    result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
     after, shown_after = run.evaluate(result.model)
     extras = oracle_and_relearning(job, run, result.model, after, accelerator)
     if resumed_with:

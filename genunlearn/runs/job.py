@@ -29,7 +29,7 @@ class ForgetJob:
     data: str | None = None
     cache_dir: str | None = None
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = False  # True: the newest checkpoint; a path: that checkpoint of this run
     eval_samples: int = 100
     data_free: bool = False
     data_free_samples: int = 100
@@ -60,6 +60,16 @@ class ForgetJob:
     def split_spec(self) -> SplitSpec:
         return choose_split(self.classes, self.random_fraction, self.subclasses, self.seed,
                             ("--class", "--random-fraction", "--subclass"))
+
+    def resume_from(self) -> bool | Path:
+        """What the loop resumes from: False, True (the newest checkpoint) or a checkpoint folder of this run."""
+        if not isinstance(self.resume, str):
+            return self.resume
+        path = Path(self.resume)
+        if path.resolve().parent != (self.output_dir / CHECKPOINTS).resolve():
+            raise UserError(f"--resume_from_checkpoint {path} is not one of {self.output_dir / CHECKPOINTS}'s checkpoints; "
+                            "pass latest or one of them")
+        return path
 
     def has_target(self) -> bool:
         """Whether the job names a forgotten part (then its figures are reported separately)."""
