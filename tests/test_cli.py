@@ -59,6 +59,24 @@ def test_report_schema(finished_run):
     assert not (finished_run / "checkpoints").exists()
 
 
+PROVENANCE = ("environment", "command", "genunlearn_revision", "started_at", "finished_at")
+
+
+def test_reports_record_what_they_ran_on_and_version_1_reports_still_validate(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["schema_version"] == 2
+    environment = report["environment"]
+    assert environment["torch"] == torch.__version__ and environment["device_type"] == "cpu" and environment["device_name"]
+    assert environment["processes"] == 1 and environment["threads"] == torch.get_num_threads()
+    assert {"diffusers", "accelerate", "timm", "torchmetrics", "python"} <= set(environment)
+    assert isinstance(report["command"], list) and report["genunlearn_revision"]
+    assert report["started_at"] <= report["finished_at"] and report["finished_at"].endswith("Z")
+    version_1 = {**{k: v for k, v in report.items() if k not in PROVENANCE}, "schema_version": 1}
+    validate_report(version_1)  # reports written before provenance
+    with pytest.raises(jsonschema.ValidationError):
+        validate_report({**version_1, "schema_version": 2})  # version 2 must say what it ran on
+
+
 def test_evaluate_reproduces_a_runs_figures(finished_run, tmp_path):
     """``genunlearn evaluate`` of the unlearned weights gives the run's "after" figures; per-class test accuracy
     averages (weighted by class size) to the accuracy on all test images."""

@@ -26,7 +26,7 @@ from genunlearn.eval.model_card import model_card
 from genunlearn.eval.plots import save_log_curves
 from genunlearn.storage.files import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 adds environment, command, genunlearn_revision, started_at, finished_at
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 METRIC_KEYS = ("forget_acc", "forget_test_acc", "retain_acc", "test_acc", "mia")
 METRIC_HELP = {

@@ -17,6 +17,7 @@ from genunlearn.kinds.base import Kind
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import ForgetJob
+from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.storage.cache import writable_cache_root
 from genunlearn.storage.files import atomic_write_text
 from genunlearn.storage.lock import main_process_lock
@@ -36,13 +37,13 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
 
 
 def _evaluate_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, accelerator: Accelerator) -> dict:
-    out = job.output_dir
+    out, started_at = job.output_dir, utc_now()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --output-dir")
     entries, samples = kind.evaluate_model(job, preset, accelerator)
     report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
               "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
-              "processes": accelerator.num_processes, **entries}
+              "processes": accelerator.num_processes, **entries, **provenance(accelerator, started_at)}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if samples is not None:

@@ -21,6 +21,7 @@ from genunlearn.kinds.base import Kind, Run
 from genunlearn.methods import UnlearnResult
 from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
+from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root, writable_cache_root
 from genunlearn.storage.files import atomic_write_text
@@ -95,6 +96,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
 
 
 def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator) -> dict:
+    started_at = utc_now()
     resumed_with = check_output_dir(job)
     resume = job.resume_from()
     if resume and hasattr(cfg, "steps"):
@@ -111,7 +113,7 @@ def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: 
     if resumed_with:
         extras["resumed_with"] = resumed_with
     report = run_report(kind.name, job, preset, run, cfg, result, accelerator, **run.report_entries(),
-                        before=before, after=after, weights=run.weights, **extras)
+                        before=before, after=after, weights=run.weights, **extras, **provenance(accelerator, started_at))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         loading = run.write(accelerator.unwrap_model(result.model), job.output_dir, shown_before, shown_after)
