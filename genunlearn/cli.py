@@ -188,6 +188,9 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
                         help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: much less memory, about a third slower")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more detail (progress is written to OUTPUT_DIR/run.log either way; off a terminal, as lines)")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", metavar="latest|PATH",
                         help="continue the unfinished run in --output-dir from its newest checkpoint (latest) or from one "
                         "of its checkpoints (OUTPUT_DIR/checkpoints/step_N); --lr, --steps and logging may change")
@@ -238,11 +241,13 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
 
 
 def forget_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.runs.logs import configure_console
     from genunlearn.eval.report import SUMMARY_KEYS, summary_line
     from genunlearn.eval.seeds import summary_line as seeds_summary_line
     from genunlearn.runs.forget import run_forget_job, run_seeds
 
     args = forget_parser(prog=program("forget", argv)).parse_args(argv)
+    configure_console(args.verbose - args.quiet)
     job = job_from_args(args, dict(args.settings), suffix="-seeds" if args.seeds else "")
     if args.seeds:
         summary = run_seeds(job, args.seeds)
@@ -256,10 +261,12 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
+    from genunlearn.runs.logs import configure_console
     from genunlearn.distributed import make_accelerator
     from genunlearn.runs.sweep import run_sweep
 
     args = forget_parser(sweep=True).parse_args(argv)
+    configure_console(args.verbose - args.quiet)
     job = job_from_args(args, {}, prefix="sweep-")
     sweep = run_sweep(job, args.axes, args.seeds or [args.seed], args.targets, make_accelerator(mixed_precision=job.mixed_precision))
     if _is_main_process():
@@ -409,6 +416,9 @@ def torch_out_of_memory() -> type[BaseException]:
 
 def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
+    from genunlearn.runs.logs import configure_console
+
+    configure_console()
     try:
         return entry(argv)
     except UserError as exc:

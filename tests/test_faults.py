@@ -345,10 +345,25 @@ def test_one_of_two_processes_killed_leaves_no_outputs_and_the_run_resumes_to_th
     os.kill(workers[-1], signal.SIGKILL)
     victim.wait(timeout=120)
     assert victim.returncode != 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json"]  # no report, no model, no staging
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json", "run.log"]  # no report, model or staging
     resumed = accelerate_launch(script, [*common, "--output-dir", str(out), "--resume_from_checkpoint", "latest"], cache_dir,
                                 port=29545)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_with_its_output_in_files_writes_plain_lines_and_a_run_log(cnn_task, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        done = subprocess.run([sys.executable, "-m", "genunlearn", "forget", "--model", "cnn-digits", "--class", "3",
+                               "--steps", "20", "--log-every", "10", "--output-dir", str(out)], stdout=stdout, stderr=stderr,
+                              env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    assert done.returncode == 0
+    printed = (tmp_path / "stdout.txt").read_text() + (tmp_path / "stderr.txt").read_text()
+    assert "\r" not in printed and "\x1b" not in printed
+    assert "unlearning: step 20/20" in printed  # progress as lines instead of bars
+    log = (out / "run.log").read_text()
+    assert "command: " in log and '"method": "sfron"' in log and "unlearning: step 10/20" in log
+    assert log.rstrip().splitlines()[-1].split(" INFO ", 1)[1].startswith("finished: sfron on cnn-digits: forget_acc")

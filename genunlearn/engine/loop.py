@@ -8,6 +8,7 @@ progress bar, logged figures and periodic checkpoints with resume.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -31,6 +32,8 @@ from genunlearn.engine.checkpoint import (
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
 from genunlearn.tasks.base import Task
+
+LOGGER = logging.getLogger("genunlearn")  # run.log and plain progress lines (genunlearn.runs.logs)
 
 
 @dataclass
@@ -247,6 +250,9 @@ def run_loop(
             log.append(entry)
             window.clear()
             bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k != "step"})
+            if accelerator.is_main_process:
+                LOGGER.info("%s: step %d/%d, %s", desc, done, cfg.steps,
+                            ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
             if observe is not None and done < cfg.steps:
                 observe(done, accelerator.unwrap_model(model))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:

@@ -4,6 +4,7 @@ and protocol as a forget run (so an evaluation of an unlearned model and of its 
 from __future__ import annotations
 
 import json
+import sys
 
 from accelerate import Accelerator
 
@@ -17,6 +18,7 @@ from genunlearn.kinds.base import Kind
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.job import ForgetJob
+from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.storage.cache import writable_cache_root
 from genunlearn.storage.files import atomic_write_text
@@ -40,6 +42,13 @@ def _evaluate_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, acc
     out, started_at = job.output_dir, utc_now()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --output-dir")
+    with run_log(out, accelerator):
+        LOGGER.info("command: %s", " ".join(sys.argv))
+        return _evaluate(job, preset, kind, accelerator, started_at)
+
+
+def _evaluate(job: ForgetJob, preset: Preset, kind: Kind, accelerator: Accelerator, started_at: str) -> dict:
+    out = job.output_dir
     entries, samples = kind.evaluate_model(job, preset, accelerator)
     report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
               "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -14,13 +15,14 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import check_resumable
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
 from genunlearn.errors import UserError
-from genunlearn.eval.report import SCHEMA_VERSION, write_report
+from genunlearn.eval.report import SCHEMA_VERSION, summary_line, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
 from genunlearn.kinds import kind_of
 from genunlearn.kinds.base import Kind, Run
 from genunlearn.methods import UnlearnResult
 from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
+from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root, writable_cache_root
@@ -102,9 +104,20 @@ def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: 
     if resume and hasattr(cfg, "steps"):
         check_resumable(resume if isinstance(resume, Path) else job.output_dir / CHECKPOINTS, cfg.steps)
     accelerator.wait_for_everyone()  # every process has checked before the main process writes run.json
-    run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(job.output_dir, accelerator):
+        LOGGER.info("command: %s", " ".join(sys.argv))
+        LOGGER.info("run: %s%s", json.dumps(job.identity()), f"; resumed with {resumed_with}" if resumed_with else "")
+        report = _forget(job, preset, kind, method, cfg, accelerator, resume, resumed_with, started_at)
+        LOGGER.info("finished: %s", summary_line(report, job.output_dir))
+    return report
+
+
+def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator,
+            resume: bool | Path, resumed_with: dict, started_at: str) -> dict:
+    run = kind.prepare_run(job, preset, accelerator)
+    if accelerator.is_main_process:
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
     before, shown_before = run.evaluate_before()
     result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)

@@ -11,6 +11,7 @@ from genunlearn.data.split import SplitSpec, choose_split
 from genunlearn.errors import UserError
 
 RUN_FILE = "run.json"
+LOG_FILE = "run.log"
 CHECKPOINTS = "checkpoints"
 
 
@@ -97,13 +98,11 @@ def check_output_dir(job: ForgetJob) -> dict:
     """Refuse to touch an output dir that holds anything but this job's unfinished run (resumable, with
     ``RESUMABLE_SETTINGS`` changed or not); return the settings a resume changes (``resumable_changes``)."""
     out = job.output_dir
-    if not out.exists() or not any(out.iterdir()):
-        return {}
+    if not out.exists() or {p.name for p in out.iterdir()} <= {RUN_FILE, LOG_FILE}:
+        return {}  # empty, or a run that stopped before its first checkpoint left nothing to keep: start afresh
     run_file = out / RUN_FILE
     if not run_file.is_file():
         raise UserError(f"{out} is not empty and holds no genunlearn run; choose a new --output-dir")
-    if [p.name for p in out.iterdir()] == [RUN_FILE]:
-        return {}  # a run that stopped before its first checkpoint left nothing to keep: any run may start afresh here
     held = read_run_file(run_file)
     if held is None:
         raise UserError(f"{run_file} is corrupt, so the run in {out} cannot be resumed; delete {out} or choose another --output-dir")

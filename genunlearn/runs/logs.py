@@ -1,0 +1,60 @@
+"""Run logs: ``run.log`` in every run folder (the command, the run, progress, warnings, the final line), and plain
+progress lines instead of progress bars when stderr is not a terminal (a file or a CI log would fill with carriage
+returns and escape codes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from accelerate import Accelerator
+
+from genunlearn.runs.job import LOG_FILE
+
+LOGGER = logging.getLogger("genunlearn")
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def configure_console(verbosity: int = 0) -> None:
+    """Progress on stderr: bars on a terminal, else one log line per logged step (tqdm off). ``verbosity``: -1 (``-q``)
+    warnings only, 0 the default, 1 (``-v``) debug lines too."""
+    terminal = sys.stderr.isatty()
+    if not terminal:
+        os.environ["TQDM_DISABLE"] = "1"
+    level = logging.WARNING if verbosity < 0 or (terminal and verbosity == 0) else logging.DEBUG if verbosity > 0 else logging.INFO
+    LOGGER.setLevel(logging.DEBUG)
+    console = next((h for h in LOGGER.handlers if getattr(h, "genunlearn_console", False)), None)
+    if console is None:
+        console = logging.StreamHandler(sys.stderr)
+        console.genunlearn_console = True
+        console.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(console)
+    console.setLevel(level)
+
+
+@contextmanager
+def run_log(folder: Path, accelerator: Accelerator) -> Iterator[None]:
+    """Append everything genunlearn logs, and Python warnings, to ``folder/run.log`` for the block (main process)."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(logging.DEBUG)
+    LOGGER.setLevel(logging.DEBUG)
+    warnings_logger = logging.getLogger("py.warnings")
+    for logger in (LOGGER, warnings_logger):
+        logger.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for logger in (LOGGER, warnings_logger):
+            logger.removeHandler(handler)
+        handler.close()
