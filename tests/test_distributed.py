@@ -29,7 +29,8 @@ def test_two_processes_match_one(cnn_task, cache_dir, tmp_path):
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["README.md", "curves.png", "model", "report.json", "report.md", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["README.md", "curves.png", "model", "report.json", "report.md", "run.json",
+                                                                       "run.log"]
     assert two["method_info"]["mask_cached"] and two["method_info"]["mask_kept_fraction"] == one["method_info"]["mask_kept_fraction"]
     # Same global batches and mask; only BatchNorm's batch statistics (32 vs 64 per process) differ.
     for key in ("forget_acc", "forget_test_acc", "retain_acc", "test_acc"):

@@ -43,7 +43,7 @@ def _evaluate_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, acc
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --output-dir")
     with run_log(out, accelerator):
-        LOGGER.info("command: %s", " ".join(sys.argv))
+        LOGGER.debug("command: %s", " ".join(sys.argv))
         return _evaluate(job, preset, kind, accelerator, started_at)
 
 

@@ -107,10 +107,10 @@ def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: 
     if accelerator.is_main_process:
         job.output_dir.mkdir(parents=True, exist_ok=True)
     with run_log(job.output_dir, accelerator):
-        LOGGER.info("command: %s", " ".join(sys.argv))
-        LOGGER.info("run: %s%s", json.dumps(job.identity()), f"; resumed with {resumed_with}" if resumed_with else "")
+        LOGGER.debug("command: %s", " ".join(sys.argv))
+        LOGGER.debug("run: %s%s", json.dumps(job.identity()), f"; resumed with {resumed_with}" if resumed_with else "")
         report = _forget(job, preset, kind, method, cfg, accelerator, resume, resumed_with, started_at)
-        LOGGER.info("finished: %s", summary_line(report, job.output_dir))
+        LOGGER.debug("finished: %s", summary_line(report, job.output_dir))
     return report
 
 

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from genunlearn.runs.job import LOG_FILE
 
 LOGGER = logging.getLogger("genunlearn")
-FORMAT = "%(asctime)s %(levelname)s %(message)s"
+FORMAT = "%(asctime)s %(message)s"
 
 
 def configure_console(verbosity: int = 0) -> None:
