@@ -180,7 +180,7 @@ def test_compare_refuses_corrupt_and_foreign_reports_and_unwritable_outputs(cnn_
 
 def test_an_error_after_a_progress_bar_gets_a_line_of_its_own(capsys):
     def failing(argv):
-        bar = tqdm(range(3), desc="working")
+        bar = tqdm(range(3), desc="working", disable=False)  # a bar even where stderr is no terminal
         next(iter(bar))
         raise UserError("loss became NaN")
 
