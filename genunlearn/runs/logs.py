@@ -33,6 +33,7 @@ def configure_console(verbosity: int = 0) -> None:
         console.genunlearn_console = True
         console.setFormatter(logging.Formatter("%(message)s"))
         LOGGER.addHandler(console)
+    console.setStream(sys.stderr)  # the stream of now (a caller may have replaced sys.stderr since)
     console.setLevel(level)
 
 
