@@ -27,14 +27,13 @@ def configure_console(verbosity: int = 0) -> None:
         os.environ["TQDM_DISABLE"] = "1"
     level = logging.WARNING if verbosity < 0 or (terminal and verbosity == 0) else logging.DEBUG if verbosity > 0 else logging.INFO
     LOGGER.setLevel(logging.DEBUG)
-    console = next((h for h in LOGGER.handlers if getattr(h, "genunlearn_console", False)), None)
-    if console is None:
-        console = logging.StreamHandler(sys.stderr)
-        console.genunlearn_console = True
-        console.setFormatter(logging.Formatter("%(message)s"))
-        LOGGER.addHandler(console)
-    console.setStream(sys.stderr)  # the stream of now (a caller may have replaced sys.stderr since)
+    for old in [h for h in LOGGER.handlers if getattr(h, "genunlearn_console", False)]:
+        LOGGER.removeHandler(old)  # bound to the stderr of its time, which a caller may have replaced (and closed)
+    console = logging.StreamHandler(sys.stderr)
+    console.genunlearn_console = True
+    console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel(level)
+    LOGGER.addHandler(console)
 
 
 @contextmanager
