@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -368,3 +369,5 @@ def test_a_run_with_its_output_in_files_writes_plain_lines_and_a_run_log(cnn_tas
     assert "command: " in log and '"method": "sfron"' in log and "unlearning: step 10/20" in log
     assert "finished: sfron on cnn-digits: forget_acc" in log.rstrip().splitlines()[-1]
     assert "command: " not in printed  # the run's own record stays in run.log
+    mask_time = re.search(r"- mask_time_s: (\S+)", (out / "report.md").read_text()).group(1)
+    assert len(mask_time.replace(".", "").lstrip("0")) <= 4  # rounded to 4 significant digits in report.md

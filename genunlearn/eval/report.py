@@ -63,6 +63,11 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _shown(value) -> str:
+    """A setting or fact as report.md shows it: floats to 4 significant digits (``0.2338`` not ``0.23384742899997946``)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def render_markdown(report: dict, curves: bool = False) -> str:
     """A human-readable summary: metrics before/after, the split and the method's settings (and the logged
     figures' curves when ``curves``)."""
@@ -99,9 +104,9 @@ def render_markdown(report: dict, curves: bool = False) -> str:
         "",
         "## Method settings",
         "",
-        *[f"- {k}: {v}" for k, v in report["config"].items()],
+        *[f"- {k}: {_shown(v)}" for k, v in report["config"].items()],
         "",
-        *(["## Method facts", "", *[f"- {k}: {v}" for k, v in report["method_info"].items()], ""] if report.get("method_info") else []),
+        *(["## Method facts", "", *[f"- {k}: {_shown(v)}" for k, v in report["method_info"].items()], ""] if report.get("method_info") else []),
         *([f"Logged figures during unlearning: ![curves]({CURVES_FILE})", ""] if curves else []),
         f"Unlearned weights: `{report['weights']}` (the original model is untouched).",
         "",
