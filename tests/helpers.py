@@ -33,6 +33,17 @@ def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | Non
     return root
 
 
+def interrupted_at(step_fn, step: int):
+    """``step_fn``, except that reaching 0-based ``step`` raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+
+    def stepped(ctx):
+        if ctx.step == step:
+            raise KeyboardInterrupt
+        return step_fn(ctx)
+
+    return stepped
+
+
 def validate_report(report: dict) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``report`` follows genunlearn's report.json schema."""
     jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))

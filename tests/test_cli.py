@@ -20,7 +20,7 @@ from genunlearn.cli import evaluate_main, forget_main, guarded, main, parse_axis
 from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import METRIC_KEYS, REQUIRED_KEYS
 from genunlearn.methods import random_label
-from helpers import export_digits_folder, unreadable_files, validate_report
+from helpers import export_digits_folder, interrupted_at, unreadable_files, validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,13 +178,7 @@ def test_killed_job_resumes_to_the_same_weights(cnn_task, tmp_path, monkeypatch,
     common = ["--class", "3", "--method", "random_label", "--steps", "40", "--checkpoint-every", "10"]
     assert forget(*common, "--output-dir", str(tmp_path / "straight")) == 0
     real_step = random_label.random_label_step
-
-    def killed_at_25(ctx):
-        if ctx.step == 25:
-            raise KeyboardInterrupt
-        return real_step(ctx)
-
-    monkeypatch.setattr(random_label, "random_label_step", killed_at_25)
+    monkeypatch.setattr(random_label, "random_label_step", interrupted_at(real_step, 25))
     assert forget(*common, "--output-dir", str(tmp_path / "killed")) == 130
     monkeypatch.setattr(random_label, "random_label_step", real_step)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
@@ -352,13 +346,7 @@ def test_resume_from_a_named_checkpoint_and_keep_a_number_of_them(cnn_task, tmp_
               "--checkpoints_total_limit", "3"]
     assert forget(*common, "--output-dir", str(tmp_path / "straight")) == 0
     real_step = random_label.random_label_step
-
-    def interrupted_at_35(ctx):
-        if ctx.step == 35:
-            raise KeyboardInterrupt
-        return real_step(ctx)
-
-    monkeypatch.setattr(random_label, "random_label_step", interrupted_at_35)
+    monkeypatch.setattr(random_label, "random_label_step", interrupted_at(real_step, 35))
     assert forget(*common, "--output-dir", str(out)) == 130
     monkeypatch.setattr(random_label, "random_label_step", real_step)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())

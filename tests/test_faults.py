@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import accelerate_command, accelerate_launch, export_digits_folder
+from helpers import accelerate_command, accelerate_launch, export_digits_folder, interrupted_at
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -300,13 +300,7 @@ def test_a_resume_may_change_the_learning_rate_and_steps_but_not_the_method(cnn_
     out = tmp_path / "run"
     common = ["--model", "cnn-digits", "--class", "3", "--checkpoint-every", "10", "--output-dir", str(out)]
     real_step = random_label.random_label_step
-
-    def interrupted_at_25(ctx):
-        if ctx.step == 25:
-            raise KeyboardInterrupt
-        return real_step(ctx)
-
-    monkeypatch.setattr(random_label, "random_label_step", interrupted_at_25)
+    monkeypatch.setattr(random_label, "random_label_step", interrupted_at(real_step, 25))
     assert guarded(forget_main, [*common, "--method", "random_label", "--steps", "40", "--lr", "0.01"]) == 130
     monkeypatch.setattr(random_label, "random_label_step", real_step)
     capsys.readouterr()

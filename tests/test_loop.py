@@ -13,6 +13,7 @@ from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.checkpoint import checkpoints_newest_first
 from genunlearn.engine.loop import LoopConfig, run_loop
 from genunlearn.engine.training import supervised_step
+from helpers import interrupted_at
 
 
 def test_global_batch_is_the_same_for_any_process_count():
@@ -48,13 +49,8 @@ def test_resume_from_checkpoint_reaches_the_same_weights(cnn_task, class3_split,
     cfg = LoopConfig(steps=12, batch_size=32, lr=0.05, checkpoint_every=5, log_every=3)
     straight = _finetune(cnn_task, class3_split, accelerator, cfg)
 
-    def dies_at_step_8(ctx):
-        if ctx.step == 8:
-            raise KeyboardInterrupt
-        return supervised_step(ctx)
-
     with pytest.raises(KeyboardInterrupt):
-        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=dies_at_step_8)
+        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=interrupted_at(supervised_step, 8))
     assert [p.name for p in checkpoints_newest_first(tmp_path)] == ["step_0000005"]
     resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -78,13 +74,8 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, cla
     cfg = LoopConfig(steps=12, batch_size=32, lr=0.05, checkpoint_every=4, log_every=3)
     straight = _finetune(cnn_task, class3_split, accelerator, cfg)
 
-    def dies_at_step_9(ctx):
-        if ctx.step == 9:
-            raise KeyboardInterrupt
-        return supervised_step(ctx)
-
     with pytest.raises(KeyboardInterrupt):
-        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=dies_at_step_9)
+        _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=interrupted_at(supervised_step, 9))
     newest = checkpoints_newest_first(tmp_path)[0]
     assert newest.name == "step_0000008"
     weights = newest / "model.safetensors"
