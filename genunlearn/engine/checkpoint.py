@@ -8,7 +8,6 @@ model, the optimizer and the step are all a resume needs.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import warnings
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genunlearn.errors import UserError
-from genunlearn.storage.files import flush_to_disk, make_staging_dir
+from genunlearn.storage.files import make_staging_dir, publish_staging
 
 CHECKPOINT_PREFIX = "step_"
 KEEP_CHECKPOINTS = 2
@@ -34,11 +33,8 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: tor
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "loop_state.json").write_text(json.dumps({"step": step, **loop_state}))
-    flush_to_disk(staging)
     final = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    publish_staging(staging, final)
     for old in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return final

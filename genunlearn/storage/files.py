@@ -53,6 +53,16 @@ def make_staging_dir(parent: Path, name: str) -> Path:
     return staging
 
 
+def publish_staging(staging: Path, directory: Path) -> None:
+    """Put the finished ``staging`` folder in ``directory``'s place: normal permissions, fsynced, then renamed over
+    whatever ``directory`` held."""
+    make_readable(staging)
+    flush_to_disk(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
 def remove_stale_staging(path: Path) -> None:
     """Delete the staging folders ``make_staging_dir`` left beside ``path`` (a killed write); call it holding
     ``path``'s lock, so that no live writer's folder goes."""
@@ -94,11 +104,7 @@ def save_model_dir(model: nn.Module, config: dict, directory: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_NAME))
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    make_readable(staging)
-    flush_to_disk(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    publish_staging(staging, directory)
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from genunlearn.errors import UserError
 from genunlearn.models import class_conditional
 from genunlearn.models.pipeline import ClassConditionalPipeline, Pipeline
-from genunlearn.storage.files import flush_to_disk, make_readable, make_staging_dir
+from genunlearn.storage.files import make_staging_dir, publish_staging
 
 PIPELINE_CLASSES = {"ClassConditionalPipeline": ClassConditionalPipeline, "DiTPipeline": DiTPipeline}
 PIPELINE_CODE = "pipeline.py"  # diffusers' name for a custom pipeline's code file
@@ -28,9 +28,7 @@ def save_pipeline(pipeline: Pipeline, directory: Path) -> None:
     pipeline.save_pretrained(staging)
     if isinstance(pipeline, ClassConditionalPipeline):
         shutil.copyfile(class_conditional.__file__, staging / PIPELINE_CODE)
-    make_readable(staging)
-    flush_to_disk(staging)
-    staging.replace(directory)
+    publish_staging(staging, directory)
 
 
 def load_pipeline(source: str | Path) -> Pipeline:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import timm
-from genunlearn.storage.files import CONFIG_NAME, WEIGHTS_NAME, flush_to_disk, make_readable, make_staging_dir
+from genunlearn.storage.files import CONFIG_NAME, make_staging_dir, publish_staging, save_model_dir
 
 Loadable = Literal["timm", "timm-after-import", "state-dict"]
 PROBE_SEED = 0
@@ -42,16 +40,10 @@ def save_classifier(
     staging = make_staging_dir(directory.parent, directory.name)
     loadable = _write_timm_layout(model, staging, classes, input_size, normalisation, metadata or {})
     if loadable == "state-dict":
-        for stale in staging.iterdir():
-            stale.unlink()
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_NAME))
-        config = {"label_names": list(classes), "genunlearn": {**(metadata or {}), "loadable": loadable}}
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    make_readable(staging)
-    flush_to_disk(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+        shutil.rmtree(staging)
+        save_model_dir(model, {"label_names": list(classes), "genunlearn": {**(metadata or {}), "loadable": loadable}}, directory)
+    else:
+        publish_staging(staging, directory)
     return loadable
 
 
