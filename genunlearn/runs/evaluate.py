@@ -14,9 +14,8 @@ from genunlearn.errors import UserError
 from genunlearn.eval.grids import save_class_grid
 from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
 from genunlearn.kinds import kind_of
-from genunlearn.kinds.base import Kind
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
-from genunlearn.models.presets import Preset, get_preset
+from genunlearn.models.presets import get_preset
 from genunlearn.runs.job import ForgetJob
 from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
@@ -33,31 +32,22 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     ``evaluation.md`` and, for generators, ``samples.png`` (one row per class) to ``job.output_dir``."""
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
+    kind = kind_of(preset)
     writable_cache_root(job.cache_dir)
-    with main_process_lock(job.output_dir, accelerator):
-        return _evaluate_holding_the_folder(job, preset, kind_of(preset), accelerator)
-
-
-def _evaluate_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, accelerator: Accelerator) -> dict:
     out, started_at = job.output_dir, utc_now()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose a new --output-dir")
-    with run_log(out, accelerator):
-        LOGGER.debug("command: %s", " ".join(sys.argv))
-        return _evaluate(job, preset, kind, accelerator, started_at)
-
-
-def _evaluate(job: ForgetJob, preset: Preset, kind: Kind, accelerator: Accelerator, started_at: str) -> dict:
-    out = job.output_dir
-    entries, samples = kind.evaluate_model(job, preset, accelerator)
-    report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
-              "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
-              "processes": accelerator.num_processes, **entries, **provenance(accelerator, started_at)}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if samples is not None:
-            save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], out / SAMPLES_FILE)
-        atomic_write_text(out / EVALUATION_FILE, json.dumps(report, indent=2))
-        atomic_write_text(out / "evaluation.md", render_evaluation(report, SAMPLES_FILE if samples is not None else None))
-    accelerator.wait_for_everyone()
+    with main_process_lock(out, accelerator):
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty; choose a new --output-dir")
+        with run_log(out, accelerator):
+            LOGGER.debug("command: %s", " ".join(sys.argv))
+            entries, samples = kind.evaluate_model(job, preset, accelerator)
+            report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
+                      "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
+                      "processes": accelerator.num_processes, **entries, **provenance(accelerator, started_at)}
+            if accelerator.is_main_process:
+                if samples is not None:
+                    save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], out / SAMPLES_FILE)
+                atomic_write_text(out / EVALUATION_FILE, json.dumps(report, indent=2))
+                atomic_write_text(out / "evaluation.md", render_evaluation(report, SAMPLES_FILE if samples is not None else None))
+            accelerator.wait_for_everyone()
     return report
