@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from genunlearn import SplitSpec, load_task, make_forget_split
 from genunlearn.distributed import make_accelerator
-from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
+from genunlearn.engine.checkpoint import checkpoint_folders, checkpoint_step
 from genunlearn.eval.generator_eval import (
     SamplingProtocol,
     generator_metrics,
@@ -42,10 +42,10 @@ def curve(task, split, method: str, every: int, evaluate, accelerator, steps: in
     with tempfile.TemporaryDirectory() as folder:
         result = spec.run(task, split, cfg, accelerator, checkpoint_dir=Path(folder), resume=False)
         points = [(0, task.model)]
-        for checkpoint in sorted(Path(folder).glob(f"{CHECKPOINT_PREFIX}*")):
+        for checkpoint in checkpoint_folders(Path(folder)):
             model = copy.deepcopy(task.model)
             model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-            points.append((int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX)), model))
+            points.append((checkpoint_step(checkpoint), model))
     points.append((result.steps, result.model))
     figures = []
     for step, model in points:

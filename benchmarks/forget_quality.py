@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from genunlearn.cli import parse_setting
 from genunlearn.kinds.diffusion_setup import DiffusionSetup, prepare_diffusion
 from genunlearn.distributed import make_accelerator
-from genunlearn.engine.checkpoint import CHECKPOINT_PREFIX
+from genunlearn.engine.checkpoint import checkpoint_folders, checkpoint_step
 from genunlearn.errors import UserError
 from genunlearn.eval.generator_eval import generator_metrics, forget_sample_accuracy
 from genunlearn.eval.plots import plt, save_figure
@@ -110,10 +110,10 @@ def relative(remain: dict, original: dict) -> dict:
 
 def checkpoints(folder: Path, template: torch.nn.Module):
     """``(step, model)`` for every checkpoint in ``folder``, oldest first, loaded one at a time."""
-    for path in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")):
+    for path in checkpoint_folders(folder):
         model = copy.deepcopy(template)
         model.load_state_dict(load_file(str(path / "model.safetensors")))
-        yield int(path.name.removeprefix(CHECKPOINT_PREFIX)), model
+        yield checkpoint_step(path), model
 
 
 def run_config(cell: Cell, overrides: dict, every: int):

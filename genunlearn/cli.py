@@ -193,7 +193,7 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
                         help="more detail (progress is written to OUTPUT_DIR/run.log either way; off a terminal, as lines)")
     parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", dest="resume", metavar="latest|PATH",
                         help="continue the unfinished run in --output-dir from its newest checkpoint (latest) or from one "
-                        "of its checkpoints (OUTPUT_DIR/checkpoints/step_N); --lr, --steps and logging may change")
+                        "of its checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N); --lr, --steps and logging may change")
     return parser
 
 

@@ -181,7 +181,7 @@ def test_killed_job_resumes_to_the_same_weights(cnn_task, tmp_path, monkeypatch,
     monkeypatch.setattr(random_label, "random_label_step", interrupted_at(real_step, 25))
     assert forget(*common, "--output-dir", str(tmp_path / "killed")) == 130
     monkeypatch.setattr(random_label, "random_label_step", real_step)
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
     capsys.readouterr()
     assert forget(*common, "--output-dir", str(tmp_path / "killed")) == 2
     assert "--resume_from_checkpoint latest" in _one_error_line(capsys)
@@ -350,15 +350,15 @@ def test_resume_from_a_named_checkpoint_and_keep_a_number_of_them(cnn_task, tmp_
     assert forget(*common, "--output-dir", str(out)) == 130
     monkeypatch.setattr(random_label, "random_label_step", real_step)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step_0000010", "step_0000020", "step_0000030"]  # the newest 3, not the default 2
-    newest = out / "checkpoints" / "step_0000030" / "model.safetensors"
+    assert kept == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]  # the newest 3, not the default 2
+    newest = out / "checkpoints" / "checkpoint-30" / "model.safetensors"
     newest.write_bytes(b"")  # only an explicit older checkpoint can resume now without falling back
     capsys.readouterr()
     assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(newest.parent)) == 2
     assert "is unreadable" in _one_error_line(capsys)
     assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(tmp_path)) == 2
     assert "is not one of" in _one_error_line(capsys)
-    assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(out / "checkpoints" / "step_0000010")) == 0
+    assert forget(*common, "--output-dir", str(out), "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-10")) == 0
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     resumed = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -80,7 +80,7 @@ def test_every_loop_method_resumes_to_the_uninterrupted_weights(method, kind, re
     four = {**TWO_STEPS, "steps": 4}
     straight = gu.unlearn(task, split, method, **four).model.state_dict()
     gu.unlearn(task, split, method, checkpoint_dir=tmp_path, checkpoint_every=2, **four)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step_0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoint-2"]
     resumed = gu.unlearn(task, split, method, checkpoint_dir=tmp_path, resume=True, checkpoint_every=2, **four).model.state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

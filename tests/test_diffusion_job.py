@@ -249,7 +249,7 @@ def test_forget_quality_benchmark_reuses_finished_cells(cnn_task, tiny_pipeline_
     benchmark.main(argv)
     assert capsys.readouterr().out.count("running ") == 1  # only the missing run is done again
     assert all(c.stat().st_mtime_ns == stamps[c.name] for c in cells[:3])
-    running = out / "work" / "a-run-of-another-grid" / "step_0000010"
+    running = out / "work" / "a-run-of-another-grid" / "checkpoint-10"
     running.mkdir(parents=True)
     benchmark.main(["--report-only", "--output", str(out)])  # the summary of whatever finished, running nothing
     assert capsys.readouterr().out.count("running ") == 0 and running.is_dir()  # nobody else's checkpoints touched

@@ -199,7 +199,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_a_correct
 
 def test_a_corrupt_run_file_beside_checkpoints_is_named(cnn_task, tmp_path, capsys):
     out = tmp_path / "run"
-    (out / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-10").mkdir(parents=True)
     (out / "run.json").write_text("{truncated")
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(out),
                                  "--resume_from_checkpoint", "latest"]) == 2
@@ -334,7 +334,7 @@ def test_one_of_two_processes_killed_leaves_no_outputs_and_the_run_resumes_to_th
     env = {**os.environ, "GENUNLEARN_CACHE": str(cache_dir)}
     victim = subprocess.Popen(accelerate_command(script, [*common, "--output-dir", str(out)], port=29543), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir() or victim.poll() is not None, timeout_s=300)
+    wait_for(lambda: (out / "checkpoints" / "checkpoint-20").is_dir() or victim.poll() is not None, timeout_s=300)
     workers = worker_pids(victim.pid)
     assert victim.poll() is None and workers
     os.kill(workers[-1], signal.SIGKILL)

@@ -51,7 +51,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(cnn_task, class3_split,
 
     with pytest.raises(KeyboardInterrupt):
         _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=interrupted_at(supervised_step, 8))
-    assert [p.name for p in checkpoints_newest_first(tmp_path)] == ["step_0000005"]
+    assert [p.name for p in checkpoints_newest_first(tmp_path)] == ["checkpoint-5"]
     resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -77,7 +77,7 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, cla
     with pytest.raises(KeyboardInterrupt):
         _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=interrupted_at(supervised_step, 9))
     newest = checkpoints_newest_first(tmp_path)[0]
-    assert newest.name == "step_0000008"
+    assert newest.name == "checkpoint-8"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a write cut short
     with pytest.warns(UserWarning, match=f"checkpoint {newest} is unreadable"):
@@ -98,5 +98,5 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(cnn_task, class3_sp
     with pytest.raises(UserError, match="weights became non-finite by step 3"):
         _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, step_fn=poisons_at_step_3)
     kept = checkpoints_newest_first(tmp_path)
-    assert kept[0].name == "step_0000002"
+    assert kept[0].name == "checkpoint-2"
     assert all(torch.isfinite(t).all() for t in load_file(str(kept[0] / "model.safetensors")).values())

@@ -21,28 +21,39 @@ from torch import nn
 from genunlearn.errors import UserError
 from genunlearn.storage.files import make_staging_dir, publish_staging
 
-CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' and accelerate's name: checkpoint-<step>
 KEEP_CHECKPOINTS = 2
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder ``.../checkpoint-<step>`` was written at."""
+    return int(Path(path).name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """The folders named like checkpoints under ``directory``, oldest (lowest step) first."""
+    folders = (p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit())
+    return sorted(folders, key=checkpoint_step)
 
 
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict,
                     keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Write ``directory/step_<step>`` atomically and keep only the newest ``keep``. Main process only."""
+    """Write ``directory/checkpoint-<step>`` atomically and keep only the newest ``keep``. Main process only."""
     directory.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(directory, "incomplete")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "loop_state.json").write_text(json.dumps({"step": step, **loop_state}))
-    final = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+    final = directory / f"{CHECKPOINT_PREFIX}{step}"
     publish_staging(staging, final)
-    for old in sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+    for old in checkpoint_folders(directory)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
 def checkpoints_newest_first(directory: Path) -> list[Path]:
     """The complete checkpoints under ``directory``, newest first."""
-    return sorted((p for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}*") if (p / "loop_state.json").is_file()), reverse=True)
+    return [p for p in reversed(checkpoint_folders(directory)) if (p / "loop_state.json").is_file()]
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
