@@ -188,6 +188,10 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
                         help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: much less memory, about a third slower")
+    parser.add_argument("--report-to", metavar="TRACKER",
+                        help="also log the run's figures to an experiment tracker through accelerate: tensorboard "
+                        "(pip install 'genunlearn[tensorboard]'; OUTPUT_DIR/logs/), wandb, all (every installed one), "
+                        "or none (default); any tracker accelerate knows (mlflow, aim, ...) works too")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more detail (progress is written to OUTPUT_DIR/run.log either way; off a terminal, as lines)")
@@ -237,6 +241,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         relearn_lr=args.relearn_lr,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        report_to=args.report_to,
     )
 
 

@@ -136,6 +136,7 @@ def _one_error_line(capsys) -> str:
         (["--model", "cnn-digits", "--class", "3", "--pretrained", "/nonexistent/w.safetensors"], "does not exist"),
         (["--model", "cnn-digits", "--class", "3", "--random-fraction", "0.1"], "exactly one of"),
         (["--model", "ddpm-digits", "--class", "3", "--random-fraction", "0.1"], "exactly one of"),
+        (["--model", "cnn-digits", "--class", "3", "--report_to", "no-such-tracker"], "unknown --report_to 'no-such-tracker'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, cnn_task, tmp_path, capsys):
@@ -325,6 +326,7 @@ DIFFUSERS_SPELLINGS = [
     (["--data_free"], ["--data-free"]),
     (["--random_fraction", "0.1"], ["--random-fraction", "0.1"]),
     (["--resume_from_checkpoint", "latest"], ["--resume-from-checkpoint", "latest"]),
+    (["--report_to", "tensorboard"], ["--report-to", "tensorboard"]),
 ]
 
 
@@ -338,6 +340,34 @@ def test_every_option_takes_the_diffusers_spelling_too(diffusers_style, dashed):
 
     one, other = job(diffusers_style), job(dashed)
     assert one == other and one != job([])
+
+
+def test_report_to_tensorboard_writes_the_figures_the_run_logged(cnn_task, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "tracked"
+    assert forget("--class", "3", "--method", "random_label", "--max_train_steps", "20", "--log_every", "5",
+                  "--report_to", "tensorboard", "--output_dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    events = event_accumulator.EventAccumulator(str(out / "logs" / "genunlearn"))
+    events.Reload()
+    logged = [key for key in report["log"][0] if key != "step"]
+    assert logged and set(logged) <= set(events.Tags()["scalars"])
+    for key in logged:
+        written = [(event.step, event.value) for event in events.Scalars(key)]
+        assert written == [(entry["step"], pytest.approx(entry[key], rel=1e-6)) for entry in report["log"]], key
+    for when, step in (("before", 0), ("after", 20)):
+        written = events.Scalars(f"{when}/forget_acc")
+        assert [(e.step, e.value) for e in written] == [(step, pytest.approx(report[when]["forget_acc"], rel=1e-6))]
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_install_line(monkeypatch, tmp_path, capsys):
+    import genunlearn.runs.tracking as tracking
+
+    monkeypatch.setattr(tracking, "get_available_trackers", lambda: [])
+    assert forget("--class", "3", "--report_to", "tensorboard", "--output_dir", str(tmp_path / "out")) == 2
+    assert "pip install 'genunlearn[tensorboard]'" in _one_error_line(capsys) and not (tmp_path / "out").exists()
+    assert forget("--class", "3", "--report_to", "all", "--output_dir", str(tmp_path / "out")) == 2
+    assert "found no tracker installed" in _one_error_line(capsys)
 
 
 def test_resume_from_a_named_checkpoint_and_keep_a_number_of_them(cnn_task, tmp_path, monkeypatch, capsys):

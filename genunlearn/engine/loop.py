@@ -250,6 +250,7 @@ def run_loop(
             log.append(entry)
             window.clear()
             bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k != "step"})
+            accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=done)  # the trackers, if any
             if accelerator.is_main_process:
                 LOGGER.info("%s: step %d/%d, %s", desc, done, cfg.steps,
                             ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))

@@ -24,6 +24,7 @@ from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
+from genunlearn.runs.tracking import experiment_trackers, tracker_names
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root, writable_cache_root
 from genunlearn.storage.files import atomic_write_text
@@ -49,6 +50,11 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result:
         "log": result.log,
         **entries,
     }
+
+
+def figures(prefix: str, metrics: dict) -> dict[str, float]:
+    """The numeric figures of ``metrics`` as tracker scalars named ``prefix/name``."""
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def oracle_gaps(after: dict, oracle: dict) -> dict:
@@ -92,6 +98,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     job.split_spec()  # a bad --class/--random-fraction/--subclass is named before the output folder is touched
+    tracker_names(job.report_to)
     writable_cache_root(job.cache_dir)
     with main_process_lock(job.output_dir, accelerator):
         return _run_holding_the_folder(job, preset, kind, method, cfg, accelerator)
@@ -119,9 +126,13 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
     run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
-    before, shown_before = run.evaluate_before()
-    result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
-    after, shown_after = run.evaluate(result.model)
+    tracked = {"model": preset.name, "method": job.method, "class": job.forgotten(), **dataclasses.asdict(cfg)}
+    with experiment_trackers(job.report_to, job.output_dir, accelerator, tracked):
+        before, shown_before = run.evaluate_before()
+        accelerator.log(figures("before", before), step=0)
+        result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
+        after, shown_after = run.evaluate(result.model)
+        accelerator.log(figures("after", after), step=result.steps)
     extras = oracle_and_relearning(job, run, result.model, after, accelerator)
     if resumed_with:
         extras["resumed_with"] = resumed_with

@@ -48,14 +48,15 @@ class ForgetJob:
     relearn_steps: int = 0
     relearn_samples: int = 8
     relearn_lr: float | None = None
+    report_to: str | None = None  # experiment tracker(s): tensorboard, wandb, all, none (genunlearn.runs.tracking)
 
     def identity(self) -> dict:
-        """What makes two runs the same run (everything but where caches live, whether to resume, and gradient
-        checkpointing, which changes memory, not results)."""
+        """What makes two runs the same run (everything but where caches live, whether to resume, where figures are
+        also reported, and gradient checkpointing, which changes memory, not results)."""
         return {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in dataclasses.asdict(self).items()
-            if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing")
+            if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing", "report_to")
         }
 
     def split_spec(self) -> SplitSpec:
