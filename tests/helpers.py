@@ -63,6 +63,21 @@ def accelerate_launch(script: Path, args: list[str], cache_dir: Path, *, process
                           env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
 
 
+def exact_text(*files: Path) -> str:
+    """The files' text as written, joined (``read_text`` would turn carriage returns into newlines)."""
+    return b"".join(path.read_bytes() for path in files).decode()
+
+
+def forgotten_mark_pixels(picture: Path) -> int:
+    """How many pixels of ``picture`` have the red that marks forgotten rows in a samples figure."""
+    from genunlearn.eval.grids import FORGOTTEN_COLOUR
+
+    red = torch.tensor([int(FORGOTTEN_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    with Image.open(picture) as image:
+        pixels = torch.tensor(list(image.convert("RGB").getdata()))
+    return int(((pixels - red).abs().max(dim=1).values <= 8).sum())
+
+
 def unreadable_files(folder: Path) -> list[str]:
     """Files under ``folder`` whose mode is stricter than a plain write under the current umask gives."""
     mask = os.umask(0)

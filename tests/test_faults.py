@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import accelerate_command, accelerate_launch, export_digits_folder, interrupted_at
+from helpers import accelerate_command, accelerate_launch, exact_text, export_digits_folder, interrupted_at
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -352,11 +352,13 @@ def test_one_of_two_processes_killed_leaves_no_outputs_and_the_run_resumes_to_th
 def test_a_run_with_its_output_in_files_writes_plain_lines_and_a_run_log(cnn_task, cache_dir, tmp_path):
     out = tmp_path / "run"
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
-        done = subprocess.run([sys.executable, "-m", "genunlearn", "forget", "--model", "cnn-digits", "--class", "3",
-                               "--steps", "20", "--log-every", "10", "--output-dir", str(out)], stdout=stdout, stderr=stderr,
-                              env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+        console_script = Path(sys.executable).with_name("genunlearn")  # imports tqdm before any setting of ours
+        done = subprocess.run([str(console_script), "forget", "--model", "cnn-digits", "--class", "3", "--steps", "20",
+                               "--log-every", "10", "--output-dir", str(out)], stdout=stdout, stderr=stderr,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("TQDM_")},
+                                   "GENUNLEARN_CACHE": str(cache_dir)})
     assert done.returncode == 0
-    printed = (tmp_path / "stdout.txt").read_text() + (tmp_path / "stderr.txt").read_text()
+    printed = exact_text(tmp_path / "stdout.txt", tmp_path / "stderr.txt")
     assert "\r" not in printed and "\x1b" not in printed
     assert "unlearning: step 20/20" in printed  # progress as lines instead of bars
     log = (out / "run.log").read_text()

@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import (
@@ -31,6 +30,7 @@ from genunlearn.engine.checkpoint import (
 )
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
+from genunlearn.progress import progress
 from genunlearn.tasks.base import Task
 
 LOGGER = logging.getLogger("genunlearn")  # run.log and plain progress lines (genunlearn.runs.logs)
@@ -235,7 +235,7 @@ def run_loop(
     training_mode(model, task)
     window: dict[str, list[float]] = defaultdict(list)
     started = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = progress(total=cfg.steps, initial=start_step, desc=desc, show=accelerator.is_local_main_process, dynamic_ncols=True)
     for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)

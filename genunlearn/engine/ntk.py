@@ -8,11 +8,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.jacobians import NamedParameters, batchnorm_jacobians, functional_jacobians
 from genunlearn.errors import UserError
+from genunlearn.progress import progress
 
 GRAM_BLOCK = 1024  # columns of the P×P sum updated per product
 
@@ -65,7 +65,7 @@ def kernel_sums(model: nn.Module, params: NamedParameters, dataset: Dataset, acc
         if not accelerator.is_main_process:  # the totals so far stay on one process only, so the reduction adds them once
             gram.zero_()
             pull.zero_()
-    for images, labels in tqdm(_my_chunks(dataset, chunk_size, accelerator), desc=desc, disable=not accelerator.is_local_main_process):
+    for images, labels in progress(_my_chunks(dataset, chunk_size, accelerator), desc=desc, show=accelerator.is_local_main_process):
         jacobian, logits = scope_jacobians(model, params, images.to(accelerator.device), path, chunk_size)
         rows = jacobian.reshape(-1, size)
         add_upper_gram(gram, rows)
@@ -180,7 +180,7 @@ def prediction_fisher(model: nn.Module, params: NamedParameters, dataset: Datase
     scope Jacobians: Σ_y p_y (Jᵀ(p − e_y))² = Σ_y p_y J_y² − (Jᵀp)²; reduced across processes. ``chunk_size``,
     ``path`` as in ``kernel_sums``."""
     total = torch.zeros(sum(param.numel() for _, param in params), dtype=torch.float64, device=accelerator.device)
-    for images, _ in tqdm(_my_chunks(dataset, chunk_size, accelerator), desc="Fisher on D_r", disable=not accelerator.is_local_main_process):
+    for images, _ in progress(_my_chunks(dataset, chunk_size, accelerator), desc="Fisher on D_r", show=accelerator.is_local_main_process):
         jacobian, logits = scope_jacobians(model, params, images.to(accelerator.device), path, chunk_size)
         probs = torch.softmax(logits.double(), dim=1).unsqueeze(2)
         jacobian = jacobian.double()

@@ -15,10 +15,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
+from genunlearn.progress import progress
 from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
 from genunlearn.tasks.base import Batch
 
@@ -66,7 +66,7 @@ def accumulate_gradients(
         n_batches, members = batches, StepBatchSampler(len(dataset), batch_size, seed=CYCLED_ORDER_SEED).indices
     my_batches = list(range(accelerator.process_index, n_batches, accelerator.num_processes))
     loader = DataLoader(dataset, batch_sampler=[members(b) for b in my_batches])
-    for b, (images, labels) in zip(my_batches, tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process)):
+    for b, (images, labels) in zip(my_batches, progress(loader, desc=desc, show=accelerator.is_local_main_process)):
         torch.manual_seed(1_000_003 + b)
         model.zero_grad(set_to_none=True)
         batch_loss(model, (images.to(accelerator.device), labels.to(accelerator.device))).mean().backward()

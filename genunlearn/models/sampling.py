@@ -7,10 +7,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DiTPipeline
-from tqdm.auto import tqdm
 
 from genunlearn.models.class_conditional import ClassConditionalPipeline, eval_mode
 from genunlearn.models.pipeline import Pipeline, make_pipeline, pipeline_denoiser, pipeline_num_classes
+from genunlearn.progress import progress
 from genunlearn.tasks.diffusion import Denoiser, DiffusionTask
 
 
@@ -79,7 +79,7 @@ def sample_classes(
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     own = classes[accelerator.process_index :: accelerator.num_processes]
-    bar = tqdm(own, desc=f"sampling {per_class} per class", unit="class", disable=not accelerator.is_main_process, leave=False)
+    bar = progress(own, desc=f"sampling {per_class} per class", unit="class", show=accelerator.is_main_process, leave=False)
     mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed, latents=latents) for c in bar}
     gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     return {c: images for part in gathered for c, images in part.items()}

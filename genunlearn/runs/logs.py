@@ -5,7 +5,6 @@ returns and escape codes)."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Iterator
 
 from accelerate import Accelerator
 
+from genunlearn.progress import hide_bars
 from genunlearn.runs.job import LOG_FILE
 
 LOGGER = logging.getLogger("genunlearn")
@@ -20,11 +20,12 @@ FORMAT = "%(asctime)s %(message)s"
 
 
 def configure_console(verbosity: int = 0) -> None:
-    """Progress on stderr: bars on a terminal, else one log line per logged step (tqdm off). ``verbosity``: -1 (``-q``)
-    warnings only, 0 the default, 1 (``-v``) debug lines too."""
+    """Progress on stderr: bars on a terminal (``genunlearn.progress``), else one log line per logged step.
+    ``verbosity``: -1 (``-q``) warnings only, no bars; 0 the default; 1 (``-v``) debug lines too."""
     terminal = sys.stderr.isatty()
-    if not terminal:
-        os.environ["TQDM_DISABLE"] = "1"
+    hide_bars(verbosity < 0)
+    if verbosity < 0 or not terminal:
+        hide_library_bars()
     level = logging.WARNING if verbosity < 0 or (terminal and verbosity == 0) else logging.DEBUG if verbosity > 0 else logging.INFO
     LOGGER.setLevel(logging.DEBUG)
     for old in [h for h in LOGGER.handlers if getattr(h, "genunlearn_console", False)]:
@@ -34,6 +35,15 @@ def configure_console(verbosity: int = 0) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel(level)
     LOGGER.addHandler(console)
+
+
+def hide_library_bars() -> None:
+    """Turn off the bars diffusers and huggingface_hub draw themselves (loading a pipeline's components, downloads)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+
+    diffusers_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 @contextmanager
