@@ -59,6 +59,23 @@ def test_report_schema(finished_run):
     assert not (finished_run / "checkpoints").exists()
 
 
+def test_classifier_reports_have_a_per_class_table_with_the_forgotten_class_marked(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    test = load_digits_split()[1]
+    for phase in ("before", "after"):
+        per_class = report[phase]["per_class_acc"]
+        assert sorted(per_class, key=int) == [str(c) for c in range(10)]
+        shares = {c: sum(1 for _, label in test if label == c) / len(test) for c in range(10)}
+        overall = sum(per_class[str(c)] * shares[c] for c in range(10))  # the classes' accuracies weighted by size
+        everything = (report[phase]["forget_test_acc"] * shares[3] + report[phase]["test_acc"] * (1 - shares[3]))
+        assert overall == pytest.approx(everything, abs=1e-9)
+        assert per_class["3"] == pytest.approx(report[phase]["forget_test_acc"])
+    markdown = (finished_run / "report.md").read_text()
+    after = report["after"]["per_class_acc"]
+    assert f"| **3 (forgotten)** | {report['before']['per_class_acc']['3']:.4f} | {after['3']:.4f} |" in markdown
+    assert f"| 4 | {report['before']['per_class_acc']['4']:.4f} | {after['4']:.4f} |" in markdown
+
+
 PROVENANCE = ("environment", "command", "genunlearn_revision", "started_at", "finished_at")
 
 
@@ -222,7 +239,7 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err and "--mixed-precision" in err
 
 
-def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path):
+def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path, capsys):
     """The oracle is trained once and cached; relearning curves start at each model's forget accuracy."""
     out = tmp_path / "run"
     argv = ["--model", "cnn-digits", "--class", "3", "--compare-retrain", "--relearn-steps", "8", "--output-dir", str(out)]
@@ -239,6 +256,13 @@ def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path):
     assert relearn["unlearned"][-1]["forget_acc"] > relearn["unlearned"][0]["forget_acc"]  # fine-tuning does bring it back
     markdown = (out / "report.md").read_text()
     assert "## Retrain oracle" in markdown and "## Relearning check" in markdown
+    average = statistics.mean(abs(gap[k]) for k in ("forget_acc", "retain_acc", "test_acc", "mia"))  # SalUn's Avg. Gap
+    assert f"Average gap (mean absolute gap over forget_acc, retain_acc, test_acc, mia, as SalUn's tables): {average:.4f}" in markdown
+    capsys.readouterr()
+    assert main(["compare", str(out)]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert header.endswith("| gap forget_acc | gap retain_acc | gap test_acc | gap mia | avg gap |")
+    assert row.endswith(f"| {gap['forget_acc']:+.3f} | {gap['retain_acc']:+.3f} | {gap['test_acc']:+.3f} | {gap['mia']:+.3f} | {average:.3f} |")
     cached = list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir())
     assert guarded(forget_main, [*argv[:-1], str(tmp_path / "again")]) == 0
     assert list((Path(os.environ["GENUNLEARN_CACHE"]) / "retrain").iterdir()) == cached  # reused, not retrained

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from genunlearn.data.digits import load_digits_split
 from genunlearn.models.diffusion_loading import load_diffusion_task
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
-from helpers import accelerate_launch, unreadable_files, validate_report
+from helpers import accelerate_launch, exact_text, forgotten_mark_pixels, unreadable_files, validate_report
 from test_diffusion import tiny_digits_preset
 
 
@@ -52,12 +53,13 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
         assert sorted(metrics["per_class_acc"]) == [str(c) for c in range(10)]
         assert metrics["forget_acc"] == metrics["per_class_acc"]["3"]
     assert report["evaluation"]["per_class"] == 20 and report["evaluation"]["steps"] == 5
-    for name in ("samples_before.png", "samples_after.png"):
-        with Image.open(out / name) as grid:
-            assert grid.size[1] == 10 * (8 * 4 + 2) + 2  # one row per class
+    with Image.open(out / "samples.png") as grid:
+        run_picture = grid.size  # before and after side by side: twice an evaluation's width (below)
+    assert forgotten_mark_pixels(out / "samples.png") > 0  # the forgotten row is marked (digits are grey: no red otherwise)
     markdown = (out / "report.md").read_text()
-    assert "![before](samples_before.png)" in markdown and "![curves](curves.png)" in markdown
+    assert "![samples](samples.png)" in markdown and "![curves](curves.png)" in markdown
     assert "| class | acc before | acc after |" in markdown and "- fid_library: torchmetrics" in markdown
+    assert "| **3 (forgotten)** |" in markdown and "| 4 |" in markdown
     with Image.open(out / "curves.png") as curves:
         assert curves.size[0] > 300
     assert sorted(report["after"]["fid_per_class"]) == [str(c) for c in range(10) if c != 3]
@@ -75,12 +77,27 @@ def test_diffusion_job_writes_report_grids_and_pipeline(cnn_task, tiny_pipeline_
         evaluation = json.loads((tmp_path / phase / "evaluation.json").read_text())
         assert evaluation["metrics"] == report[phase] and evaluation["evaluation"] == report["evaluation"]
         with Image.open(tmp_path / phase / "samples.png") as grid:
-            assert grid.size[1] == 10 * (8 * 4 + 2) + 2
-        assert "| 3 | " in (tmp_path / phase / "evaluation.md").read_text()
+            assert grid.size[1] == run_picture[1] and 1.8 < run_picture[0] / grid.size[0] < 2.2  # one panel, same rows
+        assert forgotten_mark_pixels(tmp_path / phase / "samples.png") > 0
+        assert "| **3 (forgotten)** | " in (tmp_path / phase / "evaluation.md").read_text()
     no_class = ["--model", "ddpm-digits", "--pretrained", str(tiny_pipeline_dir), "--eval-samples", "4", "--eval-steps", "2"]
     assert guarded(evaluate_main, [*no_class, "--output-dir", str(tmp_path / "all")]) == 0  # no forgotten class named
     metrics = json.loads((tmp_path / "all" / "evaluation.json").read_text())["metrics"]
     assert metrics["forget_acc"] is None and sorted(metrics["per_class_acc"]) == [str(c) for c in range(10)]
+    assert forgotten_mark_pixels(tmp_path / "all" / "samples.png") == 0  # nothing forgotten, nothing marked
+
+
+def test_a_diffusion_run_with_its_output_in_files_has_no_progress_bars(cnn_task, tiny_pipeline_dir, cache_dir, tmp_path):
+    """Loading the --pretrained pipeline draws diffusers' own bar on a terminal; in a file it must not."""
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        done = subprocess.run([str(Path(sys.executable).with_name("genunlearn")), "forget", "--model", "ddpm-digits",
+                               "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--steps", "2", "--eval-samples", "2",
+                               "--eval-steps", "2", "--output-dir", str(tmp_path / "run")], stdout=stdout, stderr=stderr,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("TQDM_")},
+                                   "GENUNLEARN_CACHE": str(cache_dir)})
+    printed = exact_text(tmp_path / "stdout.txt", tmp_path / "stderr.txt")
+    assert done.returncode == 0, printed[-2000:]
+    assert "\r" not in printed and "\x1b" not in printed and "unlearning: step 2/2" in printed
 
 
 def test_diffusion_job_rejects_bad_input(tiny_pipeline_dir, tmp_path, capsys):

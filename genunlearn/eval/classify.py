@@ -43,7 +43,7 @@ def evaluate_classifier(model: nn.Module, split: ForgetSplit, accelerator: Accel
     ``forget_acc``: on D_f; ``forget_test_acc``: on the forgotten classes' test samples (None for
     random forgetting); ``retain_acc``: on D_r; ``test_acc``: on the retained classes' test samples;
     ``mia``: fraction of D_f an entropy attack fitted on D_r (members) vs retained-class test
-    samples (non-members) calls member.
+    samples (non-members) calls member; ``per_class_acc``: ``{class id as text: accuracy}`` on all test samples.
     """
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator()
@@ -53,14 +53,22 @@ def evaluate_classifier(model: nn.Module, split: ForgetSplit, accelerator: Accel
         for part in ("forget", "retain", "test_forget", "test_retain")
     }
     entropy = {part: softmax_entropy(out[0]) for part, out in outputs.items() if out is not None}
+    tested = [outputs[part] for part in ("test_forget", "test_retain") if outputs[part] is not None]
     return {
         "forget_acc": accuracy(*outputs["forget"]),
         "forget_test_acc": accuracy(*outputs["test_forget"]) if outputs["test_forget"] else None,
         "retain_acc": accuracy(*outputs["retain"]),
         "test_acc": accuracy(*outputs["test_retain"]),
         "mia": member_rate(entropy["retain"], entropy["test_retain"], entropy["forget"]),
+        "per_class_acc": per_class_accuracy(torch.cat([logits for logits, _ in tested]), torch.cat([labels for _, labels in tested])),
         "eval_time_s": time.perf_counter() - started,
     }
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``{class id as text: accuracy}`` for every class present in ``labels`` (``logits`` ``[N, K]``), by id."""
+    correct = logits.argmax(1) == labels
+    return {str(c): float(correct[labels == c].double().mean()) for c in sorted(set(labels.tolist()))}
 
 
 @torch.no_grad()

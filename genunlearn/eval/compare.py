@@ -7,7 +7,7 @@ from pathlib import Path
 
 from genunlearn.errors import UserError
 from genunlearn.eval.plots import plt, save_figure
-from genunlearn.eval.report import SUMMARY_KEYS
+from genunlearn.eval.report import AVERAGE_GAP_KEYS, SUMMARY_KEYS, average_gap
 
 
 REPORT_KEYS = ("kind", "model", "method", "class", "steps", "wall_time_s", "before", "after")
@@ -33,15 +33,25 @@ def load_reports(runs: list[Path]) -> list[dict]:
 
 
 def comparison_table(runs: list[Path], reports: list[dict]) -> str:
-    """A markdown table: run, model, method, class, steps, time, and each headline figure before -> after."""
-    keys = [k for kind in dict.fromkeys(r["kind"] for r in reports) for k in SUMMARY_KEYS[kind]]
-    keys = list(dict.fromkeys(keys))
-    lines = ["| run | model | method | class | steps | time s | " + " | ".join(keys) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(keys)]
+    """A markdown table: run, model, method, class, steps, time, and each headline figure before -> after; when any
+    run has a retrain oracle (``--compare-retrain``), each figure's gap to it and the average gap too."""
+    keys = list(dict.fromkeys(k for r in reports for k in SUMMARY_KEYS[r["kind"]]))
+    with_oracle = any("gap_to_oracle" in r for r in reports)
+    gap_columns = [*(f"gap {k}" for k in keys), "avg gap"] if with_oracle else []
+    columns = ["run", "model", "method", "class", "steps", "time s", *keys, *gap_columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for run, report in zip(runs, reports):
-        figures = [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if k in report["after"] else "" for k in keys]
-        lines.append(f"| {Path(run).name} | {report['model']} | {report['method']} | {report['class']} | {report['steps']} | "
-                     f"{report['wall_time_s']:.1f} | " + " | ".join(figures) + " |")
+        cells = [Path(run).name, report["model"], report["method"], str(report["class"]), str(report["steps"]),
+                 f"{report['wall_time_s']:.1f}"]
+        cells += [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if k in report["after"] else "" for k in keys]
+        if with_oracle:
+            gaps, mean = report.get("gap_to_oracle", {}), average_gap(report)
+            cells += [f"{gaps[k]:+.3f}" if k in gaps else "" for k in keys]
+            cells.append("" if mean is None else f"{mean:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if with_oracle:
+        averaged = "; ".join(f"{kind}: {', '.join(AVERAGE_GAP_KEYS[kind])}" for kind in dict.fromkeys(r["kind"] for r in reports))
+        lines += ["", f"gap: after − the retrain oracle; avg gap: the mean absolute gap over {averaged} (SalUn's Avg. Gap)."]
     return "\n".join(lines)
 
 

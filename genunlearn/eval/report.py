@@ -1,12 +1,14 @@
 """The run report: ``report.json`` (schema below, stable; JSON Schema in ``report.schema.json``, ``SCHEMA_FILE``)
 and ``report.md``, both written atomically.
 
-report.json keys (schema_version 1):
+report.json keys (schema_version 2):
   schema_version, genunlearn_version, kind (classifier or diffusion), model, class (int, list of ints, or null for random forgetting),
   method, steps, wall_time_s (the method's own time), processes, split (spec and part sizes),
   config (the method's settings), method_info (mask_kept_fraction, mask_time_s, mask_cached for
   masked methods), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
-  mia: fractions in [0, 1] or null; eval_time_s), log (figures every log_every steps), weights (path).
+  mia: fractions in [0, 1] or null; per_class_acc: test accuracy per class, from schema 2; eval_time_s), log (figures
+  every log_every steps), weights (path). Schema 2 adds environment, command, genunlearn_revision, started_at and
+  finished_at (genunlearn.runs.provenance).
   Diffusion runs: before / after hold forget_acc, forget_entropy, forget_prob, remain_acc, fid_remain,
   heldout_acc and fid_heldout (classes outside a data-free D_r, or null), fid_per_class (remaining and
   held-out classes), per_class_acc and per_class_prob (every evaluated class), and
@@ -20,8 +22,10 @@ report.json keys (schema_version 1):
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
+from genunlearn.eval.grids import SAMPLES_FILE
 from genunlearn.eval.model_card import model_card
 from genunlearn.eval.plots import save_log_curves
 from genunlearn.storage.files import atomic_write_text
@@ -86,10 +90,11 @@ def render_markdown(report: dict, curves: bool = False) -> str:
         change = "" if value is None or after[key] is None else f"{after[key] - value:+.4f}"
         lines.append(f"| {key} | {_fmt(value)} | {_fmt(after[key])} | {change} |")
     lines += ["", *METRIC_HELP[report["kind"]], ""]
-    if "per_class_acc" in before:
-        lines += _per_class_table(before, after)
+    if "per_class_acc" in before and "per_class_acc" in after:
+        lines += _per_class_table(report)
+    if report["kind"] == "diffusion":
         lines += [
-            "Samples, one row per class, same seeds: ![before](samples_before.png) ![after](samples_after.png)",
+            f"Samples, one row per class, the same seeds before and after (forgotten rows in red): ![samples]({SAMPLES_FILE})",
             "",
             "## Evaluation protocol",
             "",
@@ -114,9 +119,29 @@ def render_markdown(report: dict, curves: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _per_class_table(before: dict, after: dict) -> list[str]:
-    """Rows: per evaluated class, the judge's accuracy and class probability, and FID against the class's own
-    reference (remaining classes), before and after: collateral damage shows up on neighbouring classes."""
+def forgotten_classes(report: dict) -> set[int]:
+    """The class ids a report's run forgot (none for random or sub-class forgetting)."""
+    split = report.get("split", {})
+    return set(split.get("classes", [])) if split.get("kind") == "class" else set()
+
+
+def _class_cell(class_id: str, forgotten: set[int]) -> str:
+    return f"**{class_id} (forgotten)**" if int(class_id) in forgotten else class_id
+
+
+def _per_class_table(report: dict) -> list[str]:
+    """Rows: per class, accuracy before and after, forgotten classes marked (collateral damage shows up on the
+    others). Classifiers: on the class's test images; diffusion: the judge's on the class's samples, with the class
+    probability and FID against the class's own reference."""
+    before, after = report["before"], report["after"]
+    forgotten = forgotten_classes(report)
+    if report["kind"] != "diffusion":
+        rows = ["Per class (accuracy on every test image of the class):", "", "| class | acc before | acc after | change |",
+                "|---|---|---|---|"]
+        for c, value in before["per_class_acc"].items():
+            rows.append(f"| {_class_cell(c, forgotten)} | {value:.4f} | {after['per_class_acc'][c]:.4f} | "
+                        f"{after['per_class_acc'][c] - value:+.4f} |")
+        return [*rows, ""]
     rows = [
         "Per class (accuracy and probability of the class under the judge; FID against the class's own reference):",
         "",
@@ -126,9 +151,22 @@ def _per_class_table(before: dict, after: dict) -> list[str]:
     fid_before, fid_after = before.get("fid_per_class", {}), after.get("fid_per_class", {})
     for c in before["per_class_acc"]:
         probabilities = [m.get("per_class_prob", {}).get(c) for m in (before, after)]
-        rows.append(f"| {c} | {before['per_class_acc'][c]:.2f} | {after['per_class_acc'][c]:.2f} | "
+        rows.append(f"| {_class_cell(c, forgotten)} | {before['per_class_acc'][c]:.2f} | {after['per_class_acc'][c]:.2f} | "
                     f"{_fmt(probabilities[0])} | {_fmt(probabilities[1])} | {_fmt(fid_before.get(c))} | {_fmt(fid_after.get(c))} |")
     return [*rows, ""]
+
+
+AVERAGE_GAP_KEYS = {  # SalUn's "Avg. Gap": the mean absolute gap to the retrain oracle over these figures
+    "classifier": ("forget_acc", "retain_acc", "test_acc", "mia"),
+    "diffusion": ("forget_acc", "remain_acc"),
+}
+
+
+def average_gap(report: dict) -> float | None:
+    """The mean absolute gap to the retrain oracle over ``AVERAGE_GAP_KEYS`` (those the report holds); None without
+    an oracle."""
+    gaps = [abs(report["gap_to_oracle"][k]) for k in AVERAGE_GAP_KEYS[report["kind"]] if k in report.get("gap_to_oracle", {})]
+    return sum(gaps) / len(gaps) if gaps else None
 
 
 def _oracle_section(report: dict) -> list[str]:
@@ -138,7 +176,8 @@ def _oracle_section(report: dict) -> list[str]:
             "(gap = unlearned - oracle):", "", "| metric | unlearned | oracle | gap |", "|---|---|---|---|"]
     for key, gap in report["gap_to_oracle"].items():
         rows.append(f"| {key} | {_fmt(report['after'][key])} | {_fmt(report['oracle'][key])} | {gap:+.4f} |")
-    return [*rows, ""]
+    keys = ", ".join(k for k in AVERAGE_GAP_KEYS[report["kind"]] if k in report["gap_to_oracle"])
+    return [*rows, "", f"Average gap (mean absolute gap over {keys}, as SalUn's tables): {_fmt(average_gap(report))}", ""]
 
 
 def _relearn_section(report: dict) -> list[str]:
@@ -153,8 +192,9 @@ def _relearn_section(report: dict) -> list[str]:
     return [*rows, ""]
 
 
-def render_evaluation(evaluation: dict, samples: str | None) -> str:
-    """Markdown of ``genunlearn evaluate``'s result: the figures, the per-class table, the protocol, the samples."""
+def render_evaluation(evaluation: dict, samples: str | None, forgotten: Collection[int] = ()) -> str:
+    """Markdown of ``genunlearn evaluate``'s result: the figures, the per-class table (``forgotten`` class ids marked),
+    the protocol, the samples."""
     metrics = evaluation["metrics"]
     lines = [f"# Evaluation of {evaluation['model']}" + (f" ({evaluation['pretrained']})" if evaluation["pretrained"] else ""),
              "", f"Forgotten: {evaluation['class']}." if evaluation["class"] is not None else "No forgotten part named.", "",
@@ -162,13 +202,13 @@ def render_evaluation(evaluation: dict, samples: str | None) -> str:
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
     lines += ["", *METRIC_HELP[evaluation["kind"]], "", "| class | accuracy | probability | FID |", "|---|---|---|---|"]
     for c, value in metrics["per_class_acc"].items():
-        lines.append(f"| {c} | {value:.4f} | {_fmt(metrics.get('per_class_prob', {}).get(c))} | "
+        lines.append(f"| {_class_cell(c, set(forgotten))} | {value:.4f} | {_fmt(metrics.get('per_class_prob', {}).get(c))} | "
                      f"{_fmt(metrics.get('fid_per_class', {}).get(c))} |")
     lines.append("")
     if "evaluation" in evaluation:
         lines += ["## Evaluation protocol", "", *[f"- {k}: {v}" for k, v in evaluation["evaluation"].items()], ""]
     if samples:
-        lines += [f"Samples, one row per class: ![samples]({samples})", ""]
+        lines += [f"Samples, one row per class (forgotten rows in red): ![samples]({samples})", ""]
     return "\n".join(lines)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -65,8 +64,10 @@ class Kind(Protocol):
         """Load ``job``'s model and data and build its split and measures."""
         ...
 
-    def evaluate_model(self, job: ForgetJob, preset: Preset, accelerator: Accelerator) -> tuple[dict, dict[int, torch.Tensor] | None]:
-        """``genunlearn evaluate``'s report entries for ``job``'s model, and per-class samples to show (or None)."""
+    def evaluate_model(self, job: ForgetJob, preset: Preset,
+                       accelerator: Accelerator) -> tuple[dict, Callable[[Path], None] | None]:
+        """``genunlearn evaluate``'s report entries for ``job``'s model, and how to draw its samples into a PNG (or
+        None: nothing to show)."""
         ...
 
     def pretrain_summary(self, task: Task, *, data: str | None, cache_dir: str | None,

@@ -11,7 +11,7 @@ from torch import nn
 
 from genunlearn.data.split import ForgetSplit, make_forget_split
 from genunlearn.errors import UserError
-from genunlearn.eval.classify import accuracy, evaluate_classifier, predict_logits
+from genunlearn.eval.classify import accuracy, evaluate_classifier, per_class_accuracy, predict_logits
 from genunlearn.eval.model_card import classifier_loading
 from genunlearn.kinds.base import OracleStore
 from genunlearn.models.loading import load_classifier_task, load_datasets, load_network
@@ -100,11 +100,8 @@ class ClassifierKind:
         metrics = {}
         for name, dataset in (("train_acc_all", train), ("test_acc_all", test)):
             logits, labels = predict_logits(network, dataset, accelerator)
-            correct = logits.argmax(1) == labels
-            metrics[name] = float(correct.double().mean())
-            if name == "test_acc_all":
-                metrics["per_class_acc"] = {str(c): float(correct[labels == c].double().mean())
-                                            for c in range(len(train.classes)) if (labels == c).any()}
+            metrics[name] = accuracy(logits, labels)
+        metrics["per_class_acc"] = per_class_accuracy(logits, labels)
         if split is not None:
             metrics.update(evaluate_classifier(network, split, accelerator))
         return {"metrics": metrics, "data": data_id}, None

@@ -22,7 +22,7 @@ from genunlearn.eval.generator_eval import (
     reference_features,
     reference_images,
 )
-from genunlearn.eval.grids import save_class_grid
+from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
 from genunlearn.eval.judge import load_eval_classifier
 from genunlearn.eval.model_card import diffusion_loading
 from genunlearn.kinds.base import OracleStore
@@ -37,7 +37,7 @@ from genunlearn.kinds.diffusion_setup import (
 )
 from genunlearn.models.diffusion_loading import load_diffusion_pipeline, load_diffusion_task, task_from_pipeline
 from genunlearn.models.loading import load_classifier_task, load_datasets
-from genunlearn.models.pipeline import pipeline_denoiser, pipeline_num_classes
+from genunlearn.models.pipeline import pipeline_class_names, pipeline_denoiser, pipeline_num_classes
 from genunlearn.models.presets import DiffusionPreset
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.runs.job import ForgetJob
@@ -97,8 +97,8 @@ class DiffusionRun:
     def write(self, model: nn.Module, output_dir: Path, before: Samples, after: Samples) -> str:
         unlearned = pipeline_for(self.task, model.cpu().eval())
         save_pipeline(unlearned, output_dir / PIPELINE_DIR)
-        for name, samples in (("samples_before.png", before), ("samples_after.png", after)):
-            save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], output_dir / name)
+        save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, pipeline_class_names(unlearned),
+                            self.setup.forgotten, per_row=GRID_SAMPLES)
         return diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__)
 
 
@@ -116,9 +116,11 @@ class DiffusionKind:
         retain sets are the pretrained model's own samples, latents for latent models (see ``prepare_diffusion``)."""
         return DiffusionRun(job, prepare_diffusion(job, preset, accelerator), accelerator)
 
-    def evaluate_model(self, job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> tuple[dict, Samples]:
+    def evaluate_model(self, job: ForgetJob, preset: DiffusionPreset,
+                       accelerator: Accelerator) -> tuple[dict, Callable[[Path], None]]:
         """Sample every evaluated class under the protocol, judge the samples, and measure FID against real images
-        (``--data`` or the embedded data; none without real images). ``--class`` marks the forgotten classes."""
+        (``--data`` or the embedded data; none without real images). ``--class`` marks the forgotten classes. Also
+        returns how to draw the samples (a labelled grid, forgotten rows marked) into a PNG."""
         if job.subclasses or job.random_fraction is not None:
             raise UserError("diffusion models are evaluated per class; pass --class (or nothing)")
         protocol = sampling_protocol(job, preset)
@@ -141,7 +143,9 @@ class DiffusionKind:
         metrics, samples = generator_metrics(pipeline, classifier, forgotten, remaining,
                                              None if reference is None else reference_features(reference, fid), fid, protocol, accelerator)
         evaluation = protocol_record(protocol, fid, classifier_name, forgotten + remaining, reference, False, accelerator.mixed_precision)
-        return {"metrics": metrics, "evaluation": evaluation}, samples
+        names = pipeline_class_names(pipeline)
+        return {"metrics": metrics, "evaluation": evaluation}, lambda path: save_samples_figure(
+            {"samples": samples}, path, names, forgotten, per_row=GRID_SAMPLES)
 
     def pretrain_summary(self, task: DiffusionTask, *, data: str | None, cache_dir: str | None,
                          accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:

@@ -11,10 +11,9 @@ from accelerate import Accelerator
 import genunlearn
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
-from genunlearn.eval.grids import save_class_grid
+from genunlearn.eval.grids import SAMPLES_FILE
 from genunlearn.eval.report import SCHEMA_VERSION, render_evaluation
 from genunlearn.kinds import kind_of
-from genunlearn.kinds.diffusion_setup import GRID_SAMPLES
 from genunlearn.models.presets import get_preset
 from genunlearn.runs.job import ForgetJob
 from genunlearn.runs.logs import LOGGER, run_log
@@ -24,12 +23,11 @@ from genunlearn.storage.files import atomic_write_text
 from genunlearn.storage.lock import main_process_lock
 
 EVALUATION_FILE = "evaluation.json"
-SAMPLES_FILE = "samples.png"
 
 
 def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Evaluate ``job``'s model (method and unlearning settings are ignored) and write ``evaluation.json``,
-    ``evaluation.md`` and, for generators, ``samples.png`` (one row per class) to ``job.output_dir``."""
+    ``evaluation.md`` and, for generators, ``samples.png`` (a labelled row per class) to ``job.output_dir``."""
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
     kind = kind_of(preset)
@@ -40,14 +38,15 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
             raise UserError(f"{out} is not empty; choose a new --output-dir")
         with run_log(out, accelerator):
             LOGGER.debug("command: %s", " ".join(sys.argv))
-            entries, samples = kind.evaluate_model(job, preset, accelerator)
+            entries, draw_samples = kind.evaluate_model(job, preset, accelerator)
             report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
                       "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
                       "processes": accelerator.num_processes, **entries, **provenance(accelerator, started_at)}
             if accelerator.is_main_process:
-                if samples is not None:
-                    save_class_grid([samples[c][:GRID_SAMPLES] for c in sorted(samples)], out / SAMPLES_FILE)
+                if draw_samples is not None:
+                    draw_samples(out / SAMPLES_FILE)
                 atomic_write_text(out / EVALUATION_FILE, json.dumps(report, indent=2))
-                atomic_write_text(out / "evaluation.md", render_evaluation(report, SAMPLES_FILE if samples is not None else None))
+                shown = SAMPLES_FILE if draw_samples is not None else None
+                atomic_write_text(out / "evaluation.md", render_evaluation(report, shown, job.classes))
             accelerator.wait_for_everyone()
     return report
