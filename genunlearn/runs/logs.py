@@ -38,11 +38,14 @@ def configure_console(verbosity: int = 0) -> None:
 
 
 def hide_library_bars() -> None:
-    """Turn off the bars diffusers and huggingface_hub draw themselves (loading a pipeline's components, downloads)."""
+    """Turn off the bars diffusers, transformers and huggingface_hub draw themselves (loading a pipeline's components
+    or a text encoder's weights, downloads)."""
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     disable_progress_bars()
 
 

@@ -1,0 +1,65 @@
+"""A Stable Diffusion pipeline built offline at toy size (ALGORITHMS_T2I.md §5): Stable Diffusion's own component
+classes (CLIP tokenizer and text encoder, ``AutoencoderKL``, ``UNet2DConditionModel``, a DDIM scheduler) in a
+``StableDiffusionPipeline``, so what runs on it runs on Stable Diffusion."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def word_pieces(word: str) -> list[str]:
+    """``word``'s characters as CLIP's BPE starts from them: the last one marked as a word end (``</w>``)."""
+    return [*word[:-1], word[-1] + "</w>"]
+
+
+def write_word_tokenizer(words: Iterable[str], folder: Path, max_length: int) -> CLIPTokenizer:
+    """Write a CLIP BPE tokenizer (``vocab.json``, ``merges.txt``) in which each of ``words`` is one token, and load it
+    with ``max_length`` tokens per prompt. The vocabulary holds every character alone and as a word end, every
+    substring of every word, and the two special tokens; the merges join every two adjacent substrings of a word, so
+    whichever merge fires first, a word always ends as one token (a single left-to-right chain per word breaks when
+    another word's merge wins: "nine" stuck at "n" "in" "e")."""
+    words = sorted(set(words))
+    vocabulary = {piece: None for word in words for piece in word_pieces(word)}
+    vocabulary.update({c: None for word in words for c in word})
+    merges: dict[tuple[str, str], None] = {}
+    for word in words:
+        pieces = word_pieces(word)
+        for start in range(len(pieces)):
+            for end in range(start + 2, len(pieces) + 1):
+                vocabulary["".join(pieces[start:end])] = None
+                for cut in range(start + 1, end):
+                    merges["".join(pieces[start:cut]), "".join(pieces[cut:end])] = None
+    tokens = [*vocabulary, BOS, EOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    ordered = sorted(merges, key=lambda pair: len(pair[0]) + len(pair[1]))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ordered))
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dict, max_length: int = 16,
+                  beta_schedule: str = "squaredcos_cap_v2", seed: int = 0) -> StableDiffusionPipeline:
+    """A freshly initialised ``StableDiffusionPipeline`` whose tokenizer knows ``words`` (each one token). ``text_encoder``,
+    ``unet`` and ``vae``: the components' config arguments (``CLIPTextConfig``, ``UNet2DConditionModel``,
+    ``AutoencoderKL``); the text encoder's vocabulary, positions and special ids are set here. No safety checker."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        **text_encoder, vocab_size=len(tokenizer), max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae), text_encoder=encoder.eval(), tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet, cross_attention_dim=encoder.config.hidden_size),
+        scheduler=DDIMScheduler(beta_schedule=beta_schedule), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
