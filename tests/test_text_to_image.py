@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
 from genunlearn.data.digits import load_digits_split
+from genunlearn.errors import UserError
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.pipeline_folder import save_pipeline
+from genunlearn.tasks.text_to_image import TextToImageTask
 
 TINY_SD = {  # ALGORITHMS_T2I.md §5
     "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
@@ -78,3 +80,57 @@ def test_styles_do_what_their_names_say():
     assert torch.allclose(ink["inverted"], 1 - ink["plain"])
     assert (ink["bold"] >= ink["plain"] - 1e-6).all() and ink["bold"].mean() > ink["plain"].mean() + 0.05
     assert (ink["thin"] <= ink["plain"] + 1e-6).all() and ink["thin"].mean() < ink["plain"].mean() - 0.05
+
+
+@pytest.fixture(scope="module")
+def sd_task(tiny_sd) -> TextToImageTask:
+    train, test = captioned_digits_split(seed=0)
+    return TextToImageTask("tiny-sd", tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
+                           DDPMScheduler(beta_schedule="squaredcos_cap_v2"), train, test)
+
+
+def noise_draws(task: TextToImageTask, images: torch.Tensor, seed: int):
+    """``task.noised``'s draws for ``images`` under ``seed``: what the losses below see after the same seeding."""
+    torch.manual_seed(seed)
+    return task.noised(images)
+
+
+def test_prompt_embeddings_are_the_pipelines_own(sd_task, tiny_sd):
+    prompts = [sd_task.prompts[5], ""]
+    expected, _ = tiny_sd.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    labels = torch.tensor([5, sd_task.null_prompt])
+    assert torch.allclose(sd_task.condition(labels, torch.device("cpu")), expected, atol=1e-6)
+
+
+def test_the_salun_mask_objective_and_rl_are_their_formulas(sd_task):
+    unet = sd_task.model.eval()
+    images, labels = sd_task.train_data.images[:4], sd_task.train_data.targets[:4]
+    noisy, noise, timesteps = noise_draws(sd_task, images, 3)
+    with torch.no_grad():
+        def eps(ids):
+            return unet(noisy, timesteps, encoder_hidden_states=sd_task.prompt_embeddings[ids]).sample
+
+        null = torch.full_like(labels, sd_task.null_prompt)
+        guided = 8.5 * eps(labels) - 7.5 * eps(null)  # (1 + w) ε(x_t, c) - w ε(x_t, ∅), w = 7.5
+        torch.manual_seed(3)
+        assert torch.allclose(sd_task.importance_loss(unet, (images, labels)), (guided - noise).pow(2).mean(dim=(1, 2, 3)),
+                              rtol=1e-5)
+        anchor = torch.full_like(labels, 7)
+        torch.manual_seed(3)
+        expected = (eps(labels) - eps(anchor)).pow(2).mean(dim=(1, 2, 3))
+        assert torch.allclose(sd_task.random_label_loss(unet, (images, labels), anchor), expected, rtol=1e-5)
+        torch.manual_seed(3)
+        assert torch.allclose(sd_task.loss(unet, (images, labels)), (eps(labels) - noise).pow(2).mean(dim=(1, 2, 3)), rtol=1e-5)
+
+
+def test_esd_parameter_scopes(sd_task):
+    unet = sd_task.model
+    cross = dict(sd_task.trainable_parameters(unet, "cross-attention"))
+    rest = dict(sd_task.trainable_parameters(unet, "non-cross-attention"))
+    assert sum(p.numel() for p in cross.values()) == 49_408 and all("attn2" in name for name in cross)
+    assert not set(cross) & set(rest)
+    assert "conv_out.weight" in rest and "time_embedding.linear_1.weight" in rest  # ESD-u (diffusers) trains these
+    assert not any("norm" in name for name in rest)
+    assert len(dict(unet.named_parameters())) == len(sd_task.trainable_parameters(unet, "all"))
+    with pytest.raises(UserError, match="unknown parameter scope"):
+        sd_task.trainable_parameters(unet, "attn1")
