@@ -16,11 +16,14 @@ from torch.utils.data import TensorDataset
 import genunlearn as gu
 from helpers import tiny_class_unet
 from genunlearn.methods.registry import method_config
-from genunlearn.models.presets import DiffusionPreset, get_preset, list_presets
+from genunlearn.models.presets import DiffusionPreset, TextToImagePreset, get_preset, list_presets
+from genunlearn.data.captioned_digits import VOCABULARY
+from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.tasks.classifier import build_classifier
 from genunlearn.tasks.diffusion import build_denoiser
 
 CLASSIFIER_ONLY = {"ssd", "lfssd", "fast_ntk"}
+TEXT_TO_IMAGE_ONLY = {"esd"}  # tests/test_text_to_image.py runs it
 TWO_STEPS = {"steps": 2, "batch_size": 16}
 
 
@@ -60,8 +63,8 @@ def test_every_method_runs_leaves_the_original_and_refuses_unknown_settings(meth
     split = gu.forget_split(task, classes=[3])
     with pytest.raises(gu.UserError, match=f"method {method} has no setting 'bogus'"):
         gu.unlearn(task, split, method, bogus=1)
-    if kind == "diffusion" and method in CLASSIFIER_ONLY:
-        with pytest.raises(gu.UserError, match="classifiers") as refused:
+    if kind == "diffusion" and method in CLASSIFIER_ONLY or method in TEXT_TO_IMAGE_ONLY:
+        with pytest.raises(gu.UserError, match="text-to-image" if method in TEXT_TO_IMAGE_ONLY else "classifiers") as refused:
             gu.unlearn(task, split, method)
         assert "\n" not in str(refused.value)
         return
@@ -72,7 +75,7 @@ def test_every_method_runs_leaves_the_original_and_refuses_unknown_settings(meth
 
 
 @pytest.mark.parametrize("kind", ["classifier", "diffusion"])
-@pytest.mark.parametrize("method", sorted(m for m in gu.METHODS if m not in CLASSIFIER_ONLY))
+@pytest.mark.parametrize("method", sorted(m for m in gu.METHODS if m not in CLASSIFIER_ONLY | TEXT_TO_IMAGE_ONLY))
 def test_every_loop_method_resumes_to_the_uninterrupted_weights(method, kind, request, tmp_path):
     """Four iterations straight, against four with a checkpoint at 2 and then a resume from it (iterations 3-4 again)."""
     task = request.getfixturevalue(kind)
@@ -109,6 +112,11 @@ def test_every_preset_loads_builds_its_method_configs_and_runs_a_forward_pass(na
         with torch.no_grad():
             output = denoiser(noisy, torch.tensor([1, 500]), class_labels=torch.tensor([0, 3])).sample
         assert output.shape[0] == 2 and output.shape[-1] == size and torch.isfinite(output).all()
+    elif isinstance(preset, TextToImagePreset):
+        pipeline = build_tiny_sd(VOCABULARY, **preset.model_args)
+        images = pipeline(["a handwritten digit three"], height=preset.image_size, width=preset.image_size, num_inference_steps=2,
+                          output_type="pt").images
+        assert images.shape == (1, preset.channels, preset.image_size, preset.image_size) and torch.isfinite(images).all()
     else:
         network = build_classifier(preset, num_classes=10).eval()
         with torch.no_grad():

@@ -8,24 +8,21 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
 from genunlearn.data.digits import load_digits_split
+from genunlearn.api import unlearn
+from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.errors import UserError
+from genunlearn.methods.esd import esd_target
+from genunlearn.models.presets import get_preset
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.text_to_image import TextToImageTask
 
-TINY_SD = {  # ALGORITHMS_T2I.md §5
-    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
-    "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [32, 64], "layers_per_block": 1,
-             "norm_num_groups": 8, "attention_head_dim": 8},
-    "vae": {"in_channels": 1, "out_channels": 1, "latent_channels": 4, "down_block_types": ["DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [16], "layers_per_block": 1, "norm_num_groups": 8},
-}
+SD_DIGITS = get_preset("sd-digits")
 
 
 @pytest.fixture(scope="module")
 def tiny_sd() -> StableDiffusionPipeline:
-    return build_tiny_sd(VOCABULARY, **TINY_SD)
+    return build_tiny_sd(VOCABULARY, **SD_DIGITS.model_args)
 
 
 def test_every_caption_word_is_one_token_and_the_empty_prompt_is_bos_then_eos(tiny_sd):
@@ -85,7 +82,7 @@ def test_styles_do_what_their_names_say():
 @pytest.fixture(scope="module")
 def sd_task(tiny_sd) -> TextToImageTask:
     train, test = captioned_digits_split(seed=0)
-    return TextToImageTask("tiny-sd", tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
+    return TextToImageTask(SD_DIGITS, tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
                            DDPMScheduler(beta_schedule="squaredcos_cap_v2"), train, test)
 
 
@@ -134,3 +131,36 @@ def test_esd_parameter_scopes(sd_task):
     assert len(dict(unet.named_parameters())) == len(sd_task.trainable_parameters(unet, "all"))
     with pytest.raises(UserError, match="unknown parameter scope"):
         sd_task.trainable_parameters(unet, "attn1")
+
+
+def test_the_esd_target_is_the_same_in_both_references_conventions():
+    unconditional, conditional = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.5, 0.0, -2.0])
+    for eta in (1.0, 0.5, 3.0):
+        compvis = unconditional - eta * (conditional - unconditional)  # train-esd.py
+        diffusers_script = conditional - (eta + 1) * (conditional - unconditional)  # esd_sd.py's η' = η + 1
+        assert torch.allclose(esd_target(unconditional, conditional, eta), compvis)
+        assert torch.allclose(esd_target(unconditional, conditional, eta), diffusers_script)
+    assert torch.equal(esd_target(unconditional, conditional, 1.0), torch.tensor([-0.5, -2.0, 6.0]))  # by hand: 2∅ - c
+
+
+@pytest.mark.parametrize("scope", ["cross-attention", "non-cross-attention"])
+def test_esd_trains_its_scope_only_and_needs_no_images(sd_task, scope, accelerator):
+    three = CAPTIONS.index("a handwritten digit three")
+    split = make_forget_split(sd_task.train_data, sd_task.test_data, SplitSpec("class", classes=(three,)))
+    result = unlearn(sd_task, split, "esd", steps=3, ddim_steps=4, lr=1e-3, scope=scope, accelerator=accelerator)
+    before, after = dict(sd_task.model.named_parameters()), dict(result.model.named_parameters())
+    trained = {name for name, _ in sd_task.trainable_parameters(sd_task.model, scope)}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and changed <= trained
+    assert len(changed) > 0.5 * len(trained)  # Adam moves nearly every trained tensor in 3 steps
+    assert result.info["scope"] == scope and 0 < result.info["trained_fraction"] < 1
+
+
+def test_esd_resumes_to_the_uninterrupted_weights(sd_task, accelerator, tmp_path):
+    three = CAPTIONS.index("a handwritten digit three")
+    split = make_forget_split(sd_task.train_data, sd_task.test_data, SplitSpec("class", classes=(three,)))
+    four = {"steps": 4, "ddim_steps": 4, "lr": 1e-3, "accelerator": accelerator}
+    straight = unlearn(sd_task, split, "esd", **four).model.state_dict()
+    unlearn(sd_task, split, "esd", checkpoint_dir=tmp_path, checkpoint_every=2, **four)
+    resumed = unlearn(sd_task, split, "esd", checkpoint_dir=tmp_path, resume=True, checkpoint_every=2, **four).model.state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

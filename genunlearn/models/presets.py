@@ -166,7 +166,46 @@ class DiffusionPreset:
         return cls(**raw)
 
 
-Preset = ClassifierPreset | DiffusionPreset
+@dataclass(frozen=True)
+class TextToImagePreset:
+    """A text-to-image model: a ``StableDiffusionPipeline`` from ``hub_id`` (or ``--pretrained``), or the tiny offline
+    one ``models.tiny_sd`` builds from ``model_args`` (``text_encoder``, ``unet``, ``vae`` arguments; ``max_length``
+    tokens per prompt) and pretrains on ``dataset``; its sampling and method defaults."""
+
+    name: str
+    description: str = ""
+    kind: str = "text-to-image"
+    model_args: dict = field(default_factory=dict)
+    hub_id: str | None = None
+    dataset: str = "captioned-digits"
+    image_size: int = 8
+    channels: int = 1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    eval_classifier: str = "cnn-digits"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    methods: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the pretrained weights (not how they are sampled, judged or unlearned)."""
+        ignored = ("description", "methods", "hub_id", "sampling", "eval_classifier")
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TextToImagePreset":
+        raw = dict(raw)
+        raw["train"] = TrainRecipe(**raw.get("train", {}))
+        raw["sampling"] = SamplingDefaults(**raw.get("sampling", {}))
+        return cls(**raw)
+
+
+Preset = ClassifierPreset | DiffusionPreset | TextToImagePreset
+PRESET_CLASSES = {"classifier": ClassifierPreset, "diffusion": DiffusionPreset, "text-to-image": TextToImagePreset}
 
 
 def _preset_files() -> dict[str, str]:
@@ -210,7 +249,7 @@ def _preset_from_text(text: str, source: str) -> Preset:
     if not isinstance(raw, dict):
         raise UserError(f"{source} is not a preset (a YAML mapping of settings); compare it with genunlearn/configs/models/*.yaml")
     try:
-        preset = DiffusionPreset.from_dict(raw) if raw.get("kind") == "diffusion" else ClassifierPreset.from_dict(raw)
+        preset = PRESET_CLASSES.get(raw.get("kind"), ClassifierPreset).from_dict(raw)
     except (TypeError, AttributeError) as exc:
         raise UserError(f"{source} is not a valid preset ({exc}); compare it with genunlearn/configs/models/*.yaml") from None
     _check_types(preset, source)

@@ -16,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
+from genunlearn.models.presets import TextToImagePreset
 from genunlearn.tasks.base import Batch, ParameterScope
 
 CAPTION_DROPOUT = 0.1  # pretraining: this share of captions becomes ∅, so classifier-free guidance has a trained ∅
@@ -56,10 +57,11 @@ class TextToImageTask:
 
     importance_loss_id = f"sd_guided_eps_w{MASK_GUIDANCE}_uniform_mean"
 
-    def __init__(self, name: str, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+    def __init__(self, preset: TextToImagePreset, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDPMScheduler, train_data: LabeledDataset, test_data: LabeledDataset,
                  cache_dir: Path | None = None, encoded_data: bool = False) -> None:
-        self.name = name
+        self.preset = preset
+        self.name = preset.name
         self.model = unet
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
