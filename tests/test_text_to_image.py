@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -10,9 +13,11 @@ from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, S
 from genunlearn.data.digits import load_digits_split
 from genunlearn.api import unlearn
 from genunlearn.data.split import SplitSpec, make_forget_split
+from genunlearn.engine.objectives import random_label
 from genunlearn.errors import UserError
 from genunlearn.methods.esd import esd_target
-from genunlearn.models.presets import get_preset
+from genunlearn.models.presets import TrainRecipe, get_preset
+from genunlearn.models.text_to_image_loading import load_text_to_image_pipeline
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.text_to_image import TextToImageTask
@@ -164,3 +169,47 @@ def test_esd_resumes_to_the_uninterrupted_weights(sd_task, accelerator, tmp_path
     unlearn(sd_task, split, "esd", checkpoint_dir=tmp_path, checkpoint_every=2, **four)
     resumed = unlearn(sd_task, split, "esd", checkpoint_dir=tmp_path, resume=True, checkpoint_every=2, **four).model.state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_pretraining_trains_the_vae_then_the_unet_and_caches_the_pipeline(tmp_path, accelerator, monkeypatch):
+    import genunlearn.models.text_to_image_loading as loading
+
+    brief = TrainRecipe(epochs=1, batch_size=64, lr=2e-3, optimizer="adamw", weight_decay=0.0)
+    preset = dataclasses.replace(SD_DIGITS, vae_train=brief, train=brief)
+    pipeline = load_text_to_image_pipeline(preset, pretrained=None, cache_root=tmp_path, accelerator=accelerator)
+    train, _ = captioned_digits_split(seed=0)
+    fresh = build_tiny_sd(VOCABULARY, **SD_DIGITS.model_args)
+    images = train.images[:256]
+
+    def reconstruction_error(vae):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float((vae.decode(vae.encode(images).latent_dist.sample()).sample - images).pow(2).mean())
+
+    assert reconstruction_error(pipeline.vae) < 0.5 * reconstruction_error(fresh.vae)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        scaled = pipeline.vae.encode(train.images).latent_dist.sample() * pipeline.vae.config.scaling_factor
+    assert scaled.std() == pytest.approx(1.0, rel=0.05)  # the scaling factor gives unit-variance latents
+    assert any(not torch.equal(a, b) for a, b in zip(pipeline.unet.parameters(), fresh.unet.parameters()))
+
+    monkeypatch.setattr(loading, "pretrain_tiny_sd", lambda *args: pytest.fail("pretrained again instead of loading the cache"))
+    again = load_text_to_image_pipeline(preset, pretrained=None, cache_root=tmp_path, accelerator=accelerator)
+    assert all(torch.equal(a, b) for a, b in zip(again.unet.parameters(), pipeline.unet.parameters()))
+
+
+def test_rl_pulls_the_concept_towards_the_anchor_prompt(tiny_sd, sd_task, accelerator):
+    anchor = "a handwritten digit"
+    anchored = TextToImageTask(SD_DIGITS, tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
+                               sd_task.scheduler, sd_task.train_data, sd_task.test_data, anchor=anchor)
+    expected, _ = tiny_sd.encode_prompt([anchor], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert torch.allclose(anchored.condition(torch.tensor([anchored.anchor_prompt]), torch.device("cpu")), expected, atol=1e-6)
+    images, labels = sd_task.train_data.images[:3], sd_task.train_data.targets[:3]
+    ctx = SimpleNamespace(cfg=SimpleNamespace(rl_shift=None, rl_form="eps_match"))
+    unet = anchored.model.eval()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        pulled = random_label(anchored, unet, (images, labels), ctx)
+        torch.manual_seed(4)
+        towards_anchor = anchored.random_label_loss(unet, (images, labels), torch.full_like(labels, anchored.anchor_prompt)).mean()
+    assert torch.equal(pulled, towards_anchor)

@@ -51,8 +51,9 @@ def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContex
 
 def random_label(task: Task, model: nn.Module, batch: Batch, ctx: "StepContext") -> torch.Tensor:
     """``rl``: the task's random-label loss towards *other* classes (``random_other_labels``; form ``ctx.cfg.rl_form``),
-    batch mean."""
-    labels = random_other_labels(batch[1], task.num_classes, ctx)
+    or towards the task's anchor prompt when it has one (text-to-image), batch mean."""
+    anchor = getattr(task, "anchor_prompt", None)
+    labels = random_other_labels(batch[1], task.num_classes, ctx) if anchor is None else torch.full_like(batch[1], anchor)
     return task.random_label_loss(model, batch, labels, form=ctx.cfg.rl_form).mean()
 
 

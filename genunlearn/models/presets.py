@@ -170,7 +170,8 @@ class DiffusionPreset:
 class TextToImagePreset:
     """A text-to-image model: a ``StableDiffusionPipeline`` from ``hub_id`` (or ``--pretrained``), or the tiny offline
     one ``models.tiny_sd`` builds from ``model_args`` (``text_encoder``, ``unet``, ``vae`` arguments; ``max_length``
-    tokens per prompt) and pretrains on ``dataset``; its sampling and method defaults."""
+    tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``); its
+    sampling and method defaults."""
 
     name: str
     description: str = ""
@@ -185,6 +186,7 @@ class TextToImagePreset:
     eval_classifier: str = "cnn-digits"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    vae_train: TrainRecipe = field(default_factory=TrainRecipe)
     methods: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -200,6 +202,7 @@ class TextToImagePreset:
     def from_dict(cls, raw: dict) -> "TextToImagePreset":
         raw = dict(raw)
         raw["train"] = TrainRecipe(**raw.get("train", {}))
+        raw["vae_train"] = TrainRecipe(**raw.get("vae_train", {}))
         raw["sampling"] = SamplingDefaults(**raw.get("sampling", {}))
         return cls(**raw)
 

@@ -50,7 +50,8 @@ def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dic
                   beta_schedule: str = "squaredcos_cap_v2", seed: int = 0) -> StableDiffusionPipeline:
     """A freshly initialised ``StableDiffusionPipeline`` whose tokenizer knows ``words`` (each one token). ``text_encoder``,
     ``unet`` and ``vae``: the components' config arguments (``CLIPTextConfig``, ``UNet2DConditionModel``,
-    ``AutoencoderKL``); the text encoder's vocabulary, positions and special ids are set here. No safety checker."""
+    ``AutoencoderKL``); the text encoder's vocabulary, positions and special ids are set here. The scheduler is SD v1's
+    DDIM (latents unclipped); no safety checker."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_word_tokenizer(words, Path(folder), max_length)
@@ -60,6 +61,7 @@ def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dic
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**vae), text_encoder=encoder.eval(), tokenizer=tokenizer,
         unet=UNet2DConditionModel(**unet, cross_attention_dim=encoder.config.hidden_size),
-        scheduler=DDIMScheduler(beta_schedule=beta_schedule), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )

@@ -53,13 +53,15 @@ def scope_parameters(unet: nn.Module, scope: ParameterScope) -> list[tuple[str, 
 class TextToImageTask:
     """A text-conditional UNet with its frozen text encoder, tokenizer and VAE, its training noise scheduler and data
     whose labels index ``prompts``. ``encoded_data``: the datasets hold latents already (the model's own generations);
-    else images in [-1, 1], encoded by the VAE (times its scaling factor) on the fly."""
+    else images in [-1, 1], encoded by the VAE (times its scaling factor) on the fly. ``anchor``: the prompt rl pulls
+    the forgotten prompts towards (SalUn's "a photo of a person wearing clothes"); without one, rl picks other prompts
+    of the table as it picks other classes."""
 
     importance_loss_id = f"sd_guided_eps_w{MASK_GUIDANCE}_uniform_mean"
 
     def __init__(self, preset: TextToImagePreset, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDPMScheduler, train_data: LabeledDataset, test_data: LabeledDataset,
-                 cache_dir: Path | None = None, encoded_data: bool = False) -> None:
+                 cache_dir: Path | None = None, encoded_data: bool = False, anchor: str | None = None) -> None:
         self.preset = preset
         self.name = preset.name
         self.model = unet
@@ -74,7 +76,8 @@ class TextToImageTask:
         self.prompts = list(train_data.classes)
         self.num_classes = len(self.prompts)
         self.null_prompt = self.num_classes  # the id of ∅ in ``prompt_embeddings``
-        self.prompt_embeddings = encode_prompts(text_encoder, tokenizer, [*self.prompts, ""])
+        self.anchor_prompt = None if anchor is None else self.num_classes + 1  # rl's target prompt, when one is given
+        self.prompt_embeddings = encode_prompts(text_encoder, tokenizer, [*self.prompts, "", *([anchor] if anchor else [])])
 
     def condition(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The text embeddings ``[B, L, D]`` of prompt ids ``labels`` (``null_prompt``: ∅)."""
@@ -147,3 +150,31 @@ class TextToImageTask:
 
     def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
         return scope_parameters(model, scope)
+
+
+class AutoencoderTraining:
+    """A VAE's pretraining as a task the training loop runs: the reconstruction error of a posterior sample, averaged
+    over C·H·W, plus the KL term at latent diffusion's weight ``KL_WEIGHT``. ``model``: the VAE it starts from."""
+
+    KL_WEIGHT = 1e-6
+
+    def __init__(self, name: str, vae: AutoencoderKL) -> None:
+        self.name = f"{name} autoencoder"
+        self.model = vae
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        images, _ = batch
+        posterior = model.encode(images).latent_dist
+        reconstruction = model.decode(posterior.sample()).sample
+        return (reconstruction - images).pow(2).mean(dim=(1, 2, 3)) + self.KL_WEIGHT * posterior.kl()
+
+    def fresh_model(self) -> AutoencoderKL:
+        return AutoencoderKL.from_config(self.model.config)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> float:
+    """``1 / std`` of the posterior samples of ``images`` ``[N, C, H, W]``: the factor that gives the diffusion model
+    unit-variance latents (SD v1's 0.18215 was found the same way)."""
+    torch.manual_seed(seed)
+    return float(1.0 / vae.encode(images).latent_dist.sample().std())
