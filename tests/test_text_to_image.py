@@ -17,6 +17,7 @@ from genunlearn.engine.objectives import random_label
 from genunlearn.errors import UserError
 from genunlearn.methods.esd import esd_target
 from genunlearn.models.presets import TrainRecipe, get_preset
+from genunlearn.models.prompt_sampling import sample_prompts, sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_text_to_image_pipeline
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.pipeline_folder import save_pipeline
@@ -213,3 +214,16 @@ def test_rl_pulls_the_concept_towards_the_anchor_prompt(tiny_sd, sd_task, accele
         torch.manual_seed(4)
         towards_anchor = anchored.random_label_loss(unet, (images, labels), torch.full_like(labels, anchored.anchor_prompt)).mean()
     assert torch.equal(pulled, towards_anchor)
+
+
+def test_generations_depend_on_the_seed_and_prompt_only_and_latents_decode_to_the_images(sd_task, accelerator):
+    pipeline = sd_pipeline_for(sd_task)
+    prompts, settings = sd_task.prompts, {"guidance": 3.0, "steps": 3, "seed": 5}
+    both = sample_prompts(pipeline, prompts, [36, 7], 3, accelerator, **settings)
+    alone = sample_prompts(pipeline, prompts, [7], 3, accelerator, **settings)
+    assert both[7].shape == (3, 1, 8, 8) and torch.equal(both[7], alone[7]) and not torch.equal(both[7], both[36][:3])
+    latents = sample_prompts(pipeline, prompts, [7], 3, accelerator, **settings, latents=True)[7]
+    assert latents.shape == (3, 4, 8, 8)
+    assert torch.allclose(sd_task.decode(latents), both[7], atol=1e-5)
+    other_seed = sample_prompts(pipeline, prompts, [7], 3, accelerator, **{**settings, "seed": 6})
+    assert not torch.equal(other_seed[7], both[7])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -63,6 +65,16 @@ def generate_class(pipeline: Pipeline, class_id: int, count: int, *, guidance: f
     return torch.cat(chunks)
 
 
+def spread_over_processes(ids: list[int], generate: Callable[[int], torch.Tensor], accelerator: Accelerator,
+                          desc: str) -> dict[int, torch.Tensor]:
+    """``{id: generate(id)}`` for every id, the ids spread over processes and the results gathered on all."""
+    own = ids[accelerator.process_index :: accelerator.num_processes]
+    bar = progress(own, desc=desc, unit="class", show=accelerator.is_main_process, leave=False)
+    mine = {i: generate(i) for i in bar}
+    gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    return {i: samples for part in gathered for i, samples in part.items()}
+
+
 def sample_classes(
     pipeline: Pipeline,
     classes: list[int],
@@ -78,8 +90,6 @@ def sample_classes(
     and gathered on all. Each class's samples depend only on (seed, class), not on the process count."""
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    own = classes[accelerator.process_index :: accelerator.num_processes]
-    bar = progress(own, desc=f"sampling {per_class} per class", unit="class", show=accelerator.is_main_process, leave=False)
-    mine = {c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps, seed=seed, latents=latents) for c in bar}
-    gathered = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    return {c: images for part in gathered for c, images in part.items()}
+    return spread_over_processes(classes, lambda c: generate_class(pipeline, c, per_class, guidance=guidance, steps=steps,
+                                                                   seed=seed, latents=latents),
+                                 accelerator, f"sampling {per_class} per class")

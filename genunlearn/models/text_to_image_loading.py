@@ -38,7 +38,7 @@ def pretrain_tiny_sd(preset: TextToImagePreset, train: LabeledDataset, test: Lab
     vae = train_from_scratch(AutoencoderTraining(preset.name, pipeline.vae), train, vae_cfg, accelerator,
                              desc=f"pretraining {preset.name}'s VAE").model.cpu().eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images))
-    scheduler = DDPMScheduler(num_train_timesteps=preset.num_train_timesteps, beta_schedule=preset.beta_schedule)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     task = TextToImageTask(preset, pipeline.unet, vae, pipeline.text_encoder, pipeline.tokenizer, scheduler, train, test)
     unet_cfg = TrainConfig.from_recipe(preset.train, seed=PRETRAIN_SEED, log_every=50)
     unet = train_from_scratch(task, train, unet_cfg, accelerator, desc=f"pretraining {preset.name}").model.cpu().eval()

@@ -1,0 +1,51 @@
+"""Sampling a text-to-image task per prompt, seeded by (seed, prompt id) and spread over processes: a concept
+erasure's data (the model's own generations) and its evaluation."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from torch import nn
+
+from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
+from genunlearn.tasks.text_to_image import TextToImageTask
+
+
+def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> StableDiffusionPipeline:
+    """How genunlearn samples a text-to-image task: its UNet (or ``unet``) with the frozen text encoder, tokenizer and
+    VAE, and DDIM on the task's noise schedule (the pipeline's own settings: unclipped latents, steps offset)."""
+    pipeline = StableDiffusionPipeline(vae=task.vae, text_encoder=task.text_encoder, tokenizer=task.tokenizer,
+                                       unet=task.model if unet is None else unet,
+                                       scheduler=DDIMScheduler.from_config(task.scheduler.config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def generate_prompt(pipeline: StableDiffusionPipeline, prompt: str, prompt_id: int, count: int, *, guidance: float,
+                    steps: int, seed: int, latents: bool = False) -> torch.Tensor:
+    """``count`` generations ``[count, C, H, W]`` of ``prompt`` on CPU: images in [-1, 1], or with ``latents`` the
+    UNet's latents (times the VAE's scaling factor, never decoded); seeded by (seed, ``prompt_id``)."""
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    chunks = []
+    for chunk, start in enumerate(range(0, count, SAMPLE_BATCH)):
+        size = min(SAMPLE_BATCH, count - start)
+        output = pipeline([prompt] * size, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=class_generator(seed, prompt_id, chunk), output_type="latent" if latents else "pt")
+        chunks.append(output.images.float().cpu() if latents else output.images.float().cpu() * 2 - 1)
+    pipeline.unet.train(was_training)
+    return torch.cat(chunks)
+
+
+def sample_prompts(pipeline: StableDiffusionPipeline, prompts: list[str], ids: list[int], per_prompt: int,
+                   accelerator: Accelerator, *, guidance: float, steps: int, seed: int = 0,
+                   latents: bool = False) -> dict[int, torch.Tensor]:
+    """``{id: per_prompt generations of prompts[id]}`` for every id in ``ids``, spread over processes and gathered on
+    all; each prompt's generations depend only on (seed, id), not on the process count."""
+    pipeline.to(accelerator.device)
+    return spread_over_processes(ids, lambda i: generate_prompt(pipeline, prompts[i], i, per_prompt, guidance=guidance,
+                                                                steps=steps, seed=seed, latents=latents),
+                                 accelerator, f"sampling {per_prompt} per prompt")
