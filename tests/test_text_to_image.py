@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
 from genunlearn.data.digits import load_digits_split
+from genunlearn.data.generated import generated_prompt_datasets
 from genunlearn.api import unlearn
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.engine.objectives import random_label
@@ -227,3 +228,18 @@ def test_generations_depend_on_the_seed_and_prompt_only_and_latents_decode_to_th
     assert torch.allclose(sd_task.decode(latents), both[7], atol=1e-5)
     other_seed = sample_prompts(pipeline, prompts, [7], 3, accelerator, **{**settings, "seed": 6})
     assert not torch.equal(other_seed[7], both[7])
+
+
+def test_the_models_own_generations_are_cached_latents_labelled_by_prompt(sd_task, accelerator, tmp_path, monkeypatch):
+    import genunlearn.data.generated as generated
+
+    pipeline = sd_pipeline_for(sd_task)
+    ids = [CAPTIONS.index("a handwritten digit three"), CAPTIONS.index("the number 4")]
+    settings = {"guidance": 3.0, "steps": 2, "seed": 0, "cache_dir": tmp_path}
+    train, test = generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **settings)
+    assert train.images.shape == (16, 4, 8, 8) and test.images.shape == (4, 4, 8, 8)  # latents; test: a quarter
+    assert train.targets.tolist() == [ids[0]] * 8 + [ids[1]] * 8 and train.classes == sd_task.prompts
+    assert not torch.equal(train.images[:2], test.images[:2])  # other seeds
+    monkeypatch.setattr(generated, "sample_prompts", lambda *a, **k: pytest.fail("generated again instead of reading the cache"))
+    again, _ = generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **settings)
+    assert torch.equal(again.images, train.images)
