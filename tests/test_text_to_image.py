@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torch import nn
 
 from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
 from genunlearn.data.digits import load_digits_split
@@ -16,6 +17,8 @@ from genunlearn.api import unlearn
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.engine.objectives import random_label
 from genunlearn.errors import UserError
+from genunlearn.eval.concepts import concept_metrics, evaluate_concepts, prompt_class, retain_reference
+from genunlearn.eval.fid import ClassifierFeatures, extract_features
 from genunlearn.methods.esd import esd_target
 from genunlearn.models.presets import TrainRecipe, get_preset
 from genunlearn.models.prompt_sampling import sample_prompts, sd_pipeline_for
@@ -243,3 +246,50 @@ def test_the_models_own_generations_are_cached_latents_labelled_by_prompt(sd_tas
     monkeypatch.setattr(generated, "sample_prompts", lambda *a, **k: pytest.fail("generated again instead of reading the cache"))
     again, _ = generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **settings)
     assert torch.equal(again.images, train.images)
+
+
+def test_a_prompt_asks_for_the_one_class_it_names():
+    digits = [str(d) for d in range(10)]
+    assert prompt_class("a handwritten digit three", digits) == 3
+    assert prompt_class("the number 7 with inverted colours", digits) == 7
+    assert prompt_class("a handwritten digit", digits) is None and prompt_class("three or 4", digits) is None
+    imagenette = ["tench", "golden retriever", "church"]
+    assert prompt_class("Image of golden retriever", imagenette) == 1 and prompt_class("a church at night", imagenette) == 2
+    assert prompt_class("a retriever", imagenette) is None
+
+
+def test_concept_metrics_score_each_group_of_prompts_with_the_judge():
+    judge = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 10))
+    with torch.no_grad():  # the judge says 3 for light images, 5 for dark ones
+        judge[2].weight.zero_()
+        judge[2].bias.zero_()
+        judge[2].weight[3, 0], judge[2].weight[5, 0] = 100.0, -100.0
+    three, five, four = (CAPTIONS.index(c) for c in ("a handwritten digit three", "the number 5", "a four written by hand"))
+    light, dark = torch.full((6, 1, 8, 8), 0.5), torch.full((6, 1, 8, 8), -0.5)
+    generations = {three: light, five: dark, four: dark}
+    groups = {"concept": [three], "retain": [five, four]}
+    reference = extract_features(torch.cat([dark, light]), ClassifierFeatures(judge))
+    metrics = concept_metrics(generations, CAPTIONS, groups, judge, [str(d) for d in range(10)], reference=reference)
+    assert metrics["concept_acc"] == 1.0 and metrics["retain_acc"] == 0.5  # the 5s are 5s, the 4s are not 4s
+    assert metrics["per_prompt"]["a handwritten digit three"] == {"class": 3, "ink_level": 0.75, "recognised": 1.0}
+    assert metrics["fid_retain"] > 0.1  # all-dark retain generations against a half-light reference
+    same = concept_metrics({five: dark, four: light}, CAPTIONS, {"retain": [five, four]}, judge, [str(d) for d in range(10)],
+                           reference=reference)
+    assert same["fid_retain"] == pytest.approx(0.0, abs=1e-6)
+    prompts = [*CAPTIONS, "a handwritten digit in bold strokes"]  # a style concept: no digit named
+    unnamed = concept_metrics({len(CAPTIONS): light}, prompts, {"concept": [len(CAPTIONS)]}, judge, [str(d) for d in range(10)])
+    assert unnamed["per_prompt"][prompts[-1]]["recognised"] is None and unnamed["concept_acc"] is None
+
+
+def test_evaluate_concepts_samples_every_group_and_measures_retain_fid_against_the_originals_other_seeds(sd_task, accelerator):
+    judge = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # any classifier of the digits' size will do here
+    three, five = CAPTIONS.index("a handwritten digit three"), CAPTIONS.index("the number 5")
+    protocol = {"per_prompt": 4, "guidance": 3.0, "steps": 2}
+    reference = retain_reference(sd_task, judge, [five], accelerator, **protocol)
+    metrics, generations = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"concept": [three], "retain": [five]},
+                                             accelerator, reference=reference, **protocol)
+    assert sorted(generations) == [three, five] and generations[three].shape == (4, 1, 8, 8)
+    assert set(metrics) == {"concept_acc", "retain_acc", "fid_retain", "per_prompt"} and metrics["fid_retain"] > 0
+    again, _ = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"retain": [five]}, accelerator,
+                                 reference=extract_features(generations[five], ClassifierFeatures(judge)), **protocol)
+    assert again["fid_retain"] == pytest.approx(0.0, abs=1e-6)  # the same seeds give the same generations

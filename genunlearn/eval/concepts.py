@@ -1,0 +1,84 @@
+"""Concept-erasure figures of a text-to-image model (ALGORITHMS_T2I.md §4, at toy scale): whether a judge still
+recognises each prompt's concept in the model's generations (the erased prompts, held-out paraphrases of them, the
+retained prompts), the retained prompts' FID against the original model's generations in the judge's features, and
+the mean ink level as the style measure of the digit styles (bold raises it, thin lowers it, inverted flips it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from genunlearn.data.captioned_digits import DIGIT_WORDS
+from genunlearn.eval.fid import ClassifierFeatures, extract_features, fid_from_features
+from genunlearn.models.prompt_sampling import sample_prompts, sd_pipeline_for
+from genunlearn.tasks.text_to_image import TextToImageTask
+
+
+def prompt_class(prompt: str, class_names: Sequence[str]) -> int | None:
+    """The judge class ``prompt`` asks for: the one class named in it (a word of the prompt, or a phrase of it for a
+    several-word name; a digit class also by its word, "three" for "3"); None when no class or several are."""
+    text, words = f" {prompt.lower()} ", set(prompt.lower().split())
+    named = set()
+    for index, name in enumerate(class_names):
+        name = name.lower()
+        spelled = DIGIT_WORDS[int(name)] if name.isdigit() and int(name) < len(DIGIT_WORDS) else None
+        if name in words or spelled in words or (" " in name and f" {name} " in text):
+            named.add(index)
+    return named.pop() if len(named) == 1 else None
+
+
+def ink_level(images: torch.Tensor) -> float:
+    """Mean ink ``(x + 1) / 2`` of images ``[N, C, H, W]`` in [-1, 1]: the digit styles' measure."""
+    return float(((images.float() + 1) / 2).mean())
+
+
+@torch.no_grad()
+def concept_metrics(generations: dict[int, torch.Tensor], prompts: Sequence[str], groups: dict[str, list[int]],
+                    judge: nn.Module, class_names: Sequence[str], reference: torch.Tensor | None = None) -> dict:
+    """Figures of ``generations`` (``{prompt id: images [N, C, H, W] in [-1, 1]}``): per prompt its judge class, the
+    fraction the judge labels that class (``recognised``; None for a prompt naming no class) and ``ink_level``; per
+    group of prompt ids (``groups``, e.g. ``concept``, ``heldout``, ``retain``) ``<group>_acc``, the mean recognition
+    over its prompts that name a class; with ``reference`` (features ``[M, D]`` of the original model's retain
+    generations) ``fid_retain``, the pooled ``retain`` generations' FID against them in the judge's features."""
+    device = next(judge.parameters()).device
+    judge = judge.eval()
+    per_prompt = {}
+    for prompt_id, images in generations.items():
+        target = prompt_class(prompts[prompt_id], class_names)
+        predicted = judge(images.to(device)).argmax(1).cpu()
+        per_prompt[prompts[prompt_id]] = {"class": target, "ink_level": ink_level(images),
+                                          "recognised": None if target is None else float((predicted == target).double().mean())}
+    metrics: dict = {}
+    for group, ids in groups.items():
+        scores = [per_prompt[prompts[i]]["recognised"] for i in ids if per_prompt[prompts[i]]["recognised"] is not None]
+        metrics[f"{group}_acc"] = sum(scores) / len(scores) if scores else None
+    if reference is not None and groups.get("retain"):
+        retained = torch.cat([generations[i] for i in groups["retain"]])
+        metrics["fid_retain"] = fid_from_features(reference, extract_features(retained, ClassifierFeatures(judge)))
+    return {**metrics, "per_prompt": per_prompt}
+
+
+REFERENCE_SEED_OFFSET = 30_011  # the original model's reference generations never share the evaluation's seeds
+
+
+def evaluate_concepts(task: TextToImageTask, judge: nn.Module, class_names: Sequence[str], groups: dict[str, list[int]],
+                      accelerator: Accelerator, *, model: nn.Module | None = None, per_prompt: int, guidance: float,
+                      steps: int, seed: int = 0, reference: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+    """``(concept_metrics, generations)`` of ``task``'s UNet (or ``model``): ``per_prompt`` generations of every prompt
+    in ``groups`` (ids into ``task.prompts``) with DDIM ``steps`` and ``guidance``, seeded by (``seed``, prompt)."""
+    ids = sorted({i for members in groups.values() for i in members})
+    generations = sample_prompts(sd_pipeline_for(task, model), task.prompts, ids, per_prompt, accelerator, guidance=guidance,
+                                 steps=steps, seed=seed)
+    return concept_metrics(generations, task.prompts, groups, judge, class_names, reference), generations
+
+
+def retain_reference(task: TextToImageTask, judge: nn.Module, retain: list[int], accelerator: Accelerator, *,
+                     per_prompt: int, guidance: float, steps: int, seed: int = 0) -> torch.Tensor:
+    """The judge's features ``[N, D]`` of the original model's generations of the ``retain`` prompts, on seeds the
+    evaluation never uses: what ``fid_retain`` compares against (data-free, as the class-conditional runs do)."""
+    generations = sample_prompts(sd_pipeline_for(task), task.prompts, retain, per_prompt, accelerator, guidance=guidance,
+                                 steps=steps, seed=seed + REFERENCE_SEED_OFFSET)
+    return extract_features(torch.cat([generations[i] for i in retain]), ClassifierFeatures(judge))
