@@ -293,3 +293,17 @@ def test_evaluate_concepts_samples_every_group_and_measures_retain_fid_against_t
     again, _ = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"retain": [five]}, accelerator,
                                  reference=extract_features(generations[five], ClassifierFeatures(judge)), **protocol)
     assert again["fid_retain"] == pytest.approx(0.0, abs=1e-6)  # the same seeds give the same generations
+
+
+@pytest.mark.parametrize("method", ["salun", "sfron", "finetune"])
+def test_the_gradient_methods_run_on_a_text_to_image_task_with_the_references_settings(method, tiny_sd, sd_task, accelerator):
+    anchored = TextToImageTask(SD_DIGITS, tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
+                               sd_task.scheduler, sd_task.train_data, sd_task.test_data, anchor="a handwritten digit")
+    split = make_forget_split(anchored.train_data, anchored.test_data,
+                              SplitSpec("class", classes=(CAPTIONS.index("a handwritten digit three"),)))
+    brief = {"fisher_batches": 2} if method == "sfron" else {}  # the Fishers' one pass over D_r would take minutes here
+    result = unlearn(anchored, split, method, steps=2, accelerator=accelerator, **brief)
+    before, after = dict(anchored.model.named_parameters()), dict(result.model.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    if method != "finetune":
+        assert 0.2 < result.info["mask_kept_fraction"] < 0.9
