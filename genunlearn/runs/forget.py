@@ -52,7 +52,7 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result:
     }
 
 
-def figures(prefix: str, metrics: dict) -> dict[str, float]:
+def tracked_figures(prefix: str, metrics: dict) -> dict[str, float]:
     """The numeric figures of ``metrics`` as tracker scalars named ``prefix/name``."""
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -129,10 +129,10 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
     tracked = {"model": preset.name, "method": job.method, "class": job.forgotten(), **dataclasses.asdict(cfg)}
     with experiment_trackers(job.report_to, job.output_dir, accelerator, tracked):
         before, shown_before = run.evaluate_before()
-        accelerator.log(figures("before", before), step=0)
+        accelerator.log(tracked_figures("before", before), step=0)
         result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
         after, shown_after = run.evaluate(result.model)
-        accelerator.log(figures("after", after), step=result.steps)
+        accelerator.log(tracked_figures("after", after), step=result.steps)
     extras = oracle_and_relearning(job, run, result.model, after, accelerator)
     if resumed_with:
         extras["resumed_with"] = resumed_with
