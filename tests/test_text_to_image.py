@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
 from torch import nn
 
 from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
@@ -26,6 +28,7 @@ from genunlearn.models.text_to_image_loading import load_text_to_image_pipeline
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.text_to_image import TextToImageTask
+from helpers import accelerate_launch
 
 SD_DIGITS = get_preset("sd-digits")
 
@@ -307,3 +310,26 @@ def test_the_gradient_methods_run_on_a_text_to_image_task_with_the_references_se
     assert any(not torch.equal(before[name], after[name]) for name in before)
     if method != "finetune":
         assert 0.2 < result.info["mask_kept_fraction"] < 0.9
+
+
+def test_salun_and_sfron_masks_from_two_processes_equal_one(tiny_sd, cache_dir, tmp_path):
+    """The SD mask objective's gradients (per-batch seeded latents, noise and timesteps) and both masks under
+    ``accelerate launch --multi_gpu --num_processes 2`` equal one process's."""
+    save_pipeline(tiny_sd, tmp_path / "sd")
+    worker = Path(__file__).parent / "workers" / "sd_masks_dump.py"
+    dumps = {}
+    for processes in (1, 2):
+        out = tmp_path / f"masks{processes}.safetensors"
+        done = accelerate_launch(worker, [str(tmp_path / "sd"), str(out)], cache_dir, processes=processes, port=29547)
+        assert done.returncode == 0, done.stderr[-2000:]
+        dumps[processes] = load_file(str(out))
+    one, two = dumps[1], dumps[2]
+    assert one.keys() == two.keys()
+    for name in one:
+        if name.startswith("fisher."):  # float32 sums in another order under other thread counts
+            assert torch.allclose(one[name], two[name], rtol=1e-3, atol=1e-12), name
+        else:
+            assert torch.equal(one[name], two[name]), name
+    for method in ("salun", "sfron"):
+        kept = sum(int(one[n].sum()) for n in one if n.startswith(f"{method}."))
+        assert 0 < kept < sum(one[n].numel() for n in one if n.startswith(f"{method}."))
