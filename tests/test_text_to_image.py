@@ -312,9 +312,10 @@ def test_the_gradient_methods_run_on_a_text_to_image_task_with_the_references_se
         assert 0.2 < result.info["mask_kept_fraction"] < 0.9
 
 
-def test_salun_and_sfron_masks_from_two_processes_equal_one(tiny_sd, cache_dir, tmp_path):
-    """The SD mask objective's gradients (per-batch seeded latents, noise and timesteps) and both masks under
+def test_salun_and_sfron_masks_from_two_processes_equal_one(tiny_sd, cache_dir, tmp_path, monkeypatch):
+    """The SD mask objective's squared gradients (per-batch seeded latents, noise and timesteps) and both masks under
     ``accelerate launch --multi_gpu --num_processes 2`` equal one process's."""
+    monkeypatch.setenv("GENUNLEARN_THREADS", "1")  # one thread per process in both launches: the process count is what differs
     save_pipeline(tiny_sd, tmp_path / "sd")
     worker = Path(__file__).parent / "workers" / "sd_masks_dump.py"
     dumps = {}
@@ -326,8 +327,8 @@ def test_salun_and_sfron_masks_from_two_processes_equal_one(tiny_sd, cache_dir, 
     one, two = dumps[1], dumps[2]
     assert one.keys() == two.keys()
     for name in one:
-        if name.startswith("fisher."):  # float32 sums in another order under other thread counts
-            assert torch.allclose(one[name], two[name], rtol=1e-3, atol=1e-12), name
+        if name.startswith("fisher."):  # float32 batch sums added in another order across processes
+            assert torch.allclose(one[name], two[name], rtol=1e-3, atol=1e-6 * float(one[name].abs().max())), name
         else:
             assert torch.equal(one[name], two[name]), name
     for method in ("salun", "sfron"):
