@@ -23,8 +23,9 @@ from genunlearn.methods.registry import UnlearnResult, register_method
 class ESDConfig(LoopConfig):
     """Defaults: the CompVis reference ``train-esd.py`` (1000 iterations, Adam 1e-5, batch 1, start guidance 3, negative
     guidance η = 1, 50 DDIM steps). ``scope``: ``non-cross-attention`` (ESD-u, for objects and nudity) or
-    ``cross-attention`` (ESD-x, for styles). x_t is labelled with the timestep it was sampled to (``esd_sd.py``;
-    CompVis labels it about two DDIM steps noisier)."""
+    ``cross-attention`` (ESD-x, for styles). x_t is sampled by the frozen copy and labelled with the timestep it was
+    sampled to, as ``esd_sd.py`` does (CompVis samples with the model being trained and labels x_t about two DDIM
+    steps noisier)."""
 
     steps: int = 1000
     batch_size: int = 1
@@ -43,21 +44,26 @@ def esd_target(unconditional: torch.Tensor, conditional: torch.Tensor, negative_
     return unconditional - negative_guidance * (conditional - unconditional)
 
 
+def frozen_predictions(frozen: nn.Module, task, latents: torch.Tensor, timesteps: torch.Tensor,
+                       concept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ε*(x_t, ∅), ε*(x_t, c))`` of the frozen model in one batched pass; ``timesteps`` a scalar or ``[B]``."""
+    null = torch.full_like(concept, task.null_prompt)
+    both = task.predict_noise(frozen, latents.repeat(2, 1, 1, 1), timesteps.expand(len(concept)).repeat(2),
+                              torch.cat([null, concept]))
+    return both.chunk(2)
+
+
 @torch.no_grad()
-def partially_sampled(frozen: nn.Module, task, concept: torch.Tensor, k: int, cfg: ESDConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_t, t)``: k of ``cfg.ddim_steps`` DDIM steps (η = 0) of the frozen model from N(0, I) on the prompts
-    ``concept`` ``[B]``, guided with ``cfg.start_guidance``; t is the timestep x_t has reached."""
-    scheduler = DDIMScheduler.from_config(task.scheduler.config)
-    scheduler.set_timesteps(cfg.ddim_steps)
+def partially_sampled(frozen: nn.Module, task, scheduler: DDIMScheduler, concept: torch.Tensor, k: int,
+                      guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, t)``: k of ``scheduler``'s DDIM steps (η = 0) of the frozen model from N(0, I) on the prompts ``concept``
+    ``[B]``, guided with ``guidance``; t ``[B]`` is the timestep x_t has reached."""
     config = frozen.config
     device = next(frozen.parameters()).device
     latents = torch.randn(len(concept), config.in_channels, config.sample_size, config.sample_size, device=device)
-    null = torch.full_like(concept, task.null_prompt)
     for timestep in scheduler.timesteps[:k]:
-        both = task.predict_noise(frozen, latents.repeat(2, 1, 1, 1), timestep.to(device), torch.cat([null, concept]))
-        unconditional, conditional = both.chunk(2)
-        guided = unconditional + cfg.start_guidance * (conditional - unconditional)
-        latents = scheduler.step(guided, timestep, latents).prev_sample
+        unconditional, conditional = frozen_predictions(frozen, task, latents, timestep.to(device), concept)
+        latents = scheduler.step(unconditional + guidance * (conditional - unconditional), timestep, latents).prev_sample
     return latents, scheduler.timesteps[k].to(device).expand(len(concept))
 
 
@@ -75,15 +81,15 @@ def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> 
         raise UserError(f"esd erases prompts from text-to-image models; {task.name} is not one")
     frozen = copy.deepcopy(task.model).to(accelerator.device).eval().requires_grad_(False)
     mask = scope_mask(task, task.model, cfg.scope).to(accelerator.device)
+    sampler = DDIMScheduler.from_config(task.scheduler.config)
+    sampler.set_timesteps(cfg.ddim_steps)
 
     def esd_step(ctx: StepContext) -> dict[str, float]:
         concept = ctx.forget.next()[1].to(accelerator.device)
         k = int(torch.randint(0, cfg.ddim_steps, ()))
-        noisy, timesteps = partially_sampled(frozen, task, concept, k, cfg)
+        noisy, timesteps = partially_sampled(frozen, task, sampler, concept, k, cfg.start_guidance)
         with torch.no_grad():
-            null = torch.full_like(concept, task.null_prompt)
-            target = esd_target(task.predict_noise(frozen, noisy, timesteps, null),
-                                task.predict_noise(frozen, noisy, timesteps, concept), cfg.negative_guidance)
+            target = esd_target(*frozen_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
         loss = (task.predict_noise(ctx.model, noisy, timesteps, concept).float() - target.float()).pow(2).mean()
         ctx.backward_step(loss, mask=mask)
         return {"esd_loss": loss.item()}
