@@ -11,10 +11,12 @@ from genunlearn.eval.score import GeneratorScores, evaluate_generator  # noqa: E
 from genunlearn.methods import METHODS, UnlearnResult  # noqa: E402
 from genunlearn.kinds import load_task  # noqa: E402
 from genunlearn.storage.timm_folder import save_classifier  # noqa: E402
+from genunlearn.tasks.concepts import ConceptPrompts, concept_task  # noqa: E402
 from genunlearn.tasks.user import classifier_task, diffusion_task, sample_dataset  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "ConceptPrompts",
     "ForgetSplit",
     "GeneratorScores",
     "SplitSpec",
@@ -23,6 +25,7 @@ __all__ = [
     "as_labeled_dataset",
     "check_split",
     "classifier_task",
+    "concept_task",
     "diffusion_task",
     "evaluate_classifier",
     "evaluate_generator",

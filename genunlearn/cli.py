@@ -105,6 +105,51 @@ def add_target_arguments(parser: argparse.ArgumentParser, title: str) -> None:
                       help="sub-class id(s) to forget (data folder with superclasses.json)")
 
 
+def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of what a text-to-image model erases and keeps (prompt files: one prompt per line, # comments)."""
+    erase = parser.add_argument_group("what to erase (text-to-image models, e.g. --model sd-digits)")
+    erase.add_argument("--concept", dest="concepts", action="append", default=[], metavar="PROMPT",
+                       help="a prompt of the concept to erase (repeatable), e.g. --concept 'a handwritten digit three'")
+    erase.add_argument("--concept-prompts", metavar="FILE", help="more prompts of the concept, erased too (paraphrases)")
+    erase.add_argument("--anchor", metavar="PROMPT",
+                       help="what the concept's prompts are pulled towards (rl in salun/sfron; SalUn's nudity erasure: 'a photo "
+                       "of a person wearing clothes'); default: randomly drawn retain prompts")
+    erase.add_argument("--retain-prompts", metavar="FILE",
+                       help="prompts to keep, and to train the retain term on (default: the preset's, less those naming the concept's class)")
+    erase.add_argument("--paraphrase-prompts", metavar="FILE",
+                       help="held-out prompts of the concept, evaluated but never trained on (default for sd-digits: the "
+                       "concept captions' other phrasings)")
+
+
+def read_prompt_file(path: str | None, option: str) -> list[str]:
+    """The prompts in ``path``, one per line (blank lines and # comments skipped); [] without a path."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {option} {path} ({type(exc).__name__}); pass a text file with one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{option} {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def concept_settings(args: argparse.Namespace) -> dict:
+    """The ForgetJob fields set by ``add_concept_arguments``'s options."""
+    return {"concepts": [*args.concepts, *read_prompt_file(args.concept_prompts, "--concept-prompts")],
+            "anchor": args.anchor,
+            "retain_prompts": read_prompt_file(args.retain_prompts, "--retain-prompts"),
+            "paraphrase_prompts": read_prompt_file(args.paraphrase_prompts, "--paraphrase-prompts")}
+
+
+def run_name(classes: list[int], subclasses: list[int], fraction: float | None, concepts: list[str]) -> str:
+    """What a default output folder calls the forgotten part: ``3``, ``random0.1``, ``a-handwritten-digit-three``."""
+    if concepts:
+        return re.sub(r"[^a-z0-9]+", "-", concepts[0].lower()).strip("-")[:40] or "concept"
+    return "-".join(map(str, classes or subclasses)) or f"random{fraction}"
+
+
 def add_generator_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The options of how diffusion models are evaluated (sampling protocol, judge, FID); returns their group."""
     evaluation = parser.add_argument_group("evaluation of diffusion models (same protocol before and after)")
@@ -130,8 +175,9 @@ def add_generator_evaluation_arguments(parser: argparse.ArgumentParser) -> argpa
 
 
 FORGET_DESCRIPTION = (
-    "Make a trained classifier forget a class (or a random subset, or a sub-class), or a class-conditional diffusion "
-    "model forget a class; evaluate before and after; write the unlearned weights and report.json/report.md "
+    "Make a trained classifier forget a class (or a random subset, or a sub-class), a class-conditional diffusion "
+    "model forget a class, or a text-to-image model (Stable Diffusion) erase a concept given as prompts (--concept); "
+    "evaluate before and after; write the unlearned weights and report.json/report.md "
     "(diffusion: also sample grids) to --output-dir. The original weights are never modified. Run it with "
     "`accelerate launch` for several processes or GPUs."
 )
@@ -150,6 +196,7 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
                     epilog=UNDERSCORE_NOTE)
     add_model_arguments(parser)
     add_target_arguments(parser, "what to forget (exactly one)")
+    add_concept_arguments(parser)
     parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
     parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
     parser.add_argument("--steps", "--max_train_steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
@@ -217,7 +264,8 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
                                       ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every),
                                       ("keep_checkpoints", args.checkpoints_total_limit)) if v is not None},
                 **settings}
-    forgotten = "-".join(map(str, args.classes or args.subclasses)) or f"random{args.random_fraction}"
+    concepts = concept_settings(args)
+    forgotten = run_name(args.classes, args.subclasses, args.random_fraction, concepts["concepts"])
     return ForgetJob(
         model=args.model,
         method=args.method,
@@ -242,6 +290,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=args.report_to,
+        **concepts,
     )
 
 
@@ -292,6 +341,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     add_target_arguments(parser, "forgotten part (optional; at most one)")
+    add_concept_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
     parser.add_argument("--output-dir", type=Path, help="where to write (default: outputs/evaluate-<model>)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast forward passes (GPU)")
@@ -307,10 +357,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{Path(args.model).stem}",
                     classes=args.classes, random_fraction=args.random_fraction, subclasses=args.subclasses,
                     pretrained=args.pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
-                    mixed_precision=args.mixed_precision, **generator_evaluation_settings(args))
+                    mixed_precision=args.mixed_precision, **generator_evaluation_settings(args), **concept_settings(args))
     evaluation = run_evaluation(job)
     if _is_main_process():
-        figures = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not k.endswith("_time_s"))
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()
+                            if isinstance(v, (int, float)) and not k.endswith("_time_s") and not k.endswith("_ink"))
         print(f"{evaluation['model']}: {figures}; wrote {job.output_dir}/evaluation.md")
     return 0
 

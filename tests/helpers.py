@@ -10,11 +10,20 @@ from pathlib import Path
 
 import jsonschema
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DModel,
+)
 from PIL import Image
 
 from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import SCHEMA_FILE
+from genunlearn.models.tiny_sd import build_tiny_sd
 
 
 def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | None = None) -> Path:
@@ -105,3 +114,25 @@ def tiny_class_unet(num_classes: int = 10) -> UNet2DModel:
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, num_class_embeds=num_classes + 1)
+
+
+def tiny_sd15_pipeline(prompts: list[str]) -> StableDiffusionPipeline:
+    """A pipeline with SD 1.5's component classes and config keys at tiny sizes, whose tokenizer knows the words of
+    ``prompts``: RGB 32x32 images, a 4-level VAE (8x down to 4x4x4 latents, scaling 0.18215), a UNet of SD 1.5's block
+    types, SD 1.5's PNDM scheduler config."""
+    words = sorted({word for prompt in prompts for word in prompt.split()})
+    pipeline = build_tiny_sd(
+        words, max_length=12,
+        text_encoder={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        unet={"sample_size": 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
+              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+              "block_out_channels": [8, 8, 16], "attention_head_dim": 4},
+        vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 4, "sample_size": 32,
+             "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+             "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "scaling_factor": 0.18215})
+    sd15_scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                                   steps_offset=1, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+                                   unet=pipeline.unet, scheduler=sd15_scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -1,5 +1,6 @@
-"""The README's "Use your own model" code blocks run as written (on a tiny UNet folder and a tiny DiTPipeline folder
-standing in for the user's and for facebook/DiT-XL-2-256), and do what their comments say."""
+"""The README's "Use your own model" code blocks run as written (on a tiny UNet folder, a tiny DiTPipeline folder and a
+tiny SD-1.5-shaped pipeline folder standing in for the user's, facebook/DiT-XL-2-256 and Stable Diffusion v1.5), and do
+what their comments say."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiTPipeline, UNet2DModel
-from helpers import tiny_class_unet, tiny_dit_pipeline
+from diffusers import DDPMScheduler, DiTPipeline, StableDiffusionPipeline, UNet2DModel
+from helpers import tiny_class_unet, tiny_dit_pipeline, tiny_sd15_pipeline
 
 README = Path(__file__).parents[1] / "README.md"
 HUB_DIT = "facebook/DiT-XL-2-256"
+HUB_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def readme_blocks(section: str) -> list[str]:
@@ -27,7 +29,7 @@ def test_use_your_own_model_blocks_run(cache_dir, tmp_path, monkeypatch):
     tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
     monkeypatch.chdir(tmp_path)
 
-    classifier, unet, dit = readme_blocks("Use your own model")
+    classifier, unet, dit, sd = readme_blocks("Use your own model")
     assert HUB_DIT in dit
     scope: dict = {}
     exec(classifier, scope)
@@ -44,3 +46,11 @@ def test_use_your_own_model_blocks_run(cache_dir, tmp_path, monkeypatch):
     original = DiTPipeline.from_pretrained(tmp_path / "dit").transformer.state_dict()
     assert scope["pipe"].transformer is scope["result"].model
     assert any(not torch.equal(v, original[k]) for k, v in scope["pipe"].transformer.state_dict().items())
+
+    tiny_sd15_pipeline(["Image of parachute", "Image of church", "Image of golf ball"]).save_pretrained(tmp_path / "sd")
+    assert HUB_SD in sd
+    exec(sd.replace(HUB_SD, str(tmp_path / "sd")), scope)
+    original = StableDiffusionPipeline.from_pretrained(tmp_path / "sd").unet.state_dict()
+    assert scope["pipe"].unet is scope["result"].model and scope["result"].steps == 20
+    assert any(not torch.equal(v, original[k]) for k, v in scope["pipe"].unet.state_dict().items())
+    assert scope["task"].train_data.targets.tolist() == [0] * 8 + [1] * 8 + [2] * 8  # 8 generations of each prompt

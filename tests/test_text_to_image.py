@@ -221,6 +221,24 @@ def test_rl_pulls_the_concept_towards_the_anchor_prompt(tiny_sd, sd_task, accele
         torch.manual_seed(4)
         towards_anchor = anchored.random_label_loss(unet, (images, labels), torch.full_like(labels, anchored.anchor_prompt)).mean()
     assert torch.equal(pulled, towards_anchor)
+    towards_null = TextToImageTask(SD_DIGITS, tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer,
+                                   sd_task.scheduler, sd_task.train_data, sd_task.test_data, anchor="")
+    cpu = torch.device("cpu")
+    assert torch.equal(towards_null.condition(torch.tensor([towards_null.anchor_prompt]), cpu),
+                       towards_null.condition(torch.tensor([towards_null.null_prompt]), cpu))  # "" is the ∅ of guidance
+
+
+def test_without_an_anchor_rl_draws_its_targets_from_the_named_prompts_only(tiny_sd, sd_task):
+    retained = [CAPTIONS.index("a handwritten digit four"), CAPTIONS.index("a handwritten digit five")]
+    task = TextToImageTask(SD_DIGITS, tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer, sd_task.scheduler,
+                           sd_task.train_data, sd_task.test_data, rl_prompts=retained)
+    drawn = []
+    ctx = SimpleNamespace(cfg=SimpleNamespace(rl_shift=None, rl_form="eps_match"),
+                          global_randint=lambda high, size: torch.randint(0, high, (size,)))
+    task.random_label_loss = lambda model, batch, labels, form: drawn.append(labels) or torch.zeros(len(labels))
+    for _ in range(20):
+        random_label(task, task.model, (sd_task.train_data.images[:4], torch.full((4,), 3)), ctx)
+    assert set(torch.cat(drawn).tolist()) == set(retained)  # both retained prompts, never another paraphrase of a concept
 
 
 def test_generations_depend_on_the_seed_and_prompt_only_and_latents_decode_to_the_images(sd_task, accelerator):
@@ -249,6 +267,10 @@ def test_the_models_own_generations_are_cached_latents_labelled_by_prompt(sd_tas
     monkeypatch.setattr(generated, "sample_prompts", lambda *a, **k: pytest.fail("generated again instead of reading the cache"))
     again, _ = generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **settings)
     assert torch.equal(again.images, train.images)
+    monkeypatch.undo()
+    moved = [prompt for i, prompt in enumerate(sd_task.prompts) if i not in ids] + [sd_task.prompts[i] for i in ids]
+    elsewhere, _ = generated_prompt_datasets(pipeline, moved, [len(moved) - 2, len(moved) - 1], 8, accelerator, **settings)
+    assert not torch.equal(elsewhere.images, train.images)  # the same prompts at other ids: other seeds, not the cache
 
 
 def test_a_prompt_asks_for_the_one_class_it_names():
@@ -259,6 +281,10 @@ def test_a_prompt_asks_for_the_one_class_it_names():
     imagenette = ["tench", "golden retriever", "church"]
     assert prompt_class("Image of golden retriever", imagenette) == 1 and prompt_class("a church at night", imagenette) == 2
     assert prompt_class("a retriever", imagenette) is None
+    synonyms = ["tench, Tinca tinca", "English springer, English springer spaniel"]  # timm's ImageNet descriptions
+    assert prompt_class("Image of tench", synonyms) == 0 and prompt_class("an English springer spaniel, running", synonyms) == 1
+    horns = ["cornet, horn, trumpet, trump", "French horn, horn"]
+    assert prompt_class("Image of French horn", horns) == 1 and prompt_class("a horn", horns) is None
 
 
 def test_concept_metrics_score_each_group_of_prompts_with_the_judge():
@@ -270,18 +296,19 @@ def test_concept_metrics_score_each_group_of_prompts_with_the_judge():
     three, five, four = (CAPTIONS.index(c) for c in ("a handwritten digit three", "the number 5", "a four written by hand"))
     light, dark = torch.full((6, 1, 8, 8), 0.5), torch.full((6, 1, 8, 8), -0.5)
     generations = {three: light, five: dark, four: dark}
-    groups = {"concept": [three], "retain": [five, four]}
+    groups = {"forget": [three], "remain": [five, four]}
     reference = extract_features(torch.cat([dark, light]), ClassifierFeatures(judge))
     metrics = concept_metrics(generations, CAPTIONS, groups, judge, [str(d) for d in range(10)], reference=reference)
-    assert metrics["concept_acc"] == 1.0 and metrics["retain_acc"] == 0.5  # the 5s are 5s, the 4s are not 4s
+    assert metrics["forget_acc"] == 1.0 and metrics["remain_acc"] == 0.5  # the 5s are 5s, the 4s are not 4s
+    assert metrics["forget_ink"] == 0.75 and metrics["remain_ink"] == 0.25  # the style measure per group
     assert metrics["per_prompt"]["a handwritten digit three"] == {"class": 3, "ink_level": 0.75, "recognised": 1.0}
-    assert metrics["fid_retain"] > 0.1  # all-dark retain generations against a half-light reference
-    same = concept_metrics({five: dark, four: light}, CAPTIONS, {"retain": [five, four]}, judge, [str(d) for d in range(10)],
+    assert metrics["fid_remain"] > 0.1  # all-dark retain generations against a half-light reference
+    same = concept_metrics({five: dark, four: light}, CAPTIONS, {"remain": [five, four]}, judge, [str(d) for d in range(10)],
                            reference=reference)
-    assert same["fid_retain"] == pytest.approx(0.0, abs=1e-6)
+    assert same["fid_remain"] == pytest.approx(0.0, abs=1e-6)
     prompts = [*CAPTIONS, "a handwritten digit in bold strokes"]  # a style concept: no digit named
-    unnamed = concept_metrics({len(CAPTIONS): light}, prompts, {"concept": [len(CAPTIONS)]}, judge, [str(d) for d in range(10)])
-    assert unnamed["per_prompt"][prompts[-1]]["recognised"] is None and unnamed["concept_acc"] is None
+    unnamed = concept_metrics({len(CAPTIONS): light}, prompts, {"forget": [len(CAPTIONS)]}, judge, [str(d) for d in range(10)])
+    assert unnamed["per_prompt"][prompts[-1]]["recognised"] is None and unnamed["forget_acc"] is None
 
 
 def test_evaluate_concepts_samples_every_group_and_measures_retain_fid_against_the_originals_other_seeds(sd_task, accelerator):
@@ -289,13 +316,14 @@ def test_evaluate_concepts_samples_every_group_and_measures_retain_fid_against_t
     three, five = CAPTIONS.index("a handwritten digit three"), CAPTIONS.index("the number 5")
     protocol = {"per_prompt": 4, "guidance": 3.0, "steps": 2}
     reference = retain_reference(sd_task, judge, [five], accelerator, **protocol)
-    metrics, generations = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"concept": [three], "retain": [five]},
+    metrics, generations = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"forget": [three], "remain": [five]},
                                              accelerator, reference=reference, **protocol)
     assert sorted(generations) == [three, five] and generations[three].shape == (4, 1, 8, 8)
-    assert set(metrics) == {"concept_acc", "retain_acc", "fid_retain", "per_prompt"} and metrics["fid_retain"] > 0
-    again, _ = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"retain": [five]}, accelerator,
+    assert set(metrics) == {"forget_acc", "forget_ink", "remain_acc", "remain_ink", "fid_remain", "per_prompt"}
+    assert metrics["fid_remain"] > 0
+    again, _ = evaluate_concepts(sd_task, judge, [str(d) for d in range(10)], {"remain": [five]}, accelerator,
                                  reference=extract_features(generations[five], ClassifierFeatures(judge)), **protocol)
-    assert again["fid_retain"] == pytest.approx(0.0, abs=1e-6)  # the same seeds give the same generations
+    assert again["fid_remain"] == pytest.approx(0.0, abs=1e-6)  # the same seeds give the same generations
 
 
 @pytest.mark.parametrize("method", ["salun", "sfron", "finetune"])

@@ -25,6 +25,15 @@ CAPTIONS = tuple(caption(d, p, s) for d in range(10) for p in range(len(PHRASING
 VOCABULARY = tuple(sorted({word for text in CAPTIONS for word in text.split()}))
 
 
+def paraphrases(prompt: str) -> list[str]:
+    """The captions that say what ``prompt`` (a caption) says in the other phrasings: same digit, same style."""
+    if prompt not in CAPTIONS:
+        return []
+    index = CAPTIONS.index(prompt)
+    digit, style = index // (len(PHRASINGS) * len(STYLES)), list(STYLES)[index % len(STYLES)]
+    return [caption(digit, p, style) for p in range(len(PHRASINGS)) if caption(digit, p, style) != prompt]
+
+
 def styled(images: torch.Tensor, style: str) -> torch.Tensor:
     """``images`` ``[N, 1, H, W]`` in [-1, 1] drawn in ``style``, on the ink level u = (x + 1) / 2: bold ½(u + maxpool3(u)),
     thin u³·[u > ½], inverted 1 − u."""

@@ -93,8 +93,8 @@ def generated_prompt_datasets(
 ) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """``(train, test)`` of a text-to-image model's own generations: ``per_prompt`` latents of each of ``ids`` (ids into
     ``prompts``, the datasets' classes), and a quarter as many with other seeds; cached by (UNet, text encoder,
-    prompts, counts, sampler, seed)."""
-    key = [model_fingerprint(pipeline.unet), model_fingerprint(pipeline.text_encoder), [prompts[i] for i in ids], guidance,
+    prompts and their ids, which seed them, counts, sampler, seed)."""
+    key = [model_fingerprint(pipeline.unet), model_fingerprint(pipeline.text_encoder), {i: prompts[i] for i in ids}, guidance,
            steps]
 
     def generate(count: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:

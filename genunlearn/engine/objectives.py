@@ -51,9 +51,15 @@ def random_other_labels(labels: torch.Tensor, num_classes: int, ctx: "StepContex
 
 def random_label(task: Task, model: nn.Module, batch: Batch, ctx: "StepContext") -> torch.Tensor:
     """``rl``: the task's random-label loss towards *other* classes (``random_other_labels``; form ``ctx.cfg.rl_form``),
-    or towards the task's anchor prompt when it has one (text-to-image), batch mean."""
-    anchor = getattr(task, "anchor_prompt", None)
-    labels = random_other_labels(batch[1], task.num_classes, ctx) if anchor is None else torch.full_like(batch[1], anchor)
+    batch mean; a text-to-image task pulls towards its anchor prompt when it has one, else towards uniformly drawn
+    ones of its ``rl_prompts`` when it names them."""
+    anchor, targets = getattr(task, "anchor_prompt", None), getattr(task, "rl_prompts", None)
+    if anchor is not None:
+        labels = torch.full_like(batch[1], anchor)
+    elif targets is not None:
+        labels = torch.tensor(targets, device=batch[1].device)[ctx.global_randint(len(targets), len(batch[1]))]
+    else:
+        labels = random_other_labels(batch[1], task.num_classes, ctx)
     return task.random_label_loss(model, batch, labels, form=ctx.cfg.rl_form).mean()
 
 

@@ -1,6 +1,6 @@
 """Concept-erasure figures of a text-to-image model (ALGORITHMS_T2I.md §4, at toy scale): whether a judge still
 recognises each prompt's concept in the model's generations (the erased prompts, held-out paraphrases of them, the
-retained prompts), the retained prompts' FID against the original model's generations in the judge's features, and
+remaining prompts), the remaining prompts' FID against the original model's generations in the judge's features, and
 the mean ink level as the style measure of the digit styles (bold raises it, thin lowers it, inverted flips it)."""
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from genunlearn.tasks.text_to_image import TextToImageTask
 
 
 def prompt_class(prompt: str, class_names: Sequence[str]) -> int | None:
-    """The judge class ``prompt`` asks for: the one class named in it (a word of the prompt, or a phrase of it for a
-    several-word name; a digit class also by its word, "three" for "3"); None when no class or several are."""
-    text, words = f" {prompt.lower()} ", set(prompt.lower().split())
-    named = set()
+    """The judge class ``prompt`` asks for: the class named in it by the longest name (a word or phrase of the prompt;
+    a class name may list synonyms, "tench, Tinca tinca" as timm's ImageNet names do, and "French horn" outranks the
+    "horn" of "cornet, horn"; a digit class is also named by its word, "three" for "3"); None when no class is named
+    or two are by names of the same length ("three or 4")."""
+    text = f" {' '.join(prompt.lower().replace(',', ' ').split())} "
+    longest: dict[int, int] = {}
     for index, name in enumerate(class_names):
-        name = name.lower()
-        spelled = DIGIT_WORDS[int(name)] if name.isdigit() and int(name) < len(DIGIT_WORDS) else None
-        if name in words or spelled in words or (" " in name and f" {name} " in text):
-            named.add(index)
-    return named.pop() if len(named) == 1 else None
+        synonyms = [part.strip().lower() for part in name.split(",") if part.strip()]
+        if name.isdigit() and int(name) < len(DIGIT_WORDS):
+            synonyms.append(DIGIT_WORDS[int(name)])
+        lengths = [len(synonym.split()) for synonym in synonyms if f" {synonym} " in text]
+        if lengths:
+            longest[index] = max(lengths)
+    best = [index for index, length in longest.items() if length == max(longest.values(), default=0)]
+    return best[0] if len(best) == 1 else None
 
 
 def ink_level(images: torch.Tensor) -> float:
@@ -40,9 +45,10 @@ def concept_metrics(generations: dict[int, torch.Tensor], prompts: Sequence[str]
                     judge: nn.Module, class_names: Sequence[str], reference: torch.Tensor | None = None) -> dict:
     """Figures of ``generations`` (``{prompt id: images [N, C, H, W] in [-1, 1]}``): per prompt its judge class, the
     fraction the judge labels that class (``recognised``; None for a prompt naming no class) and ``ink_level``; per
-    group of prompt ids (``groups``, e.g. ``concept``, ``heldout``, ``retain``) ``<group>_acc``, the mean recognition
-    over its prompts that name a class; with ``reference`` (features ``[M, D]`` of the original model's retain
-    generations) ``fid_retain``, the pooled ``retain`` generations' FID against them in the judge's features."""
+    group of prompt ids (``groups``: ``forget``, the erased prompts; ``paraphrase``, held-out paraphrases of them;
+    ``remain``, the retained prompts) ``<group>_acc``, the mean recognition over its prompts that name a class, and
+    ``<group>_ink``, its mean ink level; with ``reference`` (features ``[M, D]`` of the original model's generations of
+    the remaining prompts) ``fid_remain``, the pooled ``remain`` generations' FID against them in the judge's features."""
     device = next(judge.parameters()).device
     judge = judge.eval()
     per_prompt = {}
@@ -55,9 +61,12 @@ def concept_metrics(generations: dict[int, torch.Tensor], prompts: Sequence[str]
     for group, ids in groups.items():
         scores = [per_prompt[prompts[i]]["recognised"] for i in ids if per_prompt[prompts[i]]["recognised"] is not None]
         metrics[f"{group}_acc"] = sum(scores) / len(scores) if scores else None
-    if reference is not None and groups.get("retain"):
-        retained = torch.cat([generations[i] for i in groups["retain"]])
-        metrics["fid_retain"] = fid_from_features(reference, extract_features(retained, ClassifierFeatures(judge)))
+    for group, ids in groups.items():
+        inks = [per_prompt[prompts[i]]["ink_level"] for i in ids]
+        metrics[f"{group}_ink"] = sum(inks) / len(inks) if inks else None
+    if reference is not None and groups.get("remain"):
+        retained = torch.cat([generations[i] for i in groups["remain"]])
+        metrics["fid_remain"] = fid_from_features(reference, extract_features(retained, ClassifierFeatures(judge)))
     return {**metrics, "per_prompt": per_prompt}
 
 
@@ -65,20 +74,24 @@ REFERENCE_SEED_OFFSET = 30_011  # the original model's reference generations nev
 
 
 def evaluate_concepts(task: TextToImageTask, judge: nn.Module, class_names: Sequence[str], groups: dict[str, list[int]],
-                      accelerator: Accelerator, *, model: nn.Module | None = None, per_prompt: int, guidance: float,
-                      steps: int, seed: int = 0, reference: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+                      accelerator: Accelerator, *, model: nn.Module | None = None, prompts: Sequence[str] | None = None,
+                      per_prompt: int, guidance: float, steps: int, seed: int = 0,
+                      reference: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """``(concept_metrics, generations)`` of ``task``'s UNet (or ``model``): ``per_prompt`` generations of every prompt
-    in ``groups`` (ids into ``task.prompts``) with DDIM ``steps`` and ``guidance``, seeded by (``seed``, prompt)."""
+    in ``groups`` (ids into ``prompts``, default ``task.prompts``) with DDIM ``steps`` and ``guidance``, seeded by
+    (``seed``, prompt id)."""
+    prompts = list(task.prompts if prompts is None else prompts)
     ids = sorted({i for members in groups.values() for i in members})
-    generations = sample_prompts(sd_pipeline_for(task, model), task.prompts, ids, per_prompt, accelerator, guidance=guidance,
+    generations = sample_prompts(sd_pipeline_for(task, model), prompts, ids, per_prompt, accelerator, guidance=guidance,
                                  steps=steps, seed=seed)
-    return concept_metrics(generations, task.prompts, groups, judge, class_names, reference), generations
+    return concept_metrics(generations, prompts, groups, judge, class_names, reference), generations
 
 
 def retain_reference(task: TextToImageTask, judge: nn.Module, retain: list[int], accelerator: Accelerator, *,
                      per_prompt: int, guidance: float, steps: int, seed: int = 0) -> torch.Tensor:
-    """The judge's features ``[N, D]`` of the original model's generations of the ``retain`` prompts, on seeds the
-    evaluation never uses: what ``fid_retain`` compares against (data-free, as the class-conditional runs do)."""
+    """The judge's features ``[N, D]`` of the original model's generations of the ``retain`` prompts (ids into
+    ``task.prompts``), on seeds the evaluation never uses: what ``fid_remain`` compares against (data-free, as the
+    class-conditional runs do)."""
     generations = sample_prompts(sd_pipeline_for(task), task.prompts, retain, per_prompt, accelerator, guidance=guidance,
                                  steps=steps, seed=seed + REFERENCE_SEED_OFFSET)
     return extract_features(torch.cat([generations[i] for i in retain]), ClassifierFeatures(judge))

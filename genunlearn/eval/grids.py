@@ -24,17 +24,20 @@ def row_label(class_id: int, class_names: Sequence[str]) -> str:
 
 
 def save_samples_figure(panels: dict[str, dict[int, torch.Tensor]], path: Path, class_names: Sequence[str],
-                        forgotten: Collection[int] = (), per_row: int = 8) -> None:
+                        forgotten: Collection[int] = (), per_row: int = 8, numbered: bool = True,
+                        marked: str = "forgotten class(es)") -> None:
     """Write one PNG of sample grids side by side, one panel per entry of ``panels`` (e.g. ``{"before": ..., "after":
     ...}``, each ``{class id: [n, C, H, W] in [-1, 1]}`` over the same classes and seeds): a row per class, its first
-    ``per_row`` samples, labelled with the class name; forgotten classes' rows framed and labelled in red."""
+    ``per_row`` samples, labelled with the class name (and id, when ``numbered`` and the name is not it); forgotten
+    classes' rows framed and labelled in red (``marked``: what the legend calls them)."""
     classes = sorted(next(iter(panels.values())))
     height, width = next(iter(panels.values()))[classes[0]].shape[-2:]
     scale = max(1, DISPLAY_PIXELS // max(height, width))
     columns = min(per_row, min(len(samples[c]) for samples in panels.values() for c in classes))
     row_pixels, column_pixels = height + PADDING, width + PADDING
     grid_size = (len(classes) * row_pixels + PADDING, columns * column_pixels + PADDING)
-    dpi, label_inches = 100, 1.6 if any(len(row_label(c, class_names)) > 3 for c in classes) else 0.5
+    labels = [row_label(c, class_names) if numbered else class_names[c] for c in classes]
+    dpi, label_inches = 100, max(0.5, 0.1 * max(map(len, labels)))
     figure, axes = plt.subplots(1, len(panels), squeeze=False, dpi=dpi, figsize=(
         len(panels) * (grid_size[1] * scale / dpi + label_inches), grid_size[0] * scale / dpi + 0.7))
     for axis, (title, samples) in zip(axes.flat, panels.items()):
@@ -44,7 +47,7 @@ def save_samples_figure(panels: dict[str, dict[int, torch.Tensor]], path: Path, 
         axis.set_title(title)
         axis.set_xticks([])
         axis.set_yticks([PADDING + i * row_pixels + height / 2 for i in range(len(classes))],
-                        [row_label(c, class_names) for c in classes])
+                        labels)
         axis.tick_params(length=0)
         for row, (class_id, label) in enumerate(zip(classes, axis.get_yticklabels())):
             if class_id in forgotten:
@@ -55,6 +58,6 @@ def save_samples_figure(panels: dict[str, dict[int, torch.Tensor]], path: Path, 
         for side in axis.spines.values():
             side.set_visible(False)
     if forgotten:
-        figure.text(0.5, 0.005, "red: forgotten class(es); same seeds in every panel", ha="center", va="bottom",
+        figure.text(0.5, 0.005, f"red: {marked}; same seeds in every panel", ha="center", va="bottom",
                     fontsize=8, color=FORGOTTEN_COLOUR)
     save_figure(figure, path, dpi=dpi)

@@ -8,7 +8,8 @@ from genunlearn.methods import get_method
 from genunlearn.models.presets import ClassifierPreset
 from genunlearn.tasks.classifier import SMALL_STEM_REBUILD
 
-FIGURES = ("forget_acc", "retain_acc", "test_acc", "mia", "forget_entropy", "remain_acc", "fid_remain", "heldout_acc", "fid_heldout")
+FIGURES = ("forget_acc", "retain_acc", "test_acc", "mia", "forget_entropy", "remain_acc", "fid_remain", "heldout_acc", "fid_heldout",
+           "paraphrase_acc", "forget_ink")
 def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int) -> str:
     """How the run's ``model/`` folder loads, for ``loadable`` as ``genunlearn.save_classifier`` returned it."""
     if loadable == "timm":
@@ -25,6 +26,13 @@ def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int
                      f"in_chans={preset.channels})`, `{SMALL_STEM_REBUILD.format(channels=preset.channels)}`, then "
                      "`m.load_state_dict(safetensors.torch.load_file(\"RUN/model/model.safetensors\"))`.")
     return " ".join(lines)
+
+
+def forgotten_part(report: dict) -> str:
+    """What the run forgot, in words: ``class 3``, ``random 0.1``, ``concept 'a handwritten digit three'``."""
+    if report["kind"] == "text-to-image":
+        return f"concept {report['class']!r}" if isinstance(report["class"], str) else f"concepts {report['class']}"
+    return f"{report['split']['kind']} {report['class']}"
 
 
 def diffusion_loading(pipeline_class: str, denoiser_class: str) -> str:
@@ -44,19 +52,23 @@ def diffusion_loading(pipeline_class: str, denoiser_class: str) -> str:
 def model_card(report: dict, base_model: str | None = None, loading: str = "") -> str:
     """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder);
     ``loading``: how its weights load (``classifier_loading``, ``diffusion_loading``)."""
-    library = "diffusers" if report["kind"] == "diffusion" else "timm"
+    library = "timm" if report["kind"] == "classifier" else "diffusers"
     metadata = {"library_name": library, "tags": ["genunlearn", "machine-unlearning", report["method"]],
                 **({"base_model": base_model} if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else {})}
     before, after = report["before"], report["after"]
     rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in FIGURES
             if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float))]
     lines = ["---", *[f"{k}: {json.dumps(v)}" for k, v in metadata.items()], "---", "",
-             f"# {report['model']} without {report['split']['kind']} {report['class']}", "",
+             f"# {report['model']} without {forgotten_part(report)}", "",
              f"Unlearned by genunlearn {report['genunlearn_version']} with `{report['method']}` "
              f"({get_method(report['method']).summary}): {report['steps']} iterations in {report['wall_time_s']:.1f} s on "
              f"{report['processes']} process(es), starting from {base_model or 'the preset ' + report['model'] + ' as genunlearn pretrains it'}.",
              "", "| figure | before | after |", "|---|---|---|", *rows, ""]
-    if "evaluation" in report:
+    if report["kind"] == "text-to-image":
+        protocol = report["evaluation"]
+        lines += [f"Concept figures: {protocol['per_prompt']} generations per prompt, {protocol['steps']} DDIM steps, guidance "
+                  f"{protocol['guidance']}, judged by {protocol['classifier']}; FID against {protocol['fid_reference']}.", ""]
+    elif "evaluation" in report:
         protocol = report["evaluation"]
         lines += [f"Generator figures: {protocol['per_class']} samples per class, {protocol['sampler']} {protocol['steps']} steps, "
                   f"guidance {protocol['guidance']}, judged by {protocol['classifier']}; FID ({protocol['fid_features']}) "

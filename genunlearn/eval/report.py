@@ -26,7 +26,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from genunlearn.eval.grids import SAMPLES_FILE
-from genunlearn.eval.model_card import model_card
+from genunlearn.eval.model_card import forgotten_part, model_card
 from genunlearn.eval.plots import save_log_curves
 from genunlearn.storage.files import atomic_write_text
 
@@ -46,6 +46,13 @@ METRIC_HELP = {
         "the real retain images, in the evaluation classifier's features, under the protocol below;",
         "heldout_acc, fid_heldout: the same for classes outside a data-free D_r (damage beyond the replay set).",
     ],
+    "text-to-image": [
+        "forget_acc: fraction of the generations of the erased concept's prompts in which the judge still",
+        "recognises the class they name; paraphrase_acc: the same for held-out paraphrases of the concept (never",
+        "trained on); remain_acc: for the retained prompts; fid_remain: FID of the retained prompts' generations",
+        "against the original model's (other seeds), in the judge's features; *_ink: mean ink level of each group's",
+        "generations, the digit styles' measure (bold raises it, thin lowers it, inverted flips it).",
+    ],
 }
 REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "after")
 
@@ -58,13 +65,14 @@ def write_report(output_dir: Path, report: dict, base_model: str | None = None, 
     (``base_model``: the weights the run started from; ``loading``: how its weights load) into ``output_dir``."""
     atomic_write_text(output_dir / "README.md", model_card(report, base_model, loading))
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
-    title = f"{report['method']} on {report['model']}, forget {report['class']}"
+    title = f"{report['method']} on {report['model']}, forget {forgotten_part(report)}"
     curves = save_log_curves(report.get("log", []), output_dir / CURVES_FILE, title)
     atomic_write_text(output_dir / "report.md", render_markdown(report, curves=curves))
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
 
 
 def _shown(value) -> str:
@@ -77,7 +85,7 @@ def render_markdown(report: dict, curves: bool = False) -> str:
     figures' curves when ``curves``)."""
     before, after = report["before"], report["after"]
     lines = [
-        f"# {report['method']} on {report['model']}: forget {report['split']['kind']} {report['class']}",
+        f"# {report['method']} on {report['model']}: forget {forgotten_part(report)}",
         "",
         f"{report['steps']} steps in {report['wall_time_s']:.1f} s on {report['processes']} process(es).",
         "",
@@ -92,9 +100,14 @@ def render_markdown(report: dict, curves: bool = False) -> str:
     lines += ["", *METRIC_HELP[report["kind"]], ""]
     if "per_class_acc" in before and "per_class_acc" in after:
         lines += _per_class_table(report)
-    if report["kind"] == "diffusion":
+    if report["kind"] == "text-to-image":
+        lines += [*_per_prompt_table({"before": before["per_prompt"], "after": after["per_prompt"]}, report["prompts"]),
+                  "## Prompts", "", *[f"- {k}: {v}" for k, v in report["prompts"].items()], ""]
+    if report["kind"] in ("diffusion", "text-to-image"):
+        rows = "prompt, the concept's in red" if report["kind"] == "text-to-image" else "class"
+        forgotten_rows = "" if report["kind"] == "text-to-image" else " (forgotten rows in red)"
         lines += [
-            f"Samples, one row per class, the same seeds before and after (forgotten rows in red): ![samples]({SAMPLES_FILE})",
+            f"Samples, one row per {rows}, the same seeds before and after{forgotten_rows}: ![samples]({SAMPLES_FILE})",
             "",
             "## Evaluation protocol",
             "",
@@ -117,6 +130,20 @@ def render_markdown(report: dict, curves: bool = False) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _per_prompt_table(columns: dict[str, dict], prompts: dict) -> list[str]:
+    """Per prompt: its group, the class it names, and per column (e.g. ``before``/``after``: ``per_prompt`` figures)
+    the judge's recognition and the ink level."""
+    names = list(columns)
+    lines = ["| prompt | group | class | " + " | ".join(f"recognised {n}".strip() for n in names) + " | "
+             + " | ".join(f"ink {n}".strip() for n in names) + " |", "|---|---|---|" + "---|" * (2 * len(names))]
+    group_of = {p: g for g in ("forget", "paraphrase", "remain") for p in prompts[g]}
+    for prompt, figures in columns[names[0]].items():
+        cells = [_fmt(columns[n][prompt]["recognised"]) for n in names] + [f"{columns[n][prompt]['ink_level']:.3f}" for n in names]
+        lines.append(f"| {prompt} | {group_of.get(prompt, '')} | {'' if figures['class'] is None else figures['class']} | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def forgotten_classes(report: dict) -> set[int]:
@@ -159,6 +186,7 @@ def _per_class_table(report: dict) -> list[str]:
 AVERAGE_GAP_KEYS = {  # SalUn's "Avg. Gap": the mean absolute gap to the retrain oracle over these figures
     "classifier": ("forget_acc", "retain_acc", "test_acc", "mia"),
     "diffusion": ("forget_acc", "remain_acc"),
+    "text-to-image": ("forget_acc", "remain_acc"),
 }
 
 
@@ -200,11 +228,15 @@ def render_evaluation(evaluation: dict, samples: str | None, forgotten: Collecti
              "", f"Forgotten: {evaluation['class']}." if evaluation["class"] is not None else "No forgotten part named.", "",
              "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
-    lines += ["", *METRIC_HELP[evaluation["kind"]], "", "| class | accuracy | probability | FID |", "|---|---|---|---|"]
-    for c, value in metrics["per_class_acc"].items():
-        lines.append(f"| {_class_cell(c, set(forgotten))} | {value:.4f} | {_fmt(metrics.get('per_class_prob', {}).get(c))} | "
-                     f"{_fmt(metrics.get('fid_per_class', {}).get(c))} |")
-    lines.append("")
+    lines += ["", *METRIC_HELP[evaluation["kind"]], ""]
+    if "per_prompt" in metrics:
+        lines += _per_prompt_table({"": metrics["per_prompt"]}, evaluation["prompts"])
+    else:
+        lines += ["| class | accuracy | probability | FID |", "|---|---|---|---|"]
+        for c, value in metrics["per_class_acc"].items():
+            lines.append(f"| {_class_cell(c, set(forgotten))} | {value:.4f} | {_fmt(metrics.get('per_class_prob', {}).get(c))} | "
+                         f"{_fmt(metrics.get('fid_per_class', {}).get(c))} |")
+        lines.append("")
     if "evaluation" in evaluation:
         lines += ["## Evaluation protocol", "", *[f"- {k}: {v}" for k, v in evaluation["evaluation"].items()], ""]
     if samples:
@@ -215,13 +247,15 @@ def render_evaluation(evaluation: dict, samples: str | None, forgotten: Collecti
 SUMMARY_KEYS = {
     "classifier": ("forget_acc", "retain_acc", "test_acc", "mia"),
     "diffusion": ("forget_acc", "remain_acc", "fid_remain"),
+    "text-to-image": ("forget_acc", "paraphrase_acc", "remain_acc", "fid_remain"),
 }
 
 
 def summary_line(report: dict, output_dir: Path) -> str:
     """One line for the terminal: the headline metrics before -> after."""
     figures = ", ".join(
-        f"{key} {report['before'][key]:.3f} -> {report['after'][key]:.3f}" for key in SUMMARY_KEYS[report["kind"]]
+        f"{key} {_fmt(report['before'][key], 3)} -> {_fmt(report['after'][key], 3)}" for key in SUMMARY_KEYS[report["kind"]]
+        if key in report["before"]
     )
     return (f"{report['method']} on {report['model']}: {figures} ({report['steps']} steps, "
             f"{report['wall_time_s']:.1f} s); wrote {output_dir}/report.md")

@@ -12,11 +12,12 @@ from genunlearn.errors import UserError
 from genunlearn.kinds.base import Kind
 from genunlearn.kinds.classifier import ClassifierKind
 from genunlearn.kinds.diffusion import DiffusionKind
+from genunlearn.kinds.text_to_image import TextToImageKind
 from genunlearn.models.presets import Preset, get_preset
 from genunlearn.storage.cache import writable_cache_root
 from genunlearn.tasks.base import Task
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (ClassifierKind(), DiffusionKind())}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (ClassifierKind(), DiffusionKind(), TextToImageKind())}
 
 
 def kind_of(preset: Preset) -> Kind:

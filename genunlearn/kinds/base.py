@@ -3,6 +3,7 @@ or any kind added later."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -14,7 +15,27 @@ from genunlearn.models.presets import Preset
 from genunlearn.runs.job import ForgetJob
 from genunlearn.tasks.base import Task
 
+PIPELINE_DIR = "pipeline"  # where a generator run writes its unlearned pipeline
 OracleStore = tuple[Callable[[nn.Module, Path], None], Callable[[Path], nn.Module], str]  # save, load, marker file
+
+
+@dataclass
+class GeneratorRun:
+    """The common part of a generator kind's ``Run``: the job, what ``setup`` prepared (a task and split with their
+    measures), the accelerator, and the pipeline folder the weights are written to."""
+
+    job: ForgetJob
+    setup: Any
+    accelerator: Accelerator
+    weights: str = f"{PIPELINE_DIR}/"
+
+    @property
+    def task(self) -> Task:
+        return self.setup.task
+
+    @property
+    def split(self) -> ForgetSplit:
+        return self.setup.split
 
 
 class Run(Protocol):
@@ -54,6 +75,10 @@ class Kind(Protocol):
     """Everything that differs between model kinds, once per stage."""
 
     name: str  # a preset's ``kind``
+
+    def check_job(self, job: ForgetJob) -> None:
+        """A UserError for what ``job`` asks that this kind cannot do, before any output folder is touched."""
+        ...
 
     def load_task(self, preset: Preset, *, pretrained: str | None, data: str | Path | None, cache_dir: str | Path | None,
                   accelerator: Accelerator) -> Task:

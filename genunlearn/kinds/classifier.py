@@ -75,6 +75,9 @@ class ClassifierRun:
 class ClassifierKind:
     name = "classifier"
 
+    def check_job(self, job: ForgetJob) -> None:
+        job.split_spec()
+
     def load_task(self, preset: ClassifierPreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> ClassifierTask:
         return load_classifier_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir, accelerator=accelerator)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from genunlearn.data.split import ForgetSplit, check_ids
+from genunlearn.data.split import check_ids
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.errors import UserError
 from genunlearn.eval.generative import classify_generated
@@ -25,7 +24,7 @@ from genunlearn.eval.generator_eval import (
 from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
 from genunlearn.eval.judge import load_eval_classifier
 from genunlearn.eval.model_card import diffusion_loading
-from genunlearn.kinds.base import OracleStore
+from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
 from genunlearn.kinds.diffusion_setup import (
     GRID_SAMPLES,
     DiffusionSetup,
@@ -45,24 +44,11 @@ from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
-PIPELINE_DIR = "pipeline"
 Samples = dict[int, torch.Tensor]
 
 
-@dataclass
-class DiffusionRun:
-    job: ForgetJob
+class DiffusionRun(GeneratorRun):
     setup: DiffusionSetup
-    accelerator: Accelerator
-    weights: str = f"{PIPELINE_DIR}/"
-
-    @property
-    def task(self) -> DiffusionTask:
-        return self.setup.task
-
-    @property
-    def split(self) -> ForgetSplit:
-        return self.setup.split
 
     @property
     def data_id(self) -> str:
@@ -104,6 +90,9 @@ class DiffusionRun:
 
 class DiffusionKind:
     name = "diffusion"
+
+    def check_job(self, job: ForgetJob) -> None:
+        job.split_spec()
 
     def load_task(self, preset: DiffusionPreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> DiffusionTask:

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -110,25 +111,33 @@ class DiffusionSetup:
                                self.data_free, mixed_precision, heldout=self.heldout)
 
 
-def evaluate_original(setup: DiffusionSetup, accelerator: Accelerator, root: Path) -> tuple[dict, dict[int, torch.Tensor]]:
-    """``setup.evaluate`` of the original model, with its first ``GRID_SAMPLES`` samples per class, cached under
-    ``root/evaluations`` by everything that decides the figures (weights, protocol, classes, judge, FID features and
-    references, precision): the cells of a sweep and the reruns of a series share their "before"."""
-    key = json.dumps([model_fingerprint(setup.task.model), asdict(setup.protocol), setup.forgotten, setup.remaining, setup.heldout,
-                      setup.classifier_name, model_fingerprint(setup.classifier), setup.fid.describe(),
-                      tensors_fingerprint(setup.features), accelerator.mixed_precision, accelerator.device.type])
-    stem = root / EVALUATIONS / hashlib.sha256(key.encode()).hexdigest()[:24]
+Evaluation = tuple[dict, dict[int, torch.Tensor]]  # (figures, the first GRID_SAMPLES samples per class or prompt)
+
+
+def cached_evaluation(key: list, evaluate: Callable[[], Evaluation], root: Path, accelerator: Accelerator) -> Evaluation:
+    """``evaluate()``'s figures and first ``GRID_SAMPLES`` samples per id, cached under ``root/evaluations`` by
+    ``key`` (everything that decides them): the cells of a sweep and the reruns of a series share their "before"."""
+    stem = root / EVALUATIONS / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
     metrics_file, samples_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     metrics = read_cached_json(metrics_file, accelerator)
     stored = read_cached_tensors(samples_file, accelerator) if metrics is not None else None
     if stored is not None:
         return metrics, {int(c): images for c, images in stored.items()}
-    metrics, samples = setup.evaluate(setup.task.model, accelerator)
+    metrics, samples = evaluate()
     samples = {c: images[:GRID_SAMPLES] for c, images in samples.items()}
     if accelerator.is_main_process:
         atomic_save_tensors({str(c): images for c, images in samples.items()}, samples_file)
         atomic_write_text(metrics_file, json.dumps(metrics))  # written last: it marks a finished entry
     return metrics, samples
+
+
+def evaluate_original(setup: DiffusionSetup, accelerator: Accelerator, root: Path) -> Evaluation:
+    """``setup.evaluate`` of the original model (``cached_evaluation``), keyed by weights, protocol, classes, judge,
+    FID features and references, and precision."""
+    key = [model_fingerprint(setup.task.model), asdict(setup.protocol), setup.forgotten, setup.remaining, setup.heldout,
+           setup.classifier_name, model_fingerprint(setup.classifier), setup.fid.describe(),
+           tensors_fingerprint(setup.features), accelerator.mixed_precision, accelerator.device.type]
+    return cached_evaluation(key, lambda: setup.evaluate(setup.task.model, accelerator), root, accelerator)
 
 
 def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Accelerator) -> DiffusionSetup:

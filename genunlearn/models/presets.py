@@ -171,7 +171,8 @@ class TextToImagePreset:
     """A text-to-image model: a ``StableDiffusionPipeline`` from ``hub_id`` (or ``--pretrained``), or the tiny offline
     one ``models.tiny_sd`` builds from ``model_args`` (``text_encoder``, ``unet``, ``vae`` arguments; ``max_length``
     tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``); its
-    sampling and method defaults."""
+    sampling and method defaults, and the prompts a concept erasure retains by default (``retain_prompts``; those
+    naming an erased concept's class are left out)."""
 
     name: str
     description: str = ""
@@ -188,13 +189,14 @@ class TextToImagePreset:
     train: TrainRecipe = field(default_factory=TrainRecipe)
     vae_train: TrainRecipe = field(default_factory=TrainRecipe)
     methods: dict = field(default_factory=dict)
+    retain_prompts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def fingerprint(self) -> str:
         """Hash of what determines the pretrained weights (not how they are sampled, judged or unlearned)."""
-        ignored = ("description", "methods", "hub_id", "sampling", "eval_classifier")
+        ignored = ("description", "methods", "hub_id", "sampling", "eval_classifier", "retain_prompts")
         relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -234,7 +236,13 @@ def _check_types(record, source: str) -> None:
     """A UserError unless every scalar field of ``record`` (and of the records in it) holds its type."""
     hints = typing.get_type_hints(type(record))
     for item in fields(record):
-        value, allowed = getattr(record, item.name), typing.get_args(hints[item.name]) or (hints[item.name],)
+        hint, value = hints[item.name], getattr(record, item.name)
+        if typing.get_origin(hint) is list:  # a list of scalars: each item holds the item type
+            if not isinstance(value, list) or not all(_fits(v, typing.get_args(hint)) for v in value):
+                raise UserError(f"{source}: {item.name} must be a list of {typing.get_args(hint)[0].__name__}, got {value!r}; "
+                                "compare it with genunlearn/configs/models/*.yaml")
+            continue
+        allowed = typing.get_args(hint) or (hint,)
         if is_dataclass(value):
             _check_types(value, source)
         elif all(kind in SCALARS for kind in allowed) and not _fits(value, allowed):

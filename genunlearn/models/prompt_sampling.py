@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
 from genunlearn.tasks.text_to_image import TextToImageTask
 
 
-def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> StableDiffusionPipeline:
-    """How genunlearn samples a text-to-image task: its UNet (or ``unet``) with the frozen text encoder, tokenizer and
-    VAE, and DDIM on the task's noise schedule (the pipeline's own settings: unclipped latents, steps offset)."""
-    pipeline = StableDiffusionPipeline(vae=task.vae, text_encoder=task.text_encoder, tokenizer=task.tokenizer,
-                                       unet=task.model if unet is None else unet,
-                                       scheduler=DDIMScheduler.from_config(task.scheduler.config), safety_checker=None,
+def sampling_pipeline(unet: nn.Module, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer, noise_schedule: dict) -> StableDiffusionPipeline:
+    """How genunlearn samples a text-to-image model: a ``StableDiffusionPipeline`` of these components with DDIM on the
+    ``noise_schedule`` (a scheduler's config; DDIM keeps its own settings: unclipped latents, steps offset), no safety
+    checker and no progress bar."""
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(noise_schedule), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> StableDiffusionPipeline:
+    """``sampling_pipeline`` of a text-to-image task: its UNet (or ``unet``) with the frozen text encoder, tokenizer and
+    VAE, on the task's noise schedule."""
+    return sampling_pipeline(task.model if unet is None else unet, task.vae, task.text_encoder, task.tokenizer,
+                             task.scheduler.config)
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     preset = get_preset(job.model)
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
-    job.split_spec()  # a bad --class/--random-fraction/--subclass is named before the output folder is touched
+    kind.check_job(job)  # a bad --class/--concept/... is named before the output folder is touched
     tracker_names(job.report_to)
     writable_cache_root(job.cache_dir)
     with main_process_lock(job.output_dir, accelerator):

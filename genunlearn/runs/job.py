@@ -49,6 +49,10 @@ class ForgetJob:
     relearn_samples: int = 8
     relearn_lr: float | None = None
     report_to: str | None = None  # experiment tracker(s): tensorboard, wandb, all, none (genunlearn.runs.tracking)
+    concepts: list[str] = field(default_factory=list)  # text-to-image: the prompts of the concept to erase
+    anchor: str | None = None  # text-to-image: the prompt rl pulls the concept towards
+    retain_prompts: list[str] = field(default_factory=list)  # text-to-image: kept prompts (empty: the preset's)
+    paraphrase_prompts: list[str] = field(default_factory=list)  # text-to-image: held-out prompts of the concept
 
     def identity(self) -> dict:
         """What makes two runs the same run (everything but where caches live, whether to resume, where figures are
@@ -60,6 +64,10 @@ class ForgetJob:
         }
 
     def split_spec(self) -> SplitSpec:
+        """The split a class-forgetting job names (a UserError for a bad or missing one, or for a concept)."""
+        if self.concepts or self.anchor or self.retain_prompts or self.paraphrase_prompts:
+            raise UserError(f"--concept, --anchor and the prompt files are for text-to-image models; {self.model} forgets "
+                            "classes: pass --class")
         return choose_split(self.classes, self.random_fraction, self.subclasses, self.seed,
                             ("--class", "--random-fraction", "--subclass"))
 
@@ -75,10 +83,11 @@ class ForgetJob:
 
     def has_target(self) -> bool:
         """Whether the job names a forgotten part (then its figures are reported separately)."""
-        return bool(self.classes or self.subclasses) or self.random_fraction is not None
+        return bool(self.classes or self.subclasses or self.concepts) or self.random_fraction is not None
 
-    def forgotten(self) -> int | list[int] | None:
-        ids = self.classes or self.subclasses
+    def forgotten(self) -> int | str | list[int] | list[str] | None:
+        """The forgotten class id(s), or the erased concept's prompt(s)."""
+        ids = self.classes or self.subclasses or self.concepts
         return None if not ids else ids[0] if len(ids) == 1 else list(ids)
 
 

@@ -3,9 +3,9 @@ run folder under one sweep folder, then a table and a heat-map of the outcomes; 
 mean over seeds does, and is robust when every grid neighbour meets them too.
 
 sweep.json: {model, class, method, kind, axes: [[key, [values]]], seeds, targets: {"forget_acc<=": 0.05, ...},
-cells: [{settings, folder, figures: {name: {mean, std, values}}, meets, robust}]}. Diffusion figures: forget_acc,
-fid_ratio (FID of the remaining classes after / before), remain_acc, steps, wall_time_s; classifier figures:
-forget_acc, retain_acc, test_acc, steps, wall_time_s.
+cells: [{settings, folder, figures: {name: {mean, std, values}}, meets, robust}]}. Diffusion and text-to-image figures:
+forget_acc, fid_ratio (FID of the remaining classes or prompts after / before), remain_acc, steps, wall_time_s;
+classifier figures: forget_acc, retain_acc, test_acc, steps, wall_time_s.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ FIGURES = {
     "diffusion": ("forget_acc", "fid_ratio", "remain_acc", "steps", "wall_time_s"),
     "classifier": ("forget_acc", "retain_acc", "test_acc", "steps", "wall_time_s"),
 }
+FIGURES["text-to-image"] = FIGURES["diffusion"]
 COMPARISONS = {"<=": operator.le, ">=": operator.ge}
 
 
@@ -41,7 +42,7 @@ def report_figures(report: dict) -> dict[str, float]:
     """One run's sweep figures from its report (see the module docstring)."""
     after = report["after"]
     figures = {"forget_acc": after["forget_acc"], "steps": report["steps"], "wall_time_s": report["wall_time_s"]}
-    if report["kind"] == "diffusion":
+    if report["kind"] in ("diffusion", "text-to-image"):
         before = report["before"]["fid_remain"]
         figures.update(remain_acc=after["remain_acc"], fid_ratio=after["fid_remain"] / before if before else float("nan"))
     else:
@@ -118,7 +119,7 @@ def render_sweep(sweep: dict) -> str:
     keys = [key for key, _ in sweep["axes"]]
     names = [name for name in FIGURES[sweep["kind"]] if name not in keys]
     targets = ", ".join(f"{k}{v:g}" for k, v in sweep["targets"].items()) or "none given"
-    ratio = " fid_ratio: FID of the remaining classes after / before unlearning." if sweep["kind"] == "diffusion" else ""
+    ratio = "" if sweep["kind"] == "classifier" else " fid_ratio: FID of the remaining classes (prompts) after / before unlearning."
     lines = [f"# Sweep: {sweep['method']} on {sweep['model']}, forget {sweep['class']}", "",
              f"Seeds {sweep['seeds']}; mean ± sample std over them. Targets: {targets}. Robust: the cell and every grid "
              f"neighbour meet them.{ratio}", "", "![heat-map](heatmap.png)", "",
@@ -140,7 +141,7 @@ def save_heatmap(sweep: dict, path) -> None:
     cols_key, cols = axes[1] if len(axes) > 1 else ("", [""])
     extra = axes[2:]
     panels = list(itertools.product(*(range(len(v)) for _, v in extra))) or [()]
-    second = "fid_ratio" if sweep["kind"] == "diffusion" else "test_acc"
+    second = "test_acc" if sweep["kind"] == "classifier" else "fid_ratio"
     cells = {tuple(c["index"][i] for i in order): c for c in sweep["cells"]}  # keyed in the plotted axis order
     figure, grid = plt.subplots(1, len(panels), figsize=(1.3 * len(cols) * len(panels) + 2.5, 0.9 * len(rows) + 2), squeeze=False)
     for axis, panel in zip(grid[0], panels):

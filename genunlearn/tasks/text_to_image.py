@@ -7,6 +7,7 @@ timesteps uniform, ∅ the embedding of the empty prompt padded to the tokenizer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,14 +55,16 @@ class TextToImageTask:
     """A text-conditional UNet with its frozen text encoder, tokenizer and VAE, its training noise scheduler and data
     whose labels index ``prompts``. ``encoded_data``: the datasets hold latents already (the model's own generations);
     else images in [-1, 1], encoded by the VAE (times its scaling factor) on the fly. ``anchor``: the prompt rl pulls
-    the forgotten prompts towards (SalUn's "a photo of a person wearing clothes"); without one, rl picks other prompts
-    of the table as it picks other classes."""
+    the forgotten prompts towards (SalUn's "a photo of a person wearing clothes"); without one, rl picks uniformly among
+    ``rl_prompts`` (ids; the retained prompts, so that one paraphrase of an erased concept is never pulled towards
+    another), or among all other prompts of the table as it picks other classes."""
 
     importance_loss_id = f"sd_guided_eps_w{MASK_GUIDANCE}_uniform_mean"
 
     def __init__(self, preset: TextToImagePreset, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDPMScheduler, train_data: LabeledDataset, test_data: LabeledDataset,
-                 cache_dir: Path | None = None, encoded_data: bool = False, anchor: str | None = None) -> None:
+                 cache_dir: Path | None = None, encoded_data: bool = False, anchor: str | None = None,
+                 rl_prompts: Sequence[int] | None = None) -> None:
         self.preset = preset
         self.name = preset.name
         self.model = unet
@@ -77,7 +80,8 @@ class TextToImageTask:
         self.num_classes = len(self.prompts)
         self.null_prompt = self.num_classes  # the id of ∅ in ``prompt_embeddings``
         self.anchor_prompt = None if anchor is None else self.num_classes + 1  # rl's target prompt, when one is given
-        self.prompt_embeddings = encode_prompts(text_encoder, tokenizer, [*self.prompts, "", *([anchor] if anchor else [])])
+        self.rl_prompts = None if rl_prompts is None else list(rl_prompts)
+        self.prompt_embeddings = encode_prompts(text_encoder, tokenizer, [*self.prompts, "", *([] if anchor is None else [anchor])])
 
     def condition(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The text embeddings ``[B, L, D]`` of prompt ids ``labels`` (``null_prompt``: ∅)."""

@@ -1,0 +1,253 @@
+"""The text-to-image kind: a ``StableDiffusionPipeline`` erases a concept given as prompts, trained on its own
+generations and judged per prompt (ALGORITHMS_T2I.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from timm.data import ImageNetInfo
+from torch import nn
+
+from genunlearn.data.captioned_digits import VOCABULARY, paraphrases
+from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
+from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
+from genunlearn.errors import UserError
+from genunlearn.eval.concepts import evaluate_concepts, prompt_class, retain_reference
+from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
+from genunlearn.eval.judge import is_preset_classifier, load_eval_classifier
+from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
+from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation
+from genunlearn.models.loading import load_datasets
+from genunlearn.models.presets import TextToImagePreset, get_preset
+from genunlearn.models.prompt_sampling import sd_pipeline_for
+from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
+from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.cache import cache_root
+from genunlearn.storage.pipeline_folder import save_pipeline
+from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task
+from genunlearn.tasks.text_to_image import TextToImageTask
+
+SAMPLER = "DDIM (diffusers DDIMScheduler from the pipeline's noise schedule)"
+
+
+@dataclass(frozen=True)
+class ConceptProtocol:
+    """How a text-to-image model is evaluated: ``per_prompt`` generations of each prompt, DDIM ``steps`` at
+    ``guidance``, seeded by (``seed``, prompt id)."""
+
+    per_prompt: int
+    guidance: float
+    steps: int
+    seed: int
+
+    def sampling(self) -> dict:
+        return {"per_prompt": self.per_prompt, "guidance": self.guidance, "steps": self.steps, "seed": self.seed}
+
+
+def concept_protocol(job: ForgetJob, preset: TextToImagePreset) -> ConceptProtocol:
+    """The job's evaluation settings, else the preset's sampling."""
+    protocol = ConceptProtocol(job.eval_samples, preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
+                               job.eval_steps or preset.sampling.steps, job.seed)
+    if protocol.per_prompt < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
+        raise UserError("--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and "
+                        "--eval-guidance non-negative")
+    return protocol
+
+
+def judge_class_names(name: str, data: str | None) -> list[str]:
+    """The classes of the judge called ``name``: a classifier preset's data classes, else ImageNet's (timm's names)."""
+    if is_preset_classifier(name):
+        return list(load_datasets(get_preset(name), data)[0].classes)
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def check_vocabulary(preset: TextToImagePreset, prompts: list[str]) -> None:
+    """A UserError naming the first word the tiny embedded pipeline's tokenizer does not know."""
+    if preset.hub_id is None and preset.dataset == "captioned-digits":
+        for prompt in prompts:
+            unknown = [word for word in prompt.split() if word not in VOCABULARY]
+            if unknown:
+                raise UserError(f"{preset.name} knows no word {unknown[0]!r} (in {prompt!r}); its captions use: "
+                                f"{' '.join(VOCABULARY)}")
+
+
+def concept_prompts(job: ForgetJob, preset: TextToImagePreset, class_names: list[str]) -> ConceptPrompts:
+    """The job's prompts: ``--concept``; ``--retain-prompts``, else the preset's retain prompts without those naming an
+    erased concept's class; ``--paraphrase-prompts``, else (captioned digits) the concept captions' other phrasings."""
+    forget = list(job.concepts)
+
+    def named(prompts: list[str]) -> set[int]:
+        return {c for c in (prompt_class(p, class_names) for p in prompts) if c is not None}
+
+    erased = named(forget)
+    remain = list(job.retain_prompts) or [p for p in preset.retain_prompts if p not in forget and not named([p]) & erased]
+    paraphrase = list(job.paraphrase_prompts)
+    if not paraphrase and preset.dataset == "captioned-digits":
+        paraphrase = [p for prompt in forget for p in paraphrases(prompt)]
+    prompts = ConceptPrompts(forget, remain, paraphrase, job.anchor)
+    check_vocabulary(preset, prompts.table + ([job.anchor] if job.anchor else []))
+    return prompts
+
+
+@dataclass
+class ConceptSetup:
+    """What a concept erasure is measured with: the task and split, the prompts and their groups, the judge and the
+    FID reference (the judge's features of the original model's remain generations)."""
+
+    task: TextToImageTask
+    split: ForgetSplit
+    prompts: ConceptPrompts
+    judge: nn.Module
+    judge_name: str
+    class_names: list[str]
+    protocol: ConceptProtocol
+    reference: torch.Tensor
+
+    def evaluate(self, model: nn.Module | None, accelerator: Accelerator, groups: dict | None = None) -> Evaluation:
+        return evaluate_concepts(self.task, self.judge, self.class_names, groups or self.prompts.groups(), accelerator,
+                                 model=model, prompts=self.prompts.table, reference=self.reference, **self.protocol.sampling())
+
+
+def load_judge(job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> tuple[nn.Module, str, list[str]]:
+    """``(judge, its name, its class names)``: ``--eval-classifier`` (and weights), else the preset's."""
+    name = job.eval_classifier or preset.eval_classifier
+    names = judge_class_names(name, job.data)
+    judge = load_eval_classifier(name, weights=job.eval_classifier_weights, num_classes=len(names), data=job.data,
+                                 cache_dir=job.cache_dir, accelerator=accelerator)
+    return judge.to(accelerator.device), name, names
+
+
+def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> ConceptSetup:
+    """Load the pipeline, resolve the prompts, generate the training data and build the split and measures."""
+    protocol = concept_protocol(job, preset)
+    judge, judge_name, class_names = load_judge(job, preset, accelerator)
+    prompts = concept_prompts(job, preset, class_names)
+    root = cache_root(job.cache_dir)
+    pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
+    task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=protocol.guidance, steps=protocol.steps,
+                        seed=job.seed, preset=preset, cache_dir=root, accelerator=accelerator)
+    if job.gradient_checkpointing:
+        task.model.enable_gradient_checkpointing()
+    split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=tuple(prompts.groups()["forget"]),
+                                                                         seed=job.seed))
+    reference = retain_reference(task, judge, prompts.groups()["remain"], accelerator, **protocol.sampling())
+    return ConceptSetup(task, split, prompts, judge, judge_name, class_names, protocol, reference)
+
+
+def pipeline_loading() -> str:
+    return ('`pipeline/` is a diffusers pipeline folder: `StableDiffusionPipeline.from_pretrained("RUN/pipeline")` loads it '
+            'with diffusers alone; the UNet alone: `UNet2DConditionModel.from_pretrained("RUN/pipeline", subfolder="unet")`.')
+
+
+class TextToImageRun(GeneratorRun):
+    setup: ConceptSetup
+
+    @property
+    def data_id(self) -> str:
+        """The retrain oracle's data: the original model's generations of these prompts."""
+        table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
+        return f"generated-{model_fingerprint(self.task.model)}-{table}-{self.job.data_free_samples}"
+
+    def evaluate_before(self) -> Evaluation:
+        setup, task = self.setup, self.task
+        key = ["text-to-image", model_fingerprint(task.model), model_fingerprint(task.text_encoder), model_fingerprint(task.vae),
+               setup.protocol.sampling(), setup.prompts.table, setup.prompts.groups(), setup.judge_name,
+               model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
+               self.accelerator.mixed_precision, self.accelerator.device.type]
+        return cached_evaluation(key, lambda: setup.evaluate(None, self.accelerator), cache_root(self.job.cache_dir),
+                                 self.accelerator)
+
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        return self.setup.evaluate(model, self.accelerator)
+
+    def forget_accuracy(self, model: nn.Module) -> float:
+        groups = {"forget": self.setup.prompts.groups()["forget"]}
+        return self.setup.evaluate(model, self.accelerator, groups)[0]["forget_acc"]
+
+    def oracle_store(self) -> OracleStore:
+        def save(model: nn.Module, folder: Path) -> None:
+            save_pipeline(sd_pipeline_for(self.task, model), folder)
+
+        def load(folder: Path) -> nn.Module:
+            return load_sd_pipeline(folder).unet.eval()
+
+        return save, load, "model_index.json"
+
+    def report_entries(self) -> dict:
+        protocol = self.setup.protocol
+        return {"prompts": self.setup.prompts.to_dict(),
+                "evaluation": {**protocol.sampling(), "sampler": SAMPLER, "classifier": self.setup.judge_name,
+                               "fid_features": f"{self.setup.judge_name} pre-logits",
+                               "fid_reference": "the original model's generations of the remain prompts, other seeds",
+                               "data_per_prompt": self.job.data_free_samples,
+                               "mixed_precision": self.accelerator.mixed_precision}}
+
+    def write(self, model: nn.Module, output_dir: Path, before: dict, after: dict) -> str:
+        save_pipeline(sd_pipeline_for(self.task, model.cpu().eval()), output_dir / PIPELINE_DIR)
+        groups = self.setup.prompts.groups()
+        save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
+                            groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
+                            marked="the erased concept's prompts")
+        return pipeline_loading()
+
+
+class TextToImageKind:
+    name = "text-to-image"
+
+    def check_job(self, job: ForgetJob) -> None:
+        if job.classes or job.subclasses or job.random_fraction is not None:
+            raise UserError("text-to-image models erase concepts given as prompts; pass --concept PROMPT instead of --class")
+        if job.data is not None:
+            raise UserError("text-to-image erasure trains on the model's own generations; drop --data")
+        check_prompts(job.concepts, job.retain_prompts, job.paraphrase_prompts)
+        check_vocabulary(get_preset(job.model), [*job.concepts, *job.retain_prompts, *job.paraphrase_prompts,
+                                                 *([job.anchor] if job.anchor else [])])
+
+    def load_task(self, preset: TextToImagePreset, *, pretrained: str | None, data: str | Path | None,
+                  cache_dir: str | Path | None, accelerator: Accelerator) -> TextToImageTask:
+        """The pipeline's UNet over the embedded captioned digits (labels: captions)."""
+        if data is not None:
+            raise UserError("text-to-image presets train on their embedded captions; drop --data")
+        train, test, _ = load_captioned_digits(preset)
+        pipeline = load_text_to_image_pipeline(preset, pretrained=pretrained, cache_root=cache_root(cache_dir),
+                                               accelerator=accelerator)
+        return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                               DDPMScheduler.from_config(pipeline.scheduler.config), train, test)
+
+    def prepare_run(self, job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> TextToImageRun:
+        return TextToImageRun(job, prepare_concepts(job, preset, accelerator), accelerator)
+
+    def evaluate_model(self, job: ForgetJob, preset: TextToImagePreset,
+                       accelerator: Accelerator) -> tuple[dict, Callable[[Path], None]]:
+        """Generate every prompt (``--concept`` and its paraphrases when given, the retain prompts) and judge them."""
+        if not job.concepts:
+            raise UserError("name the concept to measure: genunlearn evaluate --concept PROMPT")
+        self.check_job(job)
+        setup = prepare_concepts(job, preset, accelerator)
+        metrics, generations = setup.evaluate(None, accelerator)
+        groups = setup.prompts.groups()
+        record = TextToImageRun(job, setup, accelerator).report_entries()
+        return {"metrics": metrics, **record}, lambda path: save_samples_figure(
+            {"samples": generations}, path, setup.prompts.table, groups["forget"] + groups["paraphrase"],
+            per_row=GRID_SAMPLES, numbered=False, marked="the concept's prompts")
+
+    def pretrain_summary(self, task: TextToImageTask, *, data: str | None, cache_dir: str | None,
+                         accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:
+        names = judge_class_names(task.preset.eval_classifier, data)
+        judge = load_eval_classifier(task.preset.eval_classifier, weights=None, num_classes=len(names), data=data,
+                                     cache_dir=cache_dir, accelerator=accelerator)
+        plain = [task.prompts.index(p) for p in task.preset.retain_prompts if p in task.prompts]
+        sampling = task.preset.sampling
+        metrics, _ = evaluate_concepts(task, judge, names, {"remain": plain}, accelerator, per_prompt=50,
+                                       guidance=sampling.guidance, steps=sampling.steps)
+        summary = f"generations of the retain prompts recognised by {task.preset.eval_classifier}: {metrics['remain_acc']:.2f}"
+        return summary, lambda folder: save_pipeline(sd_pipeline_for(task), folder)
+

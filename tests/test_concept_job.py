@@ -1,0 +1,141 @@
+"""The text-to-image kind end to end: `genunlearn forget --model sd-digits|sd-1.5 --concept PROMPT` on tiny pipelines
+saved locally (--pretrained DIR), its run folder, resume and bad input, and the library call on a held pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from genunlearn import forget_split, unlearn
+from genunlearn.cli import forget_main, guarded
+from genunlearn.data.captioned_digits import VOCABULARY
+from genunlearn.methods import sfron
+from genunlearn.models.presets import get_preset
+from genunlearn.models.tiny_sd import build_tiny_sd
+from genunlearn.tasks.concepts import ConceptPrompts, concept_task
+from helpers import forgotten_mark_pixels, interrupted_at, tiny_sd15_pipeline, validate_report
+
+THREE = "a handwritten digit three"
+TINY_RUN = ["--steps", "4", "--batch-size", "2", "--eval-samples", "2", "--eval-steps", "2", "--data-free-samples", "2"]
+IMAGENETTE = [f"Image of {name}" for name in ("tench", "church", "golf ball", "parachute")]
+
+
+def folder_digest(folder: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sd_digits_dir(tmp_path_factory) -> Path:
+    """sd-digits' tiny pipeline, freshly initialised, saved as a StableDiffusionPipeline folder."""
+    folder = tmp_path_factory.mktemp("sd-digits") / "pipeline"
+    build_tiny_sd(VOCABULARY, **get_preset("sd-digits").model_args).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd15_shaped_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sd-15") / "pipeline"
+    tiny_sd15_pipeline(IMAGENETTE).save_pretrained(folder)
+    return folder
+
+
+def erase(*args: str) -> int:
+    return guarded(forget_main, list(args))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_erasing_a_concept_writes_a_pipeline_diffusers_loads_a_report_and_samples(sd_digits_dir, cnn_task, tmp_path):
+    original = folder_digest(sd_digits_dir)
+    out = tmp_path / "run"
+    assert erase("--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--method", "salun",
+                 *TINY_RUN, "--output-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["kind"] == "text-to-image" and report["class"] == THREE
+    prompts = report["prompts"]
+    assert prompts["forget"] == [THREE] and len(prompts["remain"]) == 9 and not any("three" in p for p in prompts["remain"])
+    assert prompts["paraphrase"] == ["the number 3", "a three written by hand"]  # held out: never trained on
+    assert report["split"]["forget"] == 2 and report["split"]["retain"] == 18  # 2 generations per trained prompt
+    assert set(report["after"]["per_prompt"]) == {*prompts["forget"], *prompts["remain"], *prompts["paraphrase"]}
+    loaded = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    before = StableDiffusionPipeline.from_pretrained(sd_digits_dir, local_files_only=True)
+    changed = sum(int((p != before.unet.get_parameter(name)).sum()) for name, p in loaded.unet.named_parameters())
+    total = sum(p.numel() for p in loaded.unet.parameters())
+    assert 0 < changed <= report["method_info"]["mask_kept_fraction"] * total  # SalUn moves only its masked weights
+    assert folder_digest(sd_digits_dir) == original  # the original pipeline is never written
+    assert forgotten_mark_pixels(out / "samples.png") > 0  # the concept's rows are marked
+    markdown = (out / "report.md").read_text()
+    assert "forget concept 'a handwritten digit three'" in markdown and "| the number 3 | paraphrase | 3 |" in markdown
+
+
+def test_a_killed_erasure_resumes_to_the_uninterrupted_weights(sd_digits_dir, cnn_task, tmp_path, monkeypatch):
+    common = ["--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--method", "sfron", *TINY_RUN,
+              "--checkpoint-every", "2"]
+    assert erase(*common, "--output-dir", str(tmp_path / "straight")) == 0
+    real_step = sfron.sfron_step
+    monkeypatch.setattr(sfron, "sfron_step", lambda ctx, **parts: interrupted_at(lambda c: real_step(c, **parts), 3)(ctx))
+    assert erase(*common, "--output-dir", str(tmp_path / "killed")) == 130
+    monkeypatch.setattr(sfron, "sfron_step", real_step)
+    assert erase(*common, "--output-dir", str(tmp_path / "killed"), "--resume_from_checkpoint", "latest") == 0
+    straight = StableDiffusionPipeline.from_pretrained(tmp_path / "straight" / "pipeline", local_files_only=True).unet
+    resumed = StableDiffusionPipeline.from_pretrained(tmp_path / "killed" / "pipeline", local_files_only=True).unet
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "sd-digits", "--class", "3"], "pass --concept PROMPT instead of --class"),
+    (["--model", "sd-digits"], "no concept given to erase"),
+    (["--model", "cnn-digits", "--concept", THREE], "are for text-to-image models"),
+    (["--model", "sd-digits", "--concept", "a handwritten digit tree"], "knows no word 'tree'"),
+    (["--model", "sd-digits", "--concept", THREE, "--retain-prompts", "MISSING"], "cannot read --retain-prompts"),
+    (["--model", "sd-digits", "--concept", THREE, "--retain-prompts", "RETAIN_THREE"], "is both erased and retained"),
+])
+def test_bad_concept_input_is_one_error_line(args, message, tmp_path, capsys, cnn_task):
+    (tmp_path / "RETAIN_THREE").write_text(f"# kept prompts\n{THREE}\na handwritten digit four\n")
+    args = [str(tmp_path / a) if a in ("MISSING", "RETAIN_THREE") else a for a in args]
+    out = tmp_path / "never"
+    assert erase(*args, "--output-dir", str(out)) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_sd15_shaped_pipeline_erases_an_imagenette_object_end_to_end(sd15_shaped_dir, tmp_path):
+    judge = timm.create_model("test_resnet", num_classes=1000)  # a stand-in for ResNet-50's local weights
+    save_file(judge.state_dict(), tmp_path / "judge.safetensors")
+    (tmp_path / "retain.txt").write_text("\n".join(IMAGENETTE[1:]) + "\n")
+    out = tmp_path / "run"
+    assert erase("--model", "sd-1.5", "--pretrained", str(sd15_shaped_dir), "--concept", IMAGENETTE[0], "--method", "esd",
+                 "--retain-prompts", str(tmp_path / "retain.txt"), "--eval-classifier", "test_resnet",
+                 "--eval-classifier-weights", str(tmp_path / "judge.safetensors"), *TINY_RUN, "--output-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["prompts"]["remain"] == IMAGENETTE[1:] and report["config"]["scope"] == "non-cross-attention"
+    assert report["after"]["per_prompt"]["Image of tench"]["class"] == 0  # timm's ImageNet names: tench is class 0
+    loaded = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    assert loaded.vae.config.scaling_factor == 0.18215 and loaded.unet.config.sample_size == 4
+    images = loaded(IMAGENETTE[0], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_a_held_pipeline_erases_through_the_library(sd_digits_dir, tmp_path):
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_digits_dir, local_files_only=True)
+    prompts = ConceptPrompts([THREE, "the number 3"], ["a handwritten digit four", "a handwritten digit five"])
+    task = concept_task(pipeline, prompts, per_prompt=3, guidance=3.0, steps=2, preset="sd-digits", cache_dir=tmp_path)
+    assert task.train_data.targets.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 and task.rl_prompts == [2, 3]
+    split = forget_split(task, classes=prompts.groups()["forget"])
+    result = unlearn(task, split, "salun", steps=2, batch_size=2)
+    assert result.steps == 2 and any(not torch.equal(a, b) for a, b in zip(result.model.parameters(), pipeline.unet.parameters()))
+    with pytest.raises(Exception, match="StableDiffusionPipeline"):
+        concept_task(pipeline.unet, prompts)
