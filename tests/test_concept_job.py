@@ -20,8 +20,9 @@ from genunlearn.methods import sfron
 from genunlearn.models.presets import get_preset
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.tasks.concepts import ConceptPrompts, concept_task
-from helpers import forgotten_mark_pixels, interrupted_at, tiny_sd15_pipeline, validate_report
+from helpers import accelerate_launch, forgotten_mark_pixels, interrupted_at, tiny_sd15_pipeline, validate_report
 
+REPO = Path(__file__).resolve().parents[1]
 THREE = "a handwritten digit three"
 TINY_RUN = ["--steps", "4", "--batch-size", "2", "--eval-samples", "2", "--eval-steps", "2", "--data-free-samples", "2"]
 IMAGENETTE = [f"Image of {name}" for name in ("tench", "church", "golf ball", "parachute")]
@@ -44,6 +45,17 @@ def sd15_shaped_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd-15") / "pipeline"
     tiny_sd15_pipeline(IMAGENETTE).save_pretrained(folder)
     return folder
+
+
+def flattened(figures: dict, prefix: str = "") -> dict:
+    """``{"a/b": value}`` for the nested ``{"a": {"b": value}}`` (None as nan)."""
+    flat = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat.update(flattened(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = float("nan") if value is None else value
+    return flat
 
 
 def erase(*args: str) -> int:
@@ -92,6 +104,25 @@ def test_a_killed_erasure_resumes_to_the_uninterrupted_weights(sd_digits_dir, cn
     straight = StableDiffusionPipeline.from_pretrained(tmp_path / "straight" / "pipeline", local_files_only=True).unet
     resumed = StableDiffusionPipeline.from_pretrained(tmp_path / "killed" / "pipeline", local_files_only=True).unet
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+def test_two_processes_generate_and_judge_as_one_and_write_one_run_folder(sd_digits_dir, cnn_task, cache_dir, tmp_path):
+    common = ["--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--method", "salun",
+              "--steps", "4", "--log-every", "1", "--eval-samples", "2", "--eval-steps", "2", "--data-free-samples", "2"]
+    assert erase(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")) == 0
+    done = accelerate_launch(REPO / "scripts" / "forget_concept.py", [*common, "--batch-size", "2", "--output-dir",
+                                                                        str(tmp_path / "two")], cache_dir, port=29561)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2) and two["split"] == one["split"]
+    # each prompt's generations depend on (seed, prompt) only, not on the process (float32 sums: last digits aside);
+    # an FID of 18 samples in the judge's 128 features is ill-conditioned, so those last digits move it by a few percent
+    before_one, before_two = flattened(one["before"]), flattened(two["before"])
+    assert before_two.pop("fid_remain") == pytest.approx(before_one.pop("fid_remain"), rel=0.05)
+    assert before_two == pytest.approx(before_one, rel=1e-5, nan_ok=True)
+    assert two["steps"] == 4 and sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())  # one run folder, written once (the main process)
+    StableDiffusionPipeline.from_pretrained(tmp_path / "two" / "pipeline", local_files_only=True)
 
 
 @pytest.mark.parametrize("args, message", [
