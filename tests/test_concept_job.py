@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from genunlearn import forget_split, unlearn
-from genunlearn.cli import forget_main, guarded
+from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.captioned_digits import VOCABULARY
 from genunlearn.methods import sfron
 from genunlearn.models.presets import get_preset
@@ -90,6 +90,17 @@ def test_erasing_a_concept_writes_a_pipeline_diffusers_loads_a_report_and_sample
     assert forgotten_mark_pixels(out / "samples.png") > 0  # the concept's rows are marked
     markdown = (out / "report.md").read_text()
     assert "forget concept 'a handwritten digit three'" in markdown and "| the number 3 | paraphrase | 3 |" in markdown
+
+
+def test_evaluate_judges_a_pipeline_per_prompt_without_unlearning(sd_digits_dir, cnn_task, tmp_path):
+    out = tmp_path / "evaluation"
+    assert guarded(evaluate_main, ["--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE,
+                                   "--eval-samples", "2", "--eval-steps", "2", "--output-dir", str(out)]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["kind"] == "text-to-image" and evaluation["prompts"]["forget"] == [THREE]
+    assert len(evaluation["metrics"]["per_prompt"]) == 1 + 9 + 2 and evaluation["evaluation"]["per_prompt"] == 2
+    assert "| a handwritten digit three | forget | 3 |" in (out / "evaluation.md").read_text()
+    assert forgotten_mark_pixels(out / "samples.png") > 0
 
 
 def test_a_killed_erasure_resumes_to_the_uninterrupted_weights(sd_digits_dir, cnn_task, tmp_path, monkeypatch):

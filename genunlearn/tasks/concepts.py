@@ -96,5 +96,5 @@ def concept_task(
     return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
                            DDPMScheduler.from_config(pipeline.scheduler.config), train, test, encoded_data=True,
                            cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
-                           rl_prompts=groups["remain"])
+                           rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
 
