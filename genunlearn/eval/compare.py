@@ -43,7 +43,8 @@ def comparison_table(runs: list[Path], reports: list[dict]) -> str:
     for run, report in zip(runs, reports):
         cells = [Path(run).name, report["model"], report["method"], str(report["class"]), str(report["steps"]),
                  f"{report['wall_time_s']:.1f}"]
-        cells += [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if k in report["after"] else "" for k in keys]
+        cells += [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if report["after"].get(k) is not None else ""
+                  for k in keys]
         if with_oracle:
             gaps, mean = report.get("gap_to_oracle", {}), average_gap(report)
             cells += [f"{gaps[k]:+.3f}" if k in gaps else "" for k in keys]

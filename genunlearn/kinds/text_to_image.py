@@ -92,9 +92,7 @@ def concept_prompts(job: ForgetJob, preset: TextToImagePreset, class_names: list
     paraphrase = list(job.paraphrase_prompts)
     if not paraphrase and preset.dataset == "captioned-digits":
         paraphrase = [p for prompt in forget for p in paraphrases(prompt)]
-    prompts = ConceptPrompts(forget, remain, paraphrase, job.anchor)
-    check_vocabulary(preset, prompts.table + ([job.anchor] if job.anchor else []))
-    return prompts
+    return ConceptPrompts(forget, remain, paraphrase, job.anchor)  # check_job has checked the words the user gave
 
 
 @dataclass
