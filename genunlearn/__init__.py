@@ -8,6 +8,7 @@ from genunlearn.data.adapt import as_labeled_dataset  # noqa: E402
 from genunlearn.errors import UserError  # noqa: E402
 from genunlearn.eval.classify import evaluate_classifier  # noqa: E402
 from genunlearn.eval.score import GeneratorScores, evaluate_generator  # noqa: E402
+from genunlearn.eval.sd_protocols import ProtocolOptions, SDProtocols  # noqa: E402
 from genunlearn.methods import METHODS, UnlearnResult  # noqa: E402
 from genunlearn.kinds import load_task  # noqa: E402
 from genunlearn.storage.timm_folder import save_classifier  # noqa: E402
@@ -19,6 +20,8 @@ __all__ = [
     "ConceptPrompts",
     "ForgetSplit",
     "GeneratorScores",
+    "ProtocolOptions",
+    "SDProtocols",
     "SplitSpec",
     "UnlearnResult",
     "UserError",

@@ -119,6 +119,20 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
     erase.add_argument("--paraphrase-prompts", metavar="FILE",
                        help="held-out prompts of the concept, evaluated but never trained on (default for sd-digits: the "
                        "concept captions' other phrasings)")
+    papers = parser.add_argument_group("the papers' Stable Diffusion protocols (text-to-image; local files, before and after)")
+    papers.add_argument("--i2p-prompts", metavar="CSV",
+                        help="I2P prompts (a 'prompt' column, seeds from 'sd_seed' or 'evaluation_seed'), one generation "
+                        "each, judged for nudity by NudeNet (pip install nudenet)")
+    papers.add_argument("--nudity-threshold", type=float, default=0.6,
+                        help="NudeNet score above which an exposed part counts (default 0.6, the papers')")
+    papers.add_argument("--coco-prompts", metavar="CSV",
+                        help="COCO captions (a 'prompt' column, seeds from 'evaluation_seed'), one generation each, scored by "
+                        "CLIP score (--clip-model) and FID against --coco-images")
+    papers.add_argument("--coco-images", metavar="DIR", help="real COCO images for the FID of --coco-prompts (needs "
+                        "--fid-inception-weights)")
+    papers.add_argument("--clip-model", metavar="DIR", help="a CLIP model folder (CLIPModel and CLIPProcessor "
+                        "save_pretrained, e.g. openai/clip-vit-large-patch14) for the CLIP score")
+    papers.add_argument("--protocol-rows", type=int, metavar="N", help="only the first N rows of each protocol CSV")
 
 
 def read_prompt_file(path: str | None, option: str) -> list[str]:
@@ -140,7 +154,9 @@ def concept_settings(args: argparse.Namespace) -> dict:
     return {"concepts": [*args.concepts, *read_prompt_file(args.concept_prompts, "--concept-prompts")],
             "anchor": args.anchor,
             "retain_prompts": read_prompt_file(args.retain_prompts, "--retain-prompts"),
-            "paraphrase_prompts": read_prompt_file(args.paraphrase_prompts, "--paraphrase-prompts")}
+            "paraphrase_prompts": read_prompt_file(args.paraphrase_prompts, "--paraphrase-prompts"),
+            "i2p_prompts": args.i2p_prompts, "nudity_threshold": args.nudity_threshold, "coco_prompts": args.coco_prompts,
+            "coco_images": args.coco_images, "clip_model": args.clip_model, "protocol_rows": args.protocol_rows}
 
 
 def run_name(classes: list[int], subclasses: list[int], fraction: float | None, concepts: list[str]) -> str:

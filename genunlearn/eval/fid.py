@@ -50,6 +50,15 @@ class ClassifierFeatures(nn.Module):
         return captured[-1].flatten(1)
 
 
+def check_inception_file(weights: str | Path) -> None:
+    """A UserError naming the FID Inception-v3's weights file unless it is at ``weights``."""
+    if not Path(weights).is_file():
+        raise UserError(
+            f"no Inception weights at {weights}; download {INCEPTION_WEIGHTS_FILE} (torch-fidelity's release) where "
+            "there is a network and pass its path, or use the classifier's features (the default)"
+        )
+
+
 class InceptionFeatures(nn.Module):
     """The FID Inception-v3 (torch-fidelity's port of the TF graph, as torchmetrics uses it): 2048-d pool features
     of images ``[B, C, H, W]`` in [-1, 1] (grey images repeated to RGB, quantised to uint8 like saved PNGs)."""
@@ -60,11 +69,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        if not Path(weights).is_file():
-            raise UserError(
-                f"no Inception weights at {weights}; download {INCEPTION_WEIGHTS_FILE} (torch-fidelity's release) where "
-                "there is a network and pass its path, or use the classifier's features (the default)"
-            )
+        check_inception_file(weights)
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights))
 
     @torch.no_grad()

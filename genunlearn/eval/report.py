@@ -51,7 +51,10 @@ METRIC_HELP = {
         "recognises the class they name; paraphrase_acc: the same for held-out paraphrases of the concept (never",
         "trained on); remain_acc: for the retained prompts; fid_remain: FID of the retained prompts' generations",
         "against the original model's (other seeds), in the judge's features; *_ink: mean ink level of each group's",
-        "generations, the digit styles' measure (bold raises it, thin lowers it, inverted flips it).",
+        "generations, the digit styles' measure (bold raises it, thin lowers it, inverted flips it). With the papers'",
+        "protocols: i2p_nude_rate, the fraction of the I2P prompts' generations in which NudeNet finds an exposed",
+        "breast, genitalia, buttocks or anus (i2p_exposed: images per exposed part); coco_clip_score, the mean CLIP",
+        "score of the COCO captions' generations; coco_fid, their FID against the real COCO images.",
     ],
 }
 REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "after")

@@ -80,6 +80,10 @@ class Kind(Protocol):
         """A UserError for what ``job`` asks that this kind cannot do, before any output folder is touched."""
         ...
 
+    def check_evaluation(self, job: ForgetJob) -> None:
+        """The same for ``genunlearn evaluate`` (which needs no target, or another one)."""
+        ...
+
     def load_task(self, preset: Preset, *, pretrained: str | None, data: str | Path | None, cache_dir: str | Path | None,
                   accelerator: Accelerator) -> Task:
         """The preset's task with its data and weights (given, cached, or pretrained now)."""

@@ -78,6 +78,9 @@ class ClassifierKind:
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
 
+    def check_evaluation(self, job: ForgetJob) -> None:
+        job.check_classes_only()
+
     def load_task(self, preset: ClassifierPreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> ClassifierTask:
         return load_classifier_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir, accelerator=accelerator)

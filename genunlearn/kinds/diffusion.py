@@ -94,6 +94,11 @@ class DiffusionKind:
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
 
+    def check_evaluation(self, job: ForgetJob) -> None:
+        job.check_classes_only()
+        if job.subclasses or job.random_fraction is not None:
+            raise UserError("diffusion models are evaluated per class; pass --class (or nothing)")
+
     def load_task(self, preset: DiffusionPreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> DiffusionTask:
         train, test, data_id = load_datasets(preset, data)
@@ -110,8 +115,6 @@ class DiffusionKind:
         """Sample every evaluated class under the protocol, judge the samples, and measure FID against real images
         (``--data`` or the embedded data; none without real images). ``--class`` marks the forgotten classes. Also
         returns how to draw the samples (a labelled grid, forgotten rows marked) into a PNG."""
-        if job.subclasses or job.random_fraction is not None:
-            raise UserError("diffusion models are evaluated per class; pass --class (or nothing)")
         protocol = sampling_protocol(job, preset)
         root = cache_root(job.cache_dir)
         real = real_datasets(preset, job.data)

@@ -29,7 +29,7 @@ from genunlearn.eval.judge import load_eval_classifier
 from genunlearn.models.diffusion_loading import load_diffusion_pipeline, task_from_pipeline
 from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
 from genunlearn.models.pipeline import Pipeline, pipeline_class_names, pipeline_num_classes
-from genunlearn.models.presets import DiffusionPreset
+from genunlearn.models.presets import DiffusionPreset, SamplingDefaults
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -51,19 +51,21 @@ def remain_classes(num_classes: int, forgotten: list[int], count: int | None, se
     return sorted(others[i] for i in order[:count].tolist())
 
 
-def sampling_protocol(job: ForgetJob, preset: DiffusionPreset) -> SamplingProtocol:
-    """The evaluation's sampling protocol: the job's settings, else the preset's."""
-    protocol = SamplingProtocol(
-        per_class=job.eval_samples,
-        guidance=preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
-        steps=job.eval_steps or preset.sampling.steps,
-        seed=job.seed,
-    )
-    if protocol.per_class < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
+def job_sampling(job: ForgetJob, sampling: SamplingDefaults) -> tuple[int, float, int]:
+    """``(samples per class or prompt, guidance, DDIM steps)``: the job's evaluation settings, else the preset's
+    ``sampling``; a UserError when out of range."""
+    guidance = sampling.guidance if job.eval_guidance is None else job.eval_guidance
+    steps = job.eval_steps or sampling.steps
+    if job.eval_samples < 2 or steps < 1 or guidance < 0 or job.data_free_samples < 2:
         raise UserError(
             "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
         )
-    return protocol
+    return job.eval_samples, guidance, steps
+
+
+def sampling_protocol(job: ForgetJob, preset: DiffusionPreset) -> SamplingProtocol:
+    """The evaluation's sampling protocol: the job's settings, else the preset's."""
+    return SamplingProtocol(*job_sampling(job, preset.sampling), seed=job.seed)
 
 
 def real_datasets(preset: DiffusionPreset, data: str | None) -> tuple | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +22,9 @@ from genunlearn.errors import UserError
 from genunlearn.eval.concepts import evaluate_concepts, prompt_class, retain_reference
 from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
 from genunlearn.eval.judge import is_preset_classifier, load_eval_classifier
+from genunlearn.eval.sd_protocols import ProtocolOptions, SDProtocols
 from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
-from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation
+from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, job_sampling
 from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
@@ -53,12 +54,7 @@ class ConceptProtocol:
 
 def concept_protocol(job: ForgetJob, preset: TextToImagePreset) -> ConceptProtocol:
     """The job's evaluation settings, else the preset's sampling."""
-    protocol = ConceptProtocol(job.eval_samples, preset.sampling.guidance if job.eval_guidance is None else job.eval_guidance,
-                               job.eval_steps or preset.sampling.steps, job.seed)
-    if protocol.per_prompt < 2 or protocol.steps < 1 or protocol.guidance < 0 or job.data_free_samples < 2:
-        raise UserError("--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and "
-                        "--eval-guidance non-negative")
-    return protocol
+    return ConceptProtocol(*job_sampling(job, preset.sampling), seed=job.seed)
 
 
 def judge_class_names(name: str, data: str | None) -> list[str]:
@@ -108,25 +104,41 @@ class ConceptSetup:
     class_names: list[str]
     protocol: ConceptProtocol
     reference: torch.Tensor
+    papers: SDProtocols | None = None
 
     def evaluate(self, model: nn.Module | None, accelerator: Accelerator, groups: dict | None = None) -> Evaluation:
-        return evaluate_concepts(self.task, self.judge, self.class_names, groups or self.prompts.groups(), accelerator,
-                                 model=model, prompts=self.prompts.table, reference=self.reference, **self.protocol.sampling())
+        """The figures and generations of ``model`` (None: the original): every prompt group, or only ``groups``
+        (then without the papers' protocols)."""
+        metrics, generations = evaluate_concepts(self.task, self.judge, self.class_names, groups or self.prompts.groups(),
+                                                 accelerator, model=model, prompts=self.prompts.table,
+                                                 reference=self.reference, **self.protocol.sampling())
+        if self.papers is not None and groups is None:
+            metrics.update(self.papers.evaluate(sd_pipeline_for(self.task, model), accelerator, steps=self.protocol.steps,
+                                                guidance=self.protocol.guidance))
+        return metrics, generations
 
 
-def load_judge(job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> tuple[nn.Module, str, list[str]]:
-    """``(judge, its name, its class names)``: ``--eval-classifier`` (and weights), else the preset's."""
-    name = job.eval_classifier or preset.eval_classifier
-    names = judge_class_names(name, job.data)
-    judge = load_eval_classifier(name, weights=job.eval_classifier_weights, num_classes=len(names), data=job.data,
-                                 cache_dir=job.cache_dir, accelerator=accelerator)
-    return judge.to(accelerator.device), name, names
+def protocol_options(job: ForgetJob) -> ProtocolOptions:
+    """The papers' protocols ``job`` asks for (``--i2p-prompts``, ``--coco-prompts`` and their files)."""
+    return ProtocolOptions(job.i2p_prompts, job.nudity_threshold, job.coco_prompts, job.coco_images, job.clip_model,
+                           job.fid_inception_weights, job.protocol_rows)
+
+
+def load_judge(name: str, *, weights: str | None, data: str | None, cache_dir: str | Path | None,
+               accelerator: Accelerator) -> tuple[nn.Module, list[str]]:
+    """``(judge, its class names)``: the classifier called ``name`` (a preset or a timm model) on the device."""
+    names = judge_class_names(name, data)
+    judge = load_eval_classifier(name, weights=weights, num_classes=len(names), data=data, cache_dir=cache_dir,
+                                 accelerator=accelerator)
+    return judge.to(accelerator.device), names
 
 
 def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> ConceptSetup:
     """Load the pipeline, resolve the prompts, generate the training data and build the split and measures."""
     protocol = concept_protocol(job, preset)
-    judge, judge_name, class_names = load_judge(job, preset, accelerator)
+    judge_name = job.eval_classifier or preset.eval_classifier
+    judge, class_names = load_judge(judge_name, weights=job.eval_classifier_weights, data=job.data,
+                                    cache_dir=job.cache_dir, accelerator=accelerator)
     prompts = concept_prompts(job, preset, class_names)
     root = cache_root(job.cache_dir)
     pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
@@ -137,7 +149,18 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=tuple(prompts.groups()["forget"]),
                                                                          seed=job.seed))
     reference = retain_reference(task, judge, prompts.groups()["remain"], accelerator, **protocol.sampling())
-    return ConceptSetup(task, split, prompts, judge, judge_name, class_names, protocol, reference)
+    return ConceptSetup(task, split, prompts, judge, judge_name, class_names, protocol, reference,
+                        protocol_options(job).load())
+
+
+def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) -> dict:
+    """The report's ``prompts`` and ``evaluation`` entries: what was erased, kept and held out, and how it was judged."""
+    return {"prompts": setup.prompts.to_dict(),
+            "evaluation": {**setup.protocol.sampling(), "sampler": SAMPLER, "classifier": setup.judge_name,
+                           "fid_features": f"{setup.judge_name} pre-logits",
+                           "fid_reference": "the original model's generations of the remain prompts, other seeds",
+                           "data_per_prompt": job.data_free_samples, "mixed_precision": mixed_precision,
+                           **protocol_options(job).record()}}
 
 
 def pipeline_loading() -> str:
@@ -158,6 +181,7 @@ class TextToImageRun(GeneratorRun):
         setup, task = self.setup, self.task
         key = ["text-to-image", model_fingerprint(task.model), model_fingerprint(task.text_encoder), model_fingerprint(task.vae),
                setup.protocol.sampling(), setup.prompts.table, setup.prompts.groups(), setup.judge_name,
+               protocol_options(self.job).record(), setup.papers and [asdict(row) for row in setup.papers.rows()],
                model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
                self.accelerator.mixed_precision, self.accelerator.device.type]
         return cached_evaluation(key, lambda: setup.evaluate(None, self.accelerator), cache_root(self.job.cache_dir),
@@ -180,13 +204,7 @@ class TextToImageRun(GeneratorRun):
         return save, load, "model_index.json"
 
     def report_entries(self) -> dict:
-        protocol = self.setup.protocol
-        return {"prompts": self.setup.prompts.to_dict(),
-                "evaluation": {**protocol.sampling(), "sampler": SAMPLER, "classifier": self.setup.judge_name,
-                               "fid_features": f"{self.setup.judge_name} pre-logits",
-                               "fid_reference": "the original model's generations of the remain prompts, other seeds",
-                               "data_per_prompt": self.job.data_free_samples,
-                               "mixed_precision": self.accelerator.mixed_precision}}
+        return concept_record(self.setup, self.job, self.accelerator.mixed_precision)
 
     def write(self, model: nn.Module, output_dir: Path, before: dict, after: dict) -> str:
         save_pipeline(sd_pipeline_for(self.task, model.cpu().eval()), output_dir / PIPELINE_DIR)
@@ -206,8 +224,14 @@ class TextToImageKind:
         if job.data is not None:
             raise UserError("text-to-image erasure trains on the model's own generations; drop --data")
         check_prompts(job.concepts, job.retain_prompts, job.paraphrase_prompts)
+        protocol_options(job).check()
         check_vocabulary(get_preset(job.model), [*job.concepts, *job.retain_prompts, *job.paraphrase_prompts,
                                                  *([job.anchor] if job.anchor else [])])
+
+    def check_evaluation(self, job: ForgetJob) -> None:
+        if not job.concepts:
+            raise UserError("name the concept to measure: genunlearn evaluate --concept PROMPT")
+        self.check_job(job)
 
     def load_task(self, preset: TextToImagePreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> TextToImageTask:
@@ -226,22 +250,17 @@ class TextToImageKind:
     def evaluate_model(self, job: ForgetJob, preset: TextToImagePreset,
                        accelerator: Accelerator) -> tuple[dict, Callable[[Path], None]]:
         """Generate every prompt (``--concept`` and its paraphrases when given, the retain prompts) and judge them."""
-        if not job.concepts:
-            raise UserError("name the concept to measure: genunlearn evaluate --concept PROMPT")
-        self.check_job(job)
         setup = prepare_concepts(job, preset, accelerator)
         metrics, generations = setup.evaluate(None, accelerator)
         groups = setup.prompts.groups()
-        record = TextToImageRun(job, setup, accelerator).report_entries()
-        return {"metrics": metrics, **record}, lambda path: save_samples_figure(
+        return {"metrics": metrics, **concept_record(setup, job, accelerator.mixed_precision)}, lambda path: save_samples_figure(
             {"samples": generations}, path, setup.prompts.table, groups["forget"] + groups["paraphrase"],
             per_row=GRID_SAMPLES, numbered=False, marked="the concept's prompts")
 
     def pretrain_summary(self, task: TextToImageTask, *, data: str | None, cache_dir: str | None,
                          accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:
-        names = judge_class_names(task.preset.eval_classifier, data)
-        judge = load_eval_classifier(task.preset.eval_classifier, weights=None, num_classes=len(names), data=data,
-                                     cache_dir=cache_dir, accelerator=accelerator)
+        judge, names = load_judge(task.preset.eval_classifier, weights=None, data=data, cache_dir=cache_dir,
+                                  accelerator=accelerator)
         plain = [task.prompts.index(p) for p in task.preset.retain_prompts if p in task.prompts]
         sampling = task.preset.sampling
         metrics, _ = evaluate_concepts(task, judge, names, {"remain": plain}, accelerator, per_prompt=50,

@@ -31,6 +31,7 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
     preset = get_preset(job.model)
     kind = kind_of(preset)
+    kind.check_evaluation(job)
     writable_cache_root(job.cache_dir)
     out, started_at = job.output_dir, utc_now()
     with main_process_lock(out, accelerator):

@@ -53,6 +53,12 @@ class ForgetJob:
     anchor: str | None = None  # text-to-image: the prompt rl pulls the concept towards
     retain_prompts: list[str] = field(default_factory=list)  # text-to-image: kept prompts (empty: the preset's)
     paraphrase_prompts: list[str] = field(default_factory=list)  # text-to-image: held-out prompts of the concept
+    i2p_prompts: str | None = None  # text-to-image: an I2P prompt CSV, its generations judged by NudeNet
+    nudity_threshold: float = 0.6  # text-to-image: the NudeNet score above which a body part counts as found
+    coco_prompts: str | None = None  # text-to-image: a COCO caption CSV, its generations scored by CLIP and FID
+    coco_images: str | None = None  # text-to-image: real COCO images the coco_prompts' FID compares with
+    clip_model: str | None = None  # text-to-image: a local CLIP model folder for the CLIP score
+    protocol_rows: int | None = None  # text-to-image: the first N rows of each protocol CSV (None: all)
 
     def identity(self) -> dict:
         """What makes two runs the same run (everything but where caches live, whether to resume, where figures are
@@ -63,11 +69,17 @@ class ForgetJob:
             if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing", "report_to")
         }
 
-    def split_spec(self) -> SplitSpec:
-        """The split a class-forgetting job names (a UserError for a bad or missing one, or for a concept)."""
-        if self.concepts or self.anchor or self.retain_prompts or self.paraphrase_prompts:
+    def check_classes_only(self) -> None:
+        """A UserError for the text-to-image options (concepts, prompt files, the papers' protocols) on a model that
+        forgets classes."""
+        if (self.concepts or self.anchor or self.retain_prompts or self.paraphrase_prompts or self.i2p_prompts
+                or self.coco_prompts):
             raise UserError(f"--concept, --anchor and the prompt files are for text-to-image models; {self.model} forgets "
                             "classes: pass --class")
+
+    def split_spec(self) -> SplitSpec:
+        """The split a class-forgetting job names (a UserError for a bad or missing one, or for a concept)."""
+        self.check_classes_only()
         return choose_split(self.classes, self.random_fraction, self.subclasses, self.seed,
                             ("--class", "--random-fraction", "--subclass"))
 
