@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from genunlearn.api import check_split, forget_split, unlearn  # noqa: E402
 from genunlearn.data import ForgetSplit, SplitSpec, load_digits_split, make_forget_split  # noqa: E402
 from genunlearn.data.adapt import as_labeled_dataset  # noqa: E402
+from genunlearn.data.captioned_folder import read_captioned_folder  # noqa: E402
 from genunlearn.errors import UserError  # noqa: E402
 from genunlearn.eval.classify import evaluate_classifier  # noqa: E402
 from genunlearn.eval.score import GeneratorScores, evaluate_generator  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "load_digits_split",
     "load_task",
     "make_forget_split",
+    "read_captioned_folder",
     "sample_dataset",
     "save_classifier",
     "unlearn",

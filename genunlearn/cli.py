@@ -91,7 +91,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "diffusion: a pipeline folder (save_pretrained, e.g. a DiTPipeline) or a hub id ORG/NAME (needs network). "
         "Default: the preset's hub id, else its locally pretrained weights (trained on first use, then cached)",
     )
-    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data")
+    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data; "
+                        "text-to-image: images captioned with the concept's or retain prompts (metadata.jsonl of "
+                        "file_name and text, the imagefolder layout), trained on instead of generations of those prompts")
     parser.add_argument(
         "--cache-dir", help="where pretrained models are cached (default: $GENUNLEARN_CACHE, else ~/.cache/genunlearn)"
     )
@@ -388,7 +390,9 @@ def pretrain_parser(prog: str = "genunlearn pretrain") -> argparse.ArgumentParse
         description="Train a preset from scratch on its data (or --data) and cache it, or write it to --output-dir.",
     )
     parser.add_argument("--model", required=True, help="a preset (see `genunlearn models`) or a timm model name")
-    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data")
+    parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data; "
+                        "text-to-image: images captioned with the concept's or retain prompts (metadata.jsonl of "
+                        "file_name and text, the imagefolder layout), trained on instead of generations of those prompts")
     parser.add_argument("--cache-dir", help="cache to fill (default: $GENUNLEARN_CACHE, else ~/.cache/genunlearn)")
     parser.add_argument("--output-dir", type=Path, help="also write model.safetensors + config.json here")
     return parser

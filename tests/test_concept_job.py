@@ -7,15 +7,19 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import save_file
+from sklearn.datasets import load_digits
 
 from genunlearn import forget_split, unlearn
 from genunlearn.cli import evaluate_main, forget_main, guarded
 from genunlearn.data.captioned_digits import VOCABULARY
+from genunlearn.data.captioned_folder import read_captioned_folder
 from genunlearn.methods import sfron
 from genunlearn.models.presets import get_preset
 from genunlearn.models.tiny_sd import build_tiny_sd
@@ -181,3 +185,64 @@ def test_a_held_pipeline_erases_through_the_library(sd_digits_dir, tmp_path):
     assert result.steps == 2 and any(not torch.equal(a, b) for a, b in zip(result.model.parameters(), pipeline.unet.parameters()))
     with pytest.raises(Exception, match="StableDiffusionPipeline"):
         concept_task(pipeline.unet, prompts)
+
+
+def captioned_digits_folder(folder: Path, captions: dict[int, str], per_digit: int = 5) -> Path:
+    """``per_digit`` of sklearn's 8x8 digits per digit in ``captions``, saved as PNGs with a metadata.jsonl captioning
+    each with ``captions[digit]`` (the imagefolder layout)."""
+    folder.mkdir(parents=True)
+    digits = load_digits()
+    lines = []
+    for digit, caption in captions.items():
+        for n, index in enumerate((digits.target == digit).nonzero()[0][:per_digit]):
+            name = f"{digit}-{n}.png"
+            Image.fromarray((digits.images[index] * 255 / 16).astype("uint8")).save(folder / name)
+            lines.append(json.dumps({"file_name": name, "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_captioned_user_images_are_the_data_of_their_prompts(sd_digits_dir, tmp_path):
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_digits_dir, local_files_only=True)
+    prompts = ConceptPrompts([THREE], ["a handwritten digit four", "a handwritten digit five"])
+    images = read_captioned_folder(captioned_digits_folder(tmp_path / "data", {3: THREE, 4: "a handwritten digit four"}))
+    inverted = read_captioned_folder(captioned_digits_folder(tmp_path / "other", {3: THREE, 4: "a handwritten digit four"}))
+    for path, _ in inverted:
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+
+    def task_of(pairs):
+        return concept_task(pipeline, prompts, per_prompt=3, guidance=3.0, steps=2, preset="sd-digits", cache_dir=tmp_path,
+                            images=pairs)
+
+    task, again, other = task_of(images), task_of(images), task_of(inverted)
+    assert task.train_data.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 3  # 5 images each, 1 held out; "five" generated
+    assert task.test_data.targets.tolist() == [0, 1] + [2] * 2
+    assert torch.equal(task.train_data.images, again.train_data.images)  # seeded
+    user = task.train_data.targets < 2
+    assert not torch.equal(task.train_data.images[user], other.train_data.images[user])  # the images are what is trained
+    assert torch.equal(task.train_data.images[~user], other.train_data.images[~user])  # the generated prompt is not
+
+
+def test_an_erasure_trains_on_user_images_given_with_data(sd_digits_dir, cnn_task, tmp_path):
+    data = captioned_digits_folder(tmp_path / "data", {3: THREE, 4: "a handwritten digit four"})
+    out = tmp_path / "run"
+    assert erase("--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--method", "sfron",
+                 "--data", str(data), *TINY_RUN, "--output-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert str(data) in report["evaluation"]["training_data"] and len(report["prompts"]["remain"]) == 9
+
+
+@pytest.mark.parametrize("captions, per_digit, metadata, message", [
+    ({3: THREE, 7: "a handwritten digit seven in bold strokes"}, 5, True, "is neither a concept nor a retain prompt"),
+    ({3: THREE, 4: "a handwritten digit four"}, 5, False, "no metadata.jsonl"),
+    ({3: THREE}, 1, True, "only one image is captioned"),
+])
+def test_bad_captioned_images_are_one_error_line(captions, per_digit, metadata, message, sd_digits_dir, tmp_path, capsys):
+    bad = captioned_digits_folder(tmp_path / "bad", captions, per_digit)
+    if not metadata:
+        (bad / "metadata.jsonl").unlink()
+    assert erase("--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--data", str(bad),
+                 *TINY_RUN, "--output-dir", str(tmp_path / "never")) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "never").exists()

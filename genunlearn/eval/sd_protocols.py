@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from torch import nn
 
+from genunlearn.data.captioned_folder import load_images
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import InceptionFeatures, check_inception_file, fid_from_features
@@ -165,22 +165,10 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def real_image_features(folder: str | Path, shape: tuple[int, int, int], features: nn.Module,
                         batch: int = 64) -> torch.Tensor:
-    """``features`` (the FID Inception-v3) ``[N, D]`` of every image under ``folder`` in [-1, 1], centre-cropped square
-    and resized (bicubic) to ``shape`` (the generations' channels, height and width: grey or RGB)."""
+    """``features`` (the FID Inception-v3) ``[N, D]`` of every image under ``folder``, loaded at ``shape`` (the
+    generations' channels, height and width) by ``load_images``."""
     files = image_files(folder)
-    mode = "L" if shape[0] == 1 else "RGB"
-    rows = []
-    for start in range(0, len(files), batch):
-        images = [_square(Image.open(p).convert(mode), shape[1:]) for p in files[start:start + batch]]
-        pixels = torch.from_numpy(np.stack(images)).reshape(len(images), *shape[1:], shape[0]).permute(0, 3, 1, 2)
-        rows.append(features(pixels.float() / 127.5 - 1))
-    return torch.cat(rows)
-
-
-def _square(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return np.asarray(image.crop((left, top, left + side, top + side)).resize((size[1], size[0]), Image.BICUBIC))
+    return torch.cat([features(load_images(files[start:start + batch], shape)) for start in range(0, len(files), batch)])
 
 
 @dataclass

@@ -16,6 +16,7 @@ from timm.data import ImageNetInfo
 from torch import nn
 
 from genunlearn.data.captioned_digits import VOCABULARY, paraphrases
+from genunlearn.data.captioned_folder import captioned_fingerprint, read_captioned_folder
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.errors import UserError
@@ -32,7 +33,7 @@ from genunlearn.models.text_to_image_loading import load_captioned_digits, load_
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import save_pipeline
-from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task
+from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task, images_by_prompt
 from genunlearn.tasks.text_to_image import TextToImageTask
 
 SAMPLER = "DDIM (diffusers DDIMScheduler from the pipeline's noise schedule)"
@@ -137,12 +138,14 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
     """Load the pipeline, resolve the prompts, generate the training data and build the split and measures."""
     protocol = concept_protocol(job, preset)
     judge_name = job.eval_classifier or preset.eval_classifier
-    judge, class_names = load_judge(judge_name, weights=job.eval_classifier_weights, data=job.data,
+    judge, class_names = load_judge(judge_name, weights=job.eval_classifier_weights, data=None,
                                     cache_dir=job.cache_dir, accelerator=accelerator)
     prompts = concept_prompts(job, preset, class_names)
     root = cache_root(job.cache_dir)
     pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
+    images = read_captioned_folder(job.data) if job.data is not None else ()
     task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=protocol.guidance, steps=protocol.steps,
+                        images=images,
                         seed=job.seed, preset=preset, cache_dir=root, accelerator=accelerator)
     if job.gradient_checkpointing:
         task.model.enable_gradient_checkpointing()
@@ -160,6 +163,8 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
                            "data_per_prompt": job.data_free_samples, "mixed_precision": mixed_precision,
+                           "training_data": "the model's own generations" if job.data is None else
+                           f"the captioned images in {job.data} for their prompts, the model's own generations for the rest",
                            **protocol_options(job).record()}}
 
 
@@ -175,7 +180,8 @@ class TextToImageRun(GeneratorRun):
     def data_id(self) -> str:
         """The retrain oracle's data: the original model's generations of these prompts."""
         table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
-        return f"generated-{model_fingerprint(self.task.model)}-{table}-{self.job.data_free_samples}"
+        images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data))}"
+        return f"generated-{model_fingerprint(self.task.model)}-{table}-{self.job.data_free_samples}{images}"
 
     def evaluate_before(self) -> Evaluation:
         setup, task = self.setup, self.task
@@ -221,8 +227,10 @@ class TextToImageKind:
     def check_job(self, job: ForgetJob) -> None:
         if job.classes or job.subclasses or job.random_fraction is not None:
             raise UserError("text-to-image models erase concepts given as prompts; pass --concept PROMPT instead of --class")
-        if job.data is not None:
-            raise UserError("text-to-image erasure trains on the model's own generations; drop --data")
+        if job.data is not None:  # every caption must be an erased or a retained prompt
+            retained = job.retain_prompts or get_preset(job.model).retain_prompts
+            images_by_prompt(read_captioned_folder(job.data), [*job.concepts, *retained],
+                             list(range(len(job.concepts) + len(retained))))
         check_prompts(job.concepts, job.retain_prompts, job.paraphrase_prompts)
         protocol_options(job).check()
         check_vocabulary(get_preset(job.model), [*job.concepts, *job.retain_prompts, *job.paraphrase_prompts,
@@ -231,6 +239,8 @@ class TextToImageKind:
     def check_evaluation(self, job: ForgetJob) -> None:
         if not job.concepts:
             raise UserError("name the concept to measure: genunlearn evaluate --concept PROMPT")
+        if job.data is not None:
+            raise UserError("genunlearn evaluate judges generations only; drop --data")
         self.check_job(job)
 
     def load_task(self, preset: TextToImagePreset, *, pretrained: str | None, data: str | Path | None,

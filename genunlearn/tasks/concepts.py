@@ -3,13 +3,18 @@ a task over the pipeline trained on its own generations of them (``concept_task`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from genunlearn.data.captioned_folder import load_images
 from genunlearn.data.generated import generated_prompt_datasets
+from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.models.presets import TextToImagePreset, get_preset
@@ -71,16 +76,18 @@ def concept_task(
     guidance: float | None = None,
     steps: int | None = None,
     seed: int = 0,
+    images: Sequence[tuple[str | Path, str]] = (),
     preset: str | TextToImagePreset = REFERENCE_PRESET,
     cache_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
 ) -> TextToImageTask:
-    """A task over ``pipeline``'s UNet whose data is the pipeline's own generations: ``per_prompt`` latents of each
-    forget and remain prompt (a quarter as many with other seeds as test data), DDIM ``steps`` on the pipeline's noise
-    schedule at ``guidance``
-    (default: the preset's sampling), seeded by ``seed``, cached under ``cache_dir/generated``. Labels are ids into
-    ``prompts.table``, so ``genunlearn.forget_split(task, classes=prompts.groups()["forget"])`` is the erasure's split.
-    ``preset``: whose method defaults apply (default ``sd-1.5``: the references' Stable Diffusion settings)."""
+    """A task over ``pipeline``'s UNet whose data is, per forget and remain prompt, the user's ``images`` captioned with
+    it (``(path, caption)`` pairs, e.g. ``read_captioned_folder``'s; a fifth held out as test data, drawn by ``seed``),
+    else the pipeline's own generations: ``per_prompt`` latents (a quarter as many with other seeds as test data), DDIM
+    ``steps`` on the pipeline's noise schedule at ``guidance`` (default: the preset's sampling), seeded by ``seed``,
+    cached under ``cache_dir/generated``. Labels are ids into ``prompts.table``, so
+    ``genunlearn.forget_split(task, classes=prompts.groups()["forget"])`` is the erasure's split. ``preset``: whose
+    method defaults apply (default ``sd-1.5``: the references' Stable Diffusion settings)."""
     if not isinstance(pipeline, StableDiffusionPipeline):
         raise UserError(f"concept erasure needs a diffusers StableDiffusionPipeline, got {type(pipeline).__name__}")
     if per_prompt < 2:
@@ -88,13 +95,65 @@ def concept_task(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     accelerator = accelerator or make_accelerator()
     groups, table = prompts.groups(), prompts.table
-    sampler = sampling_pipeline(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler.config)
-    train, test = generated_prompt_datasets(
-        sampler, table, groups["forget"] + groups["remain"], per_prompt, accelerator,
-        guidance=preset.sampling.guidance if guidance is None else guidance, steps=steps or preset.sampling.steps, seed=seed,
-        cache_dir=None if cache_dir is None else Path(cache_dir))
+    trained = groups["forget"] + groups["remain"]
+    captioned = images_by_prompt(images, table, trained)
+    parts = []
+    if captioned:
+        parts.append(encoded_image_datasets(pipeline, captioned, table, seed))
+    generated = [i for i in trained if i not in captioned]
+    if generated:
+        sampler = sampling_pipeline(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                                    pipeline.scheduler.config)
+        parts.append(generated_prompt_datasets(
+            sampler, table, generated, per_prompt, accelerator,
+            guidance=preset.sampling.guidance if guidance is None else guidance, steps=steps or preset.sampling.steps,
+            seed=seed, cache_dir=None if cache_dir is None else Path(cache_dir)))
+    train, test = (LabeledTensorDataset(torch.cat([part[k].images for part in parts]),
+                                        torch.cat([part[k].targets for part in parts]), table) for k in (0, 1))
     return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
                            DDPMScheduler.from_config(pipeline.scheduler.config), train, test, encoded_data=True,
                            cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
                            rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
 
+
+def images_by_prompt(images: Sequence[tuple[str | Path, str]], table: list[str], trained: list[int]) -> dict[int, list[Path]]:
+    """``{prompt id: image paths}`` of the ``(path, caption)`` pairs, each caption one of the ``trained`` prompts of
+    ``table`` (whitespace aside); a UserError for a caption that is not, or a prompt with a single image."""
+    ids = {" ".join(table[i].split()): i for i in trained}
+    grouped: dict[int, list[Path]] = {}
+    for path, caption in images:
+        key = " ".join(caption.split())
+        if key not in ids:
+            raise UserError(f"{path}: its caption {caption!r} is neither a concept nor a retain prompt; add it to "
+                            "--retain-prompts or --concept, or leave the image out")
+        grouped.setdefault(ids[key], []).append(Path(path))
+    for prompt_id, paths in grouped.items():
+        if len(paths) < 2:
+            raise UserError(f"only one image is captioned {table[prompt_id]!r}; give at least 2 (one is held out as test data)")
+    return grouped
+
+
+IMAGE_SEED_OFFSET = 40_009  # the VAE's latent draws of user images share no seed with generation or evaluation
+
+
+@torch.no_grad()
+def encoded_image_datasets(pipeline: StableDiffusionPipeline, captioned: dict[int, list[Path]], table: list[str],
+                           seed: int) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
+    """``(train, test)`` latents of the user's images per prompt id (labels): each image at the pipeline's resolution
+    and channels, encoded by its VAE (a draw from the latent distribution, times the scaling factor, as diffusers'
+    text-to-image training encodes), a fifth of each prompt's images (at least one) held out as test data."""
+    vae = pipeline.vae
+    shape = (vae.config.in_channels, pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+             pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+    generator = torch.Generator().manual_seed(seed + IMAGE_SEED_OFFSET)
+    parts: dict[str, list[torch.Tensor]] = {"train": [], "train_labels": [], "test": [], "test_labels": []}
+    for prompt_id, paths in sorted(captioned.items()):
+        order = torch.randperm(len(paths), generator=generator).tolist()
+        held = max(1, len(paths) // 5)
+        for split, chosen in (("test", order[:held]), ("train", order[held:])):
+            pixels = load_images([paths[i] for i in chosen], shape).to(vae.device, vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+            parts[split].append(latents.float().cpu())
+            parts[f"{split}_labels"].append(torch.full((len(chosen),), prompt_id, dtype=torch.long))
+    return tuple(LabeledTensorDataset(torch.cat(parts[split]), torch.cat(parts[f"{split}_labels"]), table)
+                 for split in ("train", "test"))
