@@ -141,7 +141,8 @@ def test_clip_score_loads_a_local_folder_and_is_the_models_own_cosine(clip_dir, 
         image = torch.rand(1, 8, 8) * 2 - 1
         pixels = ((image + 1) * 127.5).round().to(torch.uint8).expand(3, -1, -1)
         with torch.no_grad():  # CLIPModel's forward: logits_per_image = exp(logit_scale) * cosine
-            logits = model(**processor(text=[caption], images=[pixels], return_tensors="pt", padding=True)).logits_per_image
+            logits = model(**processor(text=[caption], images=[pixels], return_tensors="pt", padding=True,
+                                     truncation=True)).logits_per_image
         cosine = (logits / model.logit_scale.exp()).item()
         scores.append(clip_score(model, processor, image, caption))
         assert scores[-1] == pytest.approx(100 * max(cosine, 0), abs=1e-4)
