@@ -20,18 +20,9 @@ from genunlearn.data.captioned_digits import VOCABULARY
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.fid import ClassifierFeatures
-from genunlearn.eval.sd_protocols import (
-    NUDE_LABELS,
-    PromptRow,
-    SDProtocols,
-    as_bgr_uint8,
-    clip_score,
-    exposed_parts,
-    load_clip,
-    measure_rows,
-    nudity_figures,
-    read_prompt_table,
-)
+from genunlearn.eval.clip_score import clip_score, load_clip
+from genunlearn.eval.nudity import NUDE_LABELS, as_bgr_uint8, exposed_parts, nudity_figures
+from genunlearn.eval.sd_protocols import PromptRow, SDProtocols, measure_rows, read_prompt_table
 from genunlearn.models.presets import get_preset
 from genunlearn.models.prompt_sampling import sampling_pipeline
 from genunlearn.models.tiny_sd import build_tiny_sd

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from genunlearn.errors import UserError
+from genunlearn.eval.pixels import uint8_rgb
 from genunlearn.models.peft import classifier_head
 
 FEATURE_BATCH = 512
@@ -74,10 +75,7 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if pixels.shape[1] == 1:
-            pixels = pixels.repeat(1, 3, 1, 1)
-        return self.net(pixels).reshape(len(images), -1)
+        return self.net(uint8_rgb(images)).reshape(len(images), -1)
 
 
 class _Precomputed(nn.Module):
