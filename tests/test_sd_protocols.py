@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from genunlearn.cli import evaluate_main, forget_main, guarded
@@ -26,7 +27,7 @@ from genunlearn.eval.sd_protocols import PromptRow, SDProtocols, measure_rows, r
 from genunlearn.models.presets import get_preset
 from genunlearn.models.prompt_sampling import sampling_pipeline
 from genunlearn.models.tiny_sd import build_tiny_sd
-from helpers import validate_report
+from helpers import accelerate_launch, validate_report
 
 THREE = "a handwritten digit three"
 CAPTIONS = ["a handwritten digit one", "a handwritten digit seven in bold strokes", "a handwritten digit two"]
@@ -222,3 +223,15 @@ def test_an_erasure_reports_the_protocols_before_and_after(sd_digits, clip_dir, 
     assert all(0 <= report[when]["coco_clip_score"] <= 100 for when in ("before", "after"))
     assert report["evaluation"]["coco"]["prompts"] == str(coco)
     assert "| coco_clip_score |" in (out / "report.md").read_text()
+
+
+def test_two_processes_generate_each_row_as_one_process_does(sd_digits, cache_dir, tmp_path):
+    worker = Path(__file__).parent / "workers" / "protocol_rows_dump.py"
+    dumps = {}
+    for processes in (1, 2):
+        out = tmp_path / f"rows-{processes}.safetensors"
+        done = accelerate_launch(worker, [str(sd_digits[0]), str(out)], cache_dir, processes=processes, port=29563)
+        assert done.returncode == 0, done.stderr[-2000:]
+        dumps[processes] = load_file(out)
+    assert dumps[1]["processes"].tolist() == [0] * 5 and set(dumps[2]["processes"].tolist()) == {0, 1}
+    torch.testing.assert_close(dumps[2]["images"], dumps[1]["images"], rtol=0, atol=1e-5)  # row order and seeds kept
