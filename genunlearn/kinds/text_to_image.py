@@ -58,10 +58,11 @@ def concept_protocol(job: ForgetJob, preset: TextToImagePreset) -> ConceptProtoc
     return ConceptProtocol(*job_sampling(job, preset.sampling), seed=job.seed)
 
 
-def judge_class_names(name: str, data: str | None) -> list[str]:
-    """The classes of the judge called ``name``: a classifier preset's data classes, else ImageNet's (timm's names)."""
+def judge_class_names(name: str) -> list[str]:
+    """The classes of the judge called ``name``: a classifier preset's embedded data classes, else ImageNet's (timm's
+    names)."""
     if is_preset_classifier(name):
-        return list(load_datasets(get_preset(name), data)[0].classes)
+        return list(load_datasets(get_preset(name), None)[0].classes)
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
@@ -125,11 +126,12 @@ def protocol_options(job: ForgetJob) -> ProtocolOptions:
                            job.fid_inception_weights, job.protocol_rows)
 
 
-def load_judge(name: str, *, weights: str | None, data: str | None, cache_dir: str | Path | None,
+def load_judge(name: str, *, weights: str | None, cache_dir: str | Path | None,
                accelerator: Accelerator) -> tuple[nn.Module, list[str]]:
-    """``(judge, its class names)``: the classifier called ``name`` (a preset or a timm model) on the device."""
-    names = judge_class_names(name, data)
-    judge = load_eval_classifier(name, weights=weights, num_classes=len(names), data=data, cache_dir=cache_dir,
+    """``(judge, its class names)``: the classifier called ``name`` on the device: a preset (trained on its embedded
+    data, or ``weights``) or a timm model (``weights``, else the hub's)."""
+    names = judge_class_names(name)
+    judge = load_eval_classifier(name, weights=weights, num_classes=len(names), data=None, cache_dir=cache_dir,
                                  accelerator=accelerator)
     return judge.to(accelerator.device), names
 
@@ -138,15 +140,14 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
     """Load the pipeline, resolve the prompts, generate the training data and build the split and measures."""
     protocol = concept_protocol(job, preset)
     judge_name = job.eval_classifier or preset.eval_classifier
-    judge, class_names = load_judge(judge_name, weights=job.eval_classifier_weights, data=None,
-                                    cache_dir=job.cache_dir, accelerator=accelerator)
+    judge, class_names = load_judge(judge_name, weights=job.eval_classifier_weights, cache_dir=job.cache_dir,
+                                    accelerator=accelerator)
     prompts = concept_prompts(job, preset, class_names)
     root = cache_root(job.cache_dir)
     pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
     images = read_captioned_folder(job.data) if job.data is not None else ()
     task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=protocol.guidance, steps=protocol.steps,
-                        images=images,
-                        seed=job.seed, preset=preset, cache_dir=root, accelerator=accelerator)
+                        seed=job.seed, images=images, preset=preset, cache_dir=root, accelerator=accelerator)
     if job.gradient_checkpointing:
         task.model.enable_gradient_checkpointing()
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=tuple(prompts.groups()["forget"]),
@@ -178,7 +179,7 @@ class TextToImageRun(GeneratorRun):
 
     @property
     def data_id(self) -> str:
-        """The retrain oracle's data: the original model's generations of these prompts."""
+        """The retrain oracle's data: the original model's generations of these prompts (and ``--data``'s images)."""
         table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
         images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data))}"
         return f"generated-{model_fingerprint(self.task.model)}-{table}-{self.job.data_free_samples}{images}"
@@ -269,8 +270,7 @@ class TextToImageKind:
 
     def pretrain_summary(self, task: TextToImageTask, *, data: str | None, cache_dir: str | None,
                          accelerator: Accelerator) -> tuple[str, Callable[[Path], None]]:
-        judge, names = load_judge(task.preset.eval_classifier, weights=None, data=data, cache_dir=cache_dir,
-                                  accelerator=accelerator)
+        judge, names = load_judge(task.preset.eval_classifier, weights=None, cache_dir=cache_dir, accelerator=accelerator)
         plain = [task.prompts.index(p) for p in task.preset.retain_prompts if p in task.prompts]
         sampling = task.preset.sampling
         metrics, _ = evaluate_concepts(task, judge, names, {"remain": plain}, accelerator, per_prompt=50,
