@@ -9,10 +9,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from genunlearn.data.folders import default_transform
 from genunlearn.errors import UserError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -57,17 +57,11 @@ def captioned_fingerprint(pairs: list[tuple[Path, str]]) -> str:
     return digest.hexdigest()[:12]
 
 
-def square_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """``image`` centre-cropped to a square and resized (bicubic) to ``size`` (height, width), as an array."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return np.asarray(image.crop((left, top, left + side, top + side)).resize((size[1], size[0]), Image.BICUBIC))
-
-
 def load_images(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
-    """The images at ``paths`` as ``[N, C, H, W]`` in [-1, 1] at ``shape`` (``C`` 1: grey, 3: RGB), each
-    ``square_image``."""
-    mode = "L" if shape[0] == 1 else "RGB"
-    arrays = [square_image(Image.open(path).convert(mode), shape[1:]) for path in paths]
-    pixels = torch.from_numpy(np.stack(arrays)).reshape(len(paths), *shape[1:], shape[0]).permute(0, 3, 1, 2)
-    return pixels.float() / 127.5 - 1
+    """The images at ``paths`` as ``[N, C, S, S]`` in [-1, 1] at ``shape`` (``C`` 1: grey, 3: RGB; square, ``S``),
+    prepared as the image folders are (``default_transform``: shorter side resized, centre-cropped)."""
+    channels, height, width = shape
+    if height != width:
+        raise ValueError(f"images are loaded square; got {height}x{width}")
+    transform = default_transform(height, channels)
+    return torch.stack([transform(Image.open(path)) for path in paths])

@@ -19,6 +19,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.data.captioned_folder import load_images
+from genunlearn.data.folders import IMAGE_EXTENSIONS
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.eval.clip_score import check_clip_folder, clip_score, load_clip
@@ -28,7 +29,6 @@ from genunlearn.models.sampling import spread_over_processes
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale", "guidance")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def measure_rows(pipeline: StableDiffusionPipeline, rows: list[PromptRow], measu
 def image_files(folder: str | Path) -> list[Path]:
     """The images under ``folder``, sorted; a UserError when there are none."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
     if not files:
         raise UserError(f"--coco-images {folder}: no images there; pass the folder of real COCO images FID compares with")
     return files
@@ -165,6 +165,27 @@ class ProtocolOptions:
 
     def check(self) -> None:
         """A UserError for a missing file or a bad value, before anything is generated or written."""
+        self._check_values()
+        self._tables()
+        if self.i2p_prompts:
+            nudenet_detector()
+        if self.clip_model:
+            check_clip_folder(self.clip_model)
+        if self.coco_images:
+            check_inception_file(self.inception_weights)
+
+    def load(self) -> SDProtocols | None:
+        """The protocols asked for (None for none), each file checked as it is read, with their judges loaded."""
+        self._check_values()
+        i2p, coco = self._tables()
+        if not (i2p or coco):
+            return None
+        return SDProtocols(i2p=i2p, threshold=self.nudity_threshold, detector=nudenet_detector() if i2p else None, coco=coco,
+                           clip=load_clip(self.clip_model) if self.clip_model else None, coco_images=self.coco_images,
+                           inception=InceptionFeatures(self.inception_weights) if self.coco_images else None)
+
+    def _check_values(self) -> None:
+        """A UserError for options that do not go together or a value out of range."""
         if not (self.i2p_prompts or self.coco_prompts) and (self.coco_images or self.clip_model):
             raise UserError("--coco-images and --clip-model score the --coco-prompts generations; pass --coco-prompts CSV")
         if not 0 <= self.nudity_threshold < 1:
@@ -174,31 +195,17 @@ class ProtocolOptions:
         if self.coco_prompts and not (self.clip_model or self.coco_images):
             raise UserError("--coco-prompts needs what to score with: --clip-model DIR (CLIP score), --coco-images DIR (FID), "
                             "or both")
-        if self.i2p_prompts:
-            read_prompt_table(self.i2p_prompts, "--i2p-prompts", self.rows)
-            nudenet_detector()
-        if self.coco_prompts:
-            read_prompt_table(self.coco_prompts, "--coco-prompts", self.rows)
-        if self.clip_model:
-            check_clip_folder(self.clip_model)
-        if self.coco_images:
-            if self.inception_weights is None:
-                raise UserError("--coco-images compares in the FID Inception-v3's features; pass --fid-inception-weights "
-                                "pt_inception-2015-12-05-6726825d.pth")
-            image_files(self.coco_images)
-            check_inception_file(self.inception_weights)
+        if self.coco_images and self.inception_weights is None:
+            raise UserError("--coco-images compares in the FID Inception-v3's features; pass --fid-inception-weights "
+                            "pt_inception-2015-12-05-6726825d.pth")
 
-    def load(self) -> SDProtocols | None:
-        """The protocols asked for (None for none), checked, with their judges loaded."""
-        self.check()
-        if not (self.i2p_prompts or self.coco_prompts):
-            return None
-        return SDProtocols(
-            i2p=read_prompt_table(self.i2p_prompts, "--i2p-prompts", self.rows) if self.i2p_prompts else None,
-            threshold=self.nudity_threshold, detector=nudenet_detector() if self.i2p_prompts else None,
-            coco=read_prompt_table(self.coco_prompts, "--coco-prompts", self.rows) if self.coco_prompts else None,
-            clip=load_clip(self.clip_model) if self.clip_model else None, coco_images=self.coco_images,
-            inception=InceptionFeatures(self.inception_weights) if self.coco_images else None)
+    def _tables(self) -> tuple[list[PromptRow] | None, list[PromptRow] | None]:
+        """The I2P and COCO rows asked for (None where not), and the real COCO images checked to be there."""
+        i2p = read_prompt_table(self.i2p_prompts, "--i2p-prompts", self.rows) if self.i2p_prompts else None
+        coco = read_prompt_table(self.coco_prompts, "--coco-prompts", self.rows) if self.coco_prompts else None
+        if self.coco_images:
+            image_files(self.coco_images)
+        return i2p, coco
 
     def record(self) -> dict:
         """The report's entry of the protocols run (empty for none)."""

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from genunlearn.data.captioned_folder import load_images
-from genunlearn.data.generated import generated_prompt_datasets
+from genunlearn.data.generated import generated_prompt_datasets, stacked
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
@@ -146,14 +146,12 @@ def encoded_image_datasets(pipeline: StableDiffusionPipeline, captioned: dict[in
     shape = (vae.config.in_channels, pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
              pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
     generator = torch.Generator().manual_seed(seed + IMAGE_SEED_OFFSET)
-    parts: dict[str, list[torch.Tensor]] = {"train": [], "train_labels": [], "test": [], "test_labels": []}
+    splits: dict[str, dict[int, torch.Tensor]] = {"train": {}, "test": {}}
     for prompt_id, paths in sorted(captioned.items()):
         order = torch.randperm(len(paths), generator=generator).tolist()
         held = max(1, len(paths) // 5)
         for split, chosen in (("test", order[:held]), ("train", order[held:])):
             pixels = load_images([paths[i] for i in chosen], shape).to(vae.device, vae.dtype)
             latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-            parts[split].append(latents.float().cpu())
-            parts[f"{split}_labels"].append(torch.full((len(chosen),), prompt_id, dtype=torch.long))
-    return tuple(LabeledTensorDataset(torch.cat(parts[split]), torch.cat(parts[f"{split}_labels"]), table)
-                 for split in ("train", "test"))
+            splits[split][prompt_id] = latents.float().cpu()
+    return tuple(LabeledTensorDataset(*stacked(splits[split], sorted(captioned)), table) for split in ("train", "test"))
