@@ -240,6 +240,9 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
     parser.add_argument("--data-free", action="store_true",
                         help="diffusion: forget and retain sets are the model's own samples (generated once, cached)")
     parser.add_argument("--data-free-samples", type=int, default=100, help="generated training samples per class (default 100)")
+    parser.add_argument("--data-free-guidance", type=float, metavar="S",
+                        help="text-to-image: classifier-free guidance of the generated training samples (default: the "
+                             "evaluation's, --eval-guidance)")
     evaluation = add_generator_evaluation_arguments(parser)
     evaluation.add_argument("--compare-retrain", action="store_true",
                             help="also train (or reuse, cached) the retrain oracle and report every metric's gap to it")
@@ -300,6 +303,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         resume=True if args.resume == "latest" else args.resume or False,
         data_free=args.data_free,
         data_free_samples=args.data_free_samples,
+        data_free_guidance=args.data_free_guidance,
         **generator_evaluation_settings(args),
         compare_retrain=args.compare_retrain,
         relearn_steps=args.relearn_steps,

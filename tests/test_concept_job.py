@@ -147,6 +147,7 @@ def test_two_processes_generate_and_judge_as_one_and_write_one_run_folder(sd_dig
     (["--model", "sd-digits", "--concept", "a handwritten digit tree"], "knows no word 'tree'"),
     (["--model", "sd-digits", "--concept", THREE, "--retain-prompts", "MISSING"], "cannot read --retain-prompts"),
     (["--model", "sd-digits", "--concept", THREE, "--retain-prompts", "RETAIN_THREE"], "is both erased and retained"),
+    (["--model", "sd-digits", "--concept", THREE, "--data-free-guidance", "-1"], "--data-free-guidance must be non-negative"),
 ])
 def test_bad_concept_input_is_one_error_line(args, message, tmp_path, capsys, cnn_task):
     (tmp_path / "RETAIN_THREE").write_text(f"# kept prompts\n{THREE}\na handwritten digit four\n")
@@ -185,6 +186,24 @@ def test_a_held_pipeline_erases_through_the_library(sd_digits_dir, tmp_path):
     assert result.steps == 2 and any(not torch.equal(a, b) for a, b in zip(result.model.parameters(), pipeline.unet.parameters()))
     with pytest.raises(Exception, match="StableDiffusionPipeline"):
         concept_task(pipeline.unet, prompts)
+
+
+def test_the_generated_training_data_take_the_data_free_guidance(sd_digits_dir, cnn_task, accelerator, tmp_path):
+    from genunlearn.kinds.text_to_image import concept_record, prepare_concepts
+    from genunlearn.runs.job import ForgetJob
+
+    job = ForgetJob(model="sd-digits", method="sfron", output_dir=tmp_path / "run", pretrained=str(sd_digits_dir),
+                    concepts=[THREE], eval_samples=2, eval_steps=2, data_free_samples=3, data_free_guidance=1.0)
+    setup = prepare_concepts(job, get_preset("sd-digits"), accelerator)
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_digits_dir, local_files_only=True)
+
+    def generated(guidance: float) -> torch.Tensor:
+        return concept_task(pipeline, setup.prompts, per_prompt=3, guidance=guidance, steps=2, preset="sd-digits",
+                            accelerator=accelerator).train_data.images
+
+    assert torch.equal(setup.task.train_data.images, generated(1.0))
+    assert setup.protocol.guidance == 3.0 and not torch.equal(generated(1.0), generated(3.0))  # evaluated at the preset's
+    assert concept_record(setup, job, "no")["evaluation"]["data_guidance"] == 1.0
 
 
 def captioned_digits_folder(folder: Path, captions: dict[int, str], per_digit: int = 5) -> Path:

@@ -108,6 +108,8 @@ def test_diffusion_job_rejects_bad_input(tiny_pipeline_dir, tmp_path, capsys):
     assert "not a diffusion pipeline folder" in capsys.readouterr().err
     assert guarded(forget_main, [*base, "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--eval-samples", "1"]) == 2
     assert "--eval-samples and --data-free-samples must be at least 2" in capsys.readouterr().err
+    assert guarded(forget_main, [*base, "--pretrained", str(tiny_pipeline_dir), "--class", "3", "--data-free-guidance", "1"]) == 2
+    assert "--data-free-guidance applies to text-to-image models" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
 
 
@@ -131,6 +133,11 @@ def test_data_free_job_forgets_from_generated_samples(cnn_task, tiny_pipeline_di
 def test_data_free_is_for_diffusion_models(cnn_task, tmp_path, capsys):
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--data-free", "--output-dir", str(tmp_path / "o")]) == 2
     assert "--data-free applies to diffusion models" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--data-free-guidance", "1",
+                                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--data-free-guidance applies to text-to-image models" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_generated_training_data_never_reuses_evaluation_seeds(tiny_pipeline_dir, accelerator):

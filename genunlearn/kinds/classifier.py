@@ -77,6 +77,10 @@ class ClassifierKind:
 
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
+        if job.data_free:
+            raise UserError("--data-free applies to diffusion models; classifiers forget from their training data")
+        if job.data_free_guidance is not None:
+            raise UserError("--data-free-guidance applies to text-to-image models; classifiers forget from their training data")
 
     def check_evaluation(self, job: ForgetJob) -> None:
         job.check_classes_only()
@@ -86,8 +90,6 @@ class ClassifierKind:
         return load_classifier_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir, accelerator=accelerator)
 
     def prepare_run(self, job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> ClassifierRun:
-        if job.data_free:
-            raise UserError("--data-free applies to diffusion models; classifiers forget from their training data")
         train, test, data_id = load_datasets(preset, job.data)
         split = make_forget_split(train, test, job.split_spec())
         network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)

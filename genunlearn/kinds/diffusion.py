@@ -10,7 +10,6 @@ from accelerate import Accelerator
 from torch import nn
 
 from genunlearn.data.split import check_ids
-from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.errors import UserError
 from genunlearn.eval.generative import classify_generated
 from genunlearn.eval.generator_eval import (
@@ -29,6 +28,7 @@ from genunlearn.kinds.diffusion_setup import (
     GRID_SAMPLES,
     DiffusionSetup,
     evaluate_original,
+    generated_data_id,
     prepare_diffusion,
     real_datasets,
     remain_classes,
@@ -55,7 +55,8 @@ class DiffusionRun(GeneratorRun):
         """The retrain oracle's data: the real data's id, or (data-free) the model's own samples."""
         if not self.setup.data_free:
             return self.setup.real[2]
-        return f"generated-{model_fingerprint(self.task.model)}-{self.job.data_free_samples}"
+        protocol = self.setup.protocol
+        return generated_data_id(self.task.model, self.job.data_free_samples, protocol.guidance, protocol.steps)
 
     def evaluate_before(self) -> tuple[dict, Samples]:
         return evaluate_original(self.setup, self.accelerator, cache_root(self.job.cache_dir))
@@ -93,6 +94,9 @@ class DiffusionKind:
 
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
+        if job.data_free_guidance is not None:
+            raise UserError("--data-free-guidance applies to text-to-image models; a class-conditional data-free run samples "
+                            "its training data at --eval-guidance, since they are its FID reference too")
 
     def check_evaluation(self, job: ForgetJob) -> None:
         job.check_classes_only()

@@ -63,6 +63,11 @@ def job_sampling(job: ForgetJob, sampling: SamplingDefaults) -> tuple[int, float
     return job.eval_samples, guidance, steps
 
 
+def generated_data_id(model: torch.nn.Module, per_class: int, guidance: float, steps: int) -> str:
+    """What a model's own training samples are a function of (the retrain oracle's data key)."""
+    return f"generated-{model_fingerprint(model)}-{per_class}-guidance{guidance:g}-steps{steps}"
+
+
 def sampling_protocol(job: ForgetJob, preset: DiffusionPreset) -> SamplingProtocol:
     """The evaluation's sampling protocol: the job's settings, else the preset's."""
     return SamplingProtocol(*job_sampling(job, preset.sampling), seed=job.seed)

@@ -25,7 +25,7 @@ from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
 from genunlearn.eval.judge import is_preset_classifier, load_eval_classifier
 from genunlearn.eval.sd_protocols import ProtocolOptions, SDProtocols
 from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
-from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, job_sampling
+from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, generated_data_id, job_sampling
 from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
@@ -56,6 +56,12 @@ class ConceptProtocol:
 def concept_protocol(job: ForgetJob, preset: TextToImagePreset) -> ConceptProtocol:
     """The job's evaluation settings, else the preset's sampling."""
     return ConceptProtocol(*job_sampling(job, preset.sampling), seed=job.seed)
+
+
+def data_guidance(job: ForgetJob, evaluation_guidance: float) -> float:
+    """The classifier-free guidance the generated training data are sampled with: ``--data-free-guidance``, else the
+    evaluation's (the references train on generations at their sampling guidance)."""
+    return evaluation_guidance if job.data_free_guidance is None else job.data_free_guidance
 
 
 def judge_class_names(name: str) -> list[str]:
@@ -146,8 +152,9 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
     root = cache_root(job.cache_dir)
     pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
     images = read_captioned_folder(job.data) if job.data is not None else ()
-    task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=protocol.guidance, steps=protocol.steps,
-                        seed=job.seed, images=images, preset=preset, cache_dir=root, accelerator=accelerator)
+    task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=data_guidance(job, protocol.guidance),
+                        steps=protocol.steps, seed=job.seed, images=images, preset=preset, cache_dir=root,
+                        accelerator=accelerator)
     if job.gradient_checkpointing:
         task.model.enable_gradient_checkpointing()
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=tuple(prompts.groups()["forget"]),
@@ -163,7 +170,8 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
             "evaluation": {**setup.protocol.sampling(), "sampler": SAMPLER, "classifier": setup.judge_name,
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
-                           "data_per_prompt": job.data_free_samples, "mixed_precision": mixed_precision,
+                           "data_per_prompt": job.data_free_samples, "data_guidance": data_guidance(job, setup.protocol.guidance),
+                           "mixed_precision": mixed_precision,
                            "training_data": "the model's own generations" if job.data is None else
                            f"the captioned images in {job.data} for their prompts, the model's own generations for the rest",
                            **protocol_options(job).record()}}
@@ -182,7 +190,10 @@ class TextToImageRun(GeneratorRun):
         """The retrain oracle's data: the original model's generations of these prompts (and ``--data``'s images)."""
         table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
         images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data))}"
-        return f"generated-{model_fingerprint(self.task.model)}-{table}-{self.job.data_free_samples}{images}"
+        protocol = self.setup.protocol
+        generated = generated_data_id(self.task.model, self.job.data_free_samples, data_guidance(self.job, protocol.guidance),
+                                      protocol.steps)
+        return f"{generated}-{table}{images}"
 
     def evaluate_before(self) -> Evaluation:
         setup, task = self.setup, self.task
@@ -228,6 +239,8 @@ class TextToImageKind:
     def check_job(self, job: ForgetJob) -> None:
         if job.classes or job.subclasses or job.random_fraction is not None:
             raise UserError("text-to-image models erase concepts given as prompts; pass --concept PROMPT instead of --class")
+        if job.data_free_guidance is not None and job.data_free_guidance < 0:
+            raise UserError(f"--data-free-guidance must be non-negative, got {job.data_free_guidance}")
         if job.data is not None:  # every caption must be an erased or a retained prompt
             retained = job.retain_prompts or get_preset(job.model).retain_prompts
             images_by_prompt(read_captioned_folder(job.data), [*job.concepts, *retained],

@@ -34,6 +34,7 @@ class ForgetJob:
     eval_samples: int = 100
     data_free: bool = False
     data_free_samples: int = 100
+    data_free_guidance: float | None = None  # the generated training data's guidance (None: the evaluation's)
     eval_steps: int | None = None
     eval_guidance: float | None = None
     eval_classifier: str | None = None
