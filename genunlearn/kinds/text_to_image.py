@@ -42,26 +42,25 @@ SAMPLER = "DDIM (diffusers DDIMScheduler from the pipeline's noise schedule)"
 @dataclass(frozen=True)
 class ConceptProtocol:
     """How a text-to-image model is evaluated: ``per_prompt`` generations of each prompt, DDIM ``steps`` at
-    ``guidance``, seeded by (``seed``, prompt id)."""
+    ``guidance``, seeded by (``seed``, prompt id); ``data_guidance``: the guidance its generated training data are
+    sampled with (same steps)."""
 
     per_prompt: int
     guidance: float
     steps: int
     seed: int
+    data_guidance: float
 
     def sampling(self) -> dict:
         return {"per_prompt": self.per_prompt, "guidance": self.guidance, "steps": self.steps, "seed": self.seed}
 
 
 def concept_protocol(job: ForgetJob, preset: TextToImagePreset) -> ConceptProtocol:
-    """The job's evaluation settings, else the preset's sampling."""
-    return ConceptProtocol(*job_sampling(job, preset.sampling), seed=job.seed)
-
-
-def data_guidance(job: ForgetJob, evaluation_guidance: float) -> float:
-    """The classifier-free guidance the generated training data are sampled with: ``--data-free-guidance``, else the
-    evaluation's (the references train on generations at their sampling guidance)."""
-    return evaluation_guidance if job.data_free_guidance is None else job.data_free_guidance
+    """The job's evaluation settings, else the preset's sampling; the training data at ``--data-free-guidance``, else
+    at the evaluation's guidance (the references train on generations at their sampling guidance)."""
+    per_prompt, guidance, steps = job_sampling(job, preset.sampling)
+    return ConceptProtocol(per_prompt, guidance, steps, seed=job.seed,
+                           data_guidance=guidance if job.data_free_guidance is None else job.data_free_guidance)
 
 
 def judge_class_names(name: str) -> list[str]:
@@ -152,7 +151,7 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
     root = cache_root(job.cache_dir)
     pipeline = load_text_to_image_pipeline(preset, pretrained=job.pretrained, cache_root=root, accelerator=accelerator)
     images = read_captioned_folder(job.data) if job.data is not None else ()
-    task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=data_guidance(job, protocol.guidance),
+    task = concept_task(pipeline, prompts, per_prompt=job.data_free_samples, guidance=protocol.data_guidance,
                         steps=protocol.steps, seed=job.seed, images=images, preset=preset, cache_dir=root,
                         accelerator=accelerator)
     if job.gradient_checkpointing:
@@ -170,7 +169,7 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
             "evaluation": {**setup.protocol.sampling(), "sampler": SAMPLER, "classifier": setup.judge_name,
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
-                           "data_per_prompt": job.data_free_samples, "data_guidance": data_guidance(job, setup.protocol.guidance),
+                           "data_per_prompt": job.data_free_samples, "data_guidance": setup.protocol.data_guidance,
                            "mixed_precision": mixed_precision,
                            "training_data": "the model's own generations" if job.data is None else
                            f"the captioned images in {job.data} for their prompts, the model's own generations for the rest",
@@ -191,8 +190,7 @@ class TextToImageRun(GeneratorRun):
         table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
         images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data))}"
         protocol = self.setup.protocol
-        generated = generated_data_id(self.task.model, self.job.data_free_samples, data_guidance(self.job, protocol.guidance),
-                                      protocol.steps)
+        generated = generated_data_id(self.task.model, self.job.data_free_samples, protocol.data_guidance, protocol.steps)
         return f"{generated}-{table}{images}"
 
     def evaluate_before(self) -> Evaluation:
