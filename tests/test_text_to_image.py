@@ -179,11 +179,13 @@ def test_esd_resumes_to_the_uninterrupted_weights(sd_task, accelerator, tmp_path
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_pretraining_trains_the_vae_then_the_unet_and_caches_the_pipeline(tmp_path, accelerator, monkeypatch):
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_pretraining_trains_the_vae_then_the_unet_and_caches_the_pipeline(train_text_encoder, tmp_path, accelerator,
+                                                                          monkeypatch):
     import genunlearn.models.text_to_image_loading as loading
 
     brief = TrainRecipe(epochs=1, batch_size=64, lr=2e-3, optimizer="adamw", weight_decay=0.0)
-    preset = dataclasses.replace(SD_DIGITS, vae_train=brief, train=brief)
+    preset = dataclasses.replace(SD_DIGITS, vae_train=brief, train=brief, train_text_encoder=train_text_encoder)
     pipeline = load_text_to_image_pipeline(preset, pretrained=None, cache_root=tmp_path, accelerator=accelerator)
     train, _ = captioned_digits_split(seed=0)
     fresh = build_tiny_sd(VOCABULARY, **SD_DIGITS.model_args)
@@ -200,10 +202,13 @@ def test_pretraining_trains_the_vae_then_the_unet_and_caches_the_pipeline(tmp_pa
         scaled = pipeline.vae.encode(train.images).latent_dist.sample() * pipeline.vae.config.scaling_factor
     assert scaled.std() == pytest.approx(1.0, rel=0.05)  # the scaling factor gives unit-variance latents
     assert any(not torch.equal(a, b) for a, b in zip(pipeline.unet.parameters(), fresh.unet.parameters()))
+    encoder_as_built = all(torch.equal(a, b) for a, b in zip(pipeline.text_encoder.parameters(), fresh.text_encoder.parameters()))
+    assert encoder_as_built != train_text_encoder  # trained with the UNet, or left frozen and random
 
     monkeypatch.setattr(loading, "pretrain_tiny_sd", lambda *args: pytest.fail("pretrained again instead of loading the cache"))
     again = load_text_to_image_pipeline(preset, pretrained=None, cache_root=tmp_path, accelerator=accelerator)
-    assert all(torch.equal(a, b) for a, b in zip(again.unet.parameters(), pipeline.unet.parameters()))
+    for part in ("unet", "text_encoder"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(again, part).parameters(), getattr(pipeline, part).parameters()))
 
 
 def test_rl_pulls_the_concept_towards_the_anchor_prompt(tiny_sd, sd_task, accelerator):

@@ -170,9 +170,10 @@ class DiffusionPreset:
 class TextToImagePreset:
     """A text-to-image model: a ``StableDiffusionPipeline`` from ``hub_id`` (or ``--pretrained``), or the tiny offline
     one ``models.tiny_sd`` builds from ``model_args`` (``text_encoder``, ``unet``, ``vae`` arguments; ``max_length``
-    tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``); its
-    sampling and method defaults, and the prompts a concept erasure retains by default (``retain_prompts``; those
-    naming an erased concept's class are left out)."""
+    tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``, and the
+    text encoder with it when ``train_text_encoder``, latent diffusion's text-to-image recipe); its sampling and
+    method defaults, and the prompts a concept erasure retains by default (``retain_prompts``; those naming an erased
+    concept's class are left out)."""
 
     name: str
     description: str = ""
@@ -188,6 +189,7 @@ class TextToImagePreset:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     vae_train: TrainRecipe = field(default_factory=TrainRecipe)
+    train_text_encoder: bool = False
     methods: dict = field(default_factory=dict)
     retain_prompts: list[str] = field(default_factory=list)
 

@@ -16,7 +16,8 @@ from genunlearn.models.presets import TextToImagePreset
 from genunlearn.models.tiny_sd import build_tiny_sd
 from genunlearn.storage.cache import PRETRAIN_SEED, cached_or_built, pretrained_entry
 from genunlearn.storage.pipeline_folder import save_pipeline
-from genunlearn.tasks.text_to_image import AutoencoderTraining, TextToImageTask, latent_scaling_factor
+from genunlearn.tasks.text_to_image import (AutoencoderTraining, JointTextToImageTraining, TextToImageTask,
+                                            latent_scaling_factor)
 
 CAPTIONED_DIGITS = "captioned-digits8"  # the data id of the embedded captioned digits (seed 0)
 
@@ -32,17 +33,20 @@ def load_captioned_digits(preset: TextToImagePreset) -> tuple[LabeledDataset, La
 def pretrain_tiny_sd(preset: TextToImagePreset, train: LabeledDataset, test: LabeledDataset,
                      accelerator: Accelerator) -> StableDiffusionPipeline:
     """The tiny pipeline of ``preset`` trained on ``train``: the VAE (``preset.vae_train``), its latent scaling factor
-    from the training images, then the UNet on the VAE's latents with caption dropout (``preset.train``)."""
+    from the training images, then the UNet on the VAE's latents with caption dropout (``preset.train``), from scratch
+    with its text encoder when ``preset.train_text_encoder`` (else the encoder stays as built: frozen, random)."""
     pipeline = build_tiny_sd(VOCABULARY, **preset.model_args, beta_schedule=preset.beta_schedule, seed=PRETRAIN_SEED)
     vae_cfg = TrainConfig.from_recipe(preset.vae_train, seed=PRETRAIN_SEED, log_every=50)
     vae = train_from_scratch(AutoencoderTraining(preset.name, pipeline.vae), train, vae_cfg, accelerator,
                              desc=f"pretraining {preset.name}'s VAE").model.cpu().eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images))
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    task = TextToImageTask(preset, pipeline.unet, vae, pipeline.text_encoder, pipeline.tokenizer, scheduler, train, test)
+    task_class = JointTextToImageTraining if preset.train_text_encoder else TextToImageTask
+    task = task_class(preset, pipeline.unet, vae, pipeline.text_encoder, pipeline.tokenizer, scheduler, train, test)
     unet_cfg = TrainConfig.from_recipe(preset.train, seed=PRETRAIN_SEED, log_every=50)
-    unet = train_from_scratch(task, train, unet_cfg, accelerator, desc=f"pretraining {preset.name}").model.cpu().eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=unet,
+    trained = train_from_scratch(task, train, unet_cfg, accelerator, desc=f"pretraining {preset.name}").model.cpu().eval()
+    unet, text_encoder = (trained.unet, trained.text_encoder) if preset.train_text_encoder else (trained, pipeline.text_encoder)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=pipeline.tokenizer, unet=unet,
                                    scheduler=pipeline.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 

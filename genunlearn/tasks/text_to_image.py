@@ -30,13 +30,17 @@ SCOPES = {  # the parameter sets ESD trains (ALGORITHMS_T2I.md §1; diffusers' n
 }
 
 
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids ``[P, L]`` of ``prompts``, each padded to the tokenizer's length ``L`` as ``StableDiffusionPipeline``
+    pads them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states ``[P, L, D]`` of ``prompts``, each padded to the tokenizer's length
-    ``L`` as ``StableDiffusionPipeline`` pads them."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0].float().cpu()
+    """The text encoder's last hidden states ``[P, L, D]`` of ``prompts`` (``tokenize``)."""
+    return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0].float().cpu()
 
 
 def scope_parameters(unet: nn.Module, scope: ParameterScope) -> list[tuple[str, nn.Parameter]]:
@@ -154,6 +158,35 @@ class TextToImageTask:
 
     def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
         return scope_parameters(model, scope)
+
+
+class TextConditionedUNet(nn.Module):
+    """A UNet and the text encoder that conditions it, as one module, so that pretraining trains both."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """ε(x_t, t, c) ``[B, 4, h, w]`` for prompts given as token ids ``[B, L]``."""
+        return self.unet(noisy, timesteps, encoder_hidden_states=self.text_encoder(input_ids)[0]).sample
+
+
+class JointTextToImageTraining(TextToImageTask):
+    """Pretraining a fresh UNet together with a fresh text encoder (a ``TextConditionedUNet``), as latent diffusion
+    trains its text-to-image model: each prompt's condition comes from its tokens through the encoder being trained,
+    not from the frozen ``prompt_embeddings``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_tokens = tokenize(self.tokenizer, [*self.prompts, ""])  # row ``null_prompt``: ∅
+
+    def predict_noise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return model(noisy, timesteps, self.prompt_tokens[labels.cpu()].to(noisy.device))
+
+    def fresh_model(self) -> TextConditionedUNet:
+        return TextConditionedUNet(UNet2DConditionModel.from_config(self.model.config), CLIPTextModel(self.text_encoder.config))
 
 
 class AutoencoderTraining:
