@@ -85,6 +85,7 @@ def test_erasing_a_concept_writes_a_pipeline_diffusers_loads_a_report_and_sample
     assert prompts["paraphrase"] == ["the number 3", "a three written by hand"]  # held out: never trained on
     assert report["split"]["forget"] == 2 and report["split"]["retain"] == 18  # 2 generations per trained prompt
     assert set(report["after"]["per_prompt"]) == {*prompts["forget"], *prompts["remain"], *prompts["paraphrase"]}
+    assert report["before"]["fid_remain_real"] > 0 and report["evaluation"]["fid_real_reference"]  # the real digits
     loaded = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
     before = StableDiffusionPipeline.from_pretrained(sd_digits_dir, local_files_only=True)
     changed = sum(int((p != before.unet.get_parameter(name)).sum()) for name, p in loaded.unet.named_parameters())

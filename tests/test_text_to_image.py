@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from torch import nn
 
-from genunlearn.data.captioned_digits import CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, captioned_digits_split, styled
+from genunlearn.data.captioned_digits import (CAPTIONS, DIGIT_WORDS, PHRASINGS, STYLES, VOCABULARY, caption_images,
+                                             captioned_digits_split, styled)
 from genunlearn.data.digits import load_digits_split
 from genunlearn.data.generated import generated_prompt_datasets
 from genunlearn.api import unlearn
@@ -90,6 +91,13 @@ def test_styles_do_what_their_names_say():
     assert torch.allclose(ink["inverted"], 1 - ink["plain"])
     assert (ink["bold"] >= ink["plain"] - 1e-6).all() and ink["bold"].mean() > ink["plain"].mean() + 0.05
     assert (ink["thin"] <= ink["plain"] + 1e-6).all() and ink["thin"].mean() < ink["plain"].mean() - 0.05
+
+
+def test_a_captions_real_images_are_every_digit_of_its_digit_in_its_style():
+    threes = torch.cat([part.images[part.targets == 3] for part in load_digits_split()])
+    assert torch.equal(caption_images("a handwritten digit three"), threes)  # plain: the digits as they are
+    assert torch.equal(caption_images("the number 3 in bold strokes"), styled(threes, "bold"))
+    assert len(threes) == 183 and caption_images("a photo of a cat") is None
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +318,10 @@ def test_concept_metrics_score_each_group_of_prompts_with_the_judge():
     assert metrics["fid_remain"] > 0.1  # all-dark retain generations against a half-light reference
     same = concept_metrics({five: dark, four: light}, CAPTIONS, {"remain": [five, four]}, judge, [str(d) for d in range(10)],
                            reference=reference)
-    assert same["fid_remain"] == pytest.approx(0.0, abs=1e-6)
+    assert same["fid_remain"] == pytest.approx(0.0, abs=1e-6) and "fid_remain_real" not in same
+    real = concept_metrics({five: dark, four: light}, CAPTIONS, {"remain": [five, four]}, judge, [str(d) for d in range(10)],
+                           reference=reference, real_reference=extract_features(dark, ClassifierFeatures(judge)))
+    assert real["fid_remain"] == pytest.approx(0.0, abs=1e-6) and real["fid_remain_real"] > 0.1  # each its own reference
     prompts = [*CAPTIONS, "a handwritten digit in bold strokes"]  # a style concept: no digit named
     unnamed = concept_metrics({len(CAPTIONS): light}, prompts, {"forget": [len(CAPTIONS)]}, judge, [str(d) for d in range(10)])
     assert unnamed["per_prompt"][prompts[-1]]["recognised"] is None and unnamed["forget_acc"] is None

@@ -25,13 +25,29 @@ CAPTIONS = tuple(caption(d, p, s) for d in range(10) for p in range(len(PHRASING
 VOCABULARY = tuple(sorted({word for text in CAPTIONS for word in text.split()}))
 
 
+def caption_parts(prompt: str) -> tuple[int, str]:
+    """``(digit, style)`` of the caption ``prompt`` (one of ``CAPTIONS``)."""
+    index = CAPTIONS.index(prompt)
+    return index // (len(PHRASINGS) * len(STYLES)), list(STYLES)[index % len(STYLES)]
+
+
 def paraphrases(prompt: str) -> list[str]:
     """The captions that say what ``prompt`` (a caption) says in the other phrasings: same digit, same style."""
     if prompt not in CAPTIONS:
         return []
-    index = CAPTIONS.index(prompt)
-    digit, style = index // (len(PHRASINGS) * len(STYLES)), list(STYLES)[index % len(STYLES)]
+    digit, style = caption_parts(prompt)
     return [caption(digit, p, style) for p in range(len(PHRASINGS)) if caption(digit, p, style) != prompt]
+
+
+def caption_images(prompt: str) -> torch.Tensor | None:
+    """Real images ``[N, 1, 8, 8]`` in [-1, 1] of what the caption ``prompt`` shows: every embedded digit (train and
+    test) of its digit, drawn in its style (styles and phrasings are drawn independently of the digit, so these are
+    the data's distribution for that caption); None when ``prompt`` is no caption."""
+    if prompt not in CAPTIONS:
+        return None
+    digit, style = caption_parts(prompt)
+    images = torch.cat([part.images[part.targets == digit] for part in load_digits_split()])
+    return styled(images, style)
 
 
 def styled(images: torch.Tensor, style: str) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Concept-erasure figures of a text-to-image model (ALGORITHMS_T2I.md §4, at toy scale): whether a judge still
 recognises each prompt's concept in the model's generations (the erased prompts, held-out paraphrases of them, the
-remaining prompts), the remaining prompts' FID against the original model's generations in the judge's features, and
-the mean ink level as the style measure of the digit styles (bold raises it, thin lowers it, inverted flips it)."""
+remaining prompts), the remaining prompts' FID against the original model's generations in the judge's features (and
+against real images of them, where there are some), and the mean ink level as the style measure of the digit styles (bold raises it, thin lowers it, inverted flips it)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,16 @@ def ink_level(images: torch.Tensor) -> float:
 
 @torch.no_grad()
 def concept_metrics(generations: dict[int, torch.Tensor], prompts: Sequence[str], groups: dict[str, list[int]],
-                    judge: nn.Module, class_names: Sequence[str], reference: torch.Tensor | None = None) -> dict:
+                    judge: nn.Module, class_names: Sequence[str], reference: torch.Tensor | None = None,
+                    real_reference: torch.Tensor | None = None) -> dict:
     """Figures of ``generations`` (``{prompt id: images [N, C, H, W] in [-1, 1]}``): per prompt its judge class, the
     fraction the judge labels that class (``recognised``; None for a prompt naming no class) and ``ink_level``; per
     group of prompt ids (``groups``: ``forget``, the erased prompts; ``paraphrase``, held-out paraphrases of them;
     ``remain``, the retained prompts) ``<group>_acc``, the mean recognition over its prompts that name a class, and
     ``<group>_ink``, its mean ink level; with ``reference`` (features ``[M, D]`` of the original model's generations of
-    the remaining prompts) ``fid_remain``, the pooled ``remain`` generations' FID against them in the judge's features."""
+    the remaining prompts) ``fid_remain``, the pooled ``remain`` generations' FID against them in the judge's features;
+    with ``real_reference`` (features of real images of the remaining prompts) ``fid_remain_real``, the same against
+    those."""
     device = next(judge.parameters()).device
     judge = judge.eval()
     per_prompt = {}
@@ -64,9 +67,12 @@ def concept_metrics(generations: dict[int, torch.Tensor], prompts: Sequence[str]
     for group, ids in groups.items():
         inks = [per_prompt[prompts[i]]["ink_level"] for i in ids]
         metrics[f"{group}_ink"] = sum(inks) / len(inks) if inks else None
-    if reference is not None and groups.get("remain"):
-        retained = torch.cat([generations[i] for i in groups["remain"]])
-        metrics["fid_remain"] = fid_from_features(reference, extract_features(retained, ClassifierFeatures(judge)))
+    if groups.get("remain") and (reference is not None or real_reference is not None):
+        retained = extract_features(torch.cat([generations[i] for i in groups["remain"]]), ClassifierFeatures(judge))
+        if reference is not None:
+            metrics["fid_remain"] = fid_from_features(reference, retained)
+        if real_reference is not None:
+            metrics["fid_remain_real"] = fid_from_features(real_reference, retained)
     return {**metrics, "per_prompt": per_prompt}
 
 
@@ -76,7 +82,8 @@ REFERENCE_SEED_OFFSET = 30_011  # the original model's reference generations nev
 def evaluate_concepts(task: TextToImageTask, judge: nn.Module, class_names: Sequence[str], groups: dict[str, list[int]],
                       accelerator: Accelerator, *, model: nn.Module | None = None, prompts: Sequence[str] | None = None,
                       per_prompt: int, guidance: float, steps: int, seed: int = 0,
-                      reference: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
+                      reference: torch.Tensor | None = None,
+                      real_reference: torch.Tensor | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """``(concept_metrics, generations)`` of ``task``'s UNet (or ``model``): ``per_prompt`` generations of every prompt
     in ``groups`` (ids into ``prompts``, default ``task.prompts``) with DDIM ``steps`` and ``guidance``, seeded by
     (``seed``, prompt id)."""
@@ -84,7 +91,7 @@ def evaluate_concepts(task: TextToImageTask, judge: nn.Module, class_names: Sequ
     ids = sorted({i for members in groups.values() for i in members})
     generations = sample_prompts(sd_pipeline_for(task, model), prompts, ids, per_prompt, accelerator, guidance=guidance,
                                  steps=steps, seed=seed)
-    return concept_metrics(generations, prompts, groups, judge, class_names, reference), generations
+    return concept_metrics(generations, prompts, groups, judge, class_names, reference, real_reference), generations
 
 
 def retain_reference(task: TextToImageTask, judge: nn.Module, retain: list[int], accelerator: Accelerator, *,
@@ -95,3 +102,9 @@ def retain_reference(task: TextToImageTask, judge: nn.Module, retain: list[int],
     generations = sample_prompts(sd_pipeline_for(task), task.prompts, retain, per_prompt, accelerator, guidance=guidance,
                                  steps=steps, seed=seed + REFERENCE_SEED_OFFSET)
     return extract_features(torch.cat([generations[i] for i in retain]), ClassifierFeatures(judge))
+
+
+def real_retain_reference(images: Sequence[torch.Tensor], judge: nn.Module) -> torch.Tensor:
+    """The judge's features ``[N, D]`` of real images of the retained prompts (``images``: ``[N_p, C, H, W]`` in
+    [-1, 1] per prompt, pooled): what ``fid_remain_real`` compares against, as the papers' FID against real images."""
+    return extract_features(torch.cat(list(images)), ClassifierFeatures(judge))

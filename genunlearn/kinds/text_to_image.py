@@ -15,12 +15,12 @@ from diffusers import DDPMScheduler
 from timm.data import ImageNetInfo
 from torch import nn
 
-from genunlearn.data.captioned_digits import VOCABULARY, paraphrases
+from genunlearn.data.captioned_digits import VOCABULARY, caption_images, paraphrases
 from genunlearn.data.captioned_folder import captioned_fingerprint, read_captioned_folder
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
 from genunlearn.errors import UserError
-from genunlearn.eval.concepts import evaluate_concepts, prompt_class, retain_reference
+from genunlearn.eval.concepts import evaluate_concepts, prompt_class, real_retain_reference, retain_reference
 from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
 from genunlearn.eval.judge import is_preset_classifier, load_eval_classifier
 from genunlearn.eval.sd_protocols import ProtocolOptions, SDProtocols
@@ -101,7 +101,8 @@ def concept_prompts(job: ForgetJob, preset: TextToImagePreset, class_names: list
 @dataclass
 class ConceptSetup:
     """What a concept erasure is measured with: the task and split, the prompts and their groups, the judge and the
-    FID reference (the judge's features of the original model's remain generations)."""
+    FID references (the judge's features of the original model's remain generations, and of real images of the remain
+    prompts where the preset's data has them)."""
 
     task: TextToImageTask
     split: ForgetSplit
@@ -111,6 +112,7 @@ class ConceptSetup:
     class_names: list[str]
     protocol: ConceptProtocol
     reference: torch.Tensor
+    real_reference: torch.Tensor | None = None
     papers: SDProtocols | None = None
 
     def evaluate(self, model: nn.Module | None, accelerator: Accelerator, groups: dict | None = None) -> Evaluation:
@@ -118,7 +120,8 @@ class ConceptSetup:
         (then without the papers' protocols)."""
         metrics, generations = evaluate_concepts(self.task, self.judge, self.class_names, groups or self.prompts.groups(),
                                                  accelerator, model=model, prompts=self.prompts.table,
-                                                 reference=self.reference, **self.protocol.sampling())
+                                                 reference=self.reference, real_reference=self.real_reference,
+                                                 **self.protocol.sampling())
         if self.papers is not None and groups is None:
             metrics.update(self.papers.evaluate(sd_pipeline_for(self.task, model), accelerator, steps=self.protocol.steps,
                                                 guidance=self.protocol.guidance))
@@ -160,7 +163,16 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
                                                                          seed=job.seed))
     reference = retain_reference(task, judge, prompts.groups()["remain"], accelerator, **protocol.sampling())
     return ConceptSetup(task, split, prompts, judge, judge_name, class_names, protocol, reference,
-                        protocol_options(job).load())
+                        real_remain_features(preset, prompts, judge), protocol_options(job).load())
+
+
+def real_remain_features(preset: TextToImagePreset, prompts: ConceptPrompts, judge: nn.Module) -> torch.Tensor | None:
+    """The judge's features of real images of the remain prompts: the embedded captioned digits' (every digit of a
+    caption's digit, in its style); None for other data, or when a remain prompt is no caption."""
+    if preset.dataset != "captioned-digits":
+        return None
+    images = [caption_images(prompts.table[i]) for i in prompts.groups()["remain"]]
+    return None if any(part is None for part in images) else real_retain_reference(images, judge)
 
 
 def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) -> dict:
@@ -169,6 +181,8 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
             "evaluation": {**setup.protocol.sampling(), "sampler": SAMPLER, "classifier": setup.judge_name,
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
+                           "fid_real_reference": None if setup.real_reference is None else
+                           "the embedded digits of the remain prompts' digits, in their styles",
                            "data_per_prompt": job.data_free_samples, "data_guidance": setup.protocol.data_guidance,
                            "mixed_precision": mixed_precision,
                            "training_data": "the model's own generations" if job.data is None else
@@ -199,6 +213,7 @@ class TextToImageRun(GeneratorRun):
                setup.protocol.sampling(), setup.prompts.table, setup.prompts.groups(), setup.judge_name,
                protocol_options(self.job).record(), setup.papers and [asdict(row) for row in setup.papers.rows()],
                model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
+               setup.real_reference is not None and tensors_fingerprint({"real": setup.real_reference}),
                self.accelerator.mixed_precision, self.accelerator.device.type]
         return cached_evaluation(key, lambda: setup.evaluate(None, self.accelerator), cache_root(self.job.cache_dir),
                                  self.accelerator)
