@@ -1,7 +1,8 @@
 """Concept-erasure figures of a text-to-image model (ALGORITHMS_T2I.md §4, at toy scale): whether a judge still
 recognises each prompt's concept in the model's generations (the erased prompts, held-out paraphrases of them, the
 remaining prompts), the remaining prompts' FID against the original model's generations in the judge's features (and
-against real images of them, where there are some), and the mean ink level as the style measure of the digit styles (bold raises it, thin lowers it, inverted flips it)."""
+against real images of them, where there are some), and the mean ink level as the style measure of the digit styles
+(bold raises it, thin lowers it, inverted flips it)."""
 
 from __future__ import annotations
 
