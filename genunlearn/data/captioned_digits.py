@@ -5,6 +5,8 @@ elsewhere (forget splits, per-prompt figures)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -46,8 +48,15 @@ def caption_images(prompt: str) -> torch.Tensor | None:
     if prompt not in CAPTIONS:
         return None
     digit, style = caption_parts(prompt)
-    images = torch.cat([part.images[part.targets == digit] for part in load_digits_split()])
-    return styled(images, style)
+    images, targets = all_digits()
+    return styled(images[targets == digit], style)
+
+
+@lru_cache(maxsize=1)
+def all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every embedded digit ``[1797, 1, 8, 8]`` in [-1, 1] and its label, read once (callers index, never write)."""
+    parts = load_digits_split()
+    return torch.cat([part.images for part in parts]), torch.cat([part.targets for part in parts])
 
 
 def styled(images: torch.Tensor, style: str) -> torch.Tensor:
