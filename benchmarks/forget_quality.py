@@ -12,8 +12,10 @@ original model's own samples. Standard errors: binomial for accuracies, a bootst
     python benchmarks/forget_quality.py                               # the full grid (hours on CPU; resumable)
     accelerate launch --multi_gpu --num_processes 2 benchmarks/forget_quality.py --methods sfron --no-oracle
 
-Writes OUTPUT/cells/*.json (one per finished run; a rerun reuses them), OUTPUT/forget_quality.json (all cells and
-the summary), OUTPUT/forget_quality.md and OUTPUT/forget_quality-<preset>.png (curves with seed bands).
+Writes CELLS/*.json (one small file per finished run, default benchmarks/results/forget_quality/cells, committed so that
+the grid accumulates across sessions and machines; a rerun reuses them), and OUTPUT/forget_quality.json (all cells
+and the summary), OUTPUT/forget_quality.md and OUTPUT/forget_quality-<preset>.png (curves with seed bands). The docs'
+tables come from the committed cells: ``python benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from genunlearn.runs.job import ForgetJob
 from genunlearn.methods.registry import method_config
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.models.presets import get_preset
+from genunlearn.precision import numerics
 from genunlearn.storage.files import atomic_write_text
 
+RESULTS = Path(__file__).resolve().parent / "results"
 SCREEN_BOUND = 0.15  # a 100-sample screen above this leaves P(forget_acc <= 0.05) below 1e-4
 THRESHOLDS = {"hit_05": 0.05, "hit_01": 0.01}
 FID_DRAWS = 50
@@ -197,10 +201,10 @@ def cached(path: Path, compute, settings: dict, accelerator, method_settings: di
     broadcast_object_list(found)
     if found[0] is not None:
         if found[0]["grid_settings"] != settings:
-            raise UserError(f"{path} was measured with other settings ({found[0]['grid_settings']}); choose another --output")
+            raise UserError(f"{path} was measured with other settings ({found[0]['grid_settings']}); choose another --cells folder")
         if method_settings is not None and found[0].get("settings") != method_settings:
             changed = sorted(k for k in method_settings if found[0].get("settings", {}).get(k) != method_settings[k])
-            raise UserError(f"{path} was measured with other method settings ({', '.join(changed)} changed); choose another --output")
+            raise UserError(f"{path} was measured with other method settings ({', '.join(changed)} changed); choose another --cells folder")
         return found[0]
     value = {**compute(), "grid_settings": settings}
     if accelerator.is_main_process:
@@ -209,7 +213,7 @@ def cached(path: Path, compute, settings: dict, accelerator, method_settings: di
 
 
 def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
-    cells_dir = args.output / "cells"
+    cells_dir = args.cells
     processes = accelerator.num_processes
     settings = grid_settings(args)
     results = []
@@ -235,17 +239,23 @@ def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
                             print(f"running {cell.name()}", flush=True)
                             entry = (run_oracle(cell, evaluator, original, accelerator) if cell.method == "retrain"
                                      else run_method(cell, evaluator, original, args.overrides, args.output / "work" / cell.name(), accelerator))
-                            return {**dataclasses.asdict(cell), "device": device_name(accelerator), "original": original, **entry}
+                            return {**dataclasses.asdict(cell), "device": device_name(accelerator),
+                                    "environment": cell_environment(accelerator), "original": original, **entry}
                         results.append(cached(cells_dir / f"{cell.name()}.json", compute, settings, accelerator, run_settings(cell, args)))
     return results
 
 
-def finished_cells(output: Path) -> list[dict]:
-    """Every finished run and oracle in ``output/cells`` (the originals are inside them)."""
-    cells = [json.loads(path.read_text()) for path in sorted((output / "cells").glob("*.json"))]
+def cell_environment(accelerator) -> dict:
+    """What a cell was measured with: torch, threads and the numerics (device type, precision, TF32, draws)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), **numerics(accelerator)}
+
+
+def finished_cells(cells_dir: Path) -> list[dict]:
+    """Every finished run and oracle in ``cells_dir`` (the originals are inside them)."""
+    cells = [json.loads(path.read_text()) for path in sorted(cells_dir.glob("*.json"))]
     found = [cell for cell in cells if cell["method"] != "original"]
     if not found:
-        raise UserError(f"{output / 'cells'} holds no finished run; run the grid first")
+        raise UserError(f"{cells_dir} holds no finished run; run the grid first")
     return found
 
 
@@ -405,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", nargs="+", choices=["real", "data-free"], default=["real", "data-free"])
     parser.add_argument("--methods", nargs="*", default=["sfron", "salun", "random_label", "finetune"])
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="a method setting for every method of the grid (repeatable); cells go to another --output")
+                        help="a method setting for every method of the grid (repeatable); its cells go to another --cells folder")
     parser.add_argument("--every", type=int, default=10, help="checkpoint and judge every N steps (default 10)")
     parser.add_argument("--fid-every", type=int, default=50, help="also score the remaining classes every N steps (0: only at "
                         "the threshold crossings and the end; default 50)")
@@ -421,11 +431,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: summarise every finished cell in OUTPUT/cells (a partial or mixed grid)")
     parser.add_argument("--cache-dir", help="pretrained models and generated sets (default: $GENUNLEARN_CACHE)")
-    parser.add_argument("--output", type=Path, help="default: outputs/benchmarks/forget_quality (--quick: forget_quality-quick)")
+    parser.add_argument("--output", type=Path, help="summaries and run checkpoints (default: outputs/benchmarks/forget_quality; "
+                        "--quick: forget_quality-quick)")
+    parser.add_argument("--cells", type=Path, help="the finished cells (default: benchmarks/results/forget_quality/cells, "
+                        "committed; --quick: OUTPUT/cells)")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
     args.output = args.output or Path("outputs/benchmarks") / ("forget_quality-quick" if args.quick else "forget_quality")
+    args.cells = args.cells or (args.output / "cells" if args.quick else RESULTS / "forget_quality" / "cells")
     if args.every < 1 or args.fid_every % args.every or args.screen_samples > args.forget_samples:
         parser.error("--every must be >= 1, --fid-every a multiple of it, --screen-samples <= --forget-samples")
     args.overrides = dict(args.settings)
@@ -436,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator()
     try:
-        results = finished_cells(args.output) if args.report_only else run_grid(args, accelerator)
+        results = finished_cells(args.cells) if args.report_only else run_grid(args, accelerator)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     vars(args).update(results[0]["grid_settings"])  # --report-only: the settings the cells were measured with
@@ -446,8 +460,9 @@ def main(argv: list[str] | None = None) -> None:
         (args.output / "work").rmdir()  # each run removes its own checkpoints; another grid may still be running
     rows = summarise(results)
     stem = args.output / "forget_quality"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "output"} |
-                                                             {"output": str(args.output)}, "summary": rows, "cells": results}, indent=2))
+    paths = {k: str(getattr(args, k)) for k in ("output", "cells")}
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in paths} |
+                                                             paths, "summary": rows, "cells": results}, indent=2))
     atomic_write_text(stem.with_suffix(".md"), render(rows, args))
     for preset in dict.fromkeys(r["preset"] for r in results):
         plot(results, preset, args.output / f"forget_quality-{preset}.png")

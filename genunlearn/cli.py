@@ -252,8 +252,7 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
     evaluation.add_argument("--relearn-samples", type=int, default=8, help="forget samples the relearning check uses (default 8)")
     evaluation.add_argument("--relearn-lr", type=float, help="relearning learning rate (default: the preset's pretraining lr)")
     memory = parser.add_argument_group("memory (large models)")
-    memory.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                        help="autocast forward passes (GPU; default: accelerate's setting, e.g. accelerate launch --mixed_precision)")
+    add_precision_arguments(memory)
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: much less memory, about a third slower")
     parser.add_argument("--report-to", metavar="TRACKER",
@@ -267,6 +266,19 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
                         help="continue the unfinished run in --output-dir from its newest checkpoint (latest) or from one "
                         "of its checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N); --lr, --steps and logging may change")
     return parser
+
+
+def add_precision_arguments(group) -> None:
+    """``--mixed-precision`` and ``--tf32``: the run's numerics, explicit and the same for the model before and after."""
+    from genunlearn.precision import MIXED_PRECISIONS
+
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no",
+                       help="autocast forward passes, before and after alike: no (default: fp32, whatever the launcher "
+                       "says), fp16 (GPU), bf16, or auto (the launcher's, e.g. accelerate launch --mixed_precision bf16); "
+                       "weights, optimizer and the saved model stay fp32")
+    group.add_argument("--tf32", action="store_true",
+                       help="let float32 matrix products and convolutions run in TF32 on NVIDIA GPUs (default: off, "
+                       "IEEE float32)")
 
 
 def generator_evaluation_settings(args: argparse.Namespace) -> dict:
@@ -310,6 +322,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         relearn_samples=args.relearn_samples,
         relearn_lr=args.relearn_lr,
         mixed_precision=args.mixed_precision,
+        tf32=args.tf32,
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=args.report_to,
         **concepts,
@@ -344,7 +357,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     args = forget_parser(sweep=True).parse_args(argv)
     configure_console(args.verbose - args.quiet)
     job = job_from_args(args, {}, prefix="sweep-")
-    sweep = run_sweep(job, args.axes, args.seeds or [args.seed], args.targets, make_accelerator(mixed_precision=job.mixed_precision))
+    sweep = run_sweep(job, args.axes, args.seeds or [args.seed], args.targets, make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32))
     if _is_main_process():
         robust = [c["folder"] for c in sweep["cells"] if c["robust"]]
         verdict = f"; robust cells: {', '.join(robust)}" if robust else "; no robust cell" if args.targets else ""
@@ -366,7 +379,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_concept_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
     parser.add_argument("--output-dir", type=Path, help="where to write (default: outputs/evaluate-<model>)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast forward passes (GPU)")
+    add_precision_arguments(parser)
     add_generator_evaluation_arguments(parser)
     return parser
 
@@ -379,7 +392,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{Path(args.model).stem}",
                     classes=args.classes, random_fraction=args.random_fraction, subclasses=args.subclasses,
                     pretrained=args.pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
-                    mixed_precision=args.mixed_precision, **generator_evaluation_settings(args), **concept_settings(args))
+                    mixed_precision=args.mixed_precision, tf32=args.tf32, **generator_evaluation_settings(args),
+                    **concept_settings(args))
     evaluation = run_evaluation(job)
     if _is_main_process():
         figures = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()

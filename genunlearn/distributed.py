@@ -7,9 +7,11 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
 
 from genunlearn.errors import UserError
+from genunlearn.precision import accelerate_mixed_precision, set_tf32
 
 
 THREADS_ENV = "GENUNLEARN_THREADS"
@@ -26,12 +28,21 @@ def use_cpu_threads() -> None:
     torch.set_num_threads(threads)
 
 
-def make_accelerator(**kwargs) -> Accelerator:
-    """``Accelerator(**kwargs)``, with ``cpu=True`` on an accelerator-less machine under a multi-process launch.
+def make_accelerator(mixed_precision: str | None = None, tf32: bool | None = None, **kwargs) -> Accelerator:
+    """``Accelerator(**kwargs)`` at an explicit precision (``genunlearn.precision``: ``mixed_precision`` no, fp16,
+    bf16, or auto for the launcher's; TF32 on only with ``tf32``), with ``cpu=True`` on an accelerator-less machine
+    under a multi-process launch. None keeps what an earlier accelerator of this process set (accelerate fixes the
+    precision once per process), else means ``no`` and TF32 off.
 
     accelerate forms a gloo group on CPU only when told ``cpu=True``; without it,
     ``accelerate launch --multi_gpu --num_processes 2`` on a CPU machine runs two independent copies.
     """
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if mixed_precision is None:
+        mixed_precision = earlier or "no"
+    kwargs["mixed_precision"] = accelerate_mixed_precision(mixed_precision)
+    if tf32 is not None or earlier is None:
+        set_tf32(bool(tf32))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_only = not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
     if cpu_only:

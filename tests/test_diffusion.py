@@ -196,7 +196,8 @@ def test_random_label_forms():
 
 
 def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerator):
-    """SalUn's diffusion step: one update on rl(D_f) + 1e-3 L(D_r); weights outside the saliency mask never move."""
+    """SalUn's diffusion step: one update on rl(D_f) + 1e-3 L(D_r); weights outside the saliency mask never move. With
+    ``epochs``, as the SD reference: that many passes over D_f, one step per forget batch."""
     from genunlearn.data.split import SplitSpec, make_forget_split
     from genunlearn.methods.registry import method_config
 
@@ -210,6 +211,9 @@ def test_salun_joint_step_is_rl_plus_small_retain_clipped_then_masked(accelerato
     before, after = list(task.model.parameters()), list(result.model.parameters())
     moved = sum(int((a != b).sum()) for a, b in zip(after, before))
     assert 0 < moved <= 0.3 * sum(p.numel() for p in before) + 1
+    _, by_epochs = method_config("salun", task.preset, {"form": "joint", "epochs": 3, "batch_size": 1, "optimizer": "adam",
+                                                        "lr": 1e-2, "weight_decay": 0.0, "mask_fraction": 0.3})
+    assert spec.run(task, split, by_epochs, accelerator, checkpoint_dir=None, resume=False).steps == 3 * len(split.forget)
     with pytest.raises(UserError, match="unknown SalUn form"):
         method_config("salun", task.preset, {"form": "both"})
 
@@ -261,21 +265,36 @@ def test_retain_loss_is_summed_as_the_ddpm_references_so_salun_beta_weighs_c_h_w
 
 @pytest.mark.parametrize("architecture", ["unet", "dit"])
 def test_unlearning_losses_drop_labels_in_training_mode(architecture):
-    """The DDPM references drop labels with p = 0.1 in both SFR-on steps and in both rl passes (UNet: to the null class
-    here); a DiT drops them inside its label embedding in training mode, so its labels pass through; eval: never."""
+    """The DDPM references drop labels with p = 0.1 in both SFR-on steps and in both rl passes, the DiT reference once
+    per sample in training mode: here both to the null class, drawn from the step's noise; eval: never."""
     task = _task(tiny_class_unet(NUM_CLASSES) if architecture == "unet" else tiny_dit())
     seen = []
     task.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
     images, labels = torch.zeros(4000, 1, 8, 8), torch.zeros(4000, dtype=torch.long)
     task.loss(task.model.train(), (images, labels))
     task.random_label_loss(task.model, (images, labels), labels + 1)
-    rate = 0.1 if architecture == "unet" else 0.0
     for passed in seen:  # the loss, then rl's target and prediction passes, each with its own draw
-        assert (passed == NUM_CLASSES).float().mean().item() == pytest.approx(rate, abs=0.02)
-    assert architecture == "dit" or not torch.equal(seen[1], seen[2])
+        assert (passed == NUM_CLASSES).float().mean().item() == pytest.approx(0.1, abs=0.02)
+    assert not torch.equal(seen[1], seen[2])
     seen.clear()
     task.loss(task.model.eval(), (images, labels))
     assert not (seen[0] == NUM_CLASSES).any()
+
+
+def test_a_dit_drops_a_label_once_for_every_block():
+    """diffusers' DiT gives each block its own label embedding, each dropping labels on the device's generator in
+    training mode; the task drops them itself (``conditioning``), so a DiT's prediction in training mode is its eval-mode
+    prediction for the labels the task passes."""
+    task = _task(tiny_dit())
+    images, labels = torch.rand(64, 1, 8, 8), torch.randint(0, NUM_CLASSES, (64,))
+    t = torch.randint(0, 1000, (64,))
+    in_training = task.predict_noise(task.model.train(), images, t, labels)
+    assert task.model.training  # the embedders' mode is restored
+    assert torch.equal(in_training, task.predict_noise(task.model.eval(), images, t, labels))
+    task.model.train()
+    torch.manual_seed(0)
+    unguarded = task.model(images, t, class_labels=labels).sample  # diffusers' own dropout, per block
+    assert not torch.equal(unguarded, in_training)
 
 
 def test_importance_loss_follows_the_preset_reference():

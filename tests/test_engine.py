@@ -15,8 +15,9 @@ from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iter
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask, top_fraction_mask
 from genunlearn.engine.objectives import adaptive_gradient_ascent, adaptive_weights, random_other_labels
-from genunlearn.engine.saliency import CYCLED_ORDER_SEED, accumulate_gradients, cached_gradient_statistics
+from genunlearn.engine.saliency import accumulate_gradients, cached_gradient_statistics
 from genunlearn.errors import UserError
+from genunlearn.noise import NoiseSource, current_noise, derive_seed
 from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +69,48 @@ def test_cycled_fisher_batches_are_full_and_reshuffled_each_pass(accelerator):
     batch 2, 4 batches: one pass and 3 samples of a second, reshuffled)."""
     data, model = regression_data(), linear_model()
     w = model.weight.detach()[0]
-    order = torch.cat([torch.randperm(5, generator=torch.Generator().manual_seed(CYCLED_ORDER_SEED * 1_000_003 + epoch))
+    order_seed = derive_seed(4, "fisher forget", "order")  # the order comes from the run's seed and the stream
+    order = torch.cat([torch.randperm(5, generator=torch.Generator().manual_seed(derive_seed(order_seed, "epoch", epoch)))
                        for epoch in range(2)])
     members = [order[2 * b : 2 * b + 2] for b in range(4)]
     assert sorted(torch.cat(members[:2] + [members[2][:1]]).tolist()) == [0, 1, 2, 3, 4]  # every sample in the first pass
     grads = [batch_gradient(w, data.images[m], data.targets[m]) for m in members]
-    fisher = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, batches=4)[0][0]
+    fisher = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, batches=4, seed=4,
+                                  stream="fisher forget")[0][0]
     assert torch.allclose(fisher, sum(g**2 for g in grads) / 4, atol=1e-12)
     one_pass = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2)[0][0]
     assert not torch.allclose(fisher, one_pass)
+    other_seed = accumulate_gradients(model, squared_loss, data, accelerator, batch_size=2, batches=4, seed=5,
+                                      stream="fisher forget")[0][0]
+    assert not torch.allclose(fisher, other_seed)
+
+
+def noisy_loss(model: nn.Module, batch) -> torch.Tensor:
+    """A loss that draws from ``current_noise`` as a diffusion loss does: the inputs perturbed by ε."""
+    inputs, targets = batch
+    noise = current_noise().randn(tuple(inputs.shape), inputs.device, inputs.dtype)
+    return (model(inputs + noise).squeeze(-1) - targets.to(inputs.dtype)).pow(2)
+
+
+def test_statistics_noise_follows_the_seed_and_the_stream(accelerator):
+    """The noise of a statistic is the run's (seed, stream, batch): the same seed gives bit-identical Fishers, another
+    seed other ones, and the forget and retain streams draw independently (not the same ε for batch b of each)."""
+    data, model = regression_data(n=6), linear_model()
+    fisher = lambda seed, stream: accumulate_gradients(model, noisy_loss, data, accelerator, batch_size=2, seed=seed,  # noqa: E731
+                                                       stream=stream)[0]
+    assert torch.equal(fisher(0, "fisher forget"), fisher(0, "fisher forget"))
+    assert not torch.allclose(fisher(0, "fisher forget"), fisher(1, "fisher forget"))
+    assert not torch.allclose(fisher(0, "fisher forget"), fisher(0, "fisher retain"))
+    first_draws = {stream: NoiseSource(derive_seed(0, stream, "noise", 0)).randn((2, 3)) for stream in ("fisher forget", "fisher retain")}
+    assert not torch.allclose(first_draws["fisher forget"], first_draws["fisher retain"])
+    # by hand: batch b's ε is the stream's (seed, stream, "noise", b) CPU draw
+    w = model.weight.detach()[0]
+    by_hand = 0
+    for b in range(3):
+        x, y = data.images[2 * b : 2 * b + 2], data.targets[2 * b : 2 * b + 2]
+        eps = NoiseSource(derive_seed(7, "fisher forget", "noise", b)).randn(tuple(x.shape), dtype=x.dtype)
+        by_hand = by_hand + batch_gradient(w, x + eps, y) ** 2
+    assert torch.allclose(fisher(7, "fisher forget")[0], by_hand / 3, atol=1e-12)
 
 
 def test_fisher_cache_hits_only_for_the_same_key(accelerator, tmp_path):
@@ -87,9 +121,32 @@ def test_fisher_cache_hits_only_for_the_same_key(accelerator, tmp_path):
     cycled, hit5 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2, batches=4)
     assert (hit1, hit2, hit3, hit5) == (False, True, False, False) and not torch.equal(first[0], cycled[0])
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    _, seeded = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2, seed=3)
+    assert seeded  # one pass with no draws: every seed shares it
     model.weight.data += 1.0
     _, hit4 = cached_gradient_statistics(tmp_path, model, squared_loss, "mse", data, accelerator, batch_size=2)
     assert not hit4  # new weights, new key
+
+
+def test_fisher_cache_key_names_seed_stream_device_precision_and_tf32(accelerator, tmp_path, monkeypatch):
+    """A statistic that drew random numbers is cached per (seed, stream); every statistic per device type, mixed
+    precision and TF32: changing any one of them misses."""
+    data, model = regression_data(n=6), linear_model()
+
+    def cached(**kwargs) -> bool:
+        return cached_gradient_statistics(tmp_path, model, noisy_loss, "noisy", data, accelerator, batch_size=2,
+                                          **{"seed": 0, "stream": "fisher forget", **kwargs})[1]
+
+    from genunlearn import precision
+
+    assert (cached(), cached()) == (False, True)
+    assert not cached(seed=1) and not cached(stream="fisher retain")
+    for field, value in (("device_type", "cuda"), ("mixed_precision", "bf16"), ("tf32", True)):  # (TF32 is moot on a CPU)
+        original = precision.numerics
+        monkeypatch.setattr("genunlearn.engine.saliency.numerics", lambda acc: {**original(acc), field: value})
+        assert not cached()
+        monkeypatch.undo()
+    assert cached()
 
 
 def test_masks_equal_their_formulas():
@@ -199,11 +256,16 @@ def test_remain_gradient_is_taken_at_post_forget_weights(accelerator):
     assert torch.allclose(joint_model.weight.detach()[0], joint, atol=1e-12)
 
 
-def test_masked_parameters_do_not_move_on_a_forget_step(cnn_task, class3_split, accelerator):
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_mask_acts_on_the_gradient_and_holds_weights_only_when_asked(cnn_task, class3_split, accelerator, hold):
+    """As the references' ``p.grad *= mask``: masked-out weights get no gradient, but momentum and weight decay still
+    move them (exactly as a zero-gradient step would); ``hold_masked`` keeps them exactly (SalUn's classifier
+    reference restores them)."""
     import copy
 
     model = copy.deepcopy(cnn_task.model).train()
     ctx = _context(model, accelerator, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    ctx.cfg.hold_masked = hold
     images = torch.stack([class3_split.retain[i][0] for i in range(32)])
     labels = torch.tensor([class3_split.retain[i][1] for i in range(32)])
     for _ in range(2):  # build up momentum so that an unguarded step would move every weight
@@ -211,12 +273,20 @@ def test_masked_parameters_do_not_move_on_a_forget_step(cnn_task, class3_split, 
     generator = torch.Generator().manual_seed(0)
     mask = ParameterMask([n for n, _ in model.named_parameters()], [torch.rand(p.shape, generator=generator) < 0.5 for p in model.parameters()])
     before = [p.detach().clone() for p in model.parameters()]
+    # what a step with a zero gradient does (momentum 0.9, weight decay): v <- 0.9 v + wd θ, θ <- θ - lr v
+    momentum = [ctx.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    coasting = [θ - 0.05 * (0.9 * v + 5e-4 * θ) for θ, v in zip(before, momentum)]
     forget_images = torch.stack([class3_split.forget[i][0] for i in range(32)])
     forget_labels = torch.tensor([class3_split.forget[i][1] for i in range(32)])
     ctx.backward_step(-cnn_task.loss(model, (forget_images, forget_labels)).mean(), mask=mask, max_norm=7.0)
-    for old, new, keep in zip(before, model.parameters(), mask.keep):
-        assert torch.equal(old[~keep], new.detach()[~keep])
+    for old, coasted, new, keep in zip(before, coasting, model.parameters(), mask.keep):
+        expected = old[~keep] if hold else coasted[~keep]
+        assert torch.allclose(expected, new.detach()[~keep], atol=1e-7, rtol=0)
+        if hold:
+            assert torch.equal(old[~keep], new.detach()[~keep])
     assert any(not torch.equal(old[keep], new.detach()[keep]) for old, new, keep in zip(before, model.parameters(), mask.keep))
+    if not hold:
+        assert any(not torch.equal(old[~keep], new.detach()[~keep]) for old, new, keep in zip(before, model.parameters(), mask.keep))
 
 
 def test_fisher_from_two_processes_equals_one(cnn_task, class3_split, cache_dir, accelerator, tmp_path):

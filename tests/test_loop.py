@@ -32,6 +32,14 @@ def test_each_epoch_is_a_fresh_permutation_and_resume_continues_the_stream():
     assert next(resumed) == sampler.indices(5)
 
 
+def test_unshuffled_streams_cycle_the_dataset_in_its_own_order():
+    """``shuffle: false``: every pass in the set's order, as the SD references' unshuffled, cycled loaders."""
+    sampler = StepBatchSampler(size=5, batch_size=2, seed=0, shuffle=False)
+    assert [sampler.indices(s) for s in range(5)] == [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4]]
+    pair = [StepBatchSampler(size=5, batch_size=1, seed=0, rank=r, world=2, shuffle=False) for r in (0, 1)]
+    assert [pair[0].indices(s) + pair[1].indices(s) for s in range(5)] == [sampler.indices(s) for s in range(5)]
+
+
 def test_cosine_schedule_and_bad_settings():
     cfg = LoopConfig(steps=10, lr=1.0, schedule="cosine")
     assert cfg.lr_at(0) == 1.0 and cfg.lr_at(5) == pytest.approx(0.5) and cfg.lr_at(10) == pytest.approx(0.0)

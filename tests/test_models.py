@@ -17,6 +17,7 @@ from genunlearn.cli import guarded, pretrain_main
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.models.peft import scope_initial_values, scope_parameters
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
+from genunlearn.precision import numerics_tag
 from genunlearn.storage.cache import PRETRAIN_SEED, pretrained_entry
 from genunlearn.storage.files import load_weights, read_state_dict
 from genunlearn.tasks.classifier import ClassifierTask, build_classifier
@@ -141,9 +142,10 @@ def test_timm_eval_classifier_resizes_and_normalises(tmp_path, accelerator):
         load_eval_classifier("resnet-9000", weights=None, num_classes=10, data=None, cache_dir=None, accelerator=accelerator)
 
 
-def test_a_corrupt_cache_entry_names_the_folder_to_delete(cnn_task, cache_dir, tmp_path):
-    entry = pretrained_entry(cache_dir, cnn_task.preset, "digits8", PRETRAIN_SEED)
-    copy = pretrained_entry(tmp_path, cnn_task.preset, "digits8", PRETRAIN_SEED)
+def test_a_corrupt_cache_entry_names_the_folder_to_delete(cnn_task, cache_dir, tmp_path, accelerator):
+    numerics = numerics_tag(accelerator)
+    entry = pretrained_entry(cache_dir, cnn_task.preset, "digits8", PRETRAIN_SEED, numerics)
+    copy = pretrained_entry(tmp_path, cnn_task.preset, "digits8", PRETRAIN_SEED, numerics)
     shutil.copytree(entry, copy)
     (copy / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match=f"cache entry {copy} .* is corrupt; delete that folder"):

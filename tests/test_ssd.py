@@ -169,7 +169,7 @@ def test_ssd_forgets_a_class_of_cnn_digits(method, cnn_task, tmp_path):
     out = tmp_path / method
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--method", method, "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["after"]["forget_acc"] <= 0.05 and report["before"]["forget_acc"] == 1.0
+    assert report["after"]["forget_acc"] <= 0.1 and report["before"]["forget_acc"] == 1.0
     assert report["after"]["retain_acc"] > 0.95 and report["after"]["test_acc"] > 0.9
     info = report["method_info"]
     assert info["alpha"] == get_preset("cnn-digits").methods[method]["alpha"] and 0 < info["selected_fraction"] < 0.1

@@ -22,7 +22,8 @@ from genunlearn.engine.objectives import random_label
 from genunlearn.errors import UserError
 from genunlearn.eval.concepts import concept_metrics, evaluate_concepts, prompt_class, retain_reference
 from genunlearn.eval.fid import ClassifierFeatures, extract_features
-from genunlearn.methods.esd import esd_target
+from genunlearn.methods.esd import esd_target, sampling_schedule
+from genunlearn.noise import NoiseSource
 from genunlearn.models.presets import TrainRecipe, get_preset
 from genunlearn.models.prompt_sampling import sample_prompts, sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_text_to_image_pipeline
@@ -144,11 +145,17 @@ def test_the_salun_mask_objective_and_rl_are_their_formulas(sd_task):
 def test_esd_parameter_scopes(sd_task):
     unet = sd_task.model
     cross = dict(sd_task.trainable_parameters(unet, "cross-attention"))
-    rest = dict(sd_task.trainable_parameters(unet, "non-cross-attention"))
+    noxattn = dict(sd_task.trainable_parameters(unet, "non-cross-attention"))  # train-esd.py's ESD-u
+    linear = dict(sd_task.trainable_parameters(unet, "linear-non-cross-attention"))  # esd_sd.py's ESD-u
     assert sum(p.numel() for p in cross.values()) == 49_408 and all("attn2" in name for name in cross)
-    assert not set(cross) & set(rest)
-    assert "conv_out.weight" in rest and "time_embedding.linear_1.weight" in rest  # ESD-u (diffusers) trains these
-    assert not any("norm" in name for name in rest)
+    assert not set(cross) & set(noxattn) and not set(cross) & set(linear)
+    assert "conv_out.weight" in linear and "time_embedding.linear_1.weight" in linear and not any("norm" in n for n in linear)
+    # noxattn: everything but attn2, CompVis's time_embed (diffusers' time_embedding) and out.0/out.2 (conv_norm_out,
+    # conv_out); the blocks' norms and time projections (CompVis emb_layers) train
+    assert set(noxattn) == {n for n, _ in unet.named_parameters() if "attn2" not in n
+                            and not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))}
+    assert any("norm" in n for n in noxattn) and any("time_emb_proj" in n for n in noxattn)
+    assert not {"conv_out.weight", "time_embedding.linear_1.weight", "conv_norm_out.weight"} & set(noxattn)
     assert len(dict(unet.named_parameters())) == len(sd_task.trainable_parameters(unet, "all"))
     with pytest.raises(UserError, match="unknown parameter scope"):
         sd_task.trainable_parameters(unet, "attn1")
@@ -164,7 +171,52 @@ def test_the_esd_target_is_the_same_in_both_references_conventions():
     assert torch.equal(esd_target(unconditional, conditional, 1.0), torch.tensor([-0.5, -2.0, 6.0]))  # by hand: 2∅ - c
 
 
-@pytest.mark.parametrize("scope", ["cross-attention", "non-cross-attention"])
+class FixedDraws:
+    """A stand-in noise source whose shared integer draws are given in advance."""
+
+    def __init__(self, *values: int) -> None:
+        self.values = list(values)
+
+    def shared_randint(self, high: int) -> int:
+        value = self.values.pop(0)
+        assert 0 <= value < high
+        return value
+
+
+def test_esd_timestep_labels_follow_each_reference():
+    """train-esd.py (CompVis ddim.py): t_enc in [0, 50), the sampler stops after min(50, 51 - t_enc) steps and the label is
+    uniform in [20 t_enc, 20 t_enc + 20); esd_sd.py: k steps, labelled with the timestep reached."""
+    timesteps = torch.arange(981, 0, -20)  # 50 DDIM steps of a 1000-step schedule, steps_offset 1
+    assert sampling_schedule(FixedDraws(10, 7), 50, 1000, "compvis", timesteps) == (41, 207)
+    assert sampling_schedule(FixedDraws(0, 19), 50, 1000, "compvis", timesteps) == (50, 19)  # t_enc 0 and 1: every step
+    assert sampling_schedule(FixedDraws(1, 0), 50, 1000, "compvis", timesteps) == (50, 20)
+    assert sampling_schedule(FixedDraws(49, 19), 50, 1000, "compvis", timesteps) == (2, 999)  # never pure noise
+    assert sampling_schedule(FixedDraws(0), 50, 1000, "reached", timesteps) == (0, 981)  # pure noise at 981
+    assert sampling_schedule(FixedDraws(10), 50, 1000, "reached", timesteps) == (10, 781)
+    # CompVis x_t after 51 - t_enc steps sits at timestep 20 t_enc - 39: the label is 39 to 58 steps noisier
+    steps, label = sampling_schedule(FixedDraws(10, 7), 50, 1000, "compvis", timesteps)
+    assert int(timesteps[steps]) == 20 * 10 - 39 and 39 <= label - int(timesteps[steps]) <= 58
+    draws = NoiseSource(0)
+    labels = [sampling_schedule(draws, 50, 1000, "compvis", timesteps)[1] for _ in range(5000)]
+    assert min(labels) >= 0 and max(labels) <= 999 and len(set(labels)) > 950  # every label reachable
+
+
+@pytest.mark.parametrize("sample_with", ["trained", "frozen"])
+def test_esd_samples_x_t_with_the_model_its_reference_uses(sd_task, accelerator, monkeypatch, sample_with):
+    """train-esd.py samples x_t with the model being trained, esd_sd.py with the frozen copy."""
+    import genunlearn.methods.esd as esd
+
+    used, original = [], esd.partially_sampled
+    monkeypatch.setattr(esd, "partially_sampled", lambda model, *args: used.append(model) or original(model, *args))
+    three = CAPTIONS.index("a handwritten digit three")
+    split = make_forget_split(sd_task.train_data, sd_task.test_data, SplitSpec("class", classes=(three,)))
+    unlearn(sd_task, split, "esd", steps=2, ddim_steps=4, lr=1e-3, sample_with=sample_with, accelerator=accelerator)
+    assert len(used) == 2 and used[0] is used[1]
+    assert (used[0] is not sd_task.model and used[0].training) == (sample_with == "trained")
+    assert (not used[0].training and not any(p.requires_grad for p in used[0].parameters())) == (sample_with == "frozen")
+
+
+@pytest.mark.parametrize("scope", ["cross-attention", "non-cross-attention", "linear-non-cross-attention"])
 def test_esd_trains_its_scope_only_and_needs_no_images(sd_task, scope, accelerator):
     three = CAPTIONS.index("a handwritten digit three")
     split = make_forget_split(sd_task.train_data, sd_task.test_data, SplitSpec("class", classes=(three,)))
@@ -348,7 +400,8 @@ def test_the_gradient_methods_run_on_a_text_to_image_task_with_the_references_se
                                sd_task.scheduler, sd_task.train_data, sd_task.test_data, anchor="a handwritten digit")
     split = make_forget_split(anchored.train_data, anchored.test_data,
                               SplitSpec("class", classes=(CAPTIONS.index("a handwritten digit three"),)))
-    brief = {"fisher_batches": 2} if method == "sfron" else {}  # the Fishers' one pass over D_r would take minutes here
+    # the Fishers' one pass over D_r would take minutes here; SalUn's 5 epochs over D_f give way to the 2 steps
+    brief = {"sfron": {"fisher_batches": 2}, "salun": {"epochs": None}}.get(method, {})
     result = unlearn(anchored, split, method, steps=2, accelerator=accelerator, **brief)
     before, after = dict(anchored.model.named_parameters()), dict(result.model.named_parameters())
     assert any(not torch.equal(before[name], after[name]) for name in before)

@@ -15,6 +15,7 @@ from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint
 from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
 from genunlearn.models.prompt_sampling import sample_prompts
+from genunlearn.precision import numerics
 from genunlearn.models.sampling import sample_classes
 from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
 
@@ -71,9 +72,9 @@ def generated_datasets(
 ) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """``(train, test)``: ``per_class`` samples of each of ``classes`` (ids into ``class_names``), and a quarter as
     many with other seeds: images in [-1, 1], or with ``latents`` the denoiser's latents (a latent model's data,
-    never decoded). Generated once and cached by (weights, classes, counts, sampler, seed, output space)."""
+    never decoded). Generated once and cached by (weights, classes, counts, sampler, seed, output space, numerics)."""
     vae = None if latents or pipeline.vae is None else model_fingerprint(pipeline.vae)
-    key = [model_fingerprint(pipeline_denoiser(pipeline)), vae, latents, classes, guidance, steps]
+    key = [model_fingerprint(pipeline_denoiser(pipeline)), vae, latents, classes, guidance, steps, numerics(accelerator)]
     return cached_generations(
         key, lambda count, at: _generate(pipeline, classes, count, accelerator, guidance, steps, at, latents),
         per_class, seed, class_names, cache_dir, accelerator)
@@ -93,9 +94,9 @@ def generated_prompt_datasets(
 ) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """``(train, test)`` of a text-to-image model's own generations: ``per_prompt`` latents of each of ``ids`` (ids into
     ``prompts``, the datasets' classes), and a quarter as many with other seeds; cached by (UNet, text encoder,
-    prompts and their ids, which seed them, counts, sampler, seed)."""
+    prompts and their ids, which seed them, counts, sampler, seed, numerics)."""
     key = [model_fingerprint(pipeline.unet), model_fingerprint(pipeline.text_encoder), {i: prompts[i] for i in ids}, guidance,
-           steps]
+           steps, numerics(accelerator)]
 
     def generate(count: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
         return stacked(sample_prompts(pipeline, prompts, ids, count, accelerator, guidance=guidance, steps=steps, seed=at,

@@ -16,21 +16,27 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from genunlearn.noise import derive_seed
+
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Endless batches of dataset indices for one process, starting at batch ``start_batch``."""
+    """Endless batches of dataset indices for one process, starting at batch ``start_batch``; each epoch's
+    permutation is seeded by (``seed``, epoch), or with ``shuffle=False`` every epoch is the dataset's own order
+    (the unshuffled, cycled loaders of SFR-on's and SalUn's Stable Diffusion scripts)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_batch: int = 0,
+                 shuffle: bool = True) -> None:
         if size == 0:
             raise ValueError("cannot draw batches from an empty dataset")
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.rank, self.world, self.start_batch = rank, world, start_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+            self._epoch, self._perm = epoch, order
         return self._perm
 
     def indices(self, batch: int) -> list[int]:
@@ -60,9 +66,10 @@ class BatchStream:
         accelerator: Accelerator,
         start_batch: int = 0,
         num_workers: int = 0,
+        shuffle: bool = True,
     ) -> None:
         sampler = StepBatchSampler(
-            len(dataset), batch_size, seed, accelerator.process_index, accelerator.num_processes, start_batch
+            len(dataset), batch_size, seed, accelerator.process_index, accelerator.num_processes, start_batch, shuffle
         )
         self.position = start_batch
         self._device = accelerator.device

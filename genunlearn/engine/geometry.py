@@ -34,7 +34,7 @@ def fast_slow_iteration(
     forget_clip: float | None,
     retain_clip: float | None,
 ) -> dict[str, float]:
-    """Fast step on ``forget_loss()`` (masked, clipped; masked-out entries stay put), then a slow step
+    """Fast step on ``forget_loss()`` (gradient masked, then clipped), then a slow step
     on ``retain_loss()``, evaluated only now, at the updated weights, with the same optimizer.
     A None ``forget_loss`` skips the fast step (SFR-on's ``forget_every``)."""
     figures = {}

@@ -30,6 +30,7 @@ from genunlearn.engine.checkpoint import (
 )
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
+from genunlearn.noise import NoiseSource, current_noise, derive_seed, drawing_from
 from genunlearn.progress import progress
 from genunlearn.tasks.base import Task
 
@@ -48,6 +49,8 @@ class LoopConfig:
     weight_decay: float = 5e-4
     schedule: str = "constant"
     clip_grad_norm: float | None = None
+    hold_masked: bool = False  # masked-out entries keep their values exactly (else momentum and weight decay move them)
+    shuffle: bool = True  # each pass over a set in a fresh seeded order (False: the set's own order, every pass)
     log_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -102,17 +105,12 @@ class StepContext:
     cfg: LoopConfig
     forget: BatchStream | None
     retain: BatchStream | None
-
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded by (seed, step): identical on every process, and after a resume."""
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 7_919 + 17)
+    noise: NoiseSource | None = None  # this step's draws (``step_noise``; None outside run_loop: ``current_noise()``)
 
     def global_randint(self, high: int, local_size: int) -> torch.Tensor:
-        """This process's slice of ``local_size * processes`` draws from ``[0, high)``: the values a single
-        process with the whole global batch would draw, so results do not depend on the process count."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        draws = torch.randint(0, high, (world * local_size,), generator=self.generator())
-        return draws[rank * local_size : (rank + 1) * local_size].to(self.accelerator.device)
+        """This process's ``local_size`` draws from ``[0, high)`` of this step's stream: the values a single process
+        with the whole global batch would draw, so results do not depend on the process count."""
+        return (self.noise or current_noise()).randint(high, (local_size,), self.accelerator.device)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -143,10 +141,13 @@ class StepContext:
 
     def backward_step(self, loss: torch.Tensor, *, mask: ParameterMask | None = None, max_norm: float | None = None,
                       clip_before_mask: bool = False) -> float:
-        """Zero grads, backward, ``grad ⊙= mask`` (masked-out entries then stay put), clip, step.
+        """Zero grads, backward, ``grad ⊙= mask``, clip, step.
 
-        ``max_norm`` (None: ``cfg.clip_grad_norm``) bounds the gradient norm; returns the norm before clipping.
-        ``clip_before_mask`` clips the whole gradient and masks afterwards (SalUn's diffusion order).
+        The mask acts on the gradient, as the references' ``p.grad *= mask`` does: the optimizer's momentum, Adam
+        moments and weight decay still move masked-out entries; with ``cfg.hold_masked`` they keep their values
+        exactly (SalUn's classifier reference restores them after every step). ``max_norm`` (None:
+        ``cfg.clip_grad_norm``) bounds the gradient norm; returns the norm before clipping. ``clip_before_mask``
+        clips the whole gradient and masks afterwards (SalUn's diffusion order).
         """
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -157,11 +158,19 @@ class StepContext:
             mask.mask_gradients(self.parameters())
         if not clip_before_mask:
             norm = self.clip_gradients(max_norm)
-        self.optimizer_step(frozen=mask)
+        self.optimizer_step(frozen=mask if self.cfg.hold_masked else None)
         return norm
 
 
 StepFn = Callable[[StepContext], dict[str, float]]
+
+
+def step_noise(seed: int, step: int, accelerator: Accelerator) -> NoiseSource:
+    """Step ``step``'s draws (diffusion noise and timesteps, label dropout, rl's other labels): a CPU stream seeded by
+    (seed, step) that draws for the global batch, so any process count and a resumed run see the same numbers. The
+    device's own generator (dropout layers inside a model) is seeded per (seed, step, process) as well."""
+    torch.manual_seed(derive_seed(seed, "loop device", step, accelerator.process_index))
+    return NoiseSource(derive_seed(seed, "loop", step), rank=accelerator.process_index, world=accelerator.num_processes)
 
 
 def training_mode(model: nn.Module, task: Task) -> nn.Module:
@@ -224,13 +233,14 @@ def run_loop(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    def stream(name: str, data: Dataset | None, offset: int) -> BatchStream | None:
+    def stream(name: str, data: Dataset | None) -> BatchStream | None:
         if data is None:
             return None
-        return BatchStream(data, cfg.batch_size, cfg.seed * 10 + offset, accelerator, start_batch=positions.get(name, 0))
+        return BatchStream(data, cfg.batch_size, derive_seed(cfg.seed, "data order", name), accelerator,
+                           start_batch=positions.get(name, 0), shuffle=cfg.shuffle)
 
     ctx = StepContext(
-        start_step, model, optimizer, accelerator, task, cfg, stream("forget", forget_data, 1), stream("retain", retain_data, 2)
+        start_step, model, optimizer, accelerator, task, cfg, stream("forget", forget_data), stream("retain", retain_data)
     )
     training_mode(model, task)
     window: dict[str, list[float]] = defaultdict(list)
@@ -239,10 +249,10 @@ def run_loop(
     for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
-        ctx.step = step
-        # global RNG (diffusion noise and timesteps, dropout) drawn afresh per step and process: resumable
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + accelerator.process_index * 104_729 + 1)
-        for key, value in step_fn(ctx).items():
+        ctx.step, ctx.noise = step, step_noise(cfg.seed, step, accelerator)
+        with drawing_from(ctx.noise):
+            figures = step_fn(ctx)
+        for key, value in figures.items():
             window[key].append(float(value))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -274,7 +284,7 @@ def run_loop(
         bar.update(1)
     bar.close()
     return LoopResult(
-        model=accelerator.unwrap_model(model),
+        model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),  # a plain module: no autocast left in forward
         log=log,
         steps=cfg.steps,
         wall_time_s=wall_before + time.perf_counter() - started,

@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.loop import run_loop, training_mode
+from genunlearn.precision import numerics
 from genunlearn.storage.cache import cached_or_built
 from genunlearn.engine.training import TrainConfig, supervised_step, train_from_scratch
 
@@ -51,9 +52,9 @@ def relearn_curve(task, model: nn.Module, split: ForgetSplit, steps: int, measur
 def retrain_oracle(task, split: ForgetSplit, data_id: str, root: Path, accelerator: Accelerator,
                    save: Callable[[nn.Module, Path], None], load: Callable[[Path], nn.Module], marker: str) -> nn.Module:
     """The preset trained from scratch on ``split.retain`` with its pretraining recipe, cached under
-    ``root/retrain`` by (preset, data, split); ``save(model, folder)``/``load(folder)`` store it (``marker``: the
+    ``root/retrain`` by (preset, data, split, numerics); ``save(model, folder)``/``load(folder)`` store it (``marker``: the
     file that proves a finished entry)."""
-    key = json.dumps([task.preset.fingerprint(), data_id, split.summary()], sort_keys=True)
+    key = json.dumps([task.preset.fingerprint(), data_id, split.summary(), numerics(accelerator)], sort_keys=True)
     entry = root / "retrain" / f"{task.preset.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     def train_and_save() -> None:

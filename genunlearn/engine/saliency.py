@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from genunlearn.engine.batches import StepBatchSampler
 from genunlearn.engine.fingerprint import dataset_fingerprint, model_fingerprint
+from genunlearn.noise import NoiseSource, derive_seed, drawing_from
+from genunlearn.precision import numerics
 from genunlearn.progress import progress
 from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
 from genunlearn.tasks.base import Batch
 
 GradientTransform = Literal["square", "abs", "identity"]
-CYCLED_ORDER_SEED = 7  # the order of cycled statistics batches (fixed: statistics do not vary with the run's seed)
 BatchLoss = Callable[[nn.Module, Batch], torch.Tensor]
 _TRANSFORMS: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {
     "square": lambda grads: torch._foreach_mul(grads, grads),
@@ -42,19 +43,33 @@ def accumulate_gradients(
     transform: GradientTransform = "square",
     max_norm: float | None = None,
     batches: int | None = None,
+    seed: int = 0,
+    stream: str = "statistics",
     desc: str = "gradient statistics",
 ) -> list[torch.Tensor]:
     """``(1/n_b) Σ_b T(∇θ L̄_b)`` per parameter (``model.parameters()`` order), L̄_b the mean of
     ``batch_loss`` over batch b, T = square (the Fisher diagonal), abs or identity.
 
     Batches: without ``batches``, the dataset's consecutive runs of ``batch_size`` (one pass; the last may be
-    shorter); with it, that many full batches drawn from the dataset cycled in a fresh seeded order each pass
+    shorter); with it, that many full batches drawn from the dataset cycled in a fresh shuffled order each pass
     (as the references' shuffled, cycled loaders; a small set then gives as many batch gradients as a large one).
     The result depends on the batch size: compare statistics only at equal batch sizes. The model is
-    in eval mode; with ``max_norm`` each batch gradient is clipped before T. Batch b runs on
-    process b mod N with the global RNG seeded by b (diffusion losses draw noise and timesteps), and
-    the sums are all-reduced, so any process count gives the same result.
+    in eval mode, its forward under the accelerator's autocast; with ``max_norm`` each batch gradient is clipped
+    before T.
+
+    Randomness (the cycled order, and the noise and timesteps a diffusion loss draws through ``current_noise``)
+    comes from CPU streams seeded by (``seed``, ``stream``, batch): a run's seed changes the statistics, another
+    ``stream`` (the forget and the retain set's) draws independently, and a device draws the same numbers as a CPU.
+    Batch b runs on process b mod N and the sums are all-reduced, so any process count gives the same result.
     """
+    return _accumulate(model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform,
+                       max_norm=max_norm, batches=batches, seed=seed, stream=stream, desc=desc)[0]
+
+
+def _accumulate(model: nn.Module, batch_loss: BatchLoss, dataset: Dataset, accelerator: Accelerator, *, batch_size: int,
+                transform: GradientTransform, max_norm: float | None, batches: int | None, seed: int, stream: str,
+                desc: str) -> tuple[list[torch.Tensor], bool]:
+    """``accumulate_gradients``'s statistics and whether the loss drew any random numbers (on any process)."""
     was_training = model.training
     model.eval()
     params = list(model.parameters())
@@ -63,22 +78,28 @@ def accumulate_gradients(
         n_batches = math.ceil(len(dataset) / batch_size)
         members = lambda b: list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))  # noqa: E731
     else:
-        n_batches, members = batches, StepBatchSampler(len(dataset), batch_size, seed=CYCLED_ORDER_SEED).indices
+        order_seed = derive_seed(seed, stream, "order")
+        n_batches, members = batches, StepBatchSampler(len(dataset), batch_size, seed=order_seed).indices
     my_batches = list(range(accelerator.process_index, n_batches, accelerator.num_processes))
     loader = DataLoader(dataset, batch_sampler=[members(b) for b in my_batches])
+    draws = 0
     for b, (images, labels) in zip(my_batches, progress(loader, desc=desc, show=accelerator.is_local_main_process)):
-        torch.manual_seed(1_000_003 + b)
         model.zero_grad(set_to_none=True)
-        batch_loss(model, (images.to(accelerator.device), labels.to(accelerator.device))).mean().backward()
+        with drawing_from(NoiseSource(derive_seed(seed, stream, "noise", b))) as noise, accelerator.autocast():
+            loss = batch_loss(model, (images.to(accelerator.device), labels.to(accelerator.device))).mean()
+        draws += noise.draws
+        loss.backward()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         torch._foreach_add_(totals, _TRANSFORMS[transform](grads))
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    drew = torch.tensor([float(draws)], device=accelerator.device)
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-    return [t.div_(n_batches) for t in totals]
+        drew = accelerator.reduce(drew, reduction="sum")
+    return [t.div_(n_batches) for t in totals], bool(drew.item() > 0)
 
 
 def cached_gradient_statistics(
@@ -93,25 +114,33 @@ def cached_gradient_statistics(
     transform: GradientTransform = "square",
     max_norm: float | None = None,
     batches: int | None = None,
+    seed: int = 0,
+    stream: str = "statistics",
     desc: str = "gradient statistics",
 ) -> tuple[list[torch.Tensor], bool]:
-    """``accumulate_gradients``, cached on disk by (model weights, data, loss, batch size and count, transform, clip).
+    """``accumulate_gradients``, cached on disk by everything that decides it: model weights, data, loss, batch size
+    and count, transform, clip, the numerics (device type, mixed precision, TF32), and (``seed``, ``stream``) when the
+    result drew random numbers (a cycled order, or a loss's noise); a one-pass statistic that drew none (a classifier's
+    Fisher) is shared by every seed.
 
     Returns ``(statistics, whether they came from the cache)``. No caching when ``cache_dir`` is None
     or the dataset has no known fingerprint.
     """
     names = [n for n, _ in model.named_parameters()]
     data_id = dataset_fingerprint(dataset)
-    path = None
+    paths = {}
     if cache_dir is not None and data_id is not None:
-        key = json.dumps([model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm]
-                         + ([] if batches is None else [batches]))  # one-pass keys as before: their caches stay valid
-        path = Path(cache_dir) / "saliency" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-    stored = read_cached_tensors(path, accelerator)
-    if stored is not None:
-        return [stored[n].to(accelerator.device) for n in names], True
-    stats = accumulate_gradients(model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform,
-                                 max_norm=max_norm, batches=batches, desc=desc)
+        base = [model_fingerprint(model), data_id, loss_name, batch_size, transform, max_norm, batches, numerics(accelerator)]
+        for drawn, key in ((False, base), (True, [*base, seed, stream])):
+            digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+            paths[drawn] = Path(cache_dir) / "saliency" / f"{digest}.safetensors"
+    for drawn in (False, True) if batches is None else (True,):
+        stored = read_cached_tensors(paths.get(drawn), accelerator)
+        if stored is not None:
+            return [stored[n].to(accelerator.device) for n in names], True
+    stats, drew = _accumulate(model, batch_loss, dataset, accelerator, batch_size=batch_size, transform=transform,
+                              max_norm=max_norm, batches=batches, seed=seed, stream=stream, desc=desc)
+    path = paths.get(drew or batches is not None)
     if path is not None and accelerator.is_main_process:
         atomic_save_tensors(dict(zip(names, stats)), path)
     return stats, False

@@ -31,6 +31,7 @@ from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
 from genunlearn.models.pipeline import Pipeline, pipeline_class_names, pipeline_num_classes
 from genunlearn.models.presets import DiffusionPreset, SamplingDefaults
 from genunlearn.models.sampling import pipeline_for
+from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.files import atomic_save_tensors, atomic_write_text, read_cached_json, read_cached_tensors
@@ -140,10 +141,10 @@ def cached_evaluation(key: list, evaluate: Callable[[], Evaluation], root: Path,
 
 def evaluate_original(setup: DiffusionSetup, accelerator: Accelerator, root: Path) -> Evaluation:
     """``setup.evaluate`` of the original model (``cached_evaluation``), keyed by weights, protocol, classes, judge,
-    FID features and references, and precision."""
+    FID features and references, and numerics (device type, precision, TF32, draws)."""
     key = [model_fingerprint(setup.task.model), asdict(setup.protocol), setup.forgotten, setup.remaining, setup.heldout,
            setup.classifier_name, model_fingerprint(setup.classifier), setup.fid.describe(),
-           tensors_fingerprint(setup.features), accelerator.mixed_precision, accelerator.device.type]
+           tensors_fingerprint(setup.features), numerics(accelerator)]
     return cached_evaluation(key, lambda: setup.evaluate(setup.task.model, accelerator), root, accelerator)
 
 

@@ -30,6 +30,7 @@ from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
+from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import save_pipeline
@@ -214,7 +215,7 @@ class TextToImageRun(GeneratorRun):
                protocol_options(self.job).record(), setup.papers and [asdict(row) for row in setup.papers.rows()],
                model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
                setup.real_reference is not None and tensors_fingerprint({"real": setup.real_reference}),
-               self.accelerator.mixed_precision, self.accelerator.device.type]
+               numerics(self.accelerator)]
         return cached_evaluation(key, lambda: setup.evaluate(None, self.accelerator), cache_root(self.job.cache_dir),
                                  self.accelerator)
 

@@ -1,6 +1,6 @@
 """``esd`` (Erased Stable Diffusion, Gandikota et al., ICCV 2023; rohitgandikota/erasing ``train-esd.py``): train the
 UNet's prediction for a concept prompt c towards the frozen model's negatively guided one,
-``ε*(x_t, ∅) - η [ε*(x_t, c) - ε*(x_t, ∅)]``, at an x_t the frozen model reaches in k of the DDIM steps on c.
+``ε*(x_t, ∅) - η [ε*(x_t, c) - ε*(x_t, ∅)]``, at an x_t reached in part of the DDIM steps on c (``ESDConfig``).
 Needs no images: the concept prompts are the forget split's labels. Text-to-image tasks only."""
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
 from genunlearn.methods.common import unlearn_with_loop
 from genunlearn.methods.registry import UnlearnResult, register_method
+from genunlearn.noise import NoiseSource, current_noise
 
 
 @dataclass
 class ESDConfig(LoopConfig):
-    """Defaults: the CompVis reference ``train-esd.py`` (1000 iterations, Adam 1e-5, batch 1, start guidance 3, negative
-    guidance η = 1, 50 DDIM steps). ``scope``: ``non-cross-attention`` (ESD-u, for objects and nudity) or
-    ``cross-attention`` (ESD-x, for styles). x_t is sampled by the frozen copy and labelled with the timestep it was
-    sampled to, as ``esd_sd.py`` does (CompVis samples with the model being trained and labels x_t about two DDIM
-    steps noisier)."""
+    """Defaults: the paper's CompVis code ``train-esd.py`` (1000 iterations, Adam 1e-5, batch 1, start guidance 3,
+    negative guidance η = 1, 50 DDIM steps) in every part of the computation: x_t is sampled by the model being trained
+    (``sample_with: trained``), labelled the CompVis way (``timestep_labels: compvis``), and ESD-u trains its
+    ``noxattn`` set (``scope: non-cross-attention``). The authors' later diffusers script ``esd_sd.py`` samples x_t
+    with the frozen copy (``sample_with: frozen``), labels it with the timestep it reached (``timestep_labels:
+    reached``) and trains the Linear and Conv2d layers outside cross-attention (``scope:
+    linear-non-cross-attention``). ``scope: cross-attention`` is ESD-x in both."""
 
     steps: int = 1000
     batch_size: int = 1
@@ -36,6 +39,19 @@ class ESDConfig(LoopConfig):
     start_guidance: float = 3.0
     ddim_steps: int = 50
     scope: str = "non-cross-attention"
+    sample_with: str = "trained"
+    timestep_labels: str = "compvis"
+    hold_masked: bool = True  # the references optimise the scope's parameters only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sample_with not in ("trained", "frozen"):
+            raise UserError(f"unknown sample_with {self.sample_with!r}; use trained (train-esd.py) or frozen (esd_sd.py)")
+        if self.timestep_labels not in ("compvis", "reached"):
+            raise UserError(f"unknown timestep_labels {self.timestep_labels!r}; use compvis (train-esd.py) or reached "
+                            "(esd_sd.py)")
+        if self.ddim_steps < 2:
+            raise UserError(f"ddim_steps must be at least 2, got {self.ddim_steps}")
 
 
 def esd_target(unconditional: torch.Tensor, conditional: torch.Tensor, negative_guidance: float) -> torch.Tensor:
@@ -44,27 +60,43 @@ def esd_target(unconditional: torch.Tensor, conditional: torch.Tensor, negative_
     return unconditional - negative_guidance * (conditional - unconditional)
 
 
-def frozen_predictions(frozen: nn.Module, task, latents: torch.Tensor, timesteps: torch.Tensor,
+def null_and_concept_predictions(frozen: nn.Module, task, latents: torch.Tensor, timesteps: torch.Tensor,
                        concept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ε*(x_t, ∅), ε*(x_t, c))`` of the frozen model in one batched pass; ``timesteps`` a scalar or ``[B]``."""
+    """``(ε(x_t, ∅), ε(x_t, c))`` of a model in one batched pass; ``timesteps`` a scalar or ``[B]``."""
     null = torch.full_like(concept, task.null_prompt)
     both = task.predict_noise(frozen, latents.repeat(2, 1, 1, 1), timesteps.expand(len(concept)).repeat(2),
                               torch.cat([null, concept]))
     return both.chunk(2)
 
 
+def sampling_schedule(noise: NoiseSource, ddim_steps: int, train_timesteps: int, labels: str,
+                      sampler_timesteps: torch.Tensor) -> tuple[int, int]:
+    """``(DDIM steps to run from pure noise, the timestep x_t is labelled with)`` for one iteration.
+
+    ``reached`` (``esd_sd.py``): k uniform in [0, S), k steps, labelled ``sampler_timesteps[k]``, the timestep x_t has
+    reached. ``compvis`` (``train-esd.py`` with its ``ddim.py``): t_enc uniform in [0, S); the sampler stops after
+    min(S, S + 1 - t_enc) steps and the label is uniform in [round(t_enc T/S), round((t_enc + 1) T/S)): about two DDIM
+    steps noisier than x_t is (t_enc 0 and 1 run every step), and pure noise never trains."""
+    if labels == "reached":
+        k = noise.shared_randint(ddim_steps)
+        return k, int(sampler_timesteps[k])
+    t_enc = noise.shared_randint(ddim_steps)
+    low, high = round(t_enc * train_timesteps / ddim_steps), round((t_enc + 1) * train_timesteps / ddim_steps)
+    return min(ddim_steps, ddim_steps + 1 - t_enc), low + noise.shared_randint(high - low)
+
+
 @torch.no_grad()
-def partially_sampled(frozen: nn.Module, task, scheduler: DDIMScheduler, concept: torch.Tensor, k: int,
-                      guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_t, t)``: k of ``scheduler``'s DDIM steps (η = 0) of the frozen model from N(0, I) on the prompts ``concept``
-    ``[B]``, guided with ``guidance``; t ``[B]`` is the timestep x_t has reached."""
-    config = frozen.config
-    device = next(frozen.parameters()).device
-    latents = torch.randn(len(concept), config.in_channels, config.sample_size, config.sample_size, device=device)
-    for timestep in scheduler.timesteps[:k]:
-        unconditional, conditional = frozen_predictions(frozen, task, latents, timestep.to(device), concept)
+def partially_sampled(sampler_model: nn.Module, task, scheduler: DDIMScheduler, concept: torch.Tensor, steps: int,
+                      guidance: float) -> torch.Tensor:
+    """x_t ``[B, 4, h, w]``: ``steps`` of ``scheduler``'s DDIM steps (η = 0) of ``sampler_model`` from N(0, I) (drawn
+    from ``current_noise``) on the prompts ``concept`` ``[B]``, guided with ``guidance``."""
+    config = task.model.config
+    device = concept.device
+    latents = current_noise().randn((len(concept), config.in_channels, config.sample_size, config.sample_size), device)
+    for timestep in scheduler.timesteps[:steps]:
+        unconditional, conditional = null_and_concept_predictions(sampler_model, task, latents, timestep.to(device), concept)
         latents = scheduler.step(unconditional + guidance * (conditional - unconditional), timestep, latents).prev_sample
-    return latents, scheduler.timesteps[k].to(device).expand(len(concept))
+    return latents
 
 
 def scope_mask(task, model: nn.Module, scope: str) -> ParameterMask:
@@ -86,10 +118,14 @@ def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> 
 
     def esd_step(ctx: StepContext) -> dict[str, float]:
         concept = ctx.forget.next()[1].to(accelerator.device)
-        k = int(torch.randint(0, cfg.ddim_steps, ()))
-        noisy, timesteps = partially_sampled(frozen, task, sampler, concept, k, cfg.start_guidance)
-        with torch.no_grad():
-            target = esd_target(*frozen_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
+        steps, label = sampling_schedule(ctx.noise, cfg.ddim_steps, task.scheduler.config.num_train_timesteps,
+                                         cfg.timestep_labels, sampler.timesteps)
+        timesteps = torch.full((len(concept),), label, device=accelerator.device, dtype=torch.long)
+        with accelerator.autocast():
+            sampler_model = accelerator.unwrap_model(ctx.model) if cfg.sample_with == "trained" else frozen
+            noisy = partially_sampled(sampler_model, task, sampler, concept, steps, cfg.start_guidance)
+            with torch.no_grad():
+                target = esd_target(*null_and_concept_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
         loss = (task.predict_noise(ctx.model, noisy, timesteps, concept).float() - target.float()).pow(2).mean()
         ctx.backward_step(loss, mask=mask)
         return {"esd_loss": loss.item()}

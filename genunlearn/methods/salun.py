@@ -28,9 +28,14 @@ class SalUnConfig(LoopConfig):
     wins over ``steps``). ``form: joint`` is the diffusion reference (DDPM/runners/diffusion.py, saliency_unlearn):
     every step one update on ``L_rl(D_f) + retain_weight · L(D_r)`` (β = 1e-3 against the task's retain loss, which
     the DDPM reference sums over C·H·W while L_rl is an element mean; β = 0 forgets every class), clipped, then
-    masked. ``mask_clip``: each saliency batch gradient's norm bound before it is summed (the DDPM reference's 1.0)."""
+    masked; there an epoch is one pass over D_f (the SD reference's ``random_label.py`` runs 5), each step with a
+    D_r batch beside it. ``mask_clip``: each saliency batch gradient's norm bound before it is summed (the DDPM reference's 1.0).
+    ``hold_masked``: the classifier reference restores masked-out weights after every step (``RL.py``'s
+    ``_restore_masked_params``, since its #33); in the diffusion references every step is masked, so Adam never moves
+    them either."""
 
     batch_size: int = 256
+    hold_masked: bool = True
     lr: float = 0.01
     mask_fraction: float = 0.5
     epochs: int | None = 10
@@ -54,7 +59,7 @@ def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Ac
     scores, cached = cached_gradient_statistics(
         task.cache_dir, model, task.importance_loss, task.importance_loss_id, split.forget, accelerator,
         batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", max_norm=cfg.mask_clip,
-        desc="saliency on forget set",
+        seed=cfg.seed, stream="saliency forget", desc="saliency on forget set",
     )
     names = [n for n, _ in model.named_parameters()]
     mask = top_fraction_mask(names, scores, cfg.mask_fraction).to(accelerator.device)
@@ -85,8 +90,9 @@ def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -
     global_batch = cfg.batch_size * accelerator.num_processes
     forget_batches = math.ceil(len(split.forget) / global_batch)
     retain_batches = math.ceil(len(split.retain) / global_batch)
-    if cfg.epochs is not None and cfg.form == "alternate":
-        cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * (forget_batches + retain_batches), "epochs": None})
+    if cfg.epochs is not None:
+        per_epoch = forget_batches + retain_batches if cfg.form == "alternate" else forget_batches
+        cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * per_epoch, "epochs": None})
     mask, info = salun_mask(task, split, cfg, accelerator)
     if cfg.form == "joint":
         step = partial(salun_joint_step, mask=mask)

@@ -66,8 +66,8 @@ class SFRonConfig(LoopConfig):
 
 
 def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
-    """Fishers of the original model on D_f and D_r (the task's importance loss, one batch size for both) and
-    their ratio mask."""
+    """Fishers of the original model on D_f and D_r (the task's importance loss, one batch size for both; independent
+    draws from the run's seed) and their ratio mask."""
     started = time.perf_counter()
     model = task.model.to(accelerator.device)
     fisher_batch = cfg.fisher_batch_size or cfg.batch_size * accelerator.num_processes
@@ -76,7 +76,7 @@ def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Ac
         stats[part] = cached_gradient_statistics(
             task.cache_dir, model, task.importance_loss, task.importance_loss_id, getattr(split, part), accelerator,
             batch_size=fisher_batch, transform="square", max_norm=cfg.fisher_clip, batches=cfg.fisher_batches,
-            desc=f"Fisher on {part} set",
+            seed=cfg.seed, stream=f"fisher {part}", desc=f"Fisher on {part} set",
         )
     names = [n for n, _ in model.named_parameters()]
     mask = fisher_ratio_mask(names, stats["forget"][0], stats["retain"][0], cfg.mask_threshold).to(accelerator.device)

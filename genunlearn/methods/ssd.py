@@ -86,9 +86,11 @@ def ssd_importances(task: Task, model: nn.Module, split: ForgetSplit, cfg: SSDCo
     loss, loss_id, transform = importance_objective(task, label_free)
     whole_data = importance_dataset(task, split, cfg.importance_order)
     whole, cached = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, whole_data, accelerator,
-                                               batch_size=cfg.batch_size, transform=transform, desc="importance on D")
+                                               batch_size=cfg.batch_size, transform=transform, seed=cfg.seed,
+                                               stream="importance whole", desc="importance on D")
     forget, _ = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, split.forget, accelerator,
-                                           batch_size=cfg.batch_size, transform=transform, desc="importance on D_f")
+                                           batch_size=cfg.batch_size, transform=transform, seed=cfg.seed,
+                                           stream="importance forget", desc="importance on D_f")
     return whole, forget, cached
 
 

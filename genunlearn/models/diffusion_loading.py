@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
+from genunlearn.precision import numerics_tag
 from genunlearn.storage.cache import PRETRAIN_SEED, cached_or_built, pretrained_entry
 from genunlearn.models.pipeline import (
     ClassConditionalPipeline,
@@ -80,7 +81,7 @@ def load_diffusion_task(
 
 
 def _cached_or_pretrained(preset, train, test, data_id, root: Path, accelerator: Accelerator) -> Pipeline:
-    entry = pretrained_entry(root, preset, data_id, PRETRAIN_SEED)
+    entry = pretrained_entry(root, preset, data_id, PRETRAIN_SEED, numerics_tag(accelerator))
 
     def pretrain_and_save() -> None:
         task = DiffusionTask(preset, build_denoiser(preset, len(train.classes)), build_noise_scheduler(preset), train, test)

@@ -11,6 +11,7 @@ from genunlearn.data.folders import ImageFolderDataset, default_transform
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
+from genunlearn.precision import numerics_tag
 from genunlearn.storage.cache import PRETRAIN_SEED, cache_root, cached_or_built, pretrained_entry
 from genunlearn.models.presets import ClassifierPreset, Preset, get_preset
 from genunlearn.storage.files import WEIGHTS_NAME, load_weights, save_model_dir
@@ -78,7 +79,7 @@ def load_network(
 def _cached_or_pretrained(
     preset: ClassifierPreset, train: LabeledDataset, data_id: str, root: Path, accelerator: Accelerator
 ):
-    entry = pretrained_entry(root, preset, data_id, PRETRAIN_SEED)
+    entry = pretrained_entry(root, preset, data_id, PRETRAIN_SEED, numerics_tag(accelerator))
     network = build_classifier(preset, len(train.classes))
 
     def pretrain_and_save() -> None:

@@ -14,6 +14,7 @@ from genunlearn.engine.training import TrainConfig, train_from_scratch
 from genunlearn.errors import UserError
 from genunlearn.models.presets import TextToImagePreset
 from genunlearn.models.tiny_sd import build_tiny_sd
+from genunlearn.precision import numerics_tag
 from genunlearn.storage.cache import PRETRAIN_SEED, cached_or_built, pretrained_entry
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.text_to_image import (AutoencoderTraining, JointTextToImageTraining, TextToImageTask,
@@ -71,7 +72,7 @@ def load_text_to_image_pipeline(preset: TextToImagePreset, *, pretrained: str | 
     if source is not None:
         return load_sd_pipeline(source)
     train, test, data_id = load_captioned_digits(preset)
-    entry = pretrained_entry(cache_root, preset, data_id, PRETRAIN_SEED)
+    entry = pretrained_entry(cache_root, preset, data_id, PRETRAIN_SEED, numerics_tag(accelerator))
 
     def pretrain_and_save() -> None:
         pipeline = pretrain_tiny_sd(preset, train, test, accelerator)

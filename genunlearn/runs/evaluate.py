@@ -28,7 +28,7 @@ EVALUATION_FILE = "evaluation.json"
 def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Evaluate ``job``'s model (method and unlearning settings are ignored) and write ``evaluation.json``,
     ``evaluation.md`` and, for generators, ``samples.png`` (a labelled row per class) to ``job.output_dir``."""
-    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32)
     preset = get_preset(job.model)
     kind = kind_of(preset)
     kind.check_evaluation(job)
@@ -39,7 +39,8 @@ def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> di
             raise UserError(f"{out} is not empty; choose a new --output-dir")
         with run_log(out, accelerator):
             LOGGER.debug("command: %s", " ".join(sys.argv))
-            entries, draw_samples = kind.evaluate_model(job, preset, accelerator)
+            with accelerator.autocast():
+                entries, draw_samples = kind.evaluate_model(job, preset, accelerator)
             report = {"schema_version": SCHEMA_VERSION, "genunlearn_version": genunlearn.__version__, "kind": kind.name,
                       "model": preset.name, "pretrained": job.pretrained, "class": job.forgotten(), "seed": job.seed,
                       "processes": accelerator.num_processes, **entries, **provenance(accelerator, started_at)}

@@ -22,6 +22,7 @@ from genunlearn.kinds.base import Kind, Run
 from genunlearn.methods import UnlearnResult
 from genunlearn.methods.registry import MethodSpec, method_config
 from genunlearn.models.presets import Preset, get_preset
+from genunlearn.precision import accelerate_mixed_precision
 from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.runs.tracking import experiment_trackers, tracker_names
@@ -73,7 +74,8 @@ def oracle_and_relearning(job: ForgetJob, run: Run, unlearned, after: dict, acce
     oracle = retrain_oracle(task, split, run.data_id, cache_root(job.cache_dir), accelerator, *run.oracle_store())
     entries = {}
     if job.compare_retrain:
-        oracle_metrics = run.evaluate(oracle)[0]
+        with accelerator.autocast():
+            oracle_metrics = run.evaluate(oracle)[0]
         entries.update(oracle=oracle_metrics, gap_to_oracle=oracle_gaps(after, oracle_metrics))
     if job.relearn_steps:
         entries["relearn"] = {
@@ -89,11 +91,10 @@ def oracle_and_relearning(job: ForgetJob, run: Run, unlearned, after: dict, acce
 
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
-    if job.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise UserError(f"unknown --mixed-precision {job.mixed_precision!r}; use no, fp16 or bf16")
+    accelerate_mixed_precision(job.mixed_precision)  # a UserError for an unknown setting
     if job.relearn_steps < 0 or job.relearn_samples < 1 or (job.relearn_lr is not None and job.relearn_lr <= 0):
         raise UserError("--relearn-steps must be non-negative, --relearn-samples at least 1 and --relearn-lr positive")
-    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32)
     preset = get_preset(job.model)
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
@@ -128,10 +129,12 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
     tracked = {"model": preset.name, "method": job.method, "class": job.forgotten(), **dataclasses.asdict(cfg)}
     with experiment_trackers(job.report_to, job.output_dir, accelerator, tracked):
-        before, shown_before = run.evaluate_before()
+        with accelerator.autocast():  # before and after are measured at the run's precision alike
+            before, shown_before = run.evaluate_before()
         accelerator.log(tracked_figures("before", before), step=0)
         result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
-        after, shown_after = run.evaluate(result.model)
+        with accelerator.autocast():
+            after, shown_after = run.evaluate(result.model)
         accelerator.log(tracked_figures("after", after), step=result.steps)
     extras = oracle_and_relearning(job, run, result.model, after, accelerator)
     if resumed_with:
@@ -152,7 +155,7 @@ def run_seeds(job: ForgetJob, seeds: list[int], accelerator: Accelerator | None 
     continues) and write the mean ± std of every figure to ``output_dir/summary.{json,md}``; return the summary."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError("--seeds needs one or more distinct seeds, e.g. --seeds 0 1 2")
-    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision)
+    accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32)
     runs = [f"seed-{seed}" for seed in seeds]
     reports = []
     for seed, run in zip(seeds, runs):

@@ -43,7 +43,8 @@ class ForgetJob:
     fid_features: str = "classifier"
     fid_library: str = "torchmetrics"
     fid_inception_weights: str | None = None
-    mixed_precision: str | None = None
+    mixed_precision: str = "no"  # autocast: no, fp16, bf16, or auto (the launcher's); genunlearn.precision
+    tf32: bool = False  # TF32 matrix products and convolutions on NVIDIA GPUs
     gradient_checkpointing: bool = False
     compare_retrain: bool = False
     relearn_steps: int = 0

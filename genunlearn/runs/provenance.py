@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 import genunlearn
+from genunlearn.precision import numerics
 
 LIBRARIES = ("diffusers", "accelerate", "timm", "torchmetrics", "safetensors", "clean-fid")
 
@@ -39,17 +40,18 @@ def _cpu_name() -> str:
 
 
 def environment(accelerator: Accelerator) -> dict:
-    """Python and library versions, the device (type and name; CUDA and cuDNN versions on a GPU), processes, threads."""
+    """Python and library versions, the device (type and name; CUDA and cuDNN versions on a GPU), processes, threads,
+    and the numerics (``genunlearn.precision.numerics``: mixed precision, TF32, the draws' scheme)."""
     device = accelerator.device
     record = {
         "python": platform.python_version(),
         "torch": torch.__version__,  # with its build tag (+cu130, +cpu)
         **{name: _version(name) for name in LIBRARIES},
         "platform": platform.platform(),
-        "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "processes": accelerator.num_processes,
         "threads": torch.get_num_threads(),
+        **numerics(accelerator),
     }
     if device.type == "cuda":
         record.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())

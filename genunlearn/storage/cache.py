@@ -41,9 +41,10 @@ def writable_cache_root(cache_dir: str | Path | None = None) -> Path:
     return root
 
 
-def pretrained_entry(root: Path, preset, data_id: str, seed: int) -> Path:
-    """The cache folder of ``preset`` pretrained on ``data_id`` with ``seed`` (changes when the recipe does)."""
-    return root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{seed}"
+def pretrained_entry(root: Path, preset, data_id: str, seed: int, numerics: str) -> Path:
+    """The cache folder of ``preset`` pretrained on ``data_id`` with ``seed`` under ``numerics`` (device type,
+    precision, draws: ``genunlearn.precision.numerics_tag``); it changes when the recipe does."""
+    return root / "models" / f"{preset.name}-{preset.fingerprint()}-{data_id}-seed{seed}-{numerics}"
 
 
 def pretrain_once(entry: Path, marker: str, pretrain_and_save: Callable[[], None], accelerator: Accelerator, what: str) -> None:

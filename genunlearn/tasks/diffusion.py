@@ -7,15 +7,19 @@ both the null (unconditional) class id is K. Pixel space, or latent space throug
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
 from genunlearn.models.presets import DiffusionPreset
+from genunlearn.noise import current_noise, gaussian_sample
 from genunlearn.tasks.base import Batch, ParameterScope
 
 Denoiser = UNet2DModel | DiTTransformer2DModel
@@ -32,6 +36,29 @@ def build_denoiser(preset: DiffusionPreset, num_classes: int) -> Denoiser:
 
 def build_noise_scheduler(preset: DiffusionPreset) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=preset.num_train_timesteps, beta_schedule=preset.beta_schedule)
+
+
+@contextmanager
+def own_label_dropout(model: nn.Module) -> Iterator[None]:
+    """A DiT's label embedders in eval mode for the block, so that only ``DiffusionTask.conditioning`` drops labels.
+
+    diffusers' DiT gives every transformer block its own ``LabelEmbedding``, each dropping labels with its own draw
+    from the device's generator in training mode; the DiT reference drops a sample's label once, for every block."""
+    embedders = [module for module in model.modules() if isinstance(module, LabelEmbedding) and module.training]
+    for embedder in embedders:
+        embedder.eval()
+    try:
+        yield
+    finally:
+        for embedder in embedders:
+            embedder.train()
+
+
+def antithetic_timesteps(count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """``[count]`` timesteps as the DDPM references draw a batch's: ``count // 2 + 1`` uniform t, then T-1-t of them,
+    cut to ``count``."""
+    first = torch.randint(0, steps, (count // 2 + 1,), generator=generator)
+    return torch.cat([first, steps - 1 - first])[:count]
 
 
 class DiffusionTask:
@@ -70,20 +97,22 @@ class DiffusionTask:
         if self.vae is None or self.encoded_data:
             return images
         with torch.no_grad():
-            return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+            return gaussian_sample(self.vae.encode(images).latent_dist) * self.vae.config.scaling_factor
 
     def predict_noise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t, c) ``[B, C, H, W]``; a learned-sigma output (2C channels) is cut to its ε half."""
-        output = model(noisy, timesteps, class_labels=labels).sample
+        """ε_θ(x_t, t, c) ``[B, C, H, W]``; a learned-sigma output (2C channels) is cut to its ε half. A DiT's own
+        label dropout is off (``own_label_dropout``): ``conditioning`` drops labels."""
+        with own_label_dropout(model):
+            output = model(noisy, timesteps, class_labels=labels).sample
         return output[:, : noisy.shape[1]] if output.shape[1] == 2 * noisy.shape[1] else output
 
     def conditioning(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-        """``labels`` as the denoiser sees them: a UNet in training mode gets ``preset.class_dropout`` of them
-        replaced by the null class, as the DDPM references drop labels in pretraining and in every unlearning step
-        (a DiT drops labels itself in training mode, so its labels pass through)."""
-        if self.preset.architecture != "unet" or not model.training or self.preset.class_dropout <= 0:
+        """``labels`` as the denoiser sees them: in training mode ``preset.class_dropout`` of them are replaced by the
+        null class, as the DDPM references drop labels in pretraining and in every unlearning step, and the DiT
+        reference once per sample (drawn from ``current_noise``)."""
+        if not model.training or self.preset.class_dropout <= 0:
             return labels
-        dropped = torch.rand(len(labels), device=labels.device) < self.preset.class_dropout
+        dropped = current_noise().rand((len(labels),), labels.device) < self.preset.class_dropout
         return torch.where(dropped, torch.full_like(labels, self.null_class), labels)
 
     def reduce(self, error: torch.Tensor) -> torch.Tensor:
@@ -115,14 +144,13 @@ class DiffusionTask:
         between noisy and clean ends)."""
         steps = self.scheduler.config.num_train_timesteps
         if scheme == "uniform":
-            return torch.randint(0, steps, (count,), device=device)
-        first = torch.randint(0, steps, (count // 2 + 1,), device=device)
-        return torch.cat([first, steps - 1 - first])[:count]
+            return current_noise().randint(steps, (count,), device)
+        return current_noise().per_sample(count, lambda n, generator: antithetic_timesteps(n, steps, generator)).to(device)
 
     def _noised(self, images: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, ε, t)`` for clean ``images``, t drawn by ``scheme`` after the noise."""
+        """``(x_t, ε, t)`` for clean ``images``, t drawn by ``scheme`` after the noise (both from ``current_noise``)."""
         clean = self.encode(images)
-        noise = torch.randn_like(clean)
+        noise = current_noise().randn(tuple(clean.shape), clean.device, clean.dtype)
         timesteps = self.timesteps(len(clean), scheme, clean.device)
         return self.scheduler.add_noise(clean, noise, timesteps), noise, timesteps
 

@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.errors import UserError
 from genunlearn.models.presets import TextToImagePreset
+from genunlearn.noise import NoiseSource, current_noise, drawing_from, gaussian_sample
 from genunlearn.tasks.base import Batch, ParameterScope
 
 CAPTION_DROPOUT = 0.1  # pretraining: this share of captions becomes ∅, so classifier-free guidance has a trained ∅
@@ -25,9 +26,13 @@ MASK_GUIDANCE = 7.5  # SalUn's generate_mask.py: w of (1 + w) ε(x_t, c) - w ε(
 SCOPES = {  # the parameter sets ESD trains (ALGORITHMS_T2I.md §1; diffusers' names)
     "all": "every UNet parameter",
     "cross-attention": "ESD-x: the cross-attention layers (attn2: to_q, to_k, to_v, to_out)",
-    "non-cross-attention": "ESD-u: every Linear and Conv2d weight and bias outside cross-attention (time embedding and "
-                           "conv_out included, norms left out)",
+    "non-cross-attention": "ESD-u as train-esd.py's noxattn: every parameter outside cross-attention, the UNet's time "
+                           "embedding and its output layers (conv_norm_out, conv_out); norms and the blocks' time "
+                           "projections included",
+    "linear-non-cross-attention": "ESD-u as esd_sd.py: every Linear and Conv2d weight and bias outside cross-attention "
+                                  "(time embedding and conv_out included, norms left out)",
 }
+NOXATTN_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")  # CompVis time_embed.*, out.0, out.2
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -51,6 +56,9 @@ def scope_parameters(unet: nn.Module, scope: ParameterScope) -> list[tuple[str, 
         return list(unet.named_parameters())
     if scope == "cross-attention":
         return [(name, p) for name, p in unet.named_parameters() if "attn2" in name]
+    if scope == "non-cross-attention":
+        return [(name, p) for name, p in unet.named_parameters()
+                if "attn2" not in name and not name.startswith(NOXATTN_EXCLUDED)]
     layers = {name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d)) and "attn2" not in name}
     return [(name, p) for name, p in unet.named_parameters() if name.rsplit(".", 1)[0] in layers]
 
@@ -96,7 +104,7 @@ class TextToImageTask:
         if self.encoded_data:
             return images
         with torch.no_grad():
-            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+            return gaussian_sample(self.vae.encode(images.to(self.vae.dtype)).latent_dist) * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, 4, h, w]`` -> images in [-1, 1]."""
@@ -108,10 +116,11 @@ class TextToImageTask:
         return model(noisy, timesteps, encoder_hidden_states=self.condition(labels, noisy.device)).sample
 
     def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, ε, t)`` for clean ``images``: the noise, then uniform timesteps (the SD references' order)."""
+        """``(x_t, ε, t)`` for clean ``images``: the noise, then uniform timesteps (the SD references' order), both from
+        ``current_noise``."""
         clean = self.encode(images)
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+        noise = current_noise().randn(tuple(clean.shape), clean.device, clean.dtype)
+        timesteps = current_noise().randint(self.scheduler.config.num_train_timesteps, (len(clean),), clean.device)
         return self.scheduler.add_noise(clean, noise, timesteps), noise, timesteps
 
     def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,7 +158,7 @@ class TextToImageTask:
         mode, as the pipeline's guidance needs."""
         images, labels = batch
         if model.training:
-            dropped = torch.rand(len(labels), device=labels.device) < CAPTION_DROPOUT
+            dropped = current_noise().rand((len(labels),), labels.device) < CAPTION_DROPOUT
             labels = torch.where(dropped, torch.full_like(labels, self.null_prompt), labels)
         return self.loss(model, (images, labels))
 
@@ -202,7 +211,7 @@ class AutoencoderTraining:
     def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         images, _ = batch
         posterior = model.encode(images).latent_dist
-        reconstruction = model.decode(posterior.sample()).sample
+        reconstruction = model.decode(gaussian_sample(posterior)).sample
         return (reconstruction - images).pow(2).mean(dim=(1, 2, 3)) + self.KL_WEIGHT * posterior.kl()
 
     def fresh_model(self) -> AutoencoderKL:
@@ -212,6 +221,6 @@ class AutoencoderTraining:
 @torch.no_grad()
 def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> float:
     """``1 / std`` of the posterior samples of ``images`` ``[N, C, H, W]``: the factor that gives the diffusion model
-    unit-variance latents (SD v1's 0.18215 was found the same way)."""
-    torch.manual_seed(seed)
-    return float(1.0 / vae.encode(images).latent_dist.sample().std())
+    unit-variance latents (SD v1's 0.18215 was found the same way); the samples are drawn with ``seed``."""
+    with drawing_from(NoiseSource(seed)):
+        return float(1.0 / gaussian_sample(vae.encode(images).latent_dist).std())

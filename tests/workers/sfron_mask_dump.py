@@ -1,12 +1,12 @@
-"""Worker for test_diffusion_job: SFR-on's Fishers and mask for a diffusion pipeline folder (ddpm-digits, class 3),
-global batch 64 whatever the process count."""
+"""Worker for test_diffusion_job: SFR-on's Fishers, mask and weights after 3 iterations for a diffusion pipeline
+folder (ddpm-digits, class 3), global batch 64 whatever the process count."""
 
 import sys
 
 import torch
 from safetensors.torch import save_file
 
-from genunlearn import SplitSpec, load_task, make_forget_split
+from genunlearn import SplitSpec, load_task, make_forget_split, unlearn
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.saliency import accumulate_gradients
 from genunlearn.methods.registry import method_config
@@ -23,5 +23,7 @@ tensors = {f"mask.{n}": k.to(torch.uint8).cpu() for n, k in zip(mask.names, mask
 for part in ("forget", "retain"):
     fisher = accumulate_gradients(task.model, task.importance_loss, getattr(split, part), accelerator, batch_size=64)
     tensors.update({f"{part}.{n}": f.cpu().contiguous() for n, f in zip(mask.names, fisher)})
+unlearned = unlearn(task, split, "sfron", steps=3, batch_size=64 // accelerator.num_processes, accelerator=accelerator).model
+tensors.update({f"weights.{n}": p.detach().cpu().contiguous() for n, p in unlearned.named_parameters()})
 if accelerator.is_main_process:
     save_file(tensors, out)

@@ -1,0 +1,199 @@
+"""Concept erasure on a text-to-image preset over named settings ("rows") x seeds: one forget run per cell, as the
+command line runs it (`genunlearn forget --model sd-digits --concept ... --seed S` with the row's options).
+
+    python benchmarks/concept_erasure.py                                  # every row, seeds 0 1 2 (hours on a CPU)
+    python benchmarks/concept_erasure.py --rows sfron salun --seeds 0     # some of them
+    python benchmarks/concept_erasure.py --report-only                    # the table of the finished cells
+
+Each finished run leaves one small JSON in CELLS (default benchmarks/results/concept_erasure/cells, committed, so the
+grid accumulates across sessions and machines; a rerun reuses it, and a cell of another row definition is refused).
+The run folders (weights, pictures, report) go to OUTPUT/runs, outside git. The docs' tables come from the committed
+cells: ``python benchmarks/tables.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from genunlearn.data.captioned_digits import caption_images
+from genunlearn.distributed import make_accelerator
+from genunlearn.errors import UserError
+from genunlearn.eval.seeds import mean_std
+from genunlearn.runs.forget import run_forget_job
+from genunlearn.runs.job import ForgetJob
+from genunlearn.storage.files import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results" / "concept_erasure"
+CONCEPT = "a handwritten digit three"
+ANCHOR = "a handwritten digit four"
+RETAIN = [f"a handwritten digit {word}" for word in ("zero", "one", "two", "four", "five", "six", "seven", "eight", "nine")]
+# name: (method, job options, method settings, what it stands for)
+ROWS: dict[str, tuple[str, dict, dict, str]] = {
+    "sfron": ("sfron", {}, {}, "SFR-on, the references' settings"),
+    "sfron-anchor": ("sfron", {"anchor": ANCHOR}, {}, "SFR-on, the reference's anchor"),
+    "sfron-anchor-unguided": ("sfron", {"anchor": ANCHOR, "data_free_guidance": 1.0}, {},
+                              "SFR-on, that anchor on unguided generations"),
+    "sfron-batch8": ("sfron", {}, {"batch_size": 8}, "SFR-on, batch 8 (the script's default; its README runs 2)"),
+    "sfron-unshuffled": ("sfron", {}, {"shuffle": False}, "SFR-on, the script's unshuffled loaders"),
+    "sfron-held": ("sfron", {}, {"hold_masked": True}, "SFR-on, masked weights held (genunlearn before this version)"),
+    "salun": ("salun", {}, {}, "SalUn, the references' settings (5 epochs over the generations)"),
+    "salun-anchor": ("salun", {"anchor": ANCHOR}, {}, "SalUn, the reference's anchor"),
+    "salun-real": ("salun", {"data": "real"}, {}, "SalUn on real captioned digits (the reference's data)"),
+    "salun-500": ("salun", {}, {"epochs": None, "steps": 500}, "SalUn, 500 iterations (genunlearn before this version)"),
+    "esd-u": ("esd", {}, {}, "ESD-u, train-esd.py"),
+    "esd-x": ("esd", {}, {"scope": "cross-attention"}, "ESD-x, train-esd.py"),
+    "esd-u-esd_sd": ("esd", {}, {"sample_with": "frozen", "timestep_labels": "reached", "scope": "linear-non-cross-attention"},
+                     "ESD-u, esd_sd.py's x_t, labels and scope"),
+    "finetune": ("finetune", {}, {}, "finetune (retain only)"),
+}
+FIGURES = ("forget_acc", "paraphrase_acc", "remain_acc", "fid_remain", "fid_remain_real", "forget_ink")
+
+
+def real_captioned_folder(folder: Path, prompts: list[str]) -> Path:
+    """An ``imagefolder`` of the embedded digits captioned with ``prompts`` (each prompt's digits in its style)."""
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for p, prompt in enumerate(prompts):
+        for i, image in enumerate(caption_images(prompt)):
+            name = f"{p:02d}-{i:04d}.png"
+            pixels = ((image[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            Image.fromarray(pixels, mode="L").save(folder / name)
+            lines.append(json.dumps({"file_name": name, "text": prompt}))
+    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
+    return folder
+
+
+def cell_figures(report: dict) -> dict:
+    """The cell's small record of a finished run: figures before and after, per prompt recognition, the settings."""
+    def compact(metrics: dict) -> dict:
+        return {**{k: metrics.get(k) for k in FIGURES},
+                "per_prompt": {p: v["recognised"] for p, v in metrics.get("per_prompt", {}).items()}}
+
+    environment = report["environment"]
+    return {"before": compact(report["before"]), "after": compact(report["after"]), "steps": report["steps"],
+            "wall_time_s": report["wall_time_s"], "config": report["config"],
+            "device": environment["device_name"] if environment["device_type"] == "cuda" else "cpu",
+            "environment": {k: environment[k] for k in ("torch", "threads", "device_type", "mixed_precision", "tf32", "noise")}}
+
+
+def run_cell(row: str, seed: int, args: argparse.Namespace, accelerator) -> dict:
+    method, options, settings, _ = ROWS[row]
+    options = dict(options)
+    if options.get("data") == "real":
+        options["data"] = str(real_captioned_folder(args.output / "real-digits", [CONCEPT, *RETAIN]))
+    job = ForgetJob(model=args.model, method=method, output_dir=args.output / "runs" / row / f"seed-{seed}", concepts=[CONCEPT],
+                    settings=dict(settings), seed=seed, cache_dir=args.cache_dir, **options)
+    if (job.output_dir / "report.json").is_file():
+        report = json.loads((job.output_dir / "report.json").read_text())
+    else:
+        print(f"running {row} seed {seed}", flush=True)
+        report = run_forget_job(job, accelerator)
+    return {"row": row, "model": args.model, "concept": CONCEPT, "method": method, "options": ROWS[row][1],
+            "settings": settings, "seed": seed, **cell_figures(report)}
+
+
+def cell_path(cells: Path, model: str, row: str, seed: int) -> Path:
+    return cells / f"{model}__{row}__s{seed}.json"
+
+
+def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
+    found = []
+    for row in args.rows:
+        for seed in args.seeds:
+            path = cell_path(args.cells, args.model, row, seed)
+            if path.is_file():
+                cell = json.loads(path.read_text())
+                if (cell["options"], cell["settings"]) != (ROWS[row][1], ROWS[row][2]):
+                    raise UserError(f"{path} was measured with another definition of {row}; choose another --cells folder")
+            else:
+                cell = run_cell(row, seed, args, accelerator)
+                if accelerator.is_main_process:
+                    atomic_write_text(path, json.dumps(cell, indent=1))
+            found.append(cell)
+    return found
+
+
+def summarise(cells: list[dict]) -> list[dict]:
+    """Per (row, device): mean ± std over seeds of the after figures, the changes and the ratios to before."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["row"], cell["device"]), []).append(cell)
+    rows = []
+    for (row, device), runs in groups.items():
+        def stats(value) -> dict:
+            return mean_std([value(r) for r in runs])
+
+        def worst_change(r: dict) -> float:
+            remain = [p for p, v in r["before"]["per_prompt"].items() if v is not None and p in RETAIN]
+            return min(r["after"]["per_prompt"][p] - r["before"]["per_prompt"][p] for p in remain)
+
+        rows.append({
+            "row": row, "device": device, "seeds": sorted(r["seed"] for r in runs), "steps": runs[0]["steps"],
+            "forget_acc": stats(lambda r: r["after"]["forget_acc"]), "forget_max": max(r["after"]["forget_acc"] for r in runs),
+            "paraphrase_acc": stats(lambda r: r["after"]["paraphrase_acc"]),
+            "remain_change": stats(lambda r: r["after"]["remain_acc"] - r["before"]["remain_acc"]),
+            "worst_change": stats(worst_change), "worst_change_min": min(worst_change(r) for r in runs),
+            "fid_ratio": stats(lambda r: r["after"]["fid_remain"] / r["before"]["fid_remain"]),
+            "fid_real_ratio": stats(lambda r: r["after"]["fid_remain_real"] / r["before"]["fid_remain_real"]),
+            "ink_before": stats(lambda r: r["before"]["forget_ink"]), "ink_after": stats(lambda r: r["after"]["forget_ink"]),
+            "wall_time_s": stats(lambda r: r["wall_time_s"]),
+        })
+    order = list(ROWS)
+    return sorted(rows, key=lambda r: (order.index(r["row"]) if r["row"] in order else len(order), r["device"]))
+
+
+def _ms(stats: dict, digits: int = 2) -> str:
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| setting | device | seeds | iterations | forget_acc (max) | paraphrase_acc | remain_acc change | "
+             "worst digit's change (min) | fid_remain ratio | fid_remain_real ratio | forget_ink | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = ROWS[r["row"]][3] if r["row"] in ROWS else r["row"]
+        lines.append(f"| {label} (`{r['row']}`) | {r['device']} | {len(r['seeds'])} | {r['steps']} | {_ms(r['forget_acc'])} "
+                     f"({r['forget_max']:.2f}) | {_ms(r['paraphrase_acc'])} | {_ms(r['remain_change'])} | "
+                     f"{_ms(r['worst_change'])} ({r['worst_change_min']:.2f}) | {_ms(r['fid_ratio'], 1)} | "
+                     f"{_ms(r['fid_real_ratio'])} | {r['ink_before']['mean']:.3f} → {r['ink_after']['mean']:.3f} | "
+                     f"{r['wall_time_s']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def finished_cells(cells: Path, model: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cells.glob(f"{model}__*.json"))]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--model", default="sd-digits")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="the settings to run (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--report-only", action="store_true", help="run nothing: the table of every finished cell")
+    parser.add_argument("--cache-dir", help="pretrained models and generated sets (default: $GENUNLEARN_CACHE)")
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/concept_erasure"),
+                        help="the run folders (default: outputs/benchmarks/concept_erasure)")
+    parser.add_argument("--cells", type=Path, default=RESULTS / "cells", help="the finished cells (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = make_accelerator()
+    try:
+        cells = finished_cells(args.cells, args.model) if args.report_only else run_grid(args, accelerator)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if accelerator.is_main_process:
+        print(render(summarise(cells)))
+
+
+if __name__ == "__main__":
+    main()
