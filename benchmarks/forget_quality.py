@@ -357,18 +357,23 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
              "the highest forget_acc / FID ratio / class drop of any run; wall time includes the mask (Fishers, saliency). Hits: the first evaluated step (every "
              f"{args.every}) with forget_acc <= 0.05 / 0.01, mean ± std over the runs that reach it (reached/runs).", ""]
     for preset in dict.fromkeys(r["preset"] for r in rows):
-        lines += [f"## {preset}", "", "| method | data | procs | device | runs | steps | forget_acc (worst) | FID ratio [mean SE] (worst) | "
-                  "remain_acc | worst class drop (worst) | step to <= 0.05 | FID ratio there | step to <= 0.01 | wall s | x retrain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["preset"] == preset):
-            ratio = "" if not r["wall_vs_oracle"] else f"{r['wall_vs_oracle']['mean']:.3f}"
-            lines.append(
-                f"| {r['method']} | {r['data']} | {r['processes']} | {r['device']} | {r['runs']} | {r['steps']} | {_ms(r['forget_acc'])} ({r['forget_worst']:.3f}) | "
-                f"{_ms(r['fid_ratio'], 2)} [SE {r['fid_ratio_se']:.2f}] ({r['fid_ratio_worst']:.2f}) | {_ms(r['remain_acc'])} | "
-                f"{_ms(r['worst_class_drop'])} ({r['worst_class_drop_worst']:.3f}) | {_hit(r['hit_05'], r['runs'], r['method'])} | "
-                f"{_ms(r['fid_ratio_at_hit_05'], 2)} | {_hit(r['hit_01'], r['runs'], r['method'])} | {r['wall_time_s']['mean']:.1f} | {ratio} |")
-        lines.append("")
+        lines += [f"## {preset}", "", preset_table(rows, preset), ""]
     lines += ["## Targets (SFR-on)", "", *targets(rows), ""]
+    return "\n".join(lines)
+
+
+def preset_table(rows: list[dict], preset: str) -> str:
+    """The summary rows of one preset as a markdown table."""
+    lines = ["| method | data | procs | device | runs | steps | forget_acc (worst) | FID ratio [mean SE] (worst) | "
+             "remain_acc | worst class drop (worst) | step to <= 0.05 | FID ratio there | step to <= 0.01 | wall s | x retrain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["preset"] == preset):
+        ratio = "" if not r["wall_vs_oracle"] else f"{r['wall_vs_oracle']['mean']:.3f}"
+        lines.append(
+            f"| {r['method']} | {r['data']} | {r['processes']} | {r['device']} | {r['runs']} | {r['steps']} | {_ms(r['forget_acc'])} ({r['forget_worst']:.3f}) | "
+            f"{_ms(r['fid_ratio'], 2)} [SE {r['fid_ratio_se']:.2f}] ({r['fid_ratio_worst']:.2f}) | {_ms(r['remain_acc'])} | "
+            f"{_ms(r['worst_class_drop'])} ({r['worst_class_drop_worst']:.3f}) | {_hit(r['hit_05'], r['runs'], r['method'])} | "
+            f"{_ms(r['fid_ratio_at_hit_05'], 2)} | {_hit(r['hit_01'], r['runs'], r['method'])} | {r['wall_time_s']['mean']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -135,31 +135,78 @@ def ridge_fit(model: LinearInScope, data, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(system, phi.T @ targets).T  # [K, F+1]: weight and bias columns
 
 
-@pytest.mark.parametrize("linearize_at", ["trained", "init"])
-def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_at):
-    """The ridge is centred on the scope's start, so the linear model's scrub is exact from either point."""
-    data, split = random_split(40, seed=3)
+class LinearTask:  # a classifier: images to logits
+    name = "linear"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def logits(self, model, images):
+        return model(images)
+
+
+def trained_linear_model(data, ridge: float) -> LinearInScope:
     model = prepare_peft(LinearInScope(), "head")
-    ridge = 0.1
     trained = ridge_fit(model, data, ridge)
     with torch.no_grad():
         model.fc.weight.copy_(trained[:, :-1])
         model.fc.bias.copy_(trained[:, -1])
+    return model
 
-    class Task:  # a classifier: images to logits
-        name = "linear"
 
-        def logits(self, model, images):
-            return model(images)
-
-    task = Task()
-    task.model = model
-    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at=linearize_at, ridge=ridge, scale=1.0)  # the ridge step alone
+@pytest.mark.parametrize("linearize_at", ["trained", "init"])
+def test_fast_ntk_equals_ridge_retrain_on_a_model_linear_in_its_scope(linearize_at):
+    """Centred on the scope's start (``ridge_centre: start``), the linear model's scrub is exact from either point."""
+    data, split = random_split(40, seed=3)
+    ridge = 0.1
+    model = trained_linear_model(data, ridge)
+    task = LinearTask(model)
+    cfg = FastNTKConfig(scope="head", loss="mse", linearize_at=linearize_at, ridge=ridge, scale=1.0,
+                        ridge_centre="start")  # the ridge step alone
     result = fast_ntk(task, split, cfg, make_accelerator())
     oracle = ridge_fit(model, split.retain, ridge)
     assert torch.allclose(result.model.fc.weight, oracle[:, :-1], atol=1e-10)
     assert torch.allclose(result.model.fc.bias, oracle[:, -1], atol=1e-10)
     assert not torch.allclose(model.fc.weight, oracle[:, :-1], atol=1e-3)  # the original is left as it was
+
+
+def test_by_default_the_ridge_and_the_trapezium_follow_the_reference_notebook():
+    """The notebook's ridge penalises the step w from the trained weights, w = −(JᵀJ + Nλ I)⁻¹ Jᵀr per set (its cells
+    35 and 37), and its trapezium measures the error θ_trained − θ_init − w_retain (cell 44); by hand here."""
+    data, split = random_split(40, seed=3)
+    ridge = 0.1
+    model = trained_linear_model(data, ridge)
+    with torch.no_grad():
+        model.fc.weight.add_(0.05)  # off the ridge optimum, as a network trained by SGD is
+
+    def step(dataset) -> torch.Tensor:
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        with torch.no_grad():
+            phi = torch.cat([model.features(images), torch.ones(len(images), 1, dtype=torch.float64)], dim=1)
+            residual = model(images) - (2 * nn.functional.one_hot(labels, CLASSES).double() - 1)  # [N, K]
+        # the head's parameters, weight then bias, as the scope flattens them: J_i of logit k is φ_i in row k
+        jacobian = torch.zeros(len(images) * CLASSES, CLASSES * (phi.shape[1]), dtype=torch.float64)
+        for i in range(len(images)):
+            for k in range(CLASSES):
+                jacobian[i * CLASSES + k, k * (phi.shape[1] - 1):(k + 1) * (phi.shape[1] - 1)] = phi[i, :-1]
+                jacobian[i * CLASSES + k, CLASSES * (phi.shape[1] - 1) + k] = 1.0
+        system = jacobian.T @ jacobian + len(images) * ridge * torch.eye(jacobian.shape[1], dtype=torch.float64)
+        return -torch.linalg.solve(system, jacobian.T @ residual.reshape(-1))
+
+    retain_step, all_step = step(split.retain), step(data)
+    direction = retain_step - all_step
+    trained = torch.cat([model.fc.weight.detach().reshape(-1), model.fc.bias.detach()])  # the start is 0
+    from genunlearn.engine.ntk import trapezium_scale
+
+    for scale in (1.0, "trapezium"):
+        result = fast_ntk(LinearTask(model), split, FastNTKConfig(scope="head", loss="mse", ridge=ridge, scale=scale),
+                          make_accelerator())
+        expected_scale = 1.0 if scale == 1.0 else trapezium_scale(direction, trained - retain_step)
+        assert result.info["scale"] == pytest.approx(expected_scale, rel=1e-8)
+        moved = torch.cat([result.model.fc.weight.detach().reshape(-1), result.model.fc.bias.detach()]) - trained
+        assert torch.allclose(moved, expected_scale * direction, atol=1e-10)
+    assert expected_scale > 1.0 and result.info["ridge_centre"] == "point"
 
 
 def test_blockwise_gram_accumulation_equals_the_full_product():
@@ -266,7 +313,7 @@ def test_fast_ntk_on_an_image_folder_moves_only_the_scope(preset, shrink, form, 
             "--cache-dir", str(cache), "--output-dir", str(out)]
     assert guarded(forget_main, argv) == 0
     info = json.loads((out / "report.json").read_text())["method_info"]
-    assert info["form"] == form and info["loss"] == "mse" and info["direction_norm"] > 0
+    assert info["form"] == form and info["loss"] == "ce" and info["direction_norm"] > 0  # the loss the preset trained on
     original = load_task(str(config), data=root, cache_dir=cache).model
     for norm in (m for m in original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         # PEFT training kept the backbone's running statistics as built (the NTK reference's --disable-bn)

@@ -336,6 +336,14 @@ def test_the_models_own_generations_are_cached_latents_labelled_by_prompt(sd_tas
     moved = [prompt for i, prompt in enumerate(sd_task.prompts) if i not in ids] + [sd_task.prompts[i] for i in ids]
     elsewhere, _ = generated_prompt_datasets(pipeline, moved, [len(moved) - 2, len(moved) - 1], 8, accelerator, **settings)
     assert not torch.equal(elsewhere.images, train.images)  # the same prompts at other ids: other seeds, not the cache
+    calls = []
+    monkeypatch.setattr(generated, "sample_prompts", lambda *a, **k: calls.append(k["seed"]) or {i: train.images[:1] for i in ids})
+    generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **{**settings, "seed": 1})
+    original = generated.numerics
+    for field, value in (("device_type", "cuda"), ("mixed_precision", "bf16"), ("tf32", True)):
+        monkeypatch.setattr(generated, "numerics", lambda acc, field=field, value=value: {**original(acc), field: value})
+        generated_prompt_datasets(pipeline, sd_task.prompts, ids, 8, accelerator, **settings)
+    assert len(calls) == 2 * 4  # another seed, device type, precision or TF32: generated anew (train and test sets)
 
 
 def test_a_prompt_asks_for_the_one_class_it_names():

@@ -125,8 +125,9 @@ def ridge_dual(rows: torch.Tensor, residual: torch.Tensor, count: int, ridge: fl
 
 
 def trapezium_scale(direction: torch.Tensor, error: torch.Tensor) -> float:
-    """The reference notebook's correction of the scrub length: with the linearisation's error ``e`` (trained
-    weights minus the linear model's retain solution, both measured from the PEFT start) and the unit inner product
+    """The reference notebook's correction of the scrub length: with the linearisation's error ``e`` (the trained
+    weights minus the fine-tuning start minus the retain ridge step, θ_trained − θ_init − w_retain in its "Scrub
+    using NTK" cell) and the unit inner product
     c of the direction and e, the predicted length is |δ| + 2|e|·sin(arccos c − π/2) when c < 0 and
     |δ| + 2|e|·c otherwise; the scale is that over |δ|."""
     direction, error = direction.detach(), error.detach()  # a length, not part of any graph
@@ -149,7 +150,8 @@ def scrub_direction(model: nn.Module, params: NamedParameters, offset: torch.Ten
                     accelerator: Accelerator, *, form: str, ridge: float, chunk_size: int, path: str,
                     loss: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``(δ = Δ_retain − Δ_all, Δ_retain, facts)`` in float64, in the primal or dual form (``auto``: primal when
-    P < N·K); ``offset [P]``: the linearisation point minus the ridge's centre (the scope's start); ``ridge``: λ;
+    P < N·K); ``offset [P]``: the linearisation point minus the ridge's centre (zeros: centred on the point, as the
+    reference); ``ridge``: λ;
     ``chunk_size``, ``path``, ``loss`` as in ``kernel_sums``."""
     size = sum(param.numel() for _, param in params)
     n_retain, n_forget = len(split.retain), len(split.forget)

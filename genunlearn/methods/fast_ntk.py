@@ -3,11 +3,12 @@ Li et al., CVPRW 2024).
 
 The model is linearised in the scope θ_p at its trained weights; with per-sample Jacobians J_i (K×P) and
 residuals r_i (softmax(f) − onehot(y) for cross-entropy, f − (2·onehot(y) − 1) for the squared loss), the ridge
-solutions on D and on D_r are Δ = −(Σ JᵀJ + Nλ I)⁻¹ (Σ Jᵀr + Nλ (θ_p − θ_start)), and the scope moves by
-s·(Δ_retain − Δ_all). The ridge is centred on the scope's PEFT start θ_start, where training's L2 penalty pulls
-(the reference trains with an L2 penalty toward the initialisation); for a model linear in the scope this is the
-exact ridge retrain from any linearisation point. Primal (P×P, streamed) when P < N·K, dual (NK×NK) otherwise;
-float64 Cholesky solves.
+solutions on D and on D_r are Δ = −(Σ JᵀJ + Nλ I)⁻¹ (Σ Jᵀr + Nλ o), and the scope moves by s·(Δ_retain − Δ_all).
+The reference notebook centres the ridge on the linearisation point (o = 0, ``ridge_centre: point``);
+``ridge_centre: start`` centres it on the scope's PEFT start θ_start (o = θ_p − θ_start), where training's L2
+penalty pulls, which makes the scrub the exact ridge retrain of a model linear in its scope. The trapezium scale s
+measures the linearisation's error as the notebook does, θ_trained − θ_start − Δ_retain (its θ_init is the
+fine-tuning start). Primal (P×P, streamed) when P < N·K, dual (NK×NK) otherwise; float64 Cholesky solves.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class FastNTKConfig:
     direction by the predicted scale; a number, e.g. 1, scales by that instead), the BatchNorm scope with the
     head, residuals of the loss the model was trained on (``auto``; or ``ce``, ``mse``: f − (2y − 1)).
     ``linearize_at``: ``trained`` (the notebook computes its Jacobians at the trained model) or ``init`` (the
-    scope's PEFT start). ``chunk_size``: samples per Jacobian chunk (memory ~ chunk·K·P); ``jacobian``:
+    scope's PEFT start); ``ridge_centre``: ``point`` (the notebook: the ridge penalises the step from the
+    linearisation point) or ``start`` (the scope's PEFT start: exact for a model linear in its scope). ``chunk_size``: samples per Jacobian chunk (memory ~ chunk·K·P); ``jacobian``:
     ``batchnorm`` (K batched backward passes; BN/head scopes), ``functional`` (vmap(jacrev)), ``auto`` picks the
     first that applies. ``fisher_noise``: α of the reference's optional Fisher-noise stage (0: off)."""
 
@@ -47,6 +49,7 @@ class FastNTKConfig:
     ridge: float = 0.1
     loss: str = "auto"
     linearize_at: str = "trained"
+    ridge_centre: str = "point"
     scale: str | float = "trapezium"
     form: str = "auto"
     jacobian: str = "auto"
@@ -59,6 +62,8 @@ class FastNTKConfig:
             raise UserError(f"fast_ntk form must be one of {FORMS} and jacobian one of {JACOBIAN_PATHS}")
         if self.loss not in ("auto", "ce", "mse") or self.linearize_at not in ("trained", "init"):
             raise UserError("fast_ntk loss must be auto, ce or mse and linearize_at trained or init")
+        if self.ridge_centre not in ("point", "start"):
+            raise UserError(f"fast_ntk ridge_centre must be point (the reference) or start, got {self.ridge_centre!r}")
         if self.ridge <= 0 or self.chunk_size < 1 or self.fisher_noise < 0:
             raise UserError("fast_ntk needs ridge > 0, chunk_size >= 1 and fisher_noise >= 0")
         if not (self.scale == "trapezium" or isinstance(self.scale, (int, float)) and self.scale > 0):
@@ -82,11 +87,12 @@ def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Ac
             for (_, param), value in zip(scope_parameters(linearized, cfg.scope), scope_initial_values(model, cfg.scope)):
                 param.copy_(value)
     point = flat(scope_parameters(linearized, cfg.scope)).to(accelerator.device)
-    direction, retain_step, info = scrub_direction(linearized, scope_parameters(linearized, cfg.scope), point - start,
+    offset = point - start if cfg.ridge_centre == "start" else torch.zeros_like(point)
+    direction, retain_step, info = scrub_direction(linearized, scope_parameters(linearized, cfg.scope), offset,
                                                    split, accelerator, form=cfg.form, ridge=cfg.ridge,
                                                    chunk_size=cfg.chunk_size, path=cfg.jacobian, loss=cfg.loss)
     trained = flat(params).to(accelerator.device)
-    scale = trapezium_scale(direction, trained - point - retain_step) if cfg.scale == "trapezium" else float(cfg.scale)
+    scale = trapezium_scale(direction, trained - start - retain_step) if cfg.scale == "trapezium" else float(cfg.scale)
     with torch.no_grad():
         offset = 0
         for _, param in params:
@@ -97,6 +103,6 @@ def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Ac
         forgotten = split.spec.classes if split.spec.kind == "class" else ()
         add_fisher_noise(model, params, fisher, cfg.fisher_noise, forgotten, cfg.seed)
     info.update(scale=scale, direction_norm=float(direction.detach().norm()), scope=cfg.scope, loss=cfg.loss,
-                fisher_noise=cfg.fisher_noise)
+                ridge_centre=cfg.ridge_centre, fisher_noise=cfg.fisher_noise)
     model = model.to(memory_format=torch.contiguous_format)  # contiguous weights again (safetensors needs them)
     return UnlearnResult(model, [], 0, time.perf_counter() - started, info)

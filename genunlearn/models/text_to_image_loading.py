@@ -40,7 +40,7 @@ def pretrain_tiny_sd(preset: TextToImagePreset, train: LabeledDataset, test: Lab
     vae_cfg = TrainConfig.from_recipe(preset.vae_train, seed=PRETRAIN_SEED, log_every=50)
     vae = train_from_scratch(AutoencoderTraining(preset.name, pipeline.vae), train, vae_cfg, accelerator,
                              desc=f"pretraining {preset.name}'s VAE").model.cpu().eval()
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images, seed=PRETRAIN_SEED))
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     task_class = JointTextToImageTraining if preset.train_text_encoder else TextToImageTask
     task = task_class(preset, pipeline.unet, vae, pipeline.text_encoder, pipeline.tokenizer, scheduler, train, test)

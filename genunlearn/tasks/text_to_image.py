@@ -219,7 +219,7 @@ class AutoencoderTraining:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> float:
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int) -> float:
     """``1 / std`` of the posterior samples of ``images`` ``[N, C, H, W]``: the factor that gives the diffusion model
     unit-variance latents (SD v1's 0.18215 was found the same way); the samples are drawn with ``seed``."""
     with drawing_from(NoiseSource(seed)):

@@ -1,0 +1,92 @@
+"""Regenerate the docs' result tables from the committed cells under benchmarks/results.
+
+    python benchmarks/tables.py            # rewrite every generated table in README.md and docs/*.md
+    python benchmarks/tables.py --check    # exit 1 if any of them differs from what the cells give
+
+A generated table sits between two markers in a page, which name what it shows:
+
+    <!-- results: forget_quality ddpm-digits -->          the forget-quality summary of one preset
+    <!-- results: forget_quality targets -->              the issue targets checked against it
+    <!-- results: concept_erasure sd-digits [ROW ...] --> the concept-erasure rows of one preset (all, or these)
+    <!-- results: device_parity NAME -->                  one device-parity comparison (results/device_parity/NAME.json)
+    <!-- results: fidelity NAME -->                        one fidelity measurement (results/fidelity/NAME/*.json)
+    <!-- /results -->
+
+Everything between the markers is replaced; the rest of the page is left as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import concept_erasure  # noqa: E402
+import device_parity  # noqa: E402
+import fidelity  # noqa: E402
+import forget_quality  # noqa: E402
+
+from genunlearn.errors import UserError  # noqa: E402
+
+RESULTS = HERE / "results"
+PAGES = [HERE.parent / "README.md", *sorted((HERE.parent / "docs").glob("*.md"))]
+MARKED = re.compile(r"(<!-- results: (?P<what>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def table(what: str) -> str:
+    """The markdown a marker names."""
+    kind, *args = what.split()
+    if kind == "forget_quality":
+        rows = forget_quality.summarise(forget_quality.finished_cells(RESULTS / "forget_quality" / "cells"))
+        return "\n".join(forget_quality.targets(rows)) if args == ["targets"] else forget_quality.preset_table(rows, args[0])
+    if kind == "concept_erasure":
+        cells = concept_erasure.finished_cells(RESULTS / "concept_erasure" / "cells", args[0])
+        chosen = [c for c in cells if not args[1:] or c["row"] in args[1:]]
+        return concept_erasure.render(concept_erasure.summarise(chosen))
+    if kind == "device_parity":
+        result = json.loads((RESULTS / "device_parity" / f"{args[0]}.json").read_text())
+        a, b = result["a"], result["b"]
+        label = lambda side: side["device_name"] if side["device"] == "cuda" else f"cpu ({side['threads']} threads)"  # noqa: E731
+        return device_parity.render(result["rows"], label(a), label(b), result["seeds"])
+    if kind == "fidelity":
+        return fidelity.render(args[0], fidelity.finished_cells(args[0]))
+    raise SystemExit(f"error: unknown results marker {what!r}")
+
+
+def table_or_note(what: str) -> str:
+    """``table(what)``, or a note that no cell of it has finished yet."""
+    try:
+        return table(what)
+    except (FileNotFoundError, UserError):
+        return f"*No finished cells yet for `{what}`.*"
+
+
+def regenerate(text: str) -> str:
+    return MARKED.sub(lambda m: m.group(1) + table_or_note(m.group("what")) + "\n" + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        text = page.read_text()
+        fresh = regenerate(text)
+        if fresh != text:
+            stale.append(page)
+            if not args.check:
+                page.write_text(fresh)
+    for page in stale:
+        print(f"{'out of date' if args.check else 'rewrote'}: {page.relative_to(HERE.parent)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
