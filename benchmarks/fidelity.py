@@ -41,6 +41,11 @@ EXPERIMENTS: dict[str, dict] = {
         "values": [0, 1, 2], "class": 3, "figures": DIFFUSION, "retrain": False,
         "rows": {"gradient masked (the reference; default)": ({}, {}), "masked weights held": ({"hold_masked": True}, {})},
     },
+    "sfron-mask-dit": {
+        "title": "SFR-on's mask on dit-digits (class 8, its hardest; Adam)", "model": "dit-digits", "method": "sfron",
+        "vary": "seed", "values": [0, 1, 2], "class": 8, "figures": DIFFUSION, "retrain": False,
+        "rows": {"gradient masked (the reference; default)": ({}, {}), "masked weights held": ({"hold_masked": True}, {})},
+    },
     "fast-ntk-resnet": {
         "title": "Fast-NTK on resnet18-digits-bn (BatchNorm scope)", "model": "resnet18-digits-bn", "method": "fast_ntk",
         "vary": "class", "values": [0, 3, 8], "figures": CLASSIFIER, "retrain": True,

@@ -362,6 +362,29 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def process_table(one: list[dict], two: list[dict]) -> str:
+    """Runs of the same (preset, method, data, class, seed) with 1 and with N processes side by side: the final
+    forget accuracy and FID ratio of each, their means ± std, and whether the N-process means lie within one
+    1-process std."""
+    key = lambda r: (r["preset"], r["method"], r["data"], r["forget_class"], r["seed"])  # noqa: E731
+    paired = {key(r): r for r in one if r["processes"] == 1}
+    pairs = [(paired[key(r)], r) for r in sorted(two, key=key) if r["processes"] > 1 and key(r) in paired]
+    if not pairs:
+        return "*No paired runs yet.*"
+    lines = ["| preset | method | class | seed | forget_acc, 1 process | N processes | FID ratio, 1 process | N processes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        lines.append(f"| {a['preset']} | {a['method']} | {a['forget_class']} | {a['seed']} | {a['final']['forget_acc']:.3f} | "
+                     f"{b['final']['forget_acc']:.3f} ({b['processes']}) | {a['final']['fid_ratio']:.3f} | {b['final']['fid_ratio']:.3f} |")
+    verdicts = []
+    for figure in ("forget_acc", "fid_ratio"):
+        first, second = (mean_std([r["final"][figure] for r in side]) for side in zip(*pairs))
+        close = abs(first["mean"] - second["mean"]) <= first["std"]
+        verdicts.append(f"{figure} {_ms(first)} (1 process) vs {_ms(second)}: {'within' if close else 'NOT within'} one "
+                        "1-process std")
+    return "\n".join(lines) + "\n\n" + "; ".join(verdicts) + f" ({len(pairs)} pairs)."
+
+
 def preset_table(rows: list[dict], preset: str) -> str:
     """The summary rows of one preset as a markdown table."""
     lines = ["| method | data | procs | device | runs | steps | forget_acc (worst) | FID ratio [mean SE] (worst) | "

@@ -7,6 +7,7 @@ A generated table sits between two markers in a page, which name what it shows:
 
     <!-- results: forget_quality ddpm-digits -->          the forget-quality summary of one preset
     <!-- results: forget_quality targets -->              the issue targets checked against it
+    <!-- results: forget_quality processes -->            1-process runs against forget_quality-2proc's
     <!-- results: concept_erasure sd-digits [ROW ...] --> the concept-erasure rows of one preset (all, or these)
     <!-- results: device_parity NAME -->                  one device-parity comparison (results/device_parity/NAME.json)
     <!-- results: fidelity NAME -->                        one fidelity measurement (results/fidelity/NAME/*.json)
@@ -41,6 +42,9 @@ MARKED = re.compile(r"(<!-- results: (?P<what>[^>]*?) -->\n)(?P<body>.*?)(<!-- /
 def table(what: str) -> str:
     """The markdown a marker names."""
     kind, *args = what.split()
+    if kind == "forget_quality" and args[0] == "processes":  # the 1-process cells against forget_quality-2proc's
+        return forget_quality.process_table(forget_quality.finished_cells(RESULTS / "forget_quality" / "cells"),
+                                            forget_quality.finished_cells(RESULTS / "forget_quality-2proc" / "cells"))
     if kind == "forget_quality":
         rows = forget_quality.summarise(forget_quality.finished_cells(RESULTS / "forget_quality" / "cells"))
         return "\n".join(forget_quality.targets(rows)) if args == ["targets"] else forget_quality.preset_table(rows, args[0])

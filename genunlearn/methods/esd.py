@@ -60,11 +60,11 @@ def esd_target(unconditional: torch.Tensor, conditional: torch.Tensor, negative_
     return unconditional - negative_guidance * (conditional - unconditional)
 
 
-def null_and_concept_predictions(frozen: nn.Module, task, latents: torch.Tensor, timesteps: torch.Tensor,
-                       concept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ε(x_t, ∅), ε(x_t, c))`` of a model in one batched pass; ``timesteps`` a scalar or ``[B]``."""
+def null_and_concept_predictions(model: nn.Module, task, latents: torch.Tensor, timesteps: torch.Tensor,
+                                 concept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ε(x_t, ∅), ε(x_t, c))`` of ``model`` in one batched pass; ``timesteps`` a scalar or ``[B]``."""
     null = torch.full_like(concept, task.null_prompt)
-    both = task.predict_noise(frozen, latents.repeat(2, 1, 1, 1), timesteps.expand(len(concept)).repeat(2),
+    both = task.predict_noise(model, latents.repeat(2, 1, 1, 1), timesteps.expand(len(concept)).repeat(2),
                               torch.cat([null, concept]))
     return both.chunk(2)
 
