@@ -28,6 +28,7 @@ from genunlearn.storage.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fidelity"
 CLASSIFIER = ("forget_acc", "retain_acc", "test_acc", "mia")
+PLURAL = {"seed": "seeds", "class": "classes"}
 DIFFUSION = ("forget_acc", "remain_acc", "fid_remain")
 # experiment: the job, what varies (seed or class), and rows: {name: (method settings, preset train overrides)}
 EXPERIMENTS: dict[str, dict] = {
@@ -132,7 +133,7 @@ def render(name: str, cells: list[dict]) -> str:
     spec = EXPERIMENTS[name]
     figures = list(spec["figures"])
     heads = [("FID ratio" if f.startswith("fid") else f) for f in figures]
-    lines = [f"{spec['title']}; mean ± std over {spec['vary']}s {', '.join(map(str, spec['values']))}",
+    lines = [f"{spec['title']}; mean ± std over {PLURAL[spec['vary']]} {', '.join(map(str, spec['values']))}",
              "", "| setting | runs | " + " | ".join(heads) + (" | oracle forget / retain" if spec["retrain"] else "") + " |",
              "|---|---|" + "---|" * len(figures) + ("---|" if spec["retrain"] else "")]
     for row in spec["rows"]:
