@@ -121,14 +121,17 @@ def statistics(job, accelerator) -> dict[str, torch.Tensor]:
 
 def first_step(job, accelerator) -> dict[str, float]:
     """The figures the loop logs at its first step (the losses, gradient norms)."""
+    import dataclasses
+
     from genunlearn.kinds import kind_of
     from genunlearn.methods.registry import method_config
     from genunlearn.models.presets import get_preset
 
     preset = get_preset(job.model)
-    spec, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings, "steps": 1, "log_every": 1})
-    if not hasattr(cfg, "log_every") or job.method == "ssd":
-        return {}
+    spec, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
+    if not hasattr(cfg, "log_every"):
+        return {}  # no loop (SSD): nothing logged per step
+    cfg = dataclasses.replace(cfg, steps=1, log_every=1)
     run = kind_of(preset).prepare_run(job, preset, accelerator)
     result = spec.run(run.task, run.split, cfg, accelerator, checkpoint_dir=None, resume=False)
     return {k: v for k, v in result.log[0].items() if k not in ("step", "lr")}
