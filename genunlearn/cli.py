@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -288,6 +289,11 @@ def generator_evaluation_settings(args: argparse.Namespace) -> dict:
                                                 "fid_inception_weights")}
 
 
+def model_label(model: str) -> str:
+    """``--model`` as one folder-name part under ``outputs/``: a preset file's stem, a hub id's ``/`` as ``--``."""
+    return Path(model).stem if model.endswith((".yaml", ".yml")) else model.replace("/", "--")
+
+
 def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", suffix: str = ""):
     """The ForgetJob that ``forget_parser``'s options describe (``settings``: the method settings they set; the
     default output folder is outputs/<prefix><model>-<forgotten>-<method>[-datafree]<suffix>)."""
@@ -303,7 +309,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         model=args.model,
         method=args.method,
         output_dir=args.output_dir
-        or Path("outputs") / f"{prefix}{args.model}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{suffix}",
+        or Path("outputs") / f"{prefix}{model_label(args.model)}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{suffix}",
         classes=args.classes,
         random_fraction=args.random_fraction,
         subclasses=args.subclasses,
@@ -389,7 +395,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     from genunlearn.runs.job import ForgetJob
 
     args = evaluate_parser().parse_args(argv)
-    job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{Path(args.model).stem}",
+    job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{model_label(args.model)}",
                     classes=args.classes, random_fraction=args.random_fraction, subclasses=args.subclasses,
                     pretrained=args.pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
                     mixed_precision=args.mixed_precision, tf32=args.tf32, **generator_evaluation_settings(args),
@@ -463,8 +469,13 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genunlearn compare",
                                      description="One table of several runs' headline figures (before -> after).")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `genunlearn forget`")
-    parser.add_argument("--output", type=Path, help="also write OUTPUT.md and OUTPUT.png (a bar plot per figure)")
+    parser.add_argument("--output", type=Path, help="also write OUTPUT.md and OUTPUT.png (a bar plot per figure); "
+                        "refused if either exists")
     args = parser.parse_args(argv)
+    if args.output is not None:
+        existing = [path for path in (args.output.with_suffix(".md"), args.output.with_suffix(".png")) if path.exists()]
+        if existing:
+            raise UserError(f"{existing[0]} exists and would be replaced; choose another --output (nothing is overwritten)")
     reports = load_reports(args.runs)
     table = comparison_table(args.runs, reports)
     print(table)
@@ -508,6 +519,9 @@ def torch_out_of_memory() -> type[BaseException]:
     return torch.OutOfMemoryError
 
 
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # a full disk, no permission
+
+
 def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
     from genunlearn.runs.logs import configure_console
@@ -517,6 +531,12 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return entry(argv)
     except UserError as exc:
         _report(f"error: {exc}")
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        _report(f"error: cannot write {exc.filename or 'a file'} ({exc.strerror}); free disk space or choose a writable "
+                "--output-dir / --cache-dir (finished files and checkpoints are kept)")
         return EXIT_USER_ERROR
     except torch_out_of_memory():
         _report("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "

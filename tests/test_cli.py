@@ -172,8 +172,9 @@ def test_corrupt_weights_file(tmp_path, capsys):
 
 def test_class_with_no_samples(cnn_task, tmp_path, capsys):
     data = export_digits_folder(tmp_path / "data", per_class=6, empty_class=4)
-    assert forget("--class", "4", "--data", str(data), "--output-dir", str(tmp_path / "out")) == 2
-    assert "has no training samples" in _one_error_line(capsys)
+    assert forget("--class", "3", "--data", str(data), "--output-dir", str(tmp_path / "out")) == 2
+    assert "digit4 holds no images" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_dir_holding_a_different_run_is_untouched(finished_run, capsys):

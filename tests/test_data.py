@@ -67,17 +67,17 @@ def test_bad_split_specs_raise_user_errors(spec, message):
         make_forget_split(train, test, spec)
 
 
-def test_image_folder_keeps_class_order_and_finds_empty_classes(tmp_path):
-    root = export_digits_folder(tmp_path / "digits", per_class=5, empty_class=4)
+def test_image_folder_keeps_class_order_and_refuses_a_class_with_no_images(tmp_path):
+    root = export_digits_folder(tmp_path / "digits", per_class=5)
     (root / "classes.txt").write_text("\n".join(f"digit{c}" for c in reversed(range(10))))
     train = ImageFolderDataset(root, "train", default_transform(8, 1))
-    test = ImageFolderDataset(root, "test", default_transform(8, 1))
-    assert train.classes[0] == "digit9" and len(train) == 45
+    assert train.classes[0] == "digit9" and len(train) == 50
     image, label = train[0]
     assert image.shape == (1, 8, 8) and -1.0 <= image.min() and image.max() <= 1.0
     assert train.classes[label].startswith("digit")
-    with pytest.raises(UserError, match="has no training samples"):
-        make_forget_split(train, test, SplitSpec("class", classes=(train.classes.index("digit4"),)))
+    empty = export_digits_folder(tmp_path / "empty", per_class=5, empty_class=4)
+    with pytest.raises(UserError, match="digit4 holds no images"):
+        ImageFolderDataset(empty, "train", default_transform(8, 1))
 
 
 def test_subclass_split_from_superclass_mapping(tmp_path):

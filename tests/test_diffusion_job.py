@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -307,7 +308,10 @@ def test_the_run_pipeline_loads_with_diffusers_alone_and_samples_the_same(cnn_ta
     assert guarded(forget_main, argv) == 0
     files = (out / "README.md").read_text().split("## Files", 1)[1].split("\n\n", 2)[1]
     loads = [code.replace("RUN/", f"{out}/") for code in re.findall(r"`([^`]+\.from_pretrained\([^`]+\))`", files)]
-    assert [code.split(".")[0] for code in loads] == ["DiffusionPipeline", "UNet2DModel"]
+    assert [code.split(".")[0] for code in loads] == ["UNet2DModel", "DiffusionPipeline"]  # the load that runs no code first
+    code_hash = hashlib.sha256((out / "pipeline" / "pipeline.py").read_bytes()).hexdigest()
+    assert f"SHA-256 `{code_hash}`" in files
+    loads.reverse()
     labels, seed = [0, 3, 9], 5
     expected = load_pipeline(out / "pipeline")(labels, 2.0, 3, torch.Generator().manual_seed(seed)).images
     torch.save(expected, tmp_path / "expected.pt")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -367,3 +369,279 @@ def test_a_run_with_its_output_in_files_writes_plain_lines_and_a_run_log(cnn_tas
     assert "command: " not in printed  # the run's own record stays in run.log
     mask_time = re.search(r"- mask_time_s: (\S+)", (out / "report.md").read_text()).group(1)
     assert len(mask_time.replace(".", "").lstrip("0")) <= 4  # rounded to 4 significant digits in report.md
+
+
+# Issue 32: one test per row of the fault probe.
+
+
+def test_row1_the_dataset_fingerprint_covers_classes_labels_grouping_and_transform(tmp_path):
+    root = export_digits_folder(tmp_path / "data", per_class=2)
+    transform = default_transform(8, 1)
+
+    def fingerprint(size: int = 8) -> str:
+        return ImageFolderDataset(root, "train", default_transform(size, 1), tmp_path / "cache").fingerprint()
+
+    plain = fingerprint()
+    (root / "superclasses.json").write_text(json.dumps({"low": [f"digit{c}" for c in range(5)],
+                                                        "high": [f"digit{c}" for c in range(5, 10)]}))
+    grouped = fingerprint()
+    (root / "superclasses.json").unlink()
+    (root / "classes.txt").write_text("\n".join(f"digit{c}" for c in reversed(range(10))))
+    reordered = fingerprint()
+    assert len({plain, grouped, reordered, fingerprint(16)}) == 4  # labels, grouping, order and transform all count
+    (root / "classes.txt").unlink()
+    assert fingerprint() == plain
+    (root / "train" / "digit9x").mkdir()  # an added class with no images is refused, not a silent 11th class
+    with pytest.raises(UserError, match="digit9x holds no images"):
+        ImageFolderDataset(root, "train", transform)
+
+
+def test_row2_a_run_is_named_by_content_and_its_lock_by_the_resolved_folder(tmp_path):
+    from genunlearn.runs.job import ForgetJob, check_output_dir
+
+    target, link = tmp_path / "run", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    assert lock_path(link) == lock_path(target)  # a link to a held folder meets the same lock
+    data = export_digits_folder(tmp_path / "data", per_class=2)
+    job = ForgetJob(model="cnn-digits", method="sfron", output_dir=target, classes=[3], data=str(data),
+                    cache_dir=str(tmp_path / "cache"), resume=True)
+    (target / "run.json").write_text(json.dumps(job.run_record()))
+    (target / "checkpoints").mkdir()
+    assert json.loads((target / "run.json").read_text())["output_path"] == str(target.resolve())
+    assert check_output_dir(job) == {}  # the same data: resumable
+    zero, one = data / "train" / "digit0" / "000.png", data / "train" / "digit1" / "000.png"
+    swap = tmp_path / "swap.png"
+    zero.rename(swap)
+    one.rename(zero)
+    swap.rename(one)  # the folders' images swapped, the paths unchanged
+    with pytest.raises(UserError, match=r"holds a different run \(differs in data_content\)"):
+        check_output_dir(job)
+
+
+def test_row3_non_finite_buffers_stop_the_run_and_are_never_resumed_or_published(tmp_path, capsys):
+    from genunlearn.engine.checkpoint import load_latest_checkpoint, save_checkpoint
+    from genunlearn.engine.loop import LoopConfig, check_finite
+    from genunlearn.runs.forget import check_publishable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(checkpoints, 10, model, optimizer, {"log": []})
+    model[1].running_var.fill_(float("inf"))
+    with pytest.raises(UserError, match=r"non-finite by step 20 \(1.running_var\); resume from .*checkpoint-10"):
+        check_finite(model, 20, LoopConfig(), checkpoints)
+    with pytest.raises(UserError, match="nothing was published"):
+        check_publishable(model, "grad_ascent")
+    save_checkpoint(checkpoints, 21, model, optimizer, {"log": []})  # as written before buffers were checked
+    configure = gu.runs.logs.configure_console
+    configure()
+    state, _, loop_state = load_latest_checkpoint(checkpoints)
+    assert loop_state["step"] == 10 and torch.isfinite(state["1.running_var"]).all()
+    assert "checkpoint-21 holds non-finite values in 1.running_var; resuming from the one before it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty-class", "train/b holds no images"),
+    ("listing-names-a-missing-folder", "names 'c', which is not a folder under"),
+    ("listing-names-a-path", "names '../../x', which is not a folder name inside"),
+    ("self-link", "train/self holds no images"),
+    ("folder-named-like-an-image", "x.png is a folder, not an image"),
+    ("dangling-link", "gone.png is a broken or looping link, not an image"),
+    ("link-loop", "loop.png is a broken or looping link, not an image"),
+    ("grouping-bad-json", "superclasses.json is not valid JSON (line 1)"),
+    ("grouping-a-list", "superclasses.json must map super-class names to non-empty lists"),
+])
+def test_row4_bad_image_folders_are_one_error_line_before_any_work(case, message, tmp_path, capsys):
+    root = one_class_folder(tmp_path / "d", broken="a")
+    Image.new("L", (8, 8), 7).save(root / "train" / "a" / "0.png")  # both classes readable
+    train = root / "train"
+    if case == "empty-class":
+        for f in (train / "b").iterdir():
+            f.unlink()
+    elif case == "listing-names-a-missing-folder":
+        (root / "classes.txt").write_text("a\nb\nc\n")
+    elif case == "listing-names-a-path":
+        (root / "classes.txt").write_text("a\n../../x\n")
+        (tmp_path / "x").mkdir()
+    elif case == "self-link":
+        (train / "self").symlink_to(train)
+        (root / "test" / "self").mkdir()
+    elif case == "folder-named-like-an-image":
+        (train / "a" / "x.png").mkdir()
+    elif case == "dangling-link":
+        (train / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    elif case == "link-loop":
+        (train / "a" / "loop.png").symlink_to(train / "a" / "loop.png")
+    elif case == "grouping-bad-json":
+        (root / "superclasses.json").write_text("{not json")
+    else:
+        (root / "superclasses.json").write_text('["a", "b"]')
+    out = tmp_path / "run"
+    args = ["--model", "cnn-digits", "--class", "0", "--data", str(root), "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert guarded(forget_main, args) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists() and not (tmp_path / "cache" / "models").exists()  # checked before any pretraining
+
+
+def test_row4_a_label_whose_folder_is_another_number_is_named_with_its_folder():
+    from genunlearn.eval.model_card import forgotten_part
+
+    report = {"kind": "classifier", "class": 1,
+              "split": {"kind": "class", "classes": [1], "class_names": ["3"]}}
+    assert forgotten_part(report) == "class 1 ('3')"
+    report["split"]["class_names"] = ["1"]
+    assert forgotten_part(report) == "class 1"
+
+
+def test_row5_a_full_disk_is_one_error_line_and_is_estimated_before_the_loop(cnn_task, tmp_path, monkeypatch, capsys):
+    import errno as errno_codes
+
+    from genunlearn.engine import checkpoint
+
+    args = ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--checkpoint-every", "1"]
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1024))
+    assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "estimated")]) == 2
+    assert "checkpoints and the model need about" in one_error_line(capsys)
+    monkeypatch.undo()
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno_codes.ENOSPC, "No space left on device", str(tmp_path / "full" / "checkpoints"))
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "full")]) == 2
+    line = one_error_line(capsys)
+    assert "cannot write" in line and "No space left on device" in line and str(tmp_path / "full") in line
+    monkeypatch.undo()
+
+    def read_only(filename, *_args, **_kwargs):
+        raise PermissionError(errno_codes.EACCES, "Permission denied", str(filename))
+
+    monkeypatch.setattr(logging, "FileHandler", read_only)  # an existing folder this user may not write
+    (tmp_path / "locked").mkdir()
+    assert guarded(forget_main, [*args, "--output-dir", str(tmp_path / "locked")]) == 2
+    assert "cannot write " + str(tmp_path / "locked" / "run.log") + " (Permission denied)" in one_error_line(capsys)
+
+
+def test_row6_a_finished_run_is_marked_by_its_last_write_and_leftovers_are_cleared(cnn_task, tmp_path, monkeypatch):
+    from genunlearn.eval import report as report_module
+    from genunlearn.runs.forget import run_seeds
+    from genunlearn.runs.job import ForgetJob
+
+    written = []
+    real_write = report_module.atomic_write_text
+    monkeypatch.setattr(report_module, "atomic_write_text", lambda path, text: written.append(path.name) or real_write(path, text))
+    job = ForgetJob(model="cnn-digits", method="random_label", output_dir=tmp_path / "series", classes=[3],
+                    settings={"steps": 2})
+    run_seeds(job, [0])
+    assert written[-1] == "report.json" and {"README.md", "report.md"} <= set(written)  # report.json marks it finished
+    seed0 = tmp_path / "series" / "seed-0"
+    (seed0 / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # a kill after the last write, before the clean-up
+    run_seeds(job, [0])
+    assert not (seed0 / "checkpoints").exists()
+
+
+def test_row7_compare_and_sweep_overwrite_nothing_and_check_every_cell_first(cnn_task, tmp_path, monkeypatch, capsys):
+    from genunlearn.cli import sweep_main
+    from genunlearn.runs import sweep as sweep_module
+
+    run = tmp_path / "run"
+    assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3", "--steps", "2", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    (tmp_path / "notes.md").write_text("mine")
+    assert guarded(compare_main, [str(run), "--output", str(tmp_path / "notes")]) == 2
+    assert "notes.md exists and would be replaced" in one_error_line(capsys)
+    assert (tmp_path / "notes.md").read_text() == "mine"
+    ran = []
+    monkeypatch.setattr(sweep_module, "run_seeds", lambda *a, **k: ran.append(a))
+    base = ["--model", "cnn-digits", "--class", "3", "--method", "random_label"]
+    for cells, message in ((["lr=1e-3,abc"], "setting lr takes a number, got 'abc'"),
+                           (["steps=3,0"], "steps must be at least 1, got 0")):
+        assert guarded(sweep_main, [*base, "--set", *cells, "--output-dir", str(tmp_path / "sweep")]) == 2
+        assert message in one_error_line(capsys) and ran == []  # no cell ran before the bad one was found
+    before = sorted(p.name for p in run.iterdir())
+    assert guarded(sweep_main, [*base, "--set", "lr=0.1,0.2", "--output-dir", str(run)]) == 2
+    assert "holds a forget run, not this sweep" in one_error_line(capsys)
+    assert sorted(p.name for p in run.iterdir()) == before
+    other = tmp_path / "other-sweep"
+    other.mkdir()
+    (other / sweep_module.SWEEP_FILE).write_text(json.dumps({"sweep": {}, "axes": [], "seeds": [0]}))
+    assert guarded(sweep_main, [*base, "--set", "lr=0.1,0.2", "--output-dir", str(other)]) == 2
+    assert "holds another sweep" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a-list-line", "entry 1 needs a file_name and a text"),
+    ("not-utf8-jsonl", "metadata.jsonl is not UTF-8 text"),
+    ("not-utf8-csv", "metadata.csv is not UTF-8 text"),
+    ("outside", "which is outside"),
+    ("ssd", "ssd applies to classifier models; sd-digits is a text-to-image model"),
+])
+def test_row8_text_to_image_inputs_are_one_error_line_before_any_work(case, message, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 9).save(folder / "0.png")
+    metadata = {"a-list-line": ("metadata.jsonl", b"[1, 2]\n"),
+                "not-utf8-jsonl": ("metadata.jsonl", b'{"file_name": "0.png", "text": "caf\xe9"}\n'),
+                "not-utf8-csv": ("metadata.csv", b"file_name,text\n0.png,caf\xe9\n"),
+                "outside": ("metadata.jsonl", b'{"file_name": "../../../../etc/hostname", "text": "a handwritten digit three"}\n'),
+                "ssd": ("metadata.jsonl", b'{"file_name": "0.png", "text": "a handwritten digit three"}\n')}[case]
+    (folder / metadata[0]).write_bytes(metadata[1])
+    args = ["--model", "sd-digits", "--concept", "a handwritten digit three", "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache")]
+    args += ["--method", "ssd"] if case == "ssd" else ["--data", str(folder)]
+    assert guarded(forget_main, args) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache" / "models").exists()
+
+
+@pytest.mark.parametrize("flag", ["--eval-steps", "--remain-classes", "--eval-samples"])
+def test_row9_a_zero_count_is_refused_not_read_as_the_default(flag, tmp_path, capsys):
+    args = ["--model", "ddpm-digits", "--class", "3", flag, "0", "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert guarded(forget_main, args) == 2
+    assert f"{flag} must be at least 1, got 0" in one_error_line(capsys)
+    assert not (tmp_path / "cache" / "models").exists()
+
+
+def test_row10_library_arguments_get_type_errors_and_a_custom_pipeline_index_is_refused(cnn_task, class3_split, tmp_path):
+    from genunlearn.storage.pipeline_folder import load_pipeline
+
+    with pytest.raises(TypeError, match=r"task must be a genunlearn Task, got str \(load it first"):
+        gu.unlearn("cnn-digits", class3_split)
+    with pytest.raises(TypeError, match="split must be a ForgetSplit"):
+        gu.unlearn(cnn_task, None)
+    with pytest.raises(TypeError, match="classes must be integer class ids"):
+        gu.forget_split(cnn_task, classes=[3.7])
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": ["pipeline", "MyPipeline"]}))
+    with pytest.raises(UserError, match="names a custom pipeline .* whose code genunlearn does not run"):
+        load_pipeline(tmp_path / "pipe")
+
+
+def test_row11_writes_stay_in_their_place(tmp_path, monkeypatch):
+    from genunlearn.cli import forget_parser, job_from_args
+
+    preset = (REPO / "genunlearn" / "configs" / "models" / "cnn-digits.yaml").read_text()
+    escaped = tmp_path / "escaped.yaml"
+    escaped.write_text(preset.replace("name: cnn-digits", "name: ../../escaped"))
+    with pytest.raises(UserError, match="name '../../escaped' must be letters"):
+        gu.models.presets.get_preset(str(escaped))
+    mine = tmp_path / "elsewhere" / "my.yaml"
+    job = job_from_args(forget_parser().parse_args(["--model", str(mine), "--class", "3"]), {})
+    assert job.output_dir == Path("outputs") / "my-3-sfron"  # under outputs/, not beside the YAML
+    default, chosen = tmp_path / "default-cache", tmp_path / "chosen-cache"
+    monkeypatch.setenv("GENUNLEARN_CACHE", str(default))
+    root = export_digits_folder(tmp_path / "data", per_class=1)
+    ImageFolderDataset(root, "train", default_transform(8, 1), chosen).fingerprint()
+    assert (chosen / "file_hashes.json").is_file() and not default.exists()
+
+
+def test_row12_the_model_card_leads_with_the_load_that_runs_no_code():
+    from genunlearn.eval.model_card import diffusion_loading
+
+    card = diffusion_loading("ClassConditionalPipeline", "UNet2DModel", "ab" * 32)
+    assert card.index('UNet2DModel.from_pretrained("RUN/pipeline", subfolder="denoiser")') < card.index("trust_remote_code")
+    assert f"SHA-256 `{'ab' * 32}`" in card and "running no code" in card

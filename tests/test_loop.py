@@ -78,7 +78,7 @@ def test_non_finite_loss_stops_with_a_clear_error(cnn_task, class3_split, accele
     assert all(torch.isfinite(p).all() for p in cnn_task.model.parameters())
 
 
-def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, class3_split, accelerator, tmp_path):
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, class3_split, accelerator, tmp_path, caplog):
     cfg = LoopConfig(steps=12, batch_size=32, lr=0.05, checkpoint_every=4, log_every=3)
     straight = _finetune(cnn_task, class3_split, accelerator, cfg)
 
@@ -88,8 +88,9 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(cnn_task, cla
     assert newest.name == "checkpoint-8"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a write cut short
-    with pytest.warns(UserWarning, match=f"checkpoint {newest} is unreadable"):
+    with caplog.at_level("WARNING", logger="genunlearn"):  # genunlearn's logger: the console and run.log
         resumed = _finetune(cnn_task, class3_split, accelerator, cfg, checkpoint_dir=tmp_path, resume=True)
+    assert f"checkpoint {newest} is unreadable (SafetensorError); resuming from the one before it" in caplog.text
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 

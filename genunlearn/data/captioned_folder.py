@@ -14,6 +14,8 @@ from PIL import Image
 
 from genunlearn.data.folders import default_transform
 from genunlearn.errors import UserError
+from genunlearn.storage.cache import cache_root
+from genunlearn.storage.content_hash import file_hashes
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_KEYS = ("text", "caption")
@@ -27,20 +29,17 @@ def read_captioned_folder(folder: str | Path) -> list[tuple[Path, str]]:
     if metadata is None:
         raise UserError(f"--data {folder}: no metadata.jsonl or metadata.csv; captioned images need one "
                         '({"file_name": "0.png", "text": "a caption"} per line)')
-    if metadata.suffix == ".jsonl":
-        try:
-            rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{metadata}: line {exc.lineno} is not JSON; write one object per line") from None
-    else:
-        with metadata.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+    rows = _metadata_rows(metadata)
+    root = folder.resolve()
     pairs = []
     for number, row in enumerate(rows, start=1):
-        caption = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), None)
-        if "file_name" not in row or caption is None:
+        caption = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), None) if isinstance(row, dict) else None
+        if caption is None or not isinstance(row.get("file_name"), str):
             raise UserError(f"{metadata}: entry {number} needs a file_name and a text (caption)")
         path = folder / row["file_name"]
+        if not path.resolve().is_relative_to(root):
+            raise UserError(f"{metadata}: entry {number} names {row['file_name']}, which is outside {folder}; "
+                            "name images inside the folder")
         if not path.is_file():
             raise UserError(f"{metadata}: entry {number} names {row['file_name']}, which is not in {folder}")
         pairs.append((path, " ".join(caption.split())))
@@ -49,11 +48,29 @@ def read_captioned_folder(folder: str | Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def captioned_fingerprint(pairs: list[tuple[Path, str]]) -> str:
-    """A 12-hex digest of the captioned images: every caption and every image's bytes, in order."""
+def _metadata_rows(metadata: Path) -> list:
+    """The rows of ``metadata.jsonl`` (one JSON value per line) or ``metadata.csv`` (dicts by header)."""
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{metadata} is not UTF-8 text; save it as UTF-8") from None
+    if metadata.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:
+            raise UserError(f"{metadata}: line {number} is not JSON; write one object per line") from None
+    return rows
+
+
+def captioned_fingerprint(pairs: list[tuple[Path, str]], cache_dir: str | Path | None = None) -> str:
+    """A 12-hex digest of the captioned images: every caption and every image's content, in order (contents hashed
+    once, remembered in ``cache_dir``'s cache; see ``file_hashes``)."""
     digest = hashlib.sha256()
-    for path, caption in pairs:
-        digest.update(caption.encode() + b"\0" + path.read_bytes())
+    for (_, caption), content in zip(pairs, file_hashes([path for path, _ in pairs], cache_root(cache_dir))):
+        digest.update(f"{caption}\0{content}\n".encode())
     return digest.hexdigest()[:12]
 
 

@@ -50,9 +50,12 @@ class ForgetSplit:
         return len(self.train.classes)
 
     def summary(self) -> dict:
-        """The spec and the size of each part, for reports."""
+        """The spec, the forgotten (sub-)classes' names (``class_names``: a folder ``3`` may hold label 1) and the
+        size of each part, for reports."""
+        names = self.train.subclasses if self.spec.kind == "subclass" else self.train.classes
         return {
             **self.spec.to_dict(),
+            "class_names": [str(names[c]) for c in self.spec.classes] if names is not None else [],
             "forget": len(self.forget),
             "retain": len(self.retain),
             "test_forget": len(self.test_forget),

@@ -8,9 +8,9 @@ model, the optimizer and the step are all a resume needs.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +23,11 @@ from genunlearn.storage.files import make_staging_dir, publish_staging
 
 CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' and accelerate's name: checkpoint-<step>
 KEEP_CHECKPOINTS = 2
+LOGGER = logging.getLogger("genunlearn")
+
+
+class NonFiniteCheckpoint(ValueError):
+    """A checkpoint whose weights or buffers hold NaN or inf (written before genunlearn checked buffers)."""
 
 
 def checkpoint_step(path: Path) -> int:
@@ -51,6 +56,21 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: tor
     return final
 
 
+def check_checkpoint_space(directory: Path, model: nn.Module, optimizer_copies: int, keep: int) -> None:
+    """A UserError before the loop when the disk under ``directory`` has less free space than ``keep`` + 1
+    checkpoints (the model's state and ``optimizer_copies`` optimizer tensors per parameter; one more is staged while
+    the oldest is still kept) and the published model take."""
+    state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    optimizer = optimizer_copies * sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = (state + optimizer) * (keep + 1) + state
+    existing = next(p for p in (Path(directory).resolve(), *Path(directory).resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"checkpoints and the model need about {needed / 2**20:.0f} MiB in {directory} and {free / 2**20:.0f} MiB are "
+                        "free; free disk space, lower --checkpoints-total-limit, or turn checkpoints off with "
+                        "--checkpoint-every 0")
+
+
 def checkpoints_newest_first(directory: Path) -> list[Path]:
     """The complete checkpoints under ``directory``, newest first."""
     return [p for p in reversed(checkpoint_folders(directory)) if (p / "loop_state.json").is_file()]
@@ -59,6 +79,9 @@ def checkpoints_newest_first(directory: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(model state, optimizer state, loop state)`` from a checkpoint directory, loaded without unpickling code."""
     model_state = load_file(str(path / "model.safetensors"))
+    bad = [name for name, value in model_state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     loop_state = json.loads((path / "loop_state.json").read_text())
     return model_state, optimizer_state, loop_state
@@ -66,13 +89,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
 def load_latest_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
     """``load_checkpoint`` of the newest checkpoint that loads; one that does not (truncated, corrupt) is skipped with a
-    warning naming it. None when there is none."""
+    warning naming it (``genunlearn``'s logger: the console and ``run.log``). None when there is none."""
     for path in checkpoints_newest_first(directory):
         try:
             return load_checkpoint(path)
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}); resuming from the one before it",
-                          stacklevel=2)
+            LOGGER.warning("warning: checkpoint %s %s; resuming from the one before it", path,
+                           _reason(exc))  # on the console and in run.log
     return None
 
 
@@ -83,7 +106,12 @@ def load_checkpoint_at(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]
     try:
         return load_checkpoint(Path(path))
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}); resume from another one") from None
+        raise UserError(f"checkpoint {path} {_reason(exc)}; resume from another one") from None
+
+
+def _reason(exc: Exception) -> str:
+    """Why a checkpoint cannot be resumed, after its path: ``is unreadable (EOFError)``, ``holds non-finite ...``."""
+    return f"holds {exc}" if isinstance(exc, NonFiniteCheckpoint) else f"is unreadable ({type(exc).__name__})"
 
 
 def check_resumable(checkpoint: Path, steps: int) -> None:

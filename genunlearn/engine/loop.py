@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import (
+    check_checkpoint_space,
+    checkpoints_newest_first,
     load_checkpoint_at,
     load_latest_checkpoint,
     save_checkpoint,
@@ -216,6 +218,9 @@ def run_loop(
     must leave the model as it found it.
     """
     optimizer = make_optimizer(cfg, model.parameters())
+    if checkpoint_dir is not None and cfg.checkpoint_every:  # every process alike, so all stop together
+        written = min(cfg.keep_checkpoints, cfg.steps // cfg.checkpoint_every)  # kept at once, at most
+        check_checkpoint_space(checkpoint_dir, model, 1 if cfg.optimizer == "sgd" else 2, written)
     start_step, log, wall_before, positions = 0, [], 0.0, {}
     optimizer_state = None
     if isinstance(resume, Path):
@@ -268,9 +273,7 @@ def run_loop(
                 observe(done, accelerator.unwrap_model(model))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             wall = wall_before + time.perf_counter() - started
-            if not all(torch.isfinite(param).all() for param in model.parameters()):
-                raise UserError(f"the weights became non-finite by step {done}; lower the learning rate (--lr, now "
-                                f"{cfg.lr}) or set a gradient clip; the last checkpoint, which is finite, is kept")
+            check_finite(model, done, cfg, checkpoint_dir)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 streams = {"forget": ctx.forget, "retain": ctx.retain}
@@ -283,12 +286,30 @@ def run_loop(
             accelerator.wait_for_everyone()
         bar.update(1)
     bar.close()
+    check_finite(model, cfg.steps, cfg, checkpoint_dir)  # a diverged run returns, and so publishes, nothing
     return LoopResult(
         model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),  # a plain module: no autocast left in forward
         log=log,
         steps=cfg.steps,
         wall_time_s=wall_before + time.perf_counter() - started,
     )
+
+
+def nonfinite_entries(model: nn.Module) -> list[str]:
+    """The floating-point state-dict entries (parameters and buffers, e.g. BatchNorm statistics) holding NaN or inf."""
+    return [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def check_finite(model: nn.Module, step: int, cfg: LoopConfig, checkpoint_dir: Path | None) -> None:
+    """A UserError, on every process alike, when any parameter or buffer is non-finite at ``step``: it names the
+    entries, the last (finite) checkpoint to resume from and the setting to change."""
+    bad = nonfinite_entries(model)
+    if not bad:
+        return
+    kept = checkpoints_newest_first(checkpoint_dir) if checkpoint_dir is not None else []
+    resume = f"resume from {kept[0]} with" if kept else "run again with"
+    raise UserError(f"the weights became non-finite by step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                    f"{resume} a lower --lr (now {cfg.lr}) or a gradient clip; nothing was published")
 
 
 def _mean_across_processes(window: dict[str, list[float]], accelerator: Accelerator) -> dict[str, float]:

@@ -29,23 +29,36 @@ def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int
 
 
 def forgotten_part(report: dict) -> str:
-    """What the run forgot, in words: ``class 3``, ``random 0.1``, ``concept 'a handwritten digit three'``."""
+    """What the run forgot, in words: ``class 3``, ``class 1 ('3')`` (label 1 is the folder ``3``), ``random 0.1``,
+    ``concept 'a handwritten digit three'``."""
     if report["kind"] == "text-to-image":
         return f"concept {report['class']!r}" if isinstance(report["class"], str) else f"concepts {report['class']}"
-    return f"{report['split']['kind']} {report['class']}"
+    split = report["split"]
+    ids, names = split.get("classes", []), split.get("class_names", [])
+    named = [f"{i} ({name!r})" for i, name in zip(ids, names) if name != str(i)]
+    if named and len(names) == len(ids):  # a label whose name is not its id: say which folder it was
+        shown = [f"{i} ({name!r})" if name != str(i) else str(i) for i, name in zip(ids, names)]
+        return f"{split['kind']} {shown[0] if len(shown) == 1 else '[' + ', '.join(shown) + ']'}"
+    return f"{split['kind']} {report['class']}"
 
 
-def diffusion_loading(pipeline_class: str, denoiser_class: str) -> str:
-    """How the run's ``pipeline/`` folder loads with diffusers alone, for a pipeline and denoiser of those classes."""
-    if pipeline_class == "DiTPipeline":
-        pipeline = '`DiTPipeline.from_pretrained("RUN/pipeline")`'
-    else:
-        pipeline = ('`DiffusionPipeline.from_pretrained("RUN/pipeline", custom_pipeline="RUN/pipeline/pipeline.py", '
-                    'trust_remote_code=True)` (the folder holds its code; `pipe(class_labels, guidance_scale, '
-                    'num_inference_steps, generator)` samples images in [-1, 1], the null class of guidance is the last id)')
+def diffusion_loading(pipeline_class: str, denoiser_class: str, code_sha256: str | None = None) -> str:
+    """How the run's ``pipeline/`` folder loads with diffusers alone, for a pipeline and denoiser of those classes,
+    the loads that run no code first; ``code_sha256``: the hash of the ``pipeline.py`` written beside a custom
+    pipeline, which loading it would run."""
     subfolder = "transformer" if pipeline_class == "DiTPipeline" else "denoiser"
-    return (f"`pipeline/` is a diffusers pipeline folder. With diffusers alone: {pipeline}; the denoiser alone: "
-            f'`{denoiser_class}.from_pretrained("RUN/pipeline", subfolder="{subfolder}")`. In genunlearn: '
+    denoiser = f'`{denoiser_class}.from_pretrained("RUN/pipeline", subfolder="{subfolder}")`'
+    if pipeline_class == "DiTPipeline":
+        loads = (f'With diffusers alone, running no code from the folder: `DiTPipeline.from_pretrained("RUN/pipeline")`, '
+                 f"or the denoiser alone: {denoiser}.")
+    else:
+        loads = (f"With diffusers alone, running no code from the folder, the denoiser: {denoiser}. The folder also "
+                 f"holds its pipeline's code as `pipeline.py` (SHA-256 `{code_sha256}`); check that hash before "
+                 'running it, since loading it executes the file: `DiffusionPipeline.from_pretrained("RUN/pipeline", '
+                 'custom_pipeline="RUN/pipeline/pipeline.py", trust_remote_code=True)` (`pipe(class_labels, '
+                 "guidance_scale, num_inference_steps, generator)` samples images in [-1, 1], the null class of "
+                 "guidance is the last id).")
+    return (f"`pipeline/` is a diffusers pipeline folder. {loads} In genunlearn, which never runs the folder's code: "
             '`genunlearn.diffusion_task("RUN/pipeline", train, test)`.')
 
 

@@ -65,13 +65,14 @@ CURVES_FILE = "curves.png"
 
 
 def write_report(output_dir: Path, report: dict, base_model: str | None = None, loading: str = "") -> None:
-    """Write ``report.json``, ``curves.png`` (the logged figures), ``report.md`` and the model card ``README.md``
-    (``base_model``: the weights the run started from; ``loading``: how its weights load) into ``output_dir``."""
+    """Write the model card ``README.md`` (``base_model``: the weights the run started from; ``loading``: how its
+    weights load), ``curves.png`` (the logged figures), ``report.md`` and, last, ``report.json`` into ``output_dir``:
+    a folder with ``report.json`` holds every output (a run killed before it is unfinished)."""
     atomic_write_text(output_dir / "README.md", model_card(report, base_model, loading))
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
     title = f"{report['method']} on {report['model']}, forget {forgotten_part(report)}"
     curves = save_log_curves(report.get("log", []), output_dir / CURVES_FILE, title)
     atomic_write_text(output_dir / "report.md", render_markdown(report, curves=curves))
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -9,6 +9,7 @@ from typing import Callable
 from accelerate import Accelerator
 from torch import nn
 
+from genunlearn.data.folders import image_folder_splits
 from genunlearn.data.split import ForgetSplit, make_forget_split
 from genunlearn.errors import UserError
 from genunlearn.eval.classify import accuracy, evaluate_classifier, per_class_accuracy, predict_logits
@@ -77,6 +78,8 @@ class ClassifierKind:
 
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
+        if job.data is not None:
+            image_folder_splits(job.data)  # the folders checked before any work
         if job.data_free:
             raise UserError("--data-free applies to diffusion models; classifiers forget from their training data")
         if job.data_free_guidance is not None:
@@ -90,7 +93,7 @@ class ClassifierKind:
         return load_classifier_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir, accelerator=accelerator)
 
     def prepare_run(self, job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> ClassifierRun:
-        train, test, data_id = load_datasets(preset, job.data)
+        train, test, data_id = load_datasets(preset, job.data, job.cache_dir)
         split = make_forget_split(train, test, job.split_spec())
         network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)
         task = ClassifierTask(preset, network, train, test, cache_dir=cache_root(job.cache_dir))
@@ -101,7 +104,7 @@ class ClassifierKind:
     def evaluate_model(self, job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> tuple[dict, None]:
         """Accuracy on all training and test images, test accuracy per class and, with a forgotten part, the forget
         run's metrics (forget/retain/test accuracy, MIA)."""
-        train, test, data_id = load_datasets(preset, job.data)
+        train, test, data_id = load_datasets(preset, job.data, job.cache_dir)
         split = make_forget_split(train, test, job.split_spec()) if job.has_target() else None
         network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir,
                                accelerator=accelerator).to(accelerator.device)

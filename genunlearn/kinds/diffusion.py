@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -9,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from genunlearn.data.folders import image_folder_splits
 from genunlearn.data.split import check_ids
 from genunlearn.errors import UserError
 from genunlearn.eval.generative import classify_generated
@@ -41,7 +43,7 @@ from genunlearn.models.presets import DiffusionPreset
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
-from genunlearn.storage.pipeline_folder import load_pipeline, save_pipeline
+from genunlearn.storage.pipeline_folder import PIPELINE_CODE, load_pipeline, save_pipeline
 from genunlearn.tasks.diffusion import DiffusionTask
 
 Samples = dict[int, torch.Tensor]
@@ -86,7 +88,9 @@ class DiffusionRun(GeneratorRun):
         save_pipeline(unlearned, output_dir / PIPELINE_DIR)
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, pipeline_class_names(unlearned),
                             self.setup.forgotten, per_row=GRID_SAMPLES)
-        return diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__)
+        code = output_dir / PIPELINE_DIR / PIPELINE_CODE
+        code_sha256 = hashlib.sha256(code.read_bytes()).hexdigest() if code.is_file() else None
+        return diffusion_loading(type(unlearned).__name__, type(pipeline_denoiser(unlearned)).__name__, code_sha256)
 
 
 class DiffusionKind:
@@ -94,6 +98,8 @@ class DiffusionKind:
 
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
+        if job.data is not None:
+            image_folder_splits(job.data)  # the folders checked before any work
         if job.data_free_guidance is not None:
             raise UserError("--data-free-guidance applies to text-to-image models; a class-conditional data-free run samples "
                             "its training data at --eval-guidance, since they are its FID reference too")
@@ -105,7 +111,7 @@ class DiffusionKind:
 
     def load_task(self, preset: DiffusionPreset, *, pretrained: str | None, data: str | Path | None,
                   cache_dir: str | Path | None, accelerator: Accelerator) -> DiffusionTask:
-        train, test, data_id = load_datasets(preset, data)
+        train, test, data_id = load_datasets(preset, data, cache_dir)
         return load_diffusion_task(preset, train, test, data_id, pretrained=pretrained, cache_root=cache_root(cache_dir),
                                    accelerator=accelerator)
 
@@ -127,7 +133,7 @@ class DiffusionKind:
         forgotten = list(job.classes)
         if forgotten:
             check_ids(forgotten, num_classes, "class")
-        remaining = remain_classes(num_classes, forgotten, job.remain_classes or preset.remain_classes, job.seed)
+        remaining = remain_classes(num_classes, forgotten, preset.remain_classes if job.remain_classes is None else job.remain_classes, job.seed)
         classifier_name = job.eval_classifier or preset.eval_classifier
         classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
                                           data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)

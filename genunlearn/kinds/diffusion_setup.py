@@ -56,7 +56,7 @@ def job_sampling(job: ForgetJob, sampling: SamplingDefaults) -> tuple[int, float
     """``(samples per class or prompt, guidance, DDIM steps)``: the job's evaluation settings, else the preset's
     ``sampling``; a UserError when out of range."""
     guidance = sampling.guidance if job.eval_guidance is None else job.eval_guidance
-    steps = job.eval_steps or sampling.steps
+    steps = sampling.steps if job.eval_steps is None else job.eval_steps
     if job.eval_samples < 2 or steps < 1 or guidance < 0 or job.data_free_samples < 2:
         raise UserError(
             "--eval-samples and --data-free-samples must be at least 2, --eval-steps at least 1 and --eval-guidance non-negative"
@@ -167,7 +167,7 @@ def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     num_classes = pipeline_num_classes(pipeline)
     forgotten = list(spec.classes)
     check_ids(spec.classes, num_classes, "class")
-    count = job.remain_classes or preset.remain_classes
+    count = preset.remain_classes if job.remain_classes is None else job.remain_classes
     remaining = remain_classes(num_classes, forgotten, count, job.seed)
     heldout = remain_classes(num_classes, forgotten + remaining, count, job.seed + HELDOUT_SEED_OFFSET) if data_free else []
     heldout_set = None

@@ -203,7 +203,7 @@ class TextToImageRun(GeneratorRun):
     def data_id(self) -> str:
         """The retrain oracle's data: the original model's generations of these prompts (and ``--data``'s images)."""
         table = hashlib.sha256(json.dumps(self.setup.prompts.table).encode()).hexdigest()[:12]
-        images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data))}"
+        images = "" if self.job.data is None else f"-{captioned_fingerprint(read_captioned_folder(self.job.data), self.job.cache_dir)}"
         protocol = self.setup.protocol
         generated = generated_data_id(self.task.model, self.job.data_free_samples, protocol.data_guidance, protocol.steps)
         return f"{generated}-{table}{images}"

@@ -107,7 +107,7 @@ def scope_mask(task, model: nn.Module, scope: str) -> ParameterMask:
 
 
 @register_method("esd", "Erased Stable Diffusion: negative guidance from a frozen copy on the concept prompts "
-                 "(text-to-image; scope ESD-u or ESD-x)", ESDConfig)
+                 "(text-to-image; scope ESD-u or ESD-x)", ESDConfig, kinds=("text-to-image",))
 def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     if not hasattr(task, "prompt_embeddings"):
         raise UserError(f"esd erases prompts from text-to-image models; {task.name} is not one")

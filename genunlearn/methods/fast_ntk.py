@@ -70,7 +70,8 @@ class FastNTKConfig:
             raise UserError(f"fast_ntk scale must be a positive number or 'trapezium', got {self.scale!r}")
 
 
-@register_method("fast_ntk", "Fast-NTK: NTK scrubbing of a parameter-efficient scope (BatchNorm affine / prompts, + head)", FastNTKConfig)
+@register_method("fast_ntk", "Fast-NTK: NTK scrubbing of a parameter-efficient scope (BatchNorm affine / prompts, + head)", FastNTKConfig,
+                 kinds=("classifier",))
 def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Accelerator, *, checkpoint_dir=None,
              resume: bool = False) -> UnlearnResult:
     started = time.perf_counter()

@@ -41,13 +41,19 @@ class MethodRun(Protocol):
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method; ``preset_layer(preset)`` gives the settings it takes from a preset beyond the preset's
-    ``methods:`` block (``retrain``: the pretraining recipe)."""
+    ``methods:`` block (``retrain``: the pretraining recipe); ``kinds``: the model kinds it applies to (None: all)."""
 
     name: str
     summary: str
     config_class: type
     run: MethodRun
     preset_layer: Callable[[object], dict] | None = None
+    kinds: tuple[str, ...] | None = None
+
+    def check_kind(self, kind: str, model: str) -> None:
+        """A UserError, before any work, when the method does not apply to a model of ``kind``."""
+        if self.kinds is not None and kind not in self.kinds:
+            raise UserError(f"{self.name} applies to {'/'.join(self.kinds)} models; {model} is a {kind} model: choose another --method")
 
     def make_config(self, *overrides: dict) -> object:
         """The config from its defaults, then each dict in ``overrides`` in turn; unknown keys are a UserError."""
@@ -91,12 +97,12 @@ def _typed(key: str, value, hint):
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, summary: str, config_class: type,
-                    preset_layer: Callable[[object], dict] | None = None) -> Callable[[MethodRun], MethodRun]:
-    """Decorator adding a method's run function to ``METHODS`` under ``name``."""
+def register_method(name: str, summary: str, config_class: type, preset_layer: Callable[[object], dict] | None = None,
+                    kinds: tuple[str, ...] | None = None) -> Callable[[MethodRun], MethodRun]:
+    """Decorator adding a method's run function to ``METHODS`` under ``name`` (``kinds``: see ``MethodSpec``)."""
 
     def add(run: MethodRun) -> MethodRun:
-        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer)
+        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer, kinds)
         return run
 
     return add

@@ -7,7 +7,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from genunlearn.data.digits import load_digits_split
-from genunlearn.data.folders import ImageFolderDataset, default_transform
+from genunlearn.data.folders import default_transform, image_folder_splits
 from genunlearn.data.tensor_dataset import LabeledDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
@@ -23,12 +23,12 @@ from genunlearn.engine.training import TrainConfig, train_from_scratch
 EMBEDDED_DATASETS = ("digits",)
 
 
-def load_datasets(preset: Preset, data_dir: str | Path | None) -> tuple[LabeledDataset, LabeledDataset, str]:
-    """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size."""
+def load_datasets(preset: Preset, data_dir: str | Path | None,
+                  cache_dir: str | Path | None = None) -> tuple[LabeledDataset, LabeledDataset, str]:
+    """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size (their
+    content hashes remembered in ``cache_dir``'s cache)."""
     if data_dir is not None:
-        transform = default_transform(preset.image_size, preset.channels)
-        train = ImageFolderDataset(data_dir, "train", transform)
-        test = ImageFolderDataset(data_dir, "test", transform)
+        train, test = image_folder_splits(data_dir, default_transform(preset.image_size, preset.channels), cache_dir)
         return train, test, f"folder-{train.fingerprint()}"
     if preset.dataset not in EMBEDDED_DATASETS:
         raise UserError(f"model {preset.name} is trained on {preset.dataset}, which is not embedded; pass --data DIR")
@@ -49,7 +49,7 @@ def load_classifier_task(
     preset = get_preset(model) if isinstance(model, str) else model
     if not isinstance(preset, ClassifierPreset):
         raise UserError(f"{preset.name} is a {preset.kind} model; a classifier is needed here")
-    train, test, data_id = load_datasets(preset, data)
+    train, test, data_id = load_datasets(preset, data, cache_dir)
     network = load_network(preset, train, data_id, pretrained=pretrained, cache_dir=cache_dir, accelerator=accelerator)
     return ClassifierTask(preset, network, train, test, cache_dir=cache_root(cache_dir))
 

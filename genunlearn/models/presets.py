@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
@@ -226,6 +227,7 @@ def list_presets() -> dict[str, str]:
 
 
 SCALARS = (int, float, str, bool, type(None))
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _fits(value, allowed: tuple[type, ...]) -> bool:
@@ -266,6 +268,9 @@ def _preset_from_text(text: str, source: str) -> Preset:
     except (TypeError, AttributeError) as exc:
         raise UserError(f"{source} is not a valid preset ({exc}); compare it with genunlearn/configs/models/*.yaml") from None
     _check_types(preset, source)
+    if not PRESET_NAME.fullmatch(preset.name):
+        raise UserError(f"{source}: name {preset.name!r} must be letters, digits, '.', '_' or '-' (it names cache folders); "
+                        "rename it, e.g. my-model")
     return preset
 
 

@@ -28,6 +28,7 @@ EVALUATION_FILE = "evaluation.json"
 def run_evaluation(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Evaluate ``job``'s model (method and unlearning settings are ignored) and write ``evaluation.json``,
     ``evaluation.md`` and, for generators, ``samples.png`` (a labelled row per class) to ``job.output_dir``."""
+    job.check_counts()
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32)
     preset = get_preset(job.model)
     kind = kind_of(preset)

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 import genunlearn
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import check_resumable
+from genunlearn.engine.loop import nonfinite_entries
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
 from genunlearn.errors import UserError
 from genunlearn.eval.report import SCHEMA_VERSION, summary_line, write_report
@@ -92,12 +93,12 @@ def oracle_and_relearning(job: ForgetJob, run: Run, unlearned, after: dict, acce
 def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` and return its report (also written to ``job.output_dir`` by the main process)."""
     accelerate_mixed_precision(job.mixed_precision)  # a UserError for an unknown setting
-    if job.relearn_steps < 0 or job.relearn_samples < 1 or (job.relearn_lr is not None and job.relearn_lr <= 0):
-        raise UserError("--relearn-steps must be non-negative, --relearn-samples at least 1 and --relearn-lr positive")
+    job.check_counts()
     accelerator = accelerator or make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32)
     preset = get_preset(job.model)
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
+    method.check_kind(kind.name, preset.name)
     kind.check_job(job)  # a bad --class/--concept/... is named before the output folder is touched
     tracker_names(job.report_to)
     writable_cache_root(job.cache_dir)
@@ -126,13 +127,14 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
             resume: bool | Path, resumed_with: dict, started_at: str) -> dict:
     run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
-        atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.identity(), indent=2))
+        atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.run_record(), indent=2))
     tracked = {"model": preset.name, "method": job.method, "class": job.forgotten(), **dataclasses.asdict(cfg)}
     with experiment_trackers(job.report_to, job.output_dir, accelerator, tracked):
         with accelerator.autocast():  # before and after are measured at the run's precision alike
             before, shown_before = run.evaluate_before()
         accelerator.log(tracked_figures("before", before), step=0)
         result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
+        check_publishable(result.model, job.method)
         with accelerator.autocast():
             after, shown_after = run.evaluate(result.model)
         accelerator.log(tracked_figures("after", after), step=result.steps)
@@ -150,6 +152,14 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
     return report
 
 
+def check_publishable(model, method: str) -> None:
+    """A UserError when the unlearned model holds NaN or inf in any parameter or buffer: nothing is published."""
+    bad = nonfinite_entries(model)
+    if bad:
+        raise UserError(f"{method} left non-finite values in {', '.join(bad[:3])}; nothing was published; lower the "
+                        "method's step size (--lr, or its own settings) and run again")
+
+
 def run_seeds(job: ForgetJob, seeds: list[int], accelerator: Accelerator | None = None) -> dict:
     """Run ``job`` once per seed into ``output_dir/seed-<s>`` (finished seeds are reused, so a killed series
     continues) and write the mean ± std of every figure to ``output_dir/summary.{json,md}``; return the summary."""
@@ -160,7 +170,10 @@ def run_seeds(job: ForgetJob, seeds: list[int], accelerator: Accelerator | None 
     reports = []
     for seed, run in zip(seeds, runs):
         one = dataclasses.replace(job, seed=seed, output_dir=job.output_dir / run)
-        reports.append(finished_report(one) or run_forget_job(one, accelerator))
+        finished = finished_report(one)
+        if finished is not None and accelerator.is_main_process:
+            shutil.rmtree(one.output_dir / CHECKPOINTS, ignore_errors=True)  # left by a kill after the last write
+        reports.append(finished or run_forget_job(one, accelerator))
     summary = aggregate_reports(reports, seeds, runs)
     if accelerator.is_main_process:
         write_summary(job.output_dir, summary)

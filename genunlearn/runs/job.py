@@ -9,6 +9,9 @@ from pathlib import Path
 
 from genunlearn.data.split import SplitSpec, choose_split
 from genunlearn.errors import UserError
+from genunlearn.models.presets import get_preset
+from genunlearn.storage.cache import cache_root
+from genunlearn.storage.content_hash import tree_fingerprint
 
 RUN_FILE = "run.json"
 LOG_FILE = "run.log"
@@ -63,13 +66,45 @@ class ForgetJob:
     protocol_rows: int | None = None  # text-to-image: the first N rows of each protocol CSV (None: all)
 
     def identity(self) -> dict:
-        """What makes two runs the same run (everything but where caches live, whether to resume, where figures are
-        also reported, and gradient checkpointing, which changes memory, not results)."""
-        return {
+        """What makes two runs the same run: every setting but where caches live, whether to resume, where figures
+        are also reported, and gradient checkpointing (which changes memory, not results), and the content of what
+        the run reads (``input_contents``)."""
+        settings = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in dataclasses.asdict(self).items()
             if k not in ("cache_dir", "resume", "output_dir", "gradient_checkpointing", "report_to")
         }
+        return {**settings, **self.input_contents()}
+
+    def input_contents(self) -> dict:
+        """Content hashes of what the run reads, so a run is named by content, not by paths: the preset's recipe
+        (``model_content``), ``--data``'s files (``data_content``) and a local ``--pretrained``'s
+        (``pretrained_content``; None for a hub id)."""
+        cache = cache_root(self.cache_dir)
+        return {
+            "model_content": get_preset(self.model).fingerprint(),
+            "data_content": None if self.data is None else tree_fingerprint(Path(self.data), cache),
+            "pretrained_content": None if self.pretrained is None else tree_fingerprint(Path(self.pretrained), cache),
+        }
+
+    def run_record(self) -> dict:
+        """``run.json``: the identity and the output folder's resolved path (recorded, not compared: a moved folder
+        stays the same run)."""
+        return {**self.identity(), "output_path": str(self.output_dir.resolve())}
+
+    def check_counts(self) -> None:
+        """A UserError for a count below its minimum, before any work (0 never means "the default")."""
+        minimums = {"--eval-samples": (self.eval_samples, 1), "--data-free-samples": (self.data_free_samples, 1),
+                    "--eval-steps": (self.eval_steps, 1), "--remain-classes": (self.remain_classes, 1),
+                    "--relearn-samples": (self.relearn_samples, 1), "--relearn-steps": (self.relearn_steps, 0),
+                    "--protocol-rows": (self.protocol_rows, 1)}
+        for flag, (value, least) in minimums.items():
+            if value is not None and value < least:
+                raise UserError(f"{flag} must be at least {least}, got {value}")
+        if self.relearn_lr is not None and self.relearn_lr <= 0:
+            raise UserError(f"--relearn-lr must be positive, got {self.relearn_lr}")
+        if not 0.0 < self.nudity_threshold <= 1.0:
+            raise UserError(f"--nudity-threshold must be in (0, 1], got {self.nudity_threshold}")
 
     def check_classes_only(self) -> None:
         """A UserError for the text-to-image options (concepts, prompt files, the papers' protocols) on a model that
@@ -130,9 +165,13 @@ def check_output_dir(job: ForgetJob) -> dict:
     held = read_run_file(run_file)
     if held is None:
         raise UserError(f"{run_file} is corrupt, so the run in {out} cannot be resumed; delete {out} or choose another --output-dir")
-    changes = resumable_changes(held, job.identity()) if job.resume else None
-    if held != job.identity() and changes is None:
-        differing = sorted(k for k in set(held) | set(job.identity()) if held.get(k) != job.identity().get(k))
+    wanted = job.identity()
+    changes = resumable_changes(held, wanted) if job.resume else None
+    if held != wanted and changes is None:
+        before, after = held.get("settings", {}), wanted.get("settings", {})
+        allowed = RESUMABLE_SETTINGS if job.resume else ()
+        differing = [k for k in sorted(set(held) | set(wanted)) if k != "settings" and held.get(k) != wanted.get(k)]
+        differing += [f"settings.{k}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and k not in allowed]
         raise UserError(f"{out} holds a different run (differs in {', '.join(differing)}); choose another --output-dir "
                         f"(a resume may change only {', '.join(RESUMABLE_SETTINGS)})")
     if (out / "report.json").is_file():
@@ -154,8 +193,10 @@ def finished_report(job: ForgetJob) -> dict | None:
 
 
 def read_run_file(path: Path) -> dict | None:
-    """A run folder's ``run.json``, or None when it is not readable JSON."""
+    """A run folder's ``run.json`` without what is recorded but not compared (``output_path``), or None when it is
+    not a readable JSON object."""
     try:
-        return json.loads(path.read_text())
+        held = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return {k: v for k, v in held.items() if k != "output_path"} if isinstance(held, dict) else None

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import operator
+from pathlib import Path
 
 from accelerate import Accelerator
 
@@ -21,7 +22,9 @@ from genunlearn.errors import UserError
 from genunlearn.eval.plots import plt, save_figure
 from genunlearn.eval.seeds import mean_std
 from genunlearn.runs.forget import run_seeds
-from genunlearn.runs.job import ForgetJob
+from genunlearn.methods.registry import method_config
+from genunlearn.models.presets import get_preset
+from genunlearn.runs.job import RUN_FILE, ForgetJob, read_run_file
 from genunlearn.storage.files import atomic_write_text
 
 Axis = tuple[str, list]
@@ -31,6 +34,7 @@ FIGURES = {
 }
 FIGURES["text-to-image"] = FIGURES["diffusion"]
 COMPARISONS = {"<=": operator.le, ">=": operator.ge}
+SWEEP_FILE = "sweep-run.json"  # the sweep's identity, written before its first cell
 
 
 def cell_folder(settings: dict) -> str:
@@ -78,9 +82,17 @@ def run_sweep(job: ForgetJob, axes: list[Axis], seeds: list[int], targets: list[
         raise UserError("the targets mix classifier and diffusion figures; " +
                         "; ".join(f"{kind}: {', '.join(names)}" for kind, names in FIGURES.items()))
     shape = tuple(len(values) for _, values in axes)
+    grid = {index: {key: values[i] for (key, values), i in zip(axes, index)}
+            for index in itertools.product(*(range(size) for size in shape))}
+    preset = get_preset(job.model)
+    for settings in grid.values():  # every cell's settings checked before the first cell runs
+        method_config(job.method, preset, {"seed": job.seed, **job.settings, **settings})
+    record = {"sweep": job.identity(), "axes": [[k, v] for k, v in axes], "seeds": seeds}
+    if accelerator.is_main_process:
+        claim_sweep_dir(job.output_dir, record)
+    accelerator.wait_for_everyone()
     cells, reports = [], {}
-    for index in itertools.product(*(range(size) for size in shape)):
-        settings = {key: values[i] for (key, values), i in zip(axes, index)}
+    for index, settings in grid.items():
         folder = cell_folder(settings)
         cell_job = dataclasses.replace(job, settings={**job.settings, **settings}, output_dir=job.output_dir / folder)
         run_seeds(cell_job, seeds, accelerator)
@@ -107,6 +119,22 @@ def run_sweep(job: ForgetJob, axes: list[Axis], seeds: list[int], targets: list[
         save_heatmap(sweep, job.output_dir / "heatmap.png")
     accelerator.wait_for_everyone()
     return sweep
+
+
+def claim_sweep_dir(out: Path, record: dict) -> None:
+    """Write ``out/SWEEP_FILE`` (the sweep's identity) unless ``out`` already holds this sweep (a killed sweep
+    continues); a UserError for a folder holding anything else: a run, another sweep, other files."""
+    marker = out / SWEEP_FILE
+    if marker.is_file():
+        held = read_run_file(marker)
+        if held == record:
+            return
+        raise UserError(f"{out} holds another sweep; choose a new --output-dir (nothing is overwritten)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a forget run" if (out / RUN_FILE).is_file() else "other files"
+        raise UserError(f"{out} holds {what}, not this sweep; choose a new --output-dir (nothing is overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(record, indent=2))
 
 
 def _cell_text(figures: dict, name: str) -> str:

@@ -73,6 +73,7 @@ def remove_stale_staging(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -80,7 +81,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
-        raise UserError(f"cannot write {path} ({exc.strerror}); choose a writable location") from None
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)  # a full disk leaves no half-written temporary file
+        raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or choose a writable location") from None
     make_readable(Path(handle.name))
     os.replace(handle.name, path)
 

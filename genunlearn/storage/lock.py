@@ -23,6 +23,8 @@ WRITING_GRACE_S = 10.0  # a lock file still empty this long after its creation b
 
 
 def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``, beside its resolved path: a link to a folder shares the folder's lock."""
+    folder = Path(folder).resolve()
     return folder.parent / f".{folder.name}.lock"
 
 

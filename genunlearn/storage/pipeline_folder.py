@@ -40,9 +40,15 @@ def load_pipeline(source: str | Path) -> Pipeline:
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
-    config = json.loads(index.read_text())
-    class_name = config.get("_class_name")
-    if class_name not in PIPELINE_CLASSES:
+    try:
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{index} is not valid JSON; re-save the pipeline with save_pretrained") from None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if isinstance(class_name, list):  # diffusers' custom-pipeline form: [module file, class name]
+        raise UserError(f"{path} names a custom pipeline {class_name}, whose code genunlearn does not run; pass its "
+                        "denoiser in a DiTPipeline or genunlearn pipeline folder")
+    if not isinstance(class_name, str) or class_name not in PIPELINE_CLASSES:
         raise UserError(f"{path} holds a {class_name}, not a class-conditional pipeline; use a DiTPipeline or a genunlearn pipeline folder")
     try:
         pipeline = PIPELINE_CLASSES[class_name].from_pretrained(path)
