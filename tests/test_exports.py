@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import export_digits_folder
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import genunlearn
 from genunlearn.cli import main
+from genunlearn.data.folders import default_transform
 from genunlearn.models.presets import get_preset
 from genunlearn.tasks.classifier import build_classifier
 
@@ -45,7 +48,11 @@ def save_probe(model: torch.nn.Module, folder: Path, size: tuple[int, int, int])
 def test_a_user_timm_model_saves_in_timms_layout_and_loads_without_genunlearn(tmp_path):
     model = timm.create_model("resnet10t", num_classes=4, in_chans=1)
     folder = tmp_path / "mine"
-    assert genunlearn.save_classifier(model, folder, ["a", "b", "c", "d"], input_size=(1, 16, 16)) == "timm"
+    with pytest.raises(ValueError, match="save_classifier: pass normalisation"):  # else timm's ImageNet mean/std
+        genunlearn.save_classifier(model, folder, ["a", "b", "c", "d"], input_size=(1, 16, 16))
+    assert not folder.exists()
+    assert genunlearn.save_classifier(model, folder, ["a", "b", "c", "d"], input_size=(1, 16, 16),
+                                      normalisation=(0.5, 0.5)) == "timm"
     save_probe(model, folder, (1, 16, 16))
     out = run_alone(f"m = timm.create_model('local-dir:{folder}', pretrained=True)\n"
                     "assert m.pretrained_cfg['label_names'] == ['a', 'b', 'c', 'd']", folder)
@@ -81,3 +88,23 @@ def test_a_classifier_runs_model_folder_loads_as_its_card_says(preset_name, load
             f"m = timm.create_model('local-dir:{folder}', pretrained=True)"
     out = run_alone(script, folder)
     assert f"genunlearn imported: {loadable == 'timm-after-import'}" in out
+
+
+def test_a_saved_classifier_scores_the_runs_accuracy_under_timms_own_transforms(cnn_task, tmp_path):
+    """The preprocessing comes from the data's transform, so timm's ``resolve_data_config`` + ``create_transform``
+    on the image files give the accuracy genunlearn measured on them."""
+    from genunlearn.data.folders import image_folder_splits
+
+    root = export_digits_folder(tmp_path / "digits", per_class=30)
+    train, test = image_folder_splits(root, default_transform(8, 1))
+    folder = tmp_path / "saved"
+    assert genunlearn.save_classifier(cnn_task.model, folder, train.classes, data=train) == "timm-after-import"
+    model = cnn_task.model.eval()
+    with torch.no_grad():
+        ours = sum(int(model(image[None]).argmax()) == label for image, label in test) / len(test)
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reloaded))
+    with torch.no_grad():
+        theirs = sum(int(reloaded(transform(Image.open(path))[None]).argmax()) == label
+                     for path, label in zip(test.paths, test.targets.tolist())) / len(test)
+    assert theirs == ours and ours > 0.9
