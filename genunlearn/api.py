@@ -11,6 +11,7 @@ from genunlearn.data.split import ForgetSplit, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.methods.registry import UnlearnResult, method_config
+from genunlearn.runs.logs import library_console
 from genunlearn.tasks.base import Task
 
 
@@ -60,6 +61,7 @@ def unlearn(
     that is not a ``ForgetSplit``."""
     check_task(task, "unlearn")
     check_split(task, split)
+    library_console()  # progress in a notebook or a log file too, unless the caller configured logging
     spec, cfg = method_config(method, task.preset, settings)
     return spec.run(
         task,

@@ -268,3 +268,28 @@ def test_the_digits_denoiser_as_a_plain_diffusers_model_forgets_with_data_and_da
         after = gu.evaluate_generator(task, judge, forget=[FORGET_CLASS], model=gu.unlearn(task, split, "sfron", **settings).model).metrics
         assert before["forget_acc"] >= 0.9 and after["forget_acc"] <= 0.05, (before, after)
         assert after["remain_acc"] >= before["remain_acc"] - 0.05 and after["fid_remain"] <= 2 * before["fid_remain"], (before, after)
+
+
+def test_the_library_shows_progress_in_a_log_file_and_announces_long_runs(cnn_task, cache_dir, tmp_path, caplog):
+    """Without a terminal or any logging set up by the caller, ``unlearn`` writes plain progress lines to stderr (a
+    notebook draws tqdm.auto's widget instead); a loop over a minute long says how long at its start."""
+    import os
+    import subprocess
+    import sys
+
+    from genunlearn.engine.loop import announce_duration
+
+    script = ("import genunlearn as gu\n"
+              "task = gu.load_task('cnn-digits')\n"
+              "gu.unlearn(task, gu.forget_split(task, classes=[3]), 'finetune', steps=20, log_every=10)\n")
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:  # a file, as in a batch job's log
+        done = subprocess.run([sys.executable, "-c", script], stderr=stderr, text=True, cwd=tmp_path,
+                              env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "step 10/20" in text and "step 20/20" in text
+    with caplog.at_level("INFO", logger="genunlearn"):
+        announce_duration("unlearning", 0.8, 1497)
+        announce_duration("unlearning", 0.01, 100)  # a second: nothing to announce
+    assert caplog.messages == ["unlearning: about 20 min more for 1497 iterations (0.80 s each); steps= (--steps) shortens it"]

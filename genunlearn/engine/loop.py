@@ -37,6 +37,7 @@ from genunlearn.progress import progress
 from genunlearn.tasks.base import Task
 
 LOGGER = logging.getLogger("genunlearn")  # run.log and plain progress lines (genunlearn.runs.logs)
+ESTIMATE_AFTER = 3  # iterations timed for the duration estimate
 
 
 @dataclass
@@ -260,6 +261,8 @@ def run_loop(
         for key, value in figures.items():
             window[key].append(float(value))
         done = step + 1
+        if done == start_step + ESTIMATE_AFTER and accelerator.is_main_process:
+            announce_duration(desc, (time.perf_counter() - started) / ESTIMATE_AFTER, cfg.steps - done)
         if done % cfg.log_every == 0 or done == cfg.steps:
             entry = {"step": done, "lr": cfg.lr_at(step), **_mean_across_processes(window, accelerator)}
             log.append(entry)
@@ -293,6 +296,14 @@ def run_loop(
         steps=cfg.steps,
         wall_time_s=wall_before + time.perf_counter() - started,
     )
+
+
+def announce_duration(desc: str, seconds_per_step: float, remaining: int) -> None:
+    """One log line with the time the rest of a loop will take, when over a minute (bars show it as an ETA)."""
+    total = seconds_per_step * remaining
+    if total > 60:
+        LOGGER.info("%s: about %s more for %d iterations (%.2f s each); steps= (--steps) shortens it", desc,
+                    f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h", remaining, seconds_per_step)
 
 
 def nonfinite_entries(model: nn.Module) -> list[str]:

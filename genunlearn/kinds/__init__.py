@@ -14,6 +14,7 @@ from genunlearn.kinds.classifier import ClassifierKind
 from genunlearn.kinds.diffusion import DiffusionKind
 from genunlearn.kinds.text_to_image import TextToImageKind
 from genunlearn.models.presets import Preset, get_preset
+from genunlearn.runs.logs import library_console
 from genunlearn.storage.cache import writable_cache_root
 from genunlearn.tasks.base import Task
 
@@ -40,5 +41,6 @@ def load_task(
     hub id), else cached, else pretrained now (with a progress bar) and cached."""
     preset = get_preset(model)
     writable_cache_root(cache_dir)
+    library_console()  # pretraining's progress in a notebook or a log file too
     return kind_of(preset).load_task(preset, pretrained=pretrained, data=data, cache_dir=cache_dir,
                                      accelerator=accelerator or make_accelerator())

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from accelerate import Accelerator
 
-from genunlearn.progress import hide_bars
+from genunlearn.progress import bars_drawn, hide_bars
 from genunlearn.runs.job import LOG_FILE
 
 LOGGER = logging.getLogger("genunlearn")
@@ -20,10 +20,11 @@ FORMAT = "%(asctime)s %(message)s"
 
 
 def configure_console(verbosity: int = 0) -> None:
-    """Progress on stderr: bars on a terminal (``genunlearn.progress``), else one log line per logged step.
+    """Progress on stderr: bars on a terminal or in a notebook (``genunlearn.progress``), else one log line per logged
+    step.
     ``verbosity``: -1 (``-q``) warnings only, no bars; 0 the default; 1 (``-v``) debug lines too."""
-    terminal = sys.stderr.isatty()
     hide_bars(verbosity < 0)
+    terminal = bars_drawn()
     if verbosity < 0 or not terminal:
         hide_library_bars()
     level = logging.WARNING if verbosity < 0 or (terminal and verbosity == 0) else logging.DEBUG if verbosity > 0 else logging.INFO
@@ -35,6 +36,13 @@ def configure_console(verbosity: int = 0) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel(level)
     LOGGER.addHandler(console)
+
+
+def library_console() -> None:
+    """The command line's console for a library caller who configured no logging (neither genunlearn's logger nor the
+    root one has a handler), so a notebook or a log file shows progress too; a caller's own logging is left alone."""
+    if not LOGGER.handlers and not logging.getLogger().handlers:
+        configure_console()
 
 
 def hide_library_bars() -> None:
