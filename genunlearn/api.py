@@ -11,7 +11,7 @@ from genunlearn.data.split import ForgetSplit, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.methods.registry import UnlearnResult, method_config
-from genunlearn.runs.logs import library_console
+from genunlearn.progress import library_console
 from genunlearn.tasks.base import Task
 
 

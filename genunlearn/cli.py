@@ -336,7 +336,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
 
 
 def forget_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.runs.logs import configure_console
+    from genunlearn.progress import configure_console
     from genunlearn.eval.report import SUMMARY_KEYS, summary_line
     from genunlearn.eval.seeds import summary_line as seeds_summary_line
     from genunlearn.runs.forget import run_forget_job, run_seeds
@@ -356,7 +356,7 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.runs.logs import configure_console
+    from genunlearn.progress import configure_console
     from genunlearn.distributed import make_accelerator
     from genunlearn.runs.sweep import run_sweep
 
@@ -524,7 +524,7 @@ WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
-    from genunlearn.runs.logs import configure_console
+    from genunlearn.progress import configure_console
 
     configure_console()
     try:

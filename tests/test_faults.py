@@ -434,7 +434,7 @@ def test_row3_non_finite_buffers_stop_the_run_and_are_never_resumed_or_published
     with pytest.raises(UserError, match="nothing was published"):
         check_publishable(model, "grad_ascent")
     save_checkpoint(checkpoints, 21, model, optimizer, {"log": []})  # as written before buffers were checked
-    configure = gu.runs.logs.configure_console
+    configure = gu.progress.configure_console
     configure()
     state, _, loop_state = load_latest_checkpoint(checkpoints)
     assert loop_state["step"] == 10 and torch.isfinite(state["1.running_var"]).all()

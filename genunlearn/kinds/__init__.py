@@ -14,7 +14,7 @@ from genunlearn.kinds.classifier import ClassifierKind
 from genunlearn.kinds.diffusion import DiffusionKind
 from genunlearn.kinds.text_to_image import TextToImageKind
 from genunlearn.models.presets import Preset, get_preset
-from genunlearn.runs.logs import library_console
+from genunlearn.progress import library_console
 from genunlearn.storage.cache import writable_cache_root
 from genunlearn.tasks.base import Task
 
