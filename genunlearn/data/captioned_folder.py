@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from genunlearn.data.folders import default_transform
+from genunlearn.data.folders import default_transform, read_utf8
 from genunlearn.errors import UserError
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.content_hash import file_hashes
@@ -50,10 +50,7 @@ def read_captioned_folder(folder: str | Path) -> list[tuple[Path, str]]:
 
 def _metadata_rows(metadata: Path) -> list:
     """The rows of ``metadata.jsonl`` (one JSON value per line) or ``metadata.csv`` (dicts by header)."""
-    try:
-        text = metadata.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{metadata} is not UTF-8 text; save it as UTF-8") from None
+    text = read_utf8(metadata)
     if metadata.suffix == ".csv":
         return list(csv.DictReader(text.splitlines()))
     rows = []

@@ -53,7 +53,7 @@ def folder_class_names(root: Path) -> list[str]:
     listing, train = root / "classes.txt", root / "train"
     if not listing.is_file():
         return sorted(p.name for p in train.iterdir() if p.is_dir())
-    names = [line.strip() for line in _read_text(listing).splitlines() if line.strip()]
+    names = [line.strip() for line in read_utf8(listing).splitlines() if line.strip()]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"{listing} names {repeated[0]!r} more than once; list each class folder once")
@@ -66,7 +66,8 @@ def folder_class_names(root: Path) -> list[str]:
     return names
 
 
-def _read_text(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """``path``'s text; a UserError naming the file when it is not UTF-8."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -165,7 +166,7 @@ def image_folder_splits(root: str | Path, transform: Callable[[Image.Image], tor
 def _read_grouping(path: Path) -> dict[str, list[str]]:
     """``superclasses.json``: an object of super-class name to a list of class folder names."""
     try:
-        grouping = json.loads(_read_text(path))
+        grouping = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno}); it maps super-class names to lists of class folders") from None
     if not (isinstance(grouping, dict) and grouping

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genunlearn.errors import UserError
-from genunlearn.storage.files import make_staging_dir, publish_staging
+from genunlearn.storage.files import make_staging_dir, nonfinite_entries, publish_staging
 
 CHECKPOINT_PREFIX = "checkpoint-"  # diffusers' and accelerate's name: checkpoint-<step>
 KEEP_CHECKPOINTS = 2
@@ -79,7 +79,7 @@ def checkpoints_newest_first(directory: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(model state, optimizer state, loop state)`` from a checkpoint directory, loaded without unpickling code."""
     model_state = load_file(str(path / "model.safetensors"))
-    bad = [name for name, value in model_state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = nonfinite_entries(model_state)
     if bad:
         raise NonFiniteCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

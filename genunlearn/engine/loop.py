@@ -34,6 +34,7 @@ from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
 from genunlearn.noise import NoiseSource, current_noise, derive_seed, drawing_from
 from genunlearn.progress import progress
+from genunlearn.storage.files import nonfinite_entries
 from genunlearn.tasks.base import Task
 
 LOGGER = logging.getLogger("genunlearn")  # run.log and plain progress lines (genunlearn.runs.logs)
@@ -306,15 +307,10 @@ def announce_duration(desc: str, seconds_per_step: float, remaining: int) -> Non
                     f"{total / 60:.0f} min" if total < 5400 else f"{total / 3600:.1f} h", remaining, seconds_per_step)
 
 
-def nonfinite_entries(model: nn.Module) -> list[str]:
-    """The floating-point state-dict entries (parameters and buffers, e.g. BatchNorm statistics) holding NaN or inf."""
-    return [name for name, value in model.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
-
-
 def check_finite(model: nn.Module, step: int, cfg: LoopConfig, checkpoint_dir: Path | None) -> None:
     """A UserError, on every process alike, when any parameter or buffer is non-finite at ``step``: it names the
     entries, the last (finite) checkpoint to resume from and the setting to change."""
-    bad = nonfinite_entries(model)
+    bad = nonfinite_entries(model.state_dict())
     if not bad:
         return
     kept = checkpoints_newest_first(checkpoint_dir) if checkpoint_dir is not None else []

@@ -34,6 +34,7 @@ from genunlearn.kinds.diffusion_setup import (
     prepare_diffusion,
     real_datasets,
     remain_classes,
+    remain_count,
     sampling_protocol,
 )
 from genunlearn.models.diffusion_loading import load_diffusion_pipeline, load_diffusion_task, task_from_pipeline
@@ -133,7 +134,7 @@ class DiffusionKind:
         forgotten = list(job.classes)
         if forgotten:
             check_ids(forgotten, num_classes, "class")
-        remaining = remain_classes(num_classes, forgotten, preset.remain_classes if job.remain_classes is None else job.remain_classes, job.seed)
+        remaining = remain_classes(num_classes, forgotten, remain_count(job, preset), job.seed)
         classifier_name = job.eval_classifier or preset.eval_classifier
         classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
                                           data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)

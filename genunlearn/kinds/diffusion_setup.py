@@ -41,6 +41,11 @@ GRID_SAMPLES = 8
 EVALUATIONS = "evaluations"
 
 
+def remain_count(job: ForgetJob, preset: DiffusionPreset) -> int | None:
+    """How many other classes stand for the retain set: ``--remain-classes``, else the preset's (None: all)."""
+    return preset.remain_classes if job.remain_classes is None else job.remain_classes
+
+
 def remain_classes(num_classes: int, forgotten: list[int], count: int | None, seed: int) -> list[int]:
     """The other classes that stand for the retain set: all of them, or ``count`` chosen by ``seed``, sorted."""
     others = [c for c in range(num_classes) if c not in forgotten]
@@ -167,7 +172,7 @@ def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
     num_classes = pipeline_num_classes(pipeline)
     forgotten = list(spec.classes)
     check_ids(spec.classes, num_classes, "class")
-    count = preset.remain_classes if job.remain_classes is None else job.remain_classes
+    count = remain_count(job, preset)
     remaining = remain_classes(num_classes, forgotten, count, job.seed)
     heldout = remain_classes(num_classes, forgotten + remaining, count, job.seed + HELDOUT_SEED_OFFSET) if data_free else []
     heldout_set = None

@@ -13,7 +13,6 @@ from accelerate import Accelerator
 import genunlearn
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import check_resumable
-from genunlearn.engine.loop import nonfinite_entries
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
 from genunlearn.errors import UserError
 from genunlearn.eval.report import SCHEMA_VERSION, summary_line, write_report
@@ -29,7 +28,7 @@ from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.runs.tracking import experiment_trackers, tracker_names
 from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root, writable_cache_root
-from genunlearn.storage.files import atomic_write_text
+from genunlearn.storage.files import atomic_write_text, nonfinite_entries
 from genunlearn.storage.lock import main_process_lock
 
 
@@ -154,7 +153,7 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
 
 def check_publishable(model, method: str) -> None:
     """A UserError when the unlearned model holds NaN or inf in any parameter or buffer: nothing is published."""
-    bad = nonfinite_entries(model)
+    bad = nonfinite_entries(model.state_dict())
     if bad:
         raise UserError(f"{method} left non-finite values in {', '.join(bad[:3])}; nothing was published; lower the "
                         "method's step size (--lr, or its own settings) and run again")

@@ -71,6 +71,12 @@ def remove_stale_staging(path: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def nonfinite_entries(state: dict[str, torch.Tensor]) -> list[str]:
+    """The floating-point entries of a state dict (parameters and buffers, e.g. BatchNorm statistics) holding NaN or
+    inf."""
+    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a torn one."""
     handle = None
@@ -146,7 +152,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         lines = str(exc).splitlines()
         first = lines[1].strip() if len(lines) > 1 else first_line(exc)
         raise UserError(f"weights in {path} do not fit this model ({first[:100]}); pass weights of the same architecture") from None
-    if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
+    if nonfinite_entries(state):
         raise UserError(f"weights in {path} hold NaN or infinite values; pass the weights of a trained model")
 
 
