@@ -92,7 +92,8 @@ def statistics(job, accelerator) -> dict[str, torch.Tensor]:
     from genunlearn.engine.saliency import cached_gradient_statistics
     from genunlearn.kinds import kind_of
     from genunlearn.methods.registry import method_config
-    from genunlearn.methods.ssd import default_alpha, ssd_importances
+    from genunlearn.methods.ssd import ssd_importances
+    from genunlearn.methods.ssd_alpha import default_alpha
     from genunlearn.models.presets import get_preset
 
     preset = get_preset(job.model)

@@ -11,6 +11,8 @@ A generated table sits between two markers in a page, which name what it shows:
     <!-- results: concept_erasure sd-digits [ROW ...] --> the concept-erasure rows of one preset (all, or these)
     <!-- results: device_parity NAME -->                  one device-parity comparison (results/device_parity/NAME.json)
     <!-- results: fidelity NAME -->                        one fidelity measurement (results/fidelity/NAME/*.json)
+    <!-- results: import_time MACHINE -->                  start-up times on one machine (results/import_time/MACHINE.json)
+    <!-- results: preset_fields -->                        every preset field's type, default and meaning (from the code)
     <!-- /results -->
 
 Everything between the markers is replaced; the rest of the page is left as written.
@@ -31,6 +33,7 @@ import concept_erasure  # noqa: E402
 import device_parity  # noqa: E402
 import fidelity  # noqa: E402
 import forget_quality  # noqa: E402
+import import_time  # noqa: E402
 
 from genunlearn.errors import UserError  # noqa: E402
 
@@ -59,6 +62,12 @@ def table(what: str) -> str:
         return device_parity.render(result["rows"], label(a), label(b), result["seeds"])
     if kind == "fidelity":
         return fidelity.render(args[0], fidelity.finished_cells(args[0]))
+    if kind == "preset_fields":
+        from genunlearn.models.preset_fields import render
+
+        return render()
+    if kind == "import_time":
+        return import_time.render(json.loads((RESULTS / "import_time" / f"{args[0]}.json").read_text()))
     raise SystemExit(f"error: unknown results marker {what!r}")
 
 

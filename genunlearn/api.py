@@ -7,6 +7,7 @@ from typing import Sequence
 
 from accelerate import Accelerator
 
+from genunlearn.data.class_names import class_ids
 from genunlearn.data.split import ForgetSplit, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
@@ -15,15 +16,17 @@ from genunlearn.progress import library_console
 from genunlearn.tasks.base import Task
 
 
-def forget_split(task: Task, classes: Sequence[int] = (), *, fraction: float | None = None, subclasses: Sequence[int] = (),
-                 seed: int = 0) -> ForgetSplit:
-    """What ``task`` forgets, as a split of its own data: whole ``classes``, a random ``fraction`` of its training
-    samples (chosen by ``seed``), or ``subclasses`` of a super-class dataset. A ``TypeError`` for a task given by
-    name or for class ids that are not integers."""
+def forget_split(task: Task, classes: Sequence[int | str] = (), *, fraction: float | None = None,
+                 subclasses: Sequence[int | str] = (), seed: int = 0) -> ForgetSplit:
+    """What ``task`` forgets, as a split of its own data: whole ``classes`` (ids or names in ``task.train_data.classes``),
+    a random ``fraction`` of its training samples (chosen by ``seed``), or ``subclasses`` of a super-class dataset.
+    A ``TypeError`` for a task given by name or for classes given as one string instead of a list."""
     check_task(task, "forget_split")
     for name, ids in (("classes", classes), ("subclasses", subclasses)):
-        if isinstance(ids, (str, bytes)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
-            raise TypeError(f"forget_split: {name} must be integer class ids, e.g. {name}=[3]; got {ids!r}")
+        if isinstance(ids, (str, bytes)) or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in ids):
+            raise TypeError(f"forget_split: {name} must be a list of class ids or names, e.g. {name}=[3]; got {ids!r}")
+    classes = class_ids(classes, task.train_data.classes)
+    subclasses = class_ids(subclasses, task.train_data.subclasses, "sub-class")
     spec = choose_split(classes, fraction, subclasses, seed)
     return make_forget_split(task.train_data, task.test_data, spec)
 

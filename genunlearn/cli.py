@@ -84,13 +84,18 @@ UNDERSCORE_NOTE = "Every --multi-word option also takes diffusers' spelling (--o
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a preset (see `genunlearn models`), a preset YAML file, or a timm model name")
+    parser.add_argument("--model",
+                        help="a preset (see `genunlearn models`), a preset YAML file, a timm model name (timm's input "
+                        "size and normalisation; needs --data), or a model folder (as --pretrained). Default: --pretrained's "
+                        "folder, read from its own config")
     parser.add_argument(
         "--pretrained", "--pretrained_model_name_or_path",
-        help="classifiers: a .safetensors/.pt file, a folder holding model.safetensors, or an hf-hub:ORG/NAME id; "
-        "diffusion: a pipeline folder (save_pretrained, e.g. a DiTPipeline) or a hub id ORG/NAME (needs network). "
-        "Default: the preset's hub id, else its locally pretrained weights (trained on first use, then cached)",
+        help="the weights to start from. A model folder as you hold it, alone (no --model needed): a diffusers "
+        "UNet2DModel or DiTTransformer2DModel folder (with or without scheduler/ inside or beside it), a DDPMPipeline, "
+        "DiTPipeline or genunlearn pipeline folder, or a timm folder (config.json with architecture, e.g. from "
+        "save_classifier). With --model: a .safetensors/.pt state dict of that architecture, an hf-hub:ORG/NAME id, or a "
+        "diffusion hub id ORG/NAME (needs network). Default: the preset's hub id, else its locally pretrained weights "
+        "(trained on first use, then cached)",
     )
     parser.add_argument("--data", help="image-folder dataset ROOT/{train,test}/<class>/*.png instead of the preset's data; "
                         "text-to-image: images captioned with the concept's or retain prompts (metadata.jsonl of "
@@ -102,10 +107,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_target_arguments(parser: argparse.ArgumentParser, title: str) -> None:
     what = parser.add_argument_group(title)
-    what.add_argument("--class", dest="classes", type=int, nargs="+", default=[], metavar="C", help="class id(s) to forget")
+    what.add_argument("--class", dest="classes", nargs="+", default=[], metavar="C",
+                      help="class(es) to forget: ids, or names (the data's class folders, the model's label names)")
     what.add_argument("--random-fraction", type=float, help="forget this fraction of training samples, chosen by --seed")
-    what.add_argument("--subclass", dest="subclasses", type=int, nargs="+", default=[], metavar="S",
-                      help="sub-class id(s) to forget (data folder with superclasses.json)")
+    what.add_argument("--subclass", dest="subclasses", nargs="+", default=[], metavar="S",
+                      help="sub-class(es) to forget, ids or class folder names (data folder with superclasses.json)")
 
 
 def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,11 +168,13 @@ def concept_settings(args: argparse.Namespace) -> dict:
             "coco_images": args.coco_images, "clip_model": args.clip_model, "protocol_rows": args.protocol_rows}
 
 
-def run_name(classes: list[int], subclasses: list[int], fraction: float | None, concepts: list[str]) -> str:
-    """What a default output folder calls the forgotten part: ``3``, ``random0.1``, ``a-handwritten-digit-three``."""
+def run_name(classes: list[str], subclasses: list[str], fraction: float | None, concepts: list[str]) -> str:
+    """What a default output folder calls the forgotten part: ``3``, ``square``, ``random0.1``,
+    ``a-handwritten-digit-three``."""
     if concepts:
         return re.sub(r"[^a-z0-9]+", "-", concepts[0].lower()).strip("-")[:40] or "concept"
-    return "-".join(map(str, classes or subclasses)) or f"random{fraction}"
+    named = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(map(str, classes or subclasses))).strip("-")[:40]
+    return named or f"random{fraction}"
 
 
 def add_generator_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -229,6 +237,13 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
     parser.add_argument("--checkpoint-every", "--checkpointing_steps", type=int,
                         help="write a resumable checkpoint every N steps (0: never)")
     parser.add_argument("--checkpoints-total-limit", type=int, metavar="N", help="keep the newest N checkpoints (default 2)")
+    if not sweep:
+        hub = parser.add_argument_group("sharing (as diffusers' training scripts)")
+        hub.add_argument("--push-to-hub", action="store_true",
+                         help="upload the finished run folder (model card, weights, reports, figures; not checkpoints) to a "
+                         "Hugging Face Hub model repo")
+        hub.add_argument("--hub-model-id", metavar="ORG/NAME", help="the repo to create or update (default: the output folder's name)")
+        hub.add_argument("--hub-token", help="a Hub token (default: the one `hf auth login` saved)")
     if sweep:
         parser.add_argument("--set", dest="axes", type=parse_axis, nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                             help="grid axes: a method setting and its values, e.g. --set mask_threshold=1,2,3 lr=5e-5,1e-4")
@@ -289,9 +304,38 @@ def generator_evaluation_settings(args: argparse.Namespace) -> dict:
                                                 "fid_inception_weights")}
 
 
+def model_and_weights(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(model, pretrained)`` the options name: ``--pretrained FOLDER`` alone is the model, read from its config."""
+    if args.model is not None:
+        return args.model, args.pretrained
+    if args.pretrained is None:
+        raise UserError("pass --model (a preset, see `genunlearn models`) or --pretrained MODEL_FOLDER")
+    if not Path(args.pretrained).is_dir():
+        raise UserError(f"--pretrained {args.pretrained} is not a model folder; with a weights file or hub id, also pass "
+                        "--model (its architecture: a preset, a preset YAML or a timm name)")
+    return args.pretrained, None
+
+
+def target_ids(args: argparse.Namespace, model: str, pretrained: str | None) -> tuple[list[int], list[int]]:
+    """``(classes, subclasses)`` as ids: ``--class``/``--subclass`` tokens, names looked up in the labels the run
+    will see (``data.class_names``)."""
+    from genunlearn.data.class_names import class_ids, held_class_names
+
+    def ids(tokens: list[str], subclasses: bool) -> list[int]:
+        if all(token.isdigit() for token in tokens):
+            return [int(token) for token in tokens]
+        names = held_class_names(model, pretrained, args.data, subclasses=subclasses)
+        return class_ids(tokens, names, "sub-class" if subclasses else "class")
+
+    return ids(args.classes, False), ids(args.subclasses, True)
+
+
 def model_label(model: str) -> str:
-    """``--model`` as one folder-name part under ``outputs/``: a preset file's stem, a hub id's ``/`` as ``--``."""
-    return Path(model).stem if model.endswith((".yaml", ".yml")) else model.replace("/", "--")
+    """``--model`` as one folder-name part under ``outputs/``: a preset file's stem, a model folder's name, a hub id's
+    ``/`` as ``--``."""
+    if model.endswith((".yaml", ".yml")) or Path(model).is_dir():
+        return Path(model).resolve().name if Path(model).is_dir() else Path(model).stem
+    return model.replace("/", "--")
 
 
 def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", suffix: str = ""):
@@ -304,17 +348,19 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
                                       ("keep_checkpoints", args.checkpoints_total_limit)) if v is not None},
                 **settings}
     concepts = concept_settings(args)
+    model, pretrained = model_and_weights(args)
+    classes, subclasses = target_ids(args, model, pretrained)
     forgotten = run_name(args.classes, args.subclasses, args.random_fraction, concepts["concepts"])
     return ForgetJob(
-        model=args.model,
+        model=model,
         method=args.method,
         output_dir=args.output_dir
-        or Path("outputs") / f"{prefix}{model_label(args.model)}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{suffix}",
-        classes=args.classes,
+        or Path("outputs") / f"{prefix}{model_label(model)}-{forgotten}-{args.method}{'-datafree' if args.data_free else ''}{suffix}",
+        classes=classes,
         random_fraction=args.random_fraction,
-        subclasses=args.subclasses,
+        subclasses=subclasses,
         settings=settings,
-        pretrained=args.pretrained,
+        pretrained=pretrained,
         data=args.data,
         cache_dir=args.cache_dir,
         seed=args.seed,
@@ -336,14 +382,16 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
 
 
 def forget_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.progress import configure_console
+    args = forget_parser(prog=program("forget", argv)).parse_args(argv)  # before the heavy imports: --help is instant
     from genunlearn.eval.report import SUMMARY_KEYS, summary_line
     from genunlearn.eval.seeds import summary_line as seeds_summary_line
+    from genunlearn.progress import configure_console
     from genunlearn.runs.forget import run_forget_job, run_seeds
 
-    args = forget_parser(prog=program("forget", argv)).parse_args(argv)
     configure_console(args.verbose - args.quiet)
     job = job_from_args(args, dict(args.settings), suffix="-seeds" if args.seeds else "")
+    if args.seeds and args.push_to_hub:
+        raise UserError("--push-to-hub uploads one run; push a seed's folder (OUTPUT_DIR/seed-S) after the runs instead")
     if args.seeds:
         summary = run_seeds(job, args.seeds)
         if _is_main_process():
@@ -352,15 +400,19 @@ def forget_main(argv: Sequence[str] | None = None) -> int:
     report = run_forget_job(job)
     if _is_main_process():
         print(summary_line(report, job.output_dir))
+        if args.push_to_hub:
+            from genunlearn.runs.hub import push_run
+
+            print(f"pushed {job.output_dir} to {push_run(job.output_dir, args.hub_model_id, args.hub_token)}")
     return 0
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.progress import configure_console
+    args = forget_parser(sweep=True).parse_args(argv)
     from genunlearn.distributed import make_accelerator
+    from genunlearn.progress import configure_console
     from genunlearn.runs.sweep import run_sweep
 
-    args = forget_parser(sweep=True).parse_args(argv)
     configure_console(args.verbose - args.quiet)
     job = job_from_args(args, {}, prefix="sweep-")
     sweep = run_sweep(job, args.axes, args.seeds or [args.seed], args.targets, make_accelerator(mixed_precision=job.mixed_precision, tf32=job.tf32))
@@ -391,13 +443,17 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    args = evaluate_parser().parse_args(argv)
+    from genunlearn.progress import configure_console
     from genunlearn.runs.evaluate import run_evaluation
     from genunlearn.runs.job import ForgetJob
 
-    args = evaluate_parser().parse_args(argv)
-    job = ForgetJob(model=args.model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{model_label(args.model)}",
-                    classes=args.classes, random_fraction=args.random_fraction, subclasses=args.subclasses,
-                    pretrained=args.pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
+    configure_console()
+    model, pretrained = model_and_weights(args)
+    classes, subclasses = target_ids(args, model, pretrained)
+    job = ForgetJob(model=model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{model_label(model)}",
+                    classes=classes, random_fraction=args.random_fraction, subclasses=subclasses,
+                    pretrained=pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
                     mixed_precision=args.mixed_precision, tf32=args.tf32, **generator_evaluation_settings(args),
                     **concept_settings(args))
     evaluation = run_evaluation(job)
@@ -423,9 +479,11 @@ def pretrain_parser(prog: str = "genunlearn pretrain") -> argparse.ArgumentParse
 
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    args = pretrain_parser(program("pretrain", argv)).parse_args(argv)
+    from genunlearn.progress import configure_console
     from genunlearn.runs.pretrain import run_pretrain
 
-    args = pretrain_parser(program("pretrain", argv)).parse_args(argv)
+    configure_console()
     summary = run_pretrain(args.model, data=args.data, cache_dir=args.cache_dir, output_dir=args.output_dir)
     if _is_main_process():
         print(summary)
@@ -463,15 +521,15 @@ def models_main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    from genunlearn.eval.compare import comparison_table, load_reports, save_comparison_plot
-    from genunlearn.storage.files import atomic_write_text
-
     parser = argparse.ArgumentParser(prog="genunlearn compare",
                                      description="One table of several runs' headline figures (before -> after).")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `genunlearn forget`")
     parser.add_argument("--output", type=Path, help="also write OUTPUT.md and OUTPUT.png (a bar plot per figure); "
                         "refused if either exists")
     args = parser.parse_args(argv)
+    from genunlearn.eval.compare import comparison_table, load_reports, save_comparison_plot
+    from genunlearn.storage.files import atomic_write_text
+
     if args.output is not None:
         existing = [path for path in (args.output.with_suffix(".md"), args.output.with_suffix(".png")) if path.exists()]
         if existing:
@@ -512,11 +570,11 @@ def _report(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def torch_out_of_memory() -> type[BaseException]:
-    """``torch.OutOfMemoryError`` (GPU allocations; a CPU machine's OOM kills the process instead)."""
-    import torch
-
-    return torch.OutOfMemoryError
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``torch.OutOfMemoryError`` (GPU allocations; a CPU machine's OOM kills the process instead);
+    torch is not imported to ask (a failure before it was loaded is not one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # a full disk, no permission
@@ -526,7 +584,7 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     """Run a command; bad input becomes one ``error:`` line and exit code 2, never a traceback."""
     from genunlearn.progress import configure_console
 
-    configure_console()
+    configure_console(libraries=False)  # each command configures the libraries' bars after parsing its options
     try:
         return entry(argv)
     except UserError as exc:
@@ -538,13 +596,15 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         _report(f"error: cannot write {exc.filename or 'a file'} ({exc.strerror}); free disk space or choose a writable "
                 "--output-dir / --cache-dir (finished files and checkpoints are kept)")
         return EXIT_USER_ERROR
-    except torch_out_of_memory():
-        _report("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
-                "(or fp16), or spread the batch over more GPUs with accelerate launch")
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         _report("interrupted; continue with --resume_from_checkpoint latest (if checkpoints were on)")
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        _report("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
+                "(or fp16), or spread the batch over more GPUs with accelerate launch")
+        return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from genunlearn.advice import print_as_lines
+
 _hidden = False  # -q hides the bars too
 LOGGER = logging.getLogger("genunlearn")
 
@@ -37,13 +39,15 @@ def progress(iterable: Iterable | None = None, *, desc: str, show: bool = True, 
     return tqdm(iterable, desc=desc, disable=not (show and bars_drawn()), **options)
 
 
-def configure_console(verbosity: int = 0) -> None:
+def configure_console(verbosity: int = 0, libraries: bool = True) -> None:
     """Progress on stderr: bars on a terminal or in a notebook (``genunlearn.progress``), else one log line per logged
     step.
-    ``verbosity``: -1 (``-q``) warnings only, no bars; 0 the default; 1 (``-v``) debug lines too."""
+    ``verbosity``: -1 (``-q``) warnings only, no bars; 0 the default; 1 (``-v``) debug lines too. ``libraries``: also
+    turn off diffusers' and transformers' own bars where genunlearn's are off (it imports them: a command does it
+    once its options are parsed, so ``--help`` stays instant)."""
     hide_bars(verbosity < 0)
     terminal = bars_drawn()
-    if verbosity < 0 or not terminal:
+    if libraries and (verbosity < 0 or not terminal):
         hide_library_bars()
     level = logging.WARNING if verbosity < 0 or (terminal and verbosity == 0) else logging.DEBUG if verbosity > 0 else logging.INFO
     LOGGER.setLevel(logging.DEBUG)
@@ -54,6 +58,7 @@ def configure_console(verbosity: int = 0) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel(level)
     LOGGER.addHandler(console)
+    print_as_lines()
 
 
 def library_console() -> None:

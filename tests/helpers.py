@@ -23,7 +23,7 @@ from PIL import Image
 
 from genunlearn.data.digits import load_digits_split
 from genunlearn.eval.report import SCHEMA_FILE
-from genunlearn.models.tiny_sd import build_tiny_sd
+from genunlearn.models.tiny_sd import tiny_stable_diffusion
 
 
 def export_digits_folder(root: Path, per_class: int = 12, empty_class: int | None = None) -> Path:
@@ -120,19 +120,47 @@ def tiny_sd15_pipeline(prompts: list[str]) -> StableDiffusionPipeline:
     """A pipeline with SD 1.5's component classes and config keys at tiny sizes, whose tokenizer knows the words of
     ``prompts``: RGB 32x32 images, a 4-level VAE (8x down to 4x4x4 latents, scaling 0.18215), a UNet of SD 1.5's block
     types, SD 1.5's PNDM scheduler config."""
-    words = sorted({word for prompt in prompts for word in prompt.split()})
-    pipeline = build_tiny_sd(
-        words, max_length=12,
-        text_encoder={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-        unet={"sample_size": 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
-              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-              "block_out_channels": [8, 8, 16], "attention_head_dim": 4},
-        vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 4, "sample_size": 32,
-             "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-             "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "scaling_factor": 0.18215})
+    pipeline = tiny_stable_diffusion(prompts)
     sd15_scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                                    steps_offset=1, set_alpha_to_one=False)
     return StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
                                    unet=pipeline.unet, scheduler=sd15_scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+SHAPES = ("circle", "cross", "ring", "square", "triangle")
+
+
+def shapes_folder(root: Path, per_class: int = 40, size: int = 32, seed: int = 0) -> Path:
+    """A user's 5-class RGB image folder ROOT/{train,test}/<shape>/*.png (``per_class`` train images per class, a
+    quarter as many test): a shape of a random colour, size and position on a random dark background."""
+    from PIL import ImageDraw
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape: str) -> Image.Image:
+        r = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))  # noqa: E731
+        image = Image.new("RGB", (size, size), (r(0, 60), r(0, 60), r(0, 60)))
+        pen, colour = ImageDraw.Draw(image), (r(150, 256), r(150, 256), r(150, 256))
+        half, cx, cy = r(size // 5, size // 3), r(size // 3, 2 * size // 3), r(size // 3, 2 * size // 3)
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if shape == "circle":
+            pen.ellipse(box, fill=colour)
+        elif shape == "ring":
+            pen.ellipse(box, outline=colour, width=max(2, half // 3))
+        elif shape == "square":
+            pen.rectangle(box, fill=colour)
+        elif shape == "triangle":
+            pen.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+        else:
+            pen.line((box[0], box[1], box[2], box[3]), fill=colour, width=3)
+            pen.line((box[0], box[3], box[2], box[1]), fill=colour, width=3)
+        return image
+
+    for split, count in (("train", per_class), ("test", max(2, per_class // 4))):
+        for shape in SHAPES:
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                draw(shape).save(folder / f"{index:03d}.png")
+    return root

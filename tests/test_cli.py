@@ -39,8 +39,11 @@ def finished_run(cnn_task, tmp_path_factory):
 def test_report_schema(finished_run):
     assert unreadable_files(finished_run) == []  # model.safetensors and the PNGs as readable as report.json
     report = json.loads((finished_run / "report.json").read_text())
-    card = (finished_run / "README.md").read_text()  # the model card, in the hub's style
-    assert card.startswith('---\nlibrary_name: "timm"\ntags: ["genunlearn", "machine-unlearning", "random_label"]\n---')
+    card = (finished_run / "README.md").read_text()  # the model card, read back as the hub reads it
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard(card).data.to_dict()
+    assert metadata == {"library_name": "timm", "tags": ["genunlearn", "machine-unlearning", "random_label"]}
     assert f"| forget_acc | {report['before']['forget_acc']:.4f} | {report['after']['forget_acc']:.4f} |" in card
     validate_report(report)
     for broken in ({**report, "after": {**report["after"], "forget_acc": 1.5}}, {k: v for k, v in report.items() if k != "split"}):
@@ -434,3 +437,54 @@ def test_version_unknown_commands_and_a_methods_settings(capsys):
     with pytest.raises(SystemExit):
         main(["forget", "--help"])
     assert capsys.readouterr().out.startswith("usage: genunlearn forget")
+
+
+class StandInHub:
+    """The Hugging Face Hub API as ``HfApi`` calls it, kept in a local folder: repos are folders, an upload copies the
+    files the real client would send (its own ``filter_repo_objects`` over the ignore patterns)."""
+
+    root: Path
+    fail = False
+
+    def __init__(self, token=None) -> None:
+        self.token = token
+
+    def create_repo(self, repo_id: str, exist_ok: bool = False, repo_type: str = "model"):
+        if self.fail:  # the client raises an OSError subclass for a refused token or an unreachable host
+            raise ConnectionError("401 Client Error: Unauthorized")
+        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id: str, folder_path: str, repo_type: str, ignore_patterns, commit_message: str) -> None:
+        import shutil
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        folder = Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, ignore_patterns=ignore_patterns):
+            (self.root / repo_id / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, self.root / repo_id / name)
+
+
+def test_push_to_hub_uploads_the_finished_run_to_a_stand_in_hub(cnn_task, tmp_path, monkeypatch, capsys):
+    """``--push_to_hub --hub_model_id`` (diffusers' spelling) uploads the model card, weights and reports, never the
+    checkpoints; the card's metadata reads back with huggingface_hub. A refused push is one error line, the run kept."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    StandInHub.root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfApi", StandInHub)
+    out = tmp_path / "run"
+    assert forget("--class", "3", "--method", "finetune", "--steps", "4", "--checkpoint-every", "2",
+                  "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/cnn-without-3") == 0
+    assert "pushed" in capsys.readouterr().out
+    repo = StandInHub.root / "me" / "cnn-without-3"
+    uploaded = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+    assert {"README.md", "report.json", "report.md", "model/model.safetensors", "model/config.json"} <= set(uploaded)
+    assert not any(name.startswith("checkpoints/") or name == "run.log" for name in uploaded)
+    assert ModelCard.load(repo / "README.md").data.library_name == "timm"
+    StandInHub.fail = True
+    out2 = tmp_path / "run2"
+    assert forget("--class", "3", "--method", "finetune", "--steps", "4", "--output-dir", str(out2), "--push-to-hub") == 2
+    assert "error: could not push" in capsys.readouterr().err and (out2 / "report.json").is_file()

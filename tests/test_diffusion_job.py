@@ -225,7 +225,7 @@ def test_ddpm_cifar10_path_on_a_tiny_image_folder(tmp_path):
     assert report["split"]["forget"] == 6 and report["split"]["retain"] == 12
     assert report["evaluation"]["fid_reference"] == "real retain images" and report["evaluation"]["guidance"] == 3.0
     images = load_pipeline(out / "pipeline")([0, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (2, 3, 32, 32)
+    assert [image.size for image in images] == [(32, 32)] * 2 and images[0].mode == "RGB"  # PIL, diffusers' default
     assert guarded(forget_main, ["--model", "ddpm-cifar10", "--class", "1", "--output-dir", str(tmp_path / "none")]) == 2
 
 
@@ -313,7 +313,7 @@ def test_the_run_pipeline_loads_with_diffusers_alone_and_samples_the_same(cnn_ta
     assert f"SHA-256 `{code_hash}`" in files
     loads.reverse()
     labels, seed = [0, 3, 9], 5
-    expected = load_pipeline(out / "pipeline")(labels, 2.0, 3, torch.Generator().manual_seed(seed)).images
+    expected = load_pipeline(out / "pipeline")(labels, 2.0, 3, torch.Generator().manual_seed(seed), output_type="pt").images
     torch.save(expected, tmp_path / "expected.pt")
     script = f"""
 import sys, torch
@@ -322,7 +322,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 pipe = {loads[0]}
 denoiser = {loads[1]}
 assert all(torch.equal(a, b) for a, b in zip(denoiser.state_dict().values(), pipe.denoiser.state_dict().values()))
-images = pipe({labels}, 2.0, 3, torch.Generator().manual_seed({seed})).images
+images = pipe({labels}, 2.0, 3, torch.Generator().manual_seed({seed}), output_type="pt").images
 assert torch.equal(images, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)), "samples differ"
 assert "genunlearn" not in sys.modules
 """

@@ -84,7 +84,8 @@ def test_a_classifier_runs_model_folder_loads_as_its_card_says(preset_name, load
         assert "timm.create_model(\"resnet18\"" in script
     else:
         assert 'timm.create_model("local-dir:RUN/model")' in files
-        script = ("import genunlearn\n" if loadable == "timm-after-import" else "") + \
+        assert ("`import genunlearn.models.cnn`" in files) == (loadable == "timm-after-import")
+        script = ("import genunlearn.models.cnn\n" if loadable == "timm-after-import" else "") + \
             f"m = timm.create_model('local-dir:{folder}', pretrained=True)"
     out = run_alone(script, folder)
     assert f"genunlearn imported: {loadable == 'timm-after-import'}" in out

@@ -613,7 +613,7 @@ def test_row10_library_arguments_get_type_errors_and_a_custom_pipeline_index_is_
         gu.unlearn("cnn-digits", class3_split)
     with pytest.raises(TypeError, match="split must be a ForgetSplit"):
         gu.unlearn(cnn_task, None)
-    with pytest.raises(TypeError, match="classes must be integer class ids"):
+    with pytest.raises(TypeError, match="classes must be a list of class ids or names"):
         gu.forget_split(cnn_task, classes=[3.7])
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": ["pipeline", "MyPipeline"]}))

@@ -151,3 +151,35 @@ def test_a_corrupt_cache_entry_names_the_folder_to_delete(cnn_task, cache_dir, t
     (copy / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match=f"cache entry {copy} .* is corrupt; delete that folder"):
         load_task("cnn-digits", cache_dir=tmp_path)
+
+
+def test_the_built_in_presets_say_everything_their_family_defaults_would_change():
+    """A built-in preset read with and without its family's defaults (``models.held.with_family_defaults``) has the
+    same method settings and recipe: the defaults fill only what a user's YAML leaves out."""
+    import yaml
+
+    from genunlearn.methods import METHODS
+    from genunlearn.methods.registry import method_config
+    from genunlearn.models.presets import PRESET_CLASSES, _preset_files
+
+    for name, text in _preset_files().items():
+        raw = yaml.safe_load(text)
+        bare, merged = PRESET_CLASSES[raw.get("kind", "classifier")].from_dict(raw), get_preset(name)
+        assert bare.fingerprint() == merged.fingerprint() and bare.train == merged.train, name
+        for method in METHODS:
+            assert repr(method_config(method, bare, {})[1]) == repr(method_config(method, merged, {})[1]), (name, method)
+
+
+def test_every_preset_field_is_documented_and_nothing_else():
+    """docs/presets.md cannot drift: each preset dataclass field has exactly one description and every description a
+    field (the page itself is checked by test_results_tables' ``tables.py --check``)."""
+    import dataclasses
+
+    from genunlearn.models.preset_fields import FIELD_DOCS, documented_fields, render
+
+    page = render()
+    for cls in FIELD_DOCS:
+        assert set(documented_fields(cls)) == {item.name for item in dataclasses.fields(cls)}, cls.__name__
+        table = page.split(f"### `{cls.__name__}`", 1)[1].split("### ", 1)[0]
+        assert [row.split("`")[1] for row in table.splitlines() if row.startswith("| `")] == [
+            item.name for item in dataclasses.fields(cls)]

@@ -16,7 +16,8 @@ from torch import nn
 from genunlearn.cli import forget_main, guarded
 from genunlearn.data.split import SplitSpec, make_forget_split
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
-from genunlearn.methods.ssd import SSDConfig, dampen, default_alpha, ssd_importances
+from genunlearn.methods.ssd import SSDConfig, dampen, ssd_importances
+from genunlearn.methods.ssd_alpha import default_alpha
 from genunlearn.models.presets import get_preset
 from helpers import accelerate_launch
 

@@ -3,6 +3,8 @@ nn.Module on a TensorDataset, a Hugging Face ``datasets.Dataset``, a diffusers U
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -293,3 +295,166 @@ def test_the_library_shows_progress_in_a_log_file_and_announces_long_runs(cnn_ta
         announce_duration("unlearning", 0.8, 1497)
         announce_duration("unlearning", 0.01, 100)  # a second: nothing to announce
     assert caplog.messages == ["unlearning: about 20 min more for 1497 iterations (0.80 s each); steps= (--steps) shortens it"]
+
+
+def train_shapes_resnet(root, epochs: int):
+    """What the user holds: a timm resnet10t trained on their 32x32 RGB shapes folder, saved as a timm folder; returns
+    ``(folder, the ImageFolder test set)``."""
+    from helpers import shapes_folder
+
+    data = shapes_folder(root / "shapes", per_class=60)
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    train = datasets.ImageFolder(data / "train", to_tensor)
+    model = train_classifier(timm.create_model("resnet10t", num_classes=5), train, epochs=epochs, lr=0.02)
+    gu.save_classifier(model, root / "my-resnet", train.classes, data=train)
+    return root / "my-resnet", data
+
+
+def timm_accuracy(folder, images_root, classes: list[str]) -> float:
+    """Accuracy of a timm folder on ``classes`` of an image folder, under timm's own data pipeline."""
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    names = model.pretrained_cfg["label_names"] if "label_names" in model.pretrained_cfg else None
+    names = names or json.loads((folder / "config.json").read_text())["label_names"]
+    hits = total = 0
+    for name in classes:
+        for path in sorted((images_root / name).glob("*.png")):
+            with torch.no_grad():
+                hits += int(model(transform(Image.open(path).convert("RGB"))[None]).argmax(1)) == names.index(name)
+            total += 1
+    return hits / total
+
+
+def test_a_timm_folder_on_an_rgb_imagefolder_forgets_a_named_class_from_the_cli_and_the_library(tmp_path, cache_dir):
+    """A timm folder alone is the model: its architecture, 3 channels, 32 px and normalisation are read from its
+    config, ``--class square`` from the data's class folders; the saved model gives the run's accuracy under timm's
+    own transforms, and the library reaches the same task by the same names."""
+    from genunlearn.cli import forget_main, guarded
+
+    folder, data = train_shapes_resnet(tmp_path, epochs=3)
+    out = tmp_path / "run"
+    argv = ["--pretrained", str(folder), "--data", str(data), "--class", "square", "--method", "finetune", "--steps", "3",
+            "--output-dir", str(out), "--cache-dir", str(cache_dir)]
+    assert guarded(forget_main, argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "my-resnet" and report["class"] == 3 and report["split"]["class_names"] == ["square"]
+    assert report["class_names"] == ["circle", "cross", "ring", "square", "triangle"]
+    assert "| **3 square (forgotten)** |" in (out / "report.md").read_text()
+    assert "square" in (out / "README.md").read_text() and str(folder) in (out / "README.md").read_text()
+    kept = ["circle", "cross", "ring", "triangle"]
+    assert timm_accuracy(out / "model", data / "test", kept) == pytest.approx(report["after"]["test_acc"], abs=1e-9)
+    task = gu.load_task(str(folder), data=data, cache_dir=cache_dir)
+    assert (task.preset.channels, task.preset.image_size, task.preset.mean) == (3, 32, [0.5, 0.5, 0.5])
+    split = gu.forget_split(task, classes=["square"])
+    assert split.spec.classes == (3,) and len(split.forget) == 60
+    with pytest.raises(gu.UserError, match="no class named 'hexagon'; the classes are circle, cross, ring, square, triangle"):
+        gu.forget_split(task, classes=["hexagon"])
+
+
+@pytest.mark.slow
+def test_the_shapes_resnet_forgets_square_with_sfron_from_the_cli(tmp_path, cache_dir):
+    """The same user, with a trained model (test accuracy 1.0 after 20 epochs): SFR-on at the reference's per-step
+    settings for 200 iterations forgets ``square`` and keeps the other shapes."""
+    from genunlearn.cli import forget_main, guarded
+
+    folder, data = train_shapes_resnet(tmp_path, epochs=20)
+    out = tmp_path / "run"
+    assert guarded(forget_main, ["--pretrained", str(folder), "--data", str(data), "--class", "square", "--steps", "200",
+                                 "--output-dir", str(out), "--cache-dir", str(cache_dir)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["forget_acc"] >= 0.95 and report["after"]["forget_acc"] <= 0.05, report["after"]
+    assert report["after"]["test_acc"] >= report["before"]["test_acc"] - 0.05
+
+
+def user_diffusion_folders(root):
+    """A user's class-conditional UNet2DModel (random weights, 8x8 grey, 10 classes + null) as diffusers users hold
+    it: ``unet/`` + ``scheduler/``, and a ``DDPMPipeline`` folder; the digits as their image folder; their own timm
+    judge, a resnet10t saved with its 1-channel 8 px preprocessing."""
+    from diffusers import DDPMPipeline
+
+    from helpers import export_digits_folder
+
+    unet, scheduler = tiny_class_unet(), DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    unet.save_pretrained(root / "model" / "unet")
+    scheduler.save_pretrained(root / "model" / "scheduler")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "ddpm")
+    judge = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    gu.save_classifier(judge, root / "judge", [f"d{i}" for i in range(10)], input_size=(1, 8, 8), normalisation=(0.5, 0.5))
+    return export_digits_folder(root / "digits", per_class=6)
+
+
+@pytest.mark.parametrize("layout", ["model/unet", "model", "ddpm"])
+def test_a_diffusers_unet_folder_or_ddpmpipeline_forgets_from_the_cli_with_a_users_timm_judge(layout, tmp_path, cache_dir):
+    """Each layout diffusers users hold is the model alone: the DDPM references' defaults (not the classifier's
+    SGD), the scheduler read beside the UNet, the user's timm folder as the judge, a pipeline folder written."""
+    from genunlearn.cli import forget_main, guarded
+
+    data = user_diffusion_folders(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--pretrained", str(tmp_path / layout), "--data", str(data), "--class", "3", "--eval-classifier",
+            str(tmp_path / "judge"), "--steps", "2", "--batch-size", "8", "--eval-samples", "2", "--eval-steps", "2",
+            "--set", "fisher_batches=1", "--output-dir", str(out), "--cache-dir", str(cache_dir)]
+    assert guarded(forget_main, argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["optimizer"], report["config"]["lr"], report["config"]["forget_weight"]) == ("adam", 1e-4, 10.0)
+    assert report["evaluation"]["classifier"] == str(tmp_path / "judge")
+    unlearned = gu.diffusion_task(out / "pipeline", *gu.load_digits_split(8))
+    assert unlearned.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    task = gu.load_task(str(tmp_path / layout), data=data, cache_dir=cache_dir)
+    assert task.preset.objective.reduction == "sum" and task.num_classes == 10
+
+
+def test_a_users_diffusion_yaml_gets_the_same_family_defaults_as_the_library(tmp_path):
+    """One defaults resolver: a diffusion YAML without ``methods:``, ``train:`` or ``objective:`` gets its
+    architecture's reference settings, as ``diffusion_task`` gives the same UNet; what the YAML sets wins."""
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("name: mine\nkind: diffusion\narchitecture: unet\nimage_size: 8\nchannels: 1\n"
+                         "methods: {salun: {steps: 7}}\n")
+    from genunlearn.methods.registry import method_config
+    from genunlearn.models.presets import get_preset
+
+    preset = get_preset(str(yaml_file))
+    task = gu.diffusion_task(tiny_class_unet(), *gu.load_digits_split(8), scheduler=DDPMScheduler())
+    assert preset.train.optimizer == task.preset.train.optimizer == "adam" and preset.objective == task.preset.objective
+    assert method_config("sfron", preset, {})[1] == method_config("sfron", task.preset, {})[1]
+    assert preset.methods["salun"]["steps"] == 7 and preset.methods["salun"]["optimizer"] == "adam"
+
+
+def test_a_bare_timm_name_means_timms_defaults_and_a_misfit_names_the_fix(tmp_path):
+    from genunlearn.models.presets import get_preset
+
+    preset = get_preset("resnet10t")
+    config = timm.get_pretrained_cfg("resnet10t").to_dict()
+    assert (preset.channels, preset.image_size) == tuple(config["input_size"][:2]) and preset.mean == list(config["mean"])
+    with pytest.raises(gu.UserError, match="pass --data DIR"):
+        gu.load_task("resnet10t")
+    torch.save(timm.create_model("resnet10t", num_classes=10, in_chans=1).state_dict(), tmp_path / "w.pt")
+    from helpers import export_digits_folder
+
+    data = export_digits_folder(tmp_path / "digits", per_class=2)
+    with pytest.raises(gu.UserError, match=r"do not fit this model \(size mismatch for conv1.0.weight: .*torch.Size\(\[24, 1, 3, 3\]\)"
+                       r".*pass its timm folder"):
+        gu.load_task("resnet10t", pretrained=str(tmp_path / "w.pt"), data=data)
+
+
+@pytest.mark.slow
+def test_the_digits_ddpm_as_a_users_unet_folder_forgets_from_the_cli_with_its_timm_judge(cache_dir, tmp_path):
+    """The ddpm-digits preset's trained UNet saved as diffusers users hold it (``unet/`` + ``scheduler/``) and the
+    cnn-digits classifier saved as a timm folder: the CLI takes both as they are, with the DDPM reference's SFR-on
+    defaults (50 steps, batch 128), and forgets class 3 on the digits as an image folder."""
+    from genunlearn.cli import forget_main, guarded
+    from helpers import export_digits_folder
+
+    preset_task = gu.load_task("ddpm-digits", cache_dir=cache_dir)
+    preset_task.model.save_pretrained(tmp_path / "my-ddpm" / "unet")
+    preset_task.scheduler.save_pretrained(tmp_path / "my-ddpm" / "scheduler")
+    judge = gu.load_task("cnn-digits", cache_dir=cache_dir)
+    gu.save_classifier(judge.model, tmp_path / "judge", judge.train_data.classes, data=judge.train_data, normalisation=(0.5, 0.5))
+    data = export_digits_folder(tmp_path / "digits", per_class=120)
+    out = tmp_path / "run"
+    assert guarded(forget_main, ["--pretrained", str(tmp_path / "my-ddpm"), "--data", str(data), "--class", "3",
+                                 "--eval-classifier", str(tmp_path / "judge"), "--output-dir", str(out),
+                                 "--cache-dir", str(cache_dir)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["forget_acc"] >= 0.9 and report["after"]["forget_acc"] <= 0.1, report["after"]
+    assert report["after"]["remain_acc"] >= report["before"]["remain_acc"] - 0.1

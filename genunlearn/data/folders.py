@@ -26,19 +26,22 @@ from genunlearn.storage.content_hash import file_hashes
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def default_transform(image_size: int, channels: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize (shorter side), centre-crop, and scale to [-1, 1] with ``channels`` channels; its ``description``
-    names it in dataset fingerprints."""
+def default_transform(image_size: int, channels: int, mean: list[float] | None = None,
+                      std: list[float] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize (shorter side), centre-crop, and normalise ``channels`` channels with ``mean``/``std`` per channel on
+    [0, 1] pixels (default 0.5, 0.5: to [-1, 1]); its ``description`` names it in dataset fingerprints."""
+    mean, std = list(mean or [0.5] * channels), list(std or [0.5] * channels)
     transform = T.Compose(
         [
             T.Grayscale(1) if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
             T.Resize(image_size),
             T.CenterCrop(image_size),
             T.ToTensor(),
-            T.Normalize([0.5] * channels, [0.5] * channels),
+            T.Normalize(mean, std),
         ]
     )
-    transform.description = f"resize-centre-crop-{image_size}-channels{channels}-to-[-1,1]"
+    scaled = "to-[-1,1]" if mean == std == [0.5] * channels else f"mean{mean}-std{std}"
+    transform.description = f"resize-centre-crop-{image_size}-channels{channels}-{scaled}"
     return transform
 
 

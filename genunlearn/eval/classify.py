@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.distributed import make_accelerator
+from genunlearn.advice import advise
 from genunlearn.eval.mia import member_rate, softmax_entropy
 
 EVAL_BATCH_SIZE = 256
@@ -43,7 +44,7 @@ def evaluate_classifier(model: nn.Module, split: ForgetSplit, accelerator: Accel
     ``forget_acc``: on D_f; ``forget_test_acc``: on the forgotten classes' test samples (None for
     random forgetting); ``retain_acc``: on D_r; ``test_acc``: on the retained classes' test samples;
     ``mia``: fraction of D_f an entropy attack fitted on D_r (members) vs retained-class test
-    samples (non-members) calls member; ``per_class_acc``: ``{class id as text: accuracy}`` on all test samples.
+    samples (non-members) calls member, None when not informative (``mia_informative``); ``per_class_acc``: ``{class id as text: accuracy}`` on all test samples.
     """
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator()
@@ -54,15 +55,32 @@ def evaluate_classifier(model: nn.Module, split: ForgetSplit, accelerator: Accel
     }
     entropy = {part: softmax_entropy(out[0]) for part, out in outputs.items() if out is not None}
     tested = [outputs[part] for part in ("test_forget", "test_retain") if outputs[part] is not None]
+    retain_acc, test_acc = accuracy(*outputs["retain"]), accuracy(*outputs["test_retain"])
+    informative = mia_informative(retain_acc, test_acc, accelerator.is_main_process)
     return {
         "forget_acc": accuracy(*outputs["forget"]),
         "forget_test_acc": accuracy(*outputs["test_forget"]) if outputs["test_forget"] else None,
-        "retain_acc": accuracy(*outputs["retain"]),
-        "test_acc": accuracy(*outputs["test_retain"]),
-        "mia": member_rate(entropy["retain"], entropy["test_retain"], entropy["forget"]),
+        "retain_acc": retain_acc,
+        "test_acc": test_acc,
+        "mia": member_rate(entropy["retain"], entropy["test_retain"], entropy["forget"]) if informative else None,
         "per_class_acc": per_class_accuracy(torch.cat([logits for logits, _ in tested]), torch.cat([labels for _, labels in tested])),
         "eval_time_s": time.perf_counter() - started,
     }
+
+
+MIA_DEGENERATE_ACC = 0.99  # accuracy on both D_r and the held-out test images at or above which the MIA says nothing
+
+
+def mia_informative(retain_acc: float | None, test_acc: float | None, main_process: bool = True) -> bool:
+    """Whether the entropy MIA can say anything: not when the model is near 100% accurate on both its members (D_r)
+    and the non-members (held-out test images), where there is no member/non-member gap to learn and its member rate
+    on D_f jumps between 0 and 1 on noise; then it warns once and the caller reports None."""
+    if retain_acc is None or test_acc is None or min(retain_acc, test_acc) < MIA_DEGENERATE_ACC:
+        return True
+    advise(f"the membership-inference attack is not informative here: the model is >= {MIA_DEGENERATE_ACC:.0%} accurate on "
+           "both D_r and the held-out test images, so it has no member/non-member gap to learn; mia is reported as null. "
+           "Judge forgetting by forget_acc, or against a retrained model (--compare-retrain)", main_process)
+    return False
 
 
 def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

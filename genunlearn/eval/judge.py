@@ -34,6 +34,11 @@ class PreparedClassifier(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() + 1.0) / 2.0
+        channels = self.mean.shape[1]
+        if x.shape[1] == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)  # grey samples to an RGB judge
+        elif x.shape[1] == 3 and channels == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)  # ITU-R 601 luma
         if tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
@@ -63,8 +68,11 @@ def load_eval_classifier(
 ) -> nn.Module:
     """The judge in eval mode. A classifier preset (``cnn-digits``): ``weights`` if given, else trained on the real
     data on first use and cached. A timm name or ``hf-hub:`` id: ``weights`` (a .safetensors/.pt file or a folder
-    holding model.safetensors) if given, else the hub's pretrained weights (needs network)."""
-    if is_preset_classifier(name):
+    holding model.safetensors) if given, else the hub's pretrained weights (needs network). A timm folder
+    (``config.json`` with ``architecture``, e.g. written by ``save_classifier``): its weights, input size and mean/std."""
+    if Path(name).is_dir():
+        model = load_timm_folder(Path(name))
+    elif is_preset_classifier(name):
         preset = get_preset(name)
         if not isinstance(preset, ClassifierPreset):
             raise UserError(f"--eval-classifier {name} is not a classifier; name a classifier preset or a timm model")
@@ -83,6 +91,20 @@ def load_eval_classifier(
 def _with_weights(model: nn.Module, weights: str) -> nn.Module:
     load_weights(model, Path(weights))
     return model
+
+
+def load_timm_folder(folder: Path) -> PreparedClassifier:
+    """A timm folder's classifier behind its own preprocessing (``pretrained_cfg``: input size, mean/std)."""
+    if not (folder / "config.json").is_file() or "architecture" not in (folder / "config.json").read_text(encoding="utf-8"):
+        raise UserError(f"--eval-classifier {folder} is not a timm folder (config.json with architecture); write it with "
+                        "genunlearn.save_classifier or timm.models.save_for_hf")
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load the timm folder {folder} ({str(exc).splitlines()[0][:200]}); re-save it with "
+                        "genunlearn.save_classifier") from None
+    config = timm.data.resolve_model_data_config(model)
+    return PreparedClassifier(model, config["input_size"][1:], config["mean"], config["std"])
 
 
 def load_timm_classifier(name: str, weights: str | None, num_classes: int = 1000) -> PreparedClassifier:

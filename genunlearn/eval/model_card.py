@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 from genunlearn.methods import get_method
 from genunlearn.models.presets import ClassifierPreset
@@ -17,7 +17,8 @@ def classifier_loading(loadable: str, preset: ClassifierPreset, num_classes: int
                 "network (class names in `config.json`'s `label_names`, input size and normalisation in its `pretrained_cfg`).")
     if loadable == "timm-after-import":
         return (f"`model/` is in timm's hub layout for `{preset.timm_name}`, an architecture genunlearn registers with timm: "
-                "after `import genunlearn`, `timm.create_model(\"local-dir:RUN/model\")` returns the unlearned network.")
+                "after `import genunlearn.models.cnn` (which registers it), `timm.create_model(\"local-dir:RUN/model\")` returns "
+                "the unlearned network.")
     lines = [f"`model/model.safetensors` holds the state dict, which timm cannot rebuild from arguments alone "
              f"({'a replaced stem' if preset.stem else 'parameters timm does not create'}): "
              f"`genunlearn.load_task(\"{preset.name}\", pretrained=\"RUN/model\")` loads it."]
@@ -56,23 +57,32 @@ def diffusion_loading(pipeline_class: str, denoiser_class: str, code_sha256: str
                  f"holds its pipeline's code as `pipeline.py` (SHA-256 `{code_sha256}`); check that hash before "
                  'running it, since loading it executes the file: `DiffusionPipeline.from_pretrained("RUN/pipeline", '
                  'custom_pipeline="RUN/pipeline/pipeline.py", trust_remote_code=True)` (`pipe(class_labels, '
-                 "guidance_scale, num_inference_steps, generator)` samples images in [-1, 1], the null class of "
+                 "guidance_scale, num_inference_steps, generator, output_type)` samples PIL images, or \"np\"/\"pt\" arrays in [0, 1] as "
+                 "diffusers' pipelines do; the null class of "
                  "guidance is the last id).")
     return (f"`pipeline/` is a diffusers pipeline folder. {loads} In genunlearn, which never runs the folder's code: "
             '`genunlearn.diffusion_task("RUN/pipeline", train, test)`.')
 
 
 def model_card(report: dict, base_model: str | None = None, loading: str = "") -> str:
-    """The card of the run ``report`` describes; ``base_model``: the weights it started from (a hub id or folder);
+    """The card (a ``huggingface_hub.ModelCard``'s text: YAML metadata, then markdown) of the run ``report``
+    describes; ``base_model``: the weights it started from (a hub id or folder; only a hub id goes in the metadata);
     ``loading``: how its weights load (``classifier_loading``, ``diffusion_loading``)."""
-    library = "timm" if report["kind"] == "classifier" else "diffusers"
-    metadata = {"library_name": library, "tags": ["genunlearn", "machine-unlearning", report["method"]],
-                **({"base_model": base_model} if base_model and "/" in base_model and not base_model.startswith(("/", ".")) else {})}
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_id = base_model and "/" in base_model and not base_model.startswith(("/", ".")) and not Path(base_model).exists()
+    metadata = ModelCardData(library_name="timm" if report["kind"] == "classifier" else "diffusers",
+                             tags=["genunlearn", "machine-unlearning", report["method"]],
+                             base_model=base_model if hub_id else None)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{model_card_body(report, base_model, loading)}"))
+
+
+def model_card_body(report: dict, base_model: str | None, loading: str) -> str:
+    """The card's markdown: what was forgotten, how, the headline figures before and after, how the files load."""
     before, after = report["before"], report["after"]
     rows = [f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" for key in FIGURES
             if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float))]
-    lines = ["---", *[f"{k}: {json.dumps(v)}" for k, v in metadata.items()], "---", "",
-             f"# {report['model']} without {forgotten_part(report)}", "",
+    lines = [f"# {report['model']} without {forgotten_part(report)}", "",
              f"Unlearned by genunlearn {report['genunlearn_version']} with `{report['method']}` "
              f"({get_method(report['method']).summary}): {report['steps']} iterations in {report['wall_time_s']:.1f} s on "
              f"{report['processes']} process(es), starting from {base_model or 'the preset ' + report['model'] + ' as genunlearn pretrains it'}.",

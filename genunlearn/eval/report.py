@@ -37,7 +37,8 @@ METRIC_HELP = {
     "classifier": [
         "forget_acc: accuracy on the forget set D_f; forget_test_acc: on the forgotten classes' test images;",
         "retain_acc: on D_r; test_acc: on the retained classes' test images; mia: fraction of D_f that an",
-        "entropy membership-inference attack calls a training member.",
+        "entropy membership-inference attack calls a training member (n/a: not informative, the model being at least",
+        "99% accurate on both D_r and the retained classes' test images).",
     ],
     "diffusion": [
         "forget_acc: fraction of the forgotten class's samples that the evaluation classifier still labels as",
@@ -157,8 +158,11 @@ def forgotten_classes(report: dict) -> set[int]:
     return set(split.get("classes", [])) if split.get("kind") == "class" else set()
 
 
-def _class_cell(class_id: str, forgotten: set[int]) -> str:
-    return f"**{class_id} (forgotten)**" if int(class_id) in forgotten else class_id
+def _class_cell(class_id: str, forgotten: set[int], names: list[str] | None = None) -> str:
+    """A table's class cell: the id, its name where it differs (``3 square``), bold and marked when forgotten."""
+    name = names[int(class_id)] if names and int(class_id) < len(names) else class_id
+    shown = class_id if name == class_id else f"{class_id} {name}"
+    return f"**{shown} (forgotten)**" if int(class_id) in forgotten else shown
 
 
 def _per_class_table(report: dict) -> list[str]:
@@ -171,7 +175,7 @@ def _per_class_table(report: dict) -> list[str]:
         rows = ["Per class (accuracy on every test image of the class):", "", "| class | acc before | acc after | change |",
                 "|---|---|---|---|"]
         for c, value in before["per_class_acc"].items():
-            rows.append(f"| {_class_cell(c, forgotten)} | {value:.4f} | {after['per_class_acc'][c]:.4f} | "
+            rows.append(f"| {_class_cell(c, forgotten, report.get('class_names'))} | {value:.4f} | {after['per_class_acc'][c]:.4f} | "
                         f"{after['per_class_acc'][c] - value:+.4f} |")
         return [*rows, ""]
     rows = [
@@ -183,7 +187,7 @@ def _per_class_table(report: dict) -> list[str]:
     fid_before, fid_after = before.get("fid_per_class", {}), after.get("fid_per_class", {})
     for c in before["per_class_acc"]:
         probabilities = [m.get("per_class_prob", {}).get(c) for m in (before, after)]
-        rows.append(f"| {_class_cell(c, forgotten)} | {before['per_class_acc'][c]:.2f} | {after['per_class_acc'][c]:.2f} | "
+        rows.append(f"| {_class_cell(c, forgotten, report.get('class_names'))} | {before['per_class_acc'][c]:.2f} | {after['per_class_acc'][c]:.2f} | "
                     f"{_fmt(probabilities[0])} | {_fmt(probabilities[1])} | {_fmt(fid_before.get(c))} | {_fmt(fid_after.get(c))} |")
     return [*rows, ""]
 

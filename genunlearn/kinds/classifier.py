@@ -27,9 +27,9 @@ MODEL_DIR = "model"
 
 
 def save_run_classifier(model: nn.Module, preset: ClassifierPreset, classes: list[str], folder: Path, metadata: dict) -> str:
-    """``save_classifier`` with the preset's input size and [-1, 1] scaling (mean 0.5, std 0.5 on [0, 1] pixels)."""
+    """``save_classifier`` with the preset's input size and normalisation (default: mean 0.5, std 0.5 on [0, 1] pixels)."""
     size = (preset.channels, preset.image_size, preset.image_size)
-    return save_classifier(model, folder, classes, input_size=size, normalisation=(0.5, 0.5), metadata=metadata)
+    return save_classifier(model, folder, classes, input_size=size, normalisation=preset.normalisation(), metadata=metadata)
 
 
 @dataclass

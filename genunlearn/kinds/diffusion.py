@@ -31,6 +31,7 @@ from genunlearn.kinds.diffusion_setup import (
     DiffusionSetup,
     evaluate_original,
     generated_data_id,
+    judge_name,
     prepare_diffusion,
     real_datasets,
     remain_classes,
@@ -40,7 +41,7 @@ from genunlearn.kinds.diffusion_setup import (
 from genunlearn.models.diffusion_loading import load_diffusion_pipeline, load_diffusion_task, task_from_pipeline
 from genunlearn.models.loading import load_classifier_task, load_datasets
 from genunlearn.models.pipeline import pipeline_class_names, pipeline_denoiser, pipeline_num_classes
-from genunlearn.models.presets import DiffusionPreset
+from genunlearn.models.presets import DiffusionPreset, get_preset
 from genunlearn.models.sampling import pipeline_for
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -99,6 +100,7 @@ class DiffusionKind:
 
     def check_job(self, job: ForgetJob) -> None:
         job.split_spec()
+        judge_name(job, get_preset(job.model))
         if job.data is not None:
             image_folder_splits(job.data)  # the folders checked before any work
         if job.data_free_guidance is not None:
@@ -135,7 +137,7 @@ class DiffusionKind:
         if forgotten:
             check_ids(forgotten, num_classes, "class")
         remaining = remain_classes(num_classes, forgotten, remain_count(job, preset), job.seed)
-        classifier_name = job.eval_classifier or preset.eval_classifier
+        classifier_name = judge_name(job, preset)
         classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
                                           data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
         fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)

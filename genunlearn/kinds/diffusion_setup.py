@@ -57,6 +57,17 @@ def remain_classes(num_classes: int, forgotten: list[int], count: int | None, se
     return sorted(others[i] for i in order[:count].tolist())
 
 
+def judge_name(job: ForgetJob, preset: DiffusionPreset) -> str:
+    """The classifier that judges the samples: ``--eval-classifier``, else the preset's; a UserError for a user's
+    model, which has no default judge."""
+    name = job.eval_classifier or preset.eval_classifier
+    if not name:
+        raise UserError(f"{preset.name} has no default judge of its samples; pass --eval-classifier (a classifier of its "
+                        "classes: a timm folder such as one save_classifier wrote, a classifier preset or YAML, or a timm "
+                        "name with --eval-classifier-weights)")
+    return name
+
+
 def job_sampling(job: ForgetJob, sampling: SamplingDefaults) -> tuple[int, float, int]:
     """``(samples per class or prompt, guidance, DDIM steps)``: the job's evaluation settings, else the preset's
     ``sampling``; a UserError when out of range."""
@@ -192,7 +203,7 @@ def prepare_diffusion(job: ForgetJob, preset: DiffusionPreset, accelerator: Acce
         task = task_from_pipeline(preset, pipeline, real[0], real[1], cache_root=root)
     split = make_forget_split(task.train_data, task.test_data, spec)
     prepare_for_memory(task, job.gradient_checkpointing)
-    classifier_name = job.eval_classifier or preset.eval_classifier
+    classifier_name = judge_name(job, preset)
     classifier = load_eval_classifier(classifier_name, weights=job.eval_classifier_weights, num_classes=num_classes,
                                       data=job.data, cache_dir=job.cache_dir, accelerator=accelerator)
     fid = fid_setup(job.fid_features, classifier, classifier_name, job.fid_library, job.fid_inception_weights, accelerator.device)

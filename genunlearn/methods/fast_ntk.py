@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
+from genunlearn.advice import advise
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.ntk import add_fisher_noise, flat, prediction_fisher, scrub_direction, trapezium_scale
 from genunlearn.errors import UserError
@@ -70,12 +71,22 @@ class FastNTKConfig:
             raise UserError(f"fast_ntk scale must be a positive number or 'trapezium', got {self.scale!r}")
 
 
+def check_trained_in_scope(trained: str | None, scope: str, main_process: bool) -> None:
+    """Warn when ``scope`` is not inside the PEFT scope the model was trained in (``trained``; None: all weights)."""
+    if trained is None or not set(scope.split("+")) <= set(trained.split("+")):
+        advise(f"fast_ntk scrubs the {scope} scope as if only it moved in training (the reference fine-tunes only it from a "
+               f"fixed backbone), but this model was trained in {trained or 'all its weights'}: its linearisation may not "
+               f"describe it. Use a model trained in the scope (a preset with peft: {scope}) or another method (sfron)",
+               main_process)
+
+
 @register_method("fast_ntk", "Fast-NTK: NTK scrubbing of a parameter-efficient scope (BatchNorm affine / prompts, + head)", FastNTKConfig,
                  kinds=("classifier",))
 def fast_ntk(task: Task, split: ForgetSplit, cfg: FastNTKConfig, accelerator: Accelerator, *, checkpoint_dir=None,
              resume: bool = False) -> UnlearnResult:
     started = time.perf_counter()
     require_classifier(task, "fast_ntk")
+    check_trained_in_scope(getattr(getattr(task, "preset", None), "peft", None), cfg.scope, accelerator.is_main_process)
     if cfg.loss == "auto":
         cfg = dataclasses.replace(cfg, loss=getattr(getattr(task.preset, "train", None), "loss", "ce"))
     model = copy.deepcopy(task.model).to(accelerator.device, memory_format=torch.channels_last).eval()

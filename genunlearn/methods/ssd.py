@@ -21,12 +21,8 @@ from genunlearn.engine.saliency import BatchLoss, GradientTransform, cached_grad
 from genunlearn.errors import UserError
 from genunlearn.methods.common import require_classifier
 from genunlearn.methods.registry import UnlearnResult, register_method
+import genunlearn.methods.ssd_alpha as ssd_alpha
 from genunlearn.tasks.base import Task
-
-# The reference's selection thresholds α (if-loops/selective-synaptic-dampening, forget_*_main.py): ResNets use
-# 10 for every kind of forgetting; ViTs 5 (full class), 25 (sub-class), 10 (random samples).
-RESNET_ALPHA = 10.0
-VIT_ALPHA = {"class": 5.0, "subclass": 25.0, "random": 10.0}
 
 
 @dataclass
@@ -37,9 +33,14 @@ class SSDConfig:
     expression; only parameters whose name matches are dampened (default: all, as the reference).
     ``importance_order``: the order of D for I_D, which matters because mini-batch-mean gradients are squared:
     ``reference`` (``ConcatDataset((retain, forget))`` unshuffled, so D_f fills D's last batches; depends on the
-    split) or ``native`` (the training set's own order, one I_D per model whatever is forgotten)."""
+    split) or ``native`` (the training set's own order, one I_D per model whatever is forgotten). ``alpha="auto"``
+    (our addition, not the reference's; class forgetting): the largest α, so the least dampening, whose forget
+    accuracy on a held-out ``auto_heldout`` share of D_f is <= ``auto_target`` (default 0: a model retrained without
+    the class never predicts it; I_f then comes from the rest of D_f; ``methods.ssd_alpha``)."""
 
-    alpha: float | None = None
+    alpha: float | str | None = None
+    auto_target: float = 0.0
+    auto_heldout: float = 0.2
     dampening: float = 1.0
     batch_size: int = 64
     parameters: str | None = None
@@ -47,8 +48,12 @@ class SSDConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.alpha is not None and self.alpha <= 0 or self.dampening <= 0 or self.batch_size < 1:
+        if isinstance(self.alpha, str) and self.alpha != "auto":
+            raise UserError(f"ssd alpha must be a number or auto, got {self.alpha!r}")
+        if isinstance(self.alpha, float) and self.alpha <= 0 or self.dampening <= 0 or self.batch_size < 1:
             raise UserError("ssd needs alpha > 0, dampening > 0 and batch_size >= 1")
+        if not (0 <= self.auto_target < 1 and 0 < self.auto_heldout < 1):
+            raise UserError("ssd needs auto_target in [0, 1) and auto_heldout in (0, 1)")
         if self.importance_order not in ("reference", "native"):
             raise UserError(f"ssd importance_order must be reference or native, got {self.importance_order!r}")
         if self.parameters is not None:
@@ -56,13 +61,6 @@ class SSDConfig:
                 re.compile(self.parameters)
             except re.error as exc:
                 raise UserError(f"ssd parameters={self.parameters!r} is not a regular expression ({exc})") from None
-
-
-def default_alpha(model: nn.Module, forget_kind: str) -> float:
-    """The reference's α for this architecture (timm VisionTransformer or not) and kind of forgetting."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VIT_ALPHA[forget_kind] if isinstance(model, VisionTransformer) else RESNET_ALPHA
 
 
 def importance_objective(task: Task, label_free: bool) -> tuple[BatchLoss, str, GradientTransform]:
@@ -80,15 +78,16 @@ def importance_dataset(task: Task, split: ForgetSplit, order: str) -> Dataset:
 
 
 def ssd_importances(task: Task, model: nn.Module, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator,
-                    label_free: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+                    label_free: bool, forget_data: Dataset | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     """``(I_D, I_f, whether I_D came from the cache)``, per parameter in ``model.parameters()`` order. I_D is over
-    ``importance_dataset`` (cached per model and, in the reference order, per split)."""
+    ``importance_dataset`` (cached per model and, in the reference order, per split); I_f over ``forget_data``
+    (default: D_f)."""
     loss, loss_id, transform = importance_objective(task, label_free)
     whole_data = importance_dataset(task, split, cfg.importance_order)
     whole, cached = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, whole_data, accelerator,
                                                batch_size=cfg.batch_size, transform=transform, seed=cfg.seed,
                                                stream="importance whole", desc="importance on D")
-    forget, _ = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, split.forget, accelerator,
+    forget, _ = cached_gradient_statistics(task.cache_dir, model, loss, loss_id, forget_data or split.forget, accelerator,
                                            batch_size=cfg.batch_size, transform=transform, seed=cfg.seed,
                                            stream="importance forget", desc="importance on D_f")
     return whole, forget, cached
@@ -112,15 +111,27 @@ def dampen(model: nn.Module, whole: list[torch.Tensor], forget: list[torch.Tenso
 
 
 def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator, *, label_free: bool) -> UnlearnResult:
-    started = time.perf_counter()
+    started, name, main = time.perf_counter(), "lfssd" if label_free else "ssd", accelerator.is_main_process
     model = copy.deepcopy(task.model).to(accelerator.device)
-    whole, forget, cached = ssd_importances(task, model, split, cfg, accelerator, label_free)
-    alpha = cfg.alpha if cfg.alpha is not None else default_alpha(model, split.spec.kind)
+    auto = cfg.alpha == "auto"
+    fit, heldout = ssd_alpha.heldout_slice(split, cfg.auto_heldout, cfg.seed, name) if auto else (split.forget, None)
+    if not auto:
+        alpha = cfg.alpha if cfg.alpha is not None else ssd_alpha.default_alpha(model, split.spec.kind)
+        ssd_alpha.check_alpha(alpha, split, name, main)
+    whole, forget, cached = ssd_importances(task, model, split, cfg, accelerator, label_free, fit)
+    info = {}
+    if auto:
+        dampened = lambda copied, a: (dampen(copied, whole, forget, a, cfg.dampening, cfg.parameters), copied)[1]  # noqa: E731
+        alpha, info["auto_heldout_forget_acc"] = ssd_alpha.auto_alpha(model, dampened, heldout, cfg.auto_target,
+                                                                      ssd_alpha.alpha_ceiling(split), accelerator)
+    before = ssd_alpha.forget_accuracy(model, split.forget, accelerator)
     selected, considered = dampen(model, whole, forget, alpha, cfg.dampening, cfg.parameters)
     if considered == 0:
         raise UserError(f"ssd parameters={cfg.parameters!r} matches no parameter name")
-    info = {"alpha": alpha, "selected_fraction": selected / considered, "selected": selected,
-            "importance_order": cfg.importance_order, "importance_whole_cached": cached}
+    after = ssd_alpha.forget_accuracy(model, split.forget, accelerator)
+    ssd_alpha.check_forgetting(before, after, selected / considered, name, main)
+    info.update(alpha=alpha, selected_fraction=selected / considered, selected=selected,
+                importance_order=cfg.importance_order, importance_whole_cached=cached)
     return UnlearnResult(model.eval(), [], 0, time.perf_counter() - started, info)
 
 

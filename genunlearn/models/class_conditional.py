@@ -30,7 +30,8 @@ def eval_mode(*networks: nn.Module | None):
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
-    """``pipe(class_labels, guidance_scale, num_inference_steps, generator)`` -> images in [-1, 1]."""
+    """``pipe(class_labels, guidance_scale, num_inference_steps, generator)`` -> images (``output_type``, as diffusers'
+    pipelines: PIL by default); ``id2label``: the class names (``{"0": "cat", ...}``), kept in ``model_index.json``."""
 
     model_cpu_offload_seq = "denoiser->vae"
     _optional_components = ["vae"]
@@ -41,10 +42,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
         vae: AutoencoderKL | None = None,
         num_classes: int = 10,
+        id2label: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
-        self.register_to_config(num_classes=num_classes)
+        self.register_to_config(num_classes=num_classes, id2label=id2label)
 
     def _sample_shape(self) -> tuple[int, int, int]:
         config = self.denoiser.config
@@ -68,15 +70,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
         generator: torch.Generator | None = None,
-        output_type: str = "pt",
+        output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """Sample one image per label. ``output_type`` "pt": a ``[N, C, H, W]`` tensor in [-1, 1]; "pil": PIL images;
-        "latent": the final diffusion-space tensor, not decoded or clamped. The networks run in eval mode."""
+        """Sample one image per label, as diffusers' image pipelines return them: ``output_type`` "pil" (default) a
+        list of PIL images; "np" a ``[N, H, W, C]`` float array in [0, 1]; "pt" a ``[N, C, H, W]`` tensor in [0, 1];
+        "latent" the final diffusion-space tensor, not decoded or clamped. The networks run in eval mode."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         with eval_mode(self.denoiser, self.vae):
             images = self._sample(class_labels, guidance_scale, num_inference_steps, generator, decode=output_type != "latent")
+        if output_type != "latent":
+            images = (images + 1) / 2
+        if output_type in ("pil", "np"):
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "pil":
-            images = self.numpy_to_pil(((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+            images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _sample(self, class_labels, guidance_scale: float, num_inference_steps: int, generator, decode: bool) -> torch.Tensor:

@@ -60,8 +60,13 @@ def task_from_pipeline(
         )
     return DiffusionTask(
         preset, pipeline_denoiser(pipeline).eval(), DDPMScheduler.from_config(pipeline.scheduler.config), train, test, vae=pipeline.vae,
-        cache_dir=cache_root, encoded_data=encoded_data, id2label=pipeline.config.get("id2label"),
+        cache_dir=cache_root, encoded_data=encoded_data, id2label=pipeline.config.get("id2label") or named_labels(train.classes),
     )
+
+
+def named_labels(classes: list[str]) -> dict[str, str] | None:
+    """``id2label`` of data whose class names are not their ids (a user's folders), else None."""
+    return {str(i): name for i, name in enumerate(classes)} if classes != [str(i) for i in range(len(classes))] else None
 
 
 def load_diffusion_task(

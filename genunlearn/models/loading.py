@@ -28,10 +28,13 @@ def load_datasets(preset: Preset, data_dir: str | Path | None,
     """``(train, test, data_id)``: the embedded digits, or ``data_dir``'s image folders at the preset's size (their
     content hashes remembered in ``cache_dir``'s cache)."""
     if data_dir is not None:
-        train, test = image_folder_splits(data_dir, default_transform(preset.image_size, preset.channels), cache_dir)
+        mean, std = preset.normalisation() if isinstance(preset, ClassifierPreset) else (None, None)
+        train, test = image_folder_splits(data_dir, default_transform(preset.image_size, preset.channels, mean, std), cache_dir)
         return train, test, f"folder-{train.fingerprint()}"
     if preset.dataset not in EMBEDDED_DATASETS:
-        raise UserError(f"model {preset.name} is trained on {preset.dataset}, which is not embedded; pass --data DIR")
+        trained_on = "a user's data" if preset.dataset == "user" else preset.dataset
+        raise UserError(f"model {preset.name} is trained on {trained_on}, which is not embedded; pass --data DIR (an image "
+                        "folder ROOT/{train,test}/<class>/)")
     train, test = load_digits_split(preset.image_size)
     return train, test, f"digits{preset.image_size}"
 
@@ -64,9 +67,12 @@ def load_network(
     accelerator: Accelerator | None = None,
 ):
     """The preset's network in eval mode. Weights: ``pretrained`` as a local weights file or model folder, or an
-    ``hf-hub:`` id; without it, the cached locally pretrained weights, pretrained now (with a progress bar) on first use."""
+    ``hf-hub:`` id; without it, the preset's own (``hub_id``: a timm folder or hub id), else the cached locally
+    pretrained weights, pretrained now (with a progress bar) on first use."""
     num_classes = len(train.classes)
-    if pretrained is None:
+    if pretrained is None and preset.hub_id is not None:
+        network = build_classifier(preset, num_classes, pretrained_id=preset.hub_id)
+    elif pretrained is None:
         network = _cached_or_pretrained(preset, train, data_id, cache_root(cache_dir), accelerator or make_accelerator())
     elif pretrained.startswith("hf-hub:"):
         network = build_classifier(preset, num_classes, pretrained_id=pretrained)

@@ -21,13 +21,14 @@ Pipeline = ClassConditionalPipeline | DiTPipeline
 
 def make_pipeline(denoiser: Denoiser, scheduler, vae: AutoencoderKL | None, num_classes: int,
                   id2label: dict | None = None) -> Pipeline:
-    """``DiTPipeline`` for a 1000-class latent DiT (what DiT-XL/2 users load), else ``ClassConditionalPipeline``."""
+    """``DiTPipeline`` for a 1000-class latent DiT (what DiT-XL/2 users load), else ``ClassConditionalPipeline``;
+    ``id2label`` (``{"0": name, ...}``) is kept in the config of either."""
     if isinstance(denoiser, DiTTransformer2DModel) and vae is not None and num_classes == DIT_PIPELINE_CLASSES:
         pipeline = DiTPipeline(transformer=denoiser, vae=vae, scheduler=scheduler, id2label=id2label)
         if id2label:
             pipeline.register_to_config(id2label=id2label)  # DiTPipeline does not, so save_pretrained would drop it
         return pipeline
-    return ClassConditionalPipeline(denoiser=denoiser, scheduler=scheduler, vae=vae, num_classes=num_classes)
+    return ClassConditionalPipeline(denoiser=denoiser, scheduler=scheduler, vae=vae, num_classes=num_classes, id2label=id2label)
 
 
 def pipeline_denoiser(pipeline: Pipeline) -> Denoiser:
@@ -39,8 +40,8 @@ def pipeline_num_classes(pipeline: Pipeline) -> int:
 
 
 def pipeline_class_names(pipeline: Pipeline) -> list[str]:
-    """Class names: a DiTPipeline's ``id2label`` (first synonym), else the ids as strings."""
-    id2label = pipeline.config.get("id2label") if isinstance(pipeline, DiTPipeline) else None
+    """Class names: the pipeline's ``id2label`` (first synonym), else the ids as strings."""
+    id2label = pipeline.config.get("id2label")
     names = [str(i) for i in range(pipeline_num_classes(pipeline))]
     for key, value in (id2label or {}).items():
         names[int(key)] = value.split(",")[0].strip()

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 
-import timm
 import yaml
 
 from genunlearn.errors import UserError
+from genunlearn.models.held import folder_preset, timm_name_preset, with_family_defaults
 
 
 @dataclass(frozen=True)
@@ -54,27 +54,43 @@ class ClassifierPreset:
     model_args: dict = field(default_factory=dict)
     stem: str | None = None
     peft: str | None = None
+    hub_id: str | None = None
     dataset: str = "digits"
     image_size: int = 8
     channels: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
     train: ClassifierRecipe = field(default_factory=ClassifierRecipe)
     methods: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.train.decay_to == "start" and self.peft is None:
             raise UserError(f"preset {self.name}: train.decay_to start needs a PEFT scope (peft: batchnorm+head, ...)")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, self.channels):
+                raise UserError(f"preset {self.name}: {key} needs one value or one per channel ({self.channels}), "
+                                f"got {getattr(self, key)}")
+        if min(self.std) <= 0:
+            raise UserError(f"preset {self.name}: std must be positive, got {self.std}")
+
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` per channel on [0, 1] pixels (the default 0.5, 0.5 scales them to [-1, 1])."""
+        return tuple(list(v) * self.channels if len(v) == 1 else list(v) for v in (self.mean, self.std))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def fingerprint(self) -> str:
         """Hash of what determines the pretrained weights (not the method defaults)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in ("description", "methods")}
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ("description", "methods", "hub_id")}
         # fields added later are left out at their defaults, so older presets keep their cache keys
         if self.peft is None:
             del relevant["peft"]
         else:  # PEFT presets train with frozen BatchNorm statistics since these were added
             relevant["batchnorm_statistics"] = "frozen"
+        for key in ("mean", "std"):
+            if relevant[key] == [0.5]:
+                del relevant[key]
         for key, default in (("loss", "ce"), ("decay_to", "zero")):
             if relevant["train"][key] == default:
                 del relevant["train"][key]
@@ -264,7 +280,7 @@ def _preset_from_text(text: str, source: str) -> Preset:
     if not isinstance(raw, dict):
         raise UserError(f"{source} is not a preset (a YAML mapping of settings); compare it with genunlearn/configs/models/*.yaml")
     try:
-        preset = PRESET_CLASSES.get(raw.get("kind"), ClassifierPreset).from_dict(raw)
+        preset = PRESET_CLASSES.get(raw.get("kind"), ClassifierPreset).from_dict(with_family_defaults(raw))
     except (TypeError, AttributeError) as exc:
         raise UserError(f"{source} is not a valid preset ({exc}); compare it with genunlearn/configs/models/*.yaml") from None
     _check_types(preset, source)
@@ -275,8 +291,9 @@ def _preset_from_text(text: str, source: str) -> Preset:
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``, a preset YAML file at the path ``name`` (e.g. a built-in preset with its
-    architecture changed), or an ad-hoc classifier preset for a timm model name (digits recipe)."""
+    """The preset called ``name``; a preset YAML file at the path ``name`` (e.g. a built-in preset with its
+    architecture changed); a model folder as users hold it (a diffusers model or pipeline folder, a timm folder; see
+    ``models.held``); or a bare timm model name (timm's own input size and normalisation, trained on ``--data``)."""
     files = _preset_files()
     if name in files:
         return _preset_from_text(files[name], name)
@@ -285,7 +302,13 @@ def get_preset(name: str) -> Preset:
         if not path.is_file():
             raise UserError(f"preset file {name} does not exist; pass a preset name (genunlearn models) or a YAML file")
         return _preset_from_text(path.read_text(), name)
+    if Path(name).is_dir():
+        raw = folder_preset(Path(name))
+        return PRESET_CLASSES[raw["kind"]].from_dict(raw)
+    import timm  # imported on use: it takes a second
+
     timm_name = name.removeprefix("timm/")
     if timm.is_model(timm_name):
-        return ClassifierPreset(name=name, timm_name=timm_name, description=f"timm {timm_name}")
-    raise UserError(f"unknown model {name!r}; choose a preset ({', '.join(sorted(files))}) or a timm model name")
+        return ClassifierPreset.from_dict(timm_name_preset(name, timm_name))
+    raise UserError(f"unknown model {name!r}; choose a preset ({', '.join(sorted(files))}), a preset YAML file, a model "
+                    "folder (diffusers or timm) or a timm model name")

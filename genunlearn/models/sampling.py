@@ -41,8 +41,9 @@ def sample_images(pipeline: Pipeline, labels: list[int], *, guidance: float, ste
     if isinstance(pipeline, DiTPipeline):
         with eval_mode(pipeline.transformer, pipeline.vae):
             images = pipeline(labels, guidance, generator, steps, output_type="pt").images
-        return (images.float() * 2 - 1).cpu()  # DiTPipeline returns [0, 1]
-    return pipeline(labels, guidance, steps, generator, output_type="pt").images.cpu()
+    else:
+        images = pipeline(labels, guidance, steps, generator, output_type="pt").images
+    return (images.float() * 2 - 1).cpu()  # both return [0, 1], as diffusers' pipelines do
 
 
 SAMPLE_BATCH = 256

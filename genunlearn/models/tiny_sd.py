@@ -65,3 +65,27 @@ def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dic
         safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+TINY_SD = {  # Stable Diffusion v1's component classes and block types at toy size: RGB 32x32, latents 4x4x4
+    "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+    "unet": {"sample_size": 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+             "block_out_channels": [8, 8, 16], "attention_head_dim": 4},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 4, "sample_size": 32,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1, "scaling_factor": 0.18215},
+}
+
+
+def tiny_stable_diffusion(prompts: Iterable[str], *, seed: int = 0) -> StableDiffusionPipeline:
+    """An untrained ``StableDiffusionPipeline`` at toy size (``TINY_SD``: Stable Diffusion v1's component classes and
+    block types, RGB 32x32 images, 4x4x4 latents, a 12-token CLIP text encoder) whose tokenizer knows every word of
+    ``prompts``, initialised from ``seed``; built in a second, offline. Its images are noise: it runs every concept
+    erasure step in seconds on a CPU, to try the library's route end to end before a real pipeline (``sd-digits`` is
+    the tiny model that is trained)."""
+    words = sorted({word for prompt in prompts for word in prompt.split()})
+    if not words:
+        raise ValueError("tiny_stable_diffusion: pass the prompts it will be asked (its tokenizer knows only their words)")
+    return build_tiny_sd(words, max_length=12, seed=seed, **TINY_SD)

@@ -46,6 +46,7 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result:
         "wall_time_s": result.wall_time_s,
         "processes": accelerator.num_processes,
         "split": run.split.summary(),
+        "class_names": list(run.split.train.classes),
         "config": dataclasses.asdict(cfg),
         "method_info": result.info,
         "log": result.log,
@@ -145,7 +146,8 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         loading = run.write(accelerator.unwrap_model(result.model), job.output_dir, shown_before, shown_after)
-        write_report(job.output_dir, report, base_model=job.pretrained, loading=loading)
+        started_from = job.pretrained or (preset.hub_id or "").removeprefix("local-dir:") or None
+        write_report(job.output_dir, report, base_model=started_from, loading=loading)
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report

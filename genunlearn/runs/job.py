@@ -77,12 +77,13 @@ class ForgetJob:
         return {**settings, **self.input_contents()}
 
     def input_contents(self) -> dict:
-        """Content hashes of what the run reads, so a run is named by content, not by paths: the preset's recipe
-        (``model_content``), ``--data``'s files (``data_content``) and a local ``--pretrained``'s
+        """Content hashes of what the run reads, so a run is named by content, not by paths: the preset's recipe, or
+        a model folder's files (``model_content``), ``--data``'s files (``data_content``) and a local ``--pretrained``'s
         (``pretrained_content``; None for a hub id)."""
         cache = cache_root(self.cache_dir)
         return {
-            "model_content": get_preset(self.model).fingerprint(),
+            "model_content": tree_fingerprint(Path(self.model), cache) if Path(self.model).is_dir()
+            else get_preset(self.model).fingerprint(),
             "data_content": None if self.data is None else tree_fingerprint(Path(self.data), cache),
             "pretrained_content": None if self.pretrained is None else tree_fingerprint(Path(self.pretrained), cache),
         }

@@ -151,7 +151,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         lines = str(exc).splitlines()
         first = lines[1].strip() if len(lines) > 1 else first_line(exc)
-        raise UserError(f"weights in {path} do not fit this model ({first[:100]}); pass weights of the same architecture") from None
+        raise UserError(f"weights in {path} do not fit this model ({first[:300]}); pass weights of the same architecture, "
+                        "input channels and classes (a model trained at other settings: pass its timm folder, e.g. from "
+                        "save_classifier, or a preset YAML with its channels and image_size)") from None
     if nonfinite_entries(state):
         raise UserError(f"weights in {path} hold NaN or infinite values; pass the weights of a trained model")
 

@@ -6,12 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
-from diffusers import DiTPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from genunlearn.errors import UserError
 from genunlearn.models import class_conditional
+from genunlearn.models.held import denoiser_kind, diffusers_parts
 from genunlearn.models.pipeline import ClassConditionalPipeline, Pipeline
 from genunlearn.storage.files import make_staging_dir, publish_staging
 
@@ -32,12 +33,17 @@ def save_pipeline(pipeline: Pipeline, directory: Path) -> None:
 
 
 def load_pipeline(source: str | Path) -> Pipeline:
-    """A pipeline folder written by ``save_pretrained`` (ours or a ``DiTPipeline``), or a Hugging Face hub id of
-    one (downloaded into the hub cache); a UserError naming the fix otherwise."""
+    """A pipeline folder written by ``save_pretrained`` (ours or a ``DiTPipeline``), a Hugging Face hub id of one
+    (downloaded into the hub cache), or a class-conditional denoiser as users hold it (``models.held.diffusers_parts``:
+    a ``UNet2DModel``/``DiTTransformer2DModel`` folder with or without its scheduler, a ``DDPMPipeline`` folder),
+    wrapped in a ``ClassConditionalPipeline``; a UserError naming the fix otherwise."""
     path = Path(source)
     if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/")):
         path = _download(str(source))
     index = path / "model_index.json"
+    parts = diffusers_parts(path) if path.is_dir() else None
+    if parts is not None and (not index.is_file() or json.loads(index.read_text()).get("_class_name") not in PIPELINE_CLASSES):
+        return _held_denoiser_pipeline(parts)
     if not index.is_file():
         raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
     try:
@@ -57,6 +63,23 @@ def load_pipeline(source: str | Path) -> Pipeline:
     if config.get("id2label"):
         pipeline.register_to_config(id2label=config["id2label"])  # DiTPipeline uses but does not keep it
     return pipeline
+
+
+def _held_denoiser_pipeline(parts: dict[str, Path | None]) -> ClassConditionalPipeline:
+    """A ``ClassConditionalPipeline`` over a user's denoiser folder, its scheduler (without one: diffusers' default
+    ``DDPMScheduler``, linear betas over 1000 steps, as diffusers' training scripts use) and VAE; the denoiser's last
+    class embedding is the null class of guidance, as genunlearn trains them."""
+    class_name = json.loads((parts["denoiser"] / "config.json").read_text(encoding="utf-8"))["_class_name"]
+    denoiser_class = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}[class_name]
+    try:
+        denoiser = denoiser_class.from_pretrained(parts["denoiser"])
+        scheduler = DDPMScheduler.from_pretrained(parts["scheduler"]) if parts["scheduler"] else DDPMScheduler()
+        vae = AutoencoderKL.from_pretrained(parts["vae"]) if parts["vae"] else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"could not load the model in {parts['denoiser']} ({str(exc).splitlines()[0][:200]}); re-save it "
+                        "with save_pretrained") from None
+    _, num_classes = denoiser_kind(denoiser)
+    return ClassConditionalPipeline(denoiser=denoiser, scheduler=scheduler, vae=vae, num_classes=num_classes)
 
 
 def _download(hub_id: str) -> Path:

@@ -38,7 +38,7 @@ def save_classifier(
     preprocessing value left out is read from ``data`` (the model's dataset: the size of an item, the ``Normalize``
     of its torchvision transform); a ``ValueError`` names the argument when neither says it, since timm's loaders
     would otherwise apply its ImageNet defaults. Returns how the folder loads: ``timm``; ``timm-after-import`` (an
-    architecture genunlearn registers with timm, e.g. ``genunlearn_cnn``: ``import genunlearn`` first); or
+    architecture genunlearn registers with timm, e.g. ``genunlearn_cnn``: ``import genunlearn.models.cnn`` first); or
     ``state-dict`` (timm cannot rebuild it from arguments, e.g. a replaced stem, or a model timm did not build):
     ``config.json`` then holds ``label_names`` and ``metadata`` only."""
     directory = Path(directory)

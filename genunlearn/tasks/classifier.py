@@ -19,7 +19,8 @@ from genunlearn.errors import UserError
 
 
 def build_classifier(preset: ClassifierPreset, num_classes: int, pretrained_id: str | None = None) -> nn.Module:
-    """Create the preset's timm model with ``num_classes`` outputs; ``pretrained_id`` (``hf-hub:org/name``) downloads.
+    """Create the preset's timm model with ``num_classes`` outputs; ``pretrained_id`` (``hf-hub:org/name``, downloaded,
+    or ``local-dir:FOLDER``, a timm folder) gives its weights.
     A preset with ``peft: SCOPE`` gets the fixed random backbone, frozen, with only SCOPE trainable."""
     name = pretrained_id or preset.timm_name
     with torch.random.fork_rng(enabled=preset.peft is not None):
@@ -30,6 +31,9 @@ def build_classifier(preset: ClassifierPreset, num_classes: int, pretrained_id: 
                 name, pretrained=pretrained_id is not None, num_classes=num_classes, in_chans=preset.channels, **preset.model_args
             )
         except (OSError, RuntimeError) as exc:
+            if name.startswith("local-dir:"):
+                raise UserError(f"could not load the timm folder {name.removeprefix('local-dir:')} with {num_classes} classes "
+                                f"({str(exc).splitlines()[0][:200]}); pass --data with the classes it was trained on") from None
             raise UserError(
                 f"could not fetch {pretrained_id} ({type(exc).__name__}: no network?); download its weights where there is a"
                 " network and pass --pretrained /path/to/model.safetensors"

@@ -4,22 +4,19 @@ or pipeline with its data or its own samples. No preset needed: the method defau
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
-from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline
 from torch import nn
 from torch.utils.data import Dataset
 
 from genunlearn.data.adapt import as_labeled_dataset
 from genunlearn.errors import UserError
-from genunlearn.models.presets import ClassifierPreset, ClassifierRecipe, get_preset
+from genunlearn.models.held import denoiser_kind, family_defaults
+from genunlearn.models.presets import ClassifierPreset, ClassifierRecipe, DiffusionPreset
 from genunlearn.tasks.classifier import ClassifierTask
 from genunlearn.tasks.diffusion import DiffusionTask
-
-# a user's denoiser gets the objective and method defaults of the reference its architecture comes from
-REFERENCE_PRESETS = {"unet": "ddpm-cifar10", "dit": "dit-xl"}
 
 
 def classifier_task(
@@ -85,7 +82,8 @@ def diffusion_task(
 
     ``train``/``test``: images in [-1, 1] with their class labels (as ``classifier_task`` reads data; ``test``
     defaults to ``train``), or a model's own samples from ``sample_dataset`` (data-free forgetting). The losses and
-    method defaults are those of the reference for the architecture (``REFERENCE_PRESETS``); pass settings to
+    method defaults are those of the reference for the architecture (``models.held.family_defaults``, as on the command
+    line); pass settings to
     ``unlearn`` to change them."""
     from genunlearn.storage.pipeline_folder import load_pipeline  # it imports models that build tasks: imported on use
     from genunlearn.models.pipeline import pipeline_denoiser
@@ -96,7 +94,7 @@ def diffusion_task(
     if isinstance(model, DiffusionPipeline):
         scheduler, vae, id2label = model.scheduler, model.vae, model.config.get("id2label")
         model = pipeline_denoiser(model)
-    architecture, num_classes = _denoiser_kind(model)
+    architecture, num_classes = denoiser_kind(model)
     if scheduler is None:
         raise UserError("pass scheduler= (the noise scheduler the denoiser was trained with, e.g. DDPMScheduler(...))")
     encoded = bool(getattr(train, "latents", False))
@@ -105,26 +103,15 @@ def diffusion_task(
     if len(train.classes) != num_classes:
         raise UserError(f"the denoiser has {num_classes} classes but the data has {len(train.classes)}; pass classes= with "
                         f"{num_classes} names")
-    reference = get_preset(REFERENCE_PRESETS[architecture])
     config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in ("num_class_embeds", "num_embeds_ada_norm")}
-    preset = dataclasses.replace(
-        reference, name=name or type(model).__name__, description="a user's model", model_args=config, hub_id=None,
-        remain_classes=None, dataset="user", image_size=int(train[0][0].shape[-1]), channels=int(train[0][0].shape[0]),
-        num_train_timesteps=scheduler.config.num_train_timesteps, beta_schedule=scheduler.config.beta_schedule,
-    )
+    preset = DiffusionPreset.from_dict({
+        **family_defaults("diffusion", architecture), "name": name or type(model).__name__, "description": "a user's model",
+        "architecture": architecture, "model_args": config, "dataset": "user", "eval_classifier": "",
+        "image_size": int(train[0][0].shape[-1]), "channels": int(train[0][0].shape[0]),
+        "num_train_timesteps": scheduler.config.num_train_timesteps, "beta_schedule": scheduler.config.beta_schedule,
+    })
     return DiffusionTask(preset, model.eval(), DDPMScheduler.from_config(scheduler.config), train, test, vae=vae,
                          cache_dir=None if cache_dir is None else Path(cache_dir), encoded_data=encoded, id2label=id2label)
-
-
-def _denoiser_kind(model: nn.Module) -> tuple[str, int]:
-    """``(architecture, number of classes)`` of a class-conditional diffusers denoiser."""
-    if isinstance(model, UNet2DModel):
-        if not model.config.num_class_embeds or model.config.num_class_embeds < 2:
-            raise UserError("the UNet2DModel has no class embeddings (num_class_embeds); genunlearn forgets classes of class-conditional models")
-        return "unet", model.config.num_class_embeds - 1  # the last embedding is the null class
-    if isinstance(model, DiTTransformer2DModel):
-        return "dit", model.config.num_embeds_ada_norm
-    raise UserError(f"{type(model).__name__} is not a class-conditional UNet2DModel or DiTTransformer2DModel (or a pipeline of one)")
 
 
 def sample_dataset(
@@ -150,7 +137,7 @@ def sample_dataset(
     from genunlearn.models.pipeline import make_pipeline, pipeline_class_names
 
     if not isinstance(model, DiffusionPipeline):
-        _, num_classes = _denoiser_kind(model)
+        _, num_classes = denoiser_kind(model)
         if scheduler is None:
             raise UserError("pass scheduler= (the noise scheduler the denoiser was trained with) to sample a bare denoiser")
         model = make_pipeline(model, scheduler, vae, num_classes)
