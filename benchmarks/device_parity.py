@@ -39,7 +39,7 @@ JOBS = {  # name: (preset, method, forget, method settings)
     "ddpm-sfron": ("ddpm-digits", "sfron", {"classes": [3]}, {}),
     "sd-sfron": ("sd-digits", "sfron", {"concepts": [CONCEPT], "data": "real"}, {}),
     "sd-esd": ("sd-digits", "esd", {"concepts": [CONCEPT]}, {"steps": 200}),
-    "resnet-ssd": ("resnet18-digits", "ssd", {"classes": [3]}, {}),
+    "resnet-ssd": ("resnet18-digits", "ssd", {"classes": [3]}, {"alpha": 8.5}),  # a fixed α: one mask to compare
 }
 JUDGE = "cnn-digits"
 FINAL = {"classifier": ("forget_acc", "retain_acc", None), "diffusion": ("forget_acc", "remain_acc", "fid_remain"),

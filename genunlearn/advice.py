@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Callable
 
 
 class UnlearningWarning(UserWarning):
@@ -17,18 +18,22 @@ def advise(message: str, main_process: bool = True) -> None:
         warnings.warn(message, UnlearningWarning, stacklevel=3)
 
 
-def print_as_lines() -> None:
-    """Show ``UnlearningWarning``s as ``warning: MESSAGE`` lines on genunlearn's console logger (the command line);
-    other warnings keep Python's own format."""
-    shown = warnings.showwarning
-    if getattr(shown, "genunlearn_lines", False):
-        return
+def as_log_lines(other: Callable) -> Callable:
+    """A ``warnings.showwarning`` that writes each ``UnlearningWarning`` as a ``warning: MESSAGE`` line on genunlearn's
+    logger (its console, and a run's ``run.log`` while one runs) and hands every other warning to ``other``."""
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UnlearningWarning):
-            logging.getLogger("genunlearn").warning(f"warning: {message}")  # the console (genunlearn.progress)
+            logging.getLogger("genunlearn").warning(f"warning: {message}")
         else:
-            shown(message, category, filename, lineno, file, line)
+            other(message, category, filename, lineno, file, line)
 
     show.genunlearn_lines = True
-    warnings.showwarning = show
+    return show
+
+
+def print_as_lines() -> None:
+    """Show ``UnlearningWarning``s as ``warning: MESSAGE`` lines (the command line's console); other warnings keep
+    Python's own format."""
+    if not getattr(warnings.showwarning, "genunlearn_lines", False):
+        warnings.showwarning = as_log_lines(warnings.showwarning)

@@ -516,7 +516,8 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     argparse.ArgumentParser(prog="genunlearn models", description="List the model presets.").parse_args(argv)
     for name, description in list_presets().items():
         print(f"{name:18s} {description}")
-    print("(any timm model name is accepted too, e.g. --model resnet50)")
+    print("(also: any timm model name with --data, e.g. --model resnet50, at timm's input size and normalisation; a preset "
+          "YAML file; or a model folder alone: --pretrained MY_MODEL_DIR, see docs/presets.md)")
     return 0
 
 

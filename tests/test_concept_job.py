@@ -161,15 +161,17 @@ def test_bad_concept_input_is_one_error_line(args, message, tmp_path, capsys, cn
 
 
 def test_an_sd15_shaped_pipeline_erases_an_imagenette_object_end_to_end(sd15_shaped_dir, tmp_path):
+    """The pipeline folder alone is the model (the sd-1.5 preset's settings, its own size and schedule)."""
     judge = timm.create_model("test_resnet", num_classes=1000)  # a stand-in for ResNet-50's local weights
     save_file(judge.state_dict(), tmp_path / "judge.safetensors")
     (tmp_path / "retain.txt").write_text("\n".join(IMAGENETTE[1:]) + "\n")
     out = tmp_path / "run"
-    assert erase("--model", "sd-1.5", "--pretrained", str(sd15_shaped_dir), "--concept", IMAGENETTE[0], "--method", "esd",
+    assert erase("--pretrained", str(sd15_shaped_dir), "--concept", IMAGENETTE[0], "--method", "esd",
                  "--retain-prompts", str(tmp_path / "retain.txt"), "--eval-classifier", "test_resnet",
                  "--eval-classifier-weights", str(tmp_path / "judge.safetensors"), *TINY_RUN, "--output-dir", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
+    assert report["model"] == sd15_shaped_dir.name and report["evaluation"]["classifier"] == "test_resnet"
     assert report["prompts"]["remain"] == IMAGENETTE[1:] and report["config"]["scope"] == "non-cross-attention"
     assert report["after"]["per_prompt"]["Image of tench"]["class"] == 0  # timm's ImageNet names: tench is class 0
     loaded = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)

@@ -62,3 +62,19 @@ def test_cpu_threads_are_shared_between_local_processes(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(cores)
+
+
+def test_ssd_alpha_auto_finds_the_same_alpha_on_two_processes(cnn_task, cache_dir, tmp_path, capsys):
+    """The bisection's held-out accuracies are gathered from every process, so both processes walk the same path: the
+    same α and the same dampened model as one process. A warning prints once, as one ``warning:`` line."""
+    common = ["--model", "cnn-digits", "--class", "3", "--method", "ssd"]
+    assert guarded(forget_main, [*common, "--set", "alpha=auto", "--output-dir", str(tmp_path / "one")]) == 0
+    done = launch_two_processes([*common, "--set", "alpha=auto", "--output-dir", str(tmp_path / "two")], cache_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
+    assert two["processes"] == 2 and two["method_info"]["alpha"] == one["method_info"]["alpha"]
+    assert two["after"]["forget_acc"] == one["after"]["forget_acc"] <= 0.1
+    capsys.readouterr()
+    assert guarded(forget_main, [*common, "--set", "alpha=10", "--output-dir", str(tmp_path / "ten")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ssd alpha=10")]
+    assert len(lines) == 1 and "pass alpha below 9.84, or alpha=auto" in lines[0]

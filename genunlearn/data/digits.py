@@ -7,8 +7,6 @@ the compute of every forward pass (4x at 16x16), which matters on a 2-core CPU.
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 
@@ -21,6 +19,9 @@ def load_digits_split(resolution: int = 8) -> tuple[LabeledTensorDataset, Labele
 
     Returns datasets of images ``[1, resolution, resolution]`` in [-1, 1] and int labels 0-9.
     """
+    from sklearn.datasets import load_digits  # scikit-learn imported on use: it takes a second
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     labels = torch.tensor(bunch.target, dtype=torch.long)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -16,6 +15,8 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 def member_rate(members: torch.Tensor, non_members: torch.Tensor, targets: torch.Tensor) -> float:
     """Fit member (``members``, label 1) vs non-member (``non_members``, label 0) on 1-D features ``[N]``;
     return the fraction of ``targets`` predicted member."""
+    from sklearn.linear_model import LogisticRegression  # imported on use: it takes a second
+
     features = torch.cat([members, non_members]).numpy().reshape(-1, 1)
     is_member = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
     attack = LogisticRegression(class_weight="balanced").fit(features, is_member)

@@ -29,6 +29,7 @@ from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
 from genunlearn.kinds.diffusion_setup import (
     GRID_SAMPLES,
     DiffusionSetup,
+    check_recognised,
     evaluate_original,
     generated_data_id,
     judge_name,
@@ -63,7 +64,9 @@ class DiffusionRun(GeneratorRun):
         return generated_data_id(self.task.model, self.job.data_free_samples, protocol.guidance, protocol.steps)
 
     def evaluate_before(self) -> tuple[dict, Samples]:
-        return evaluate_original(self.setup, self.accelerator, cache_root(self.job.cache_dir))
+        figures, samples = evaluate_original(self.setup, self.accelerator, cache_root(self.job.cache_dir))
+        check_recognised(figures, self.setup.protocol, self.setup.classifier_name, self.accelerator.is_main_process)
+        return figures, samples
 
     def evaluate(self, model: nn.Module) -> tuple[dict, Samples]:
         return self.setup.evaluate(model, self.accelerator)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
+from genunlearn.advice import advise
 from genunlearn.data.generated import generated_datasets
 from genunlearn.data.split import ForgetSplit, check_ids, make_forget_split
 from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
@@ -66,6 +67,20 @@ def judge_name(job: ForgetJob, preset: DiffusionPreset) -> str:
                         "classes: a timm folder such as one save_classifier wrote, a classifier preset or YAML, or a timm "
                         "name with --eval-classifier-weights)")
     return name
+
+
+UNRECOGNISED = 0.5  # the original's kept classes recognised less often than this: its figures say little
+
+
+def check_recognised(metrics: dict, protocol: SamplingProtocol, judge: str, main_process: bool) -> None:
+    """Warn when the judge recognises under half of the original model's samples of the kept classes: the sampling
+    protocol (e.g. a family's guidance on a model trained for another) or the judge does not fit the model."""
+    recognised = metrics.get("remain_acc")
+    if recognised is not None and recognised < UNRECOGNISED:
+        advise(f"{judge} recognises only {recognised:.0%} of the original model's samples of the kept classes (guidance "
+               f"{protocol.guidance:g}, {protocol.steps} DDIM steps), so the run's figures will say little; sample as the "
+               "model is meant to (--eval-guidance, --eval-steps) or pass a judge of its classes (--eval-classifier)",
+               main_process)
 
 
 def job_sampling(job: ForgetJob, sampling: SamplingDefaults) -> tuple[int, float, int]:

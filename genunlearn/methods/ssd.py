@@ -34,9 +34,9 @@ class SSDConfig:
     ``importance_order``: the order of D for I_D, which matters because mini-batch-mean gradients are squared:
     ``reference`` (``ConcatDataset((retain, forget))`` unshuffled, so D_f fills D's last batches; depends on the
     split) or ``native`` (the training set's own order, one I_D per model whatever is forgotten). ``alpha="auto"``
-    (our addition, not the reference's; class forgetting): the largest α, so the least dampening, whose forget
-    accuracy on a held-out ``auto_heldout`` share of D_f is <= ``auto_target`` (default 0: a model retrained without
-    the class never predicts it; I_f then comes from the rest of D_f; ``methods.ssd_alpha``)."""
+    (our addition, not the reference's; class forgetting): the largest α, so the least dampening, whose forget accuracy
+    on a held-out ``auto_heldout`` share of D_f (at least 32 samples) is <= ``auto_target`` (default 0: a model
+    retrained without the class never predicts it); I_f then comes from the rest of D_f (``methods.ssd_alpha``)."""
 
     alpha: float | str | None = None
     auto_target: float = 0.0

@@ -24,6 +24,7 @@ from genunlearn.eval.classify import accuracy, predict_logits
 # 10 for every kind of forgetting; ViTs 5 (full class), 25 (sub-class), 10 (random samples).
 RESNET_ALPHA = 10.0
 VIT_ALPHA = {"class": 5.0, "subclass": 25.0, "random": 10.0}
+AUTO_MIN_HELDOUT = 32  # no error in 32 held-out samples bounds the class's recognition below 0.09 (95%, rule of three)
 AUTO_STEPS = 12  # bisection steps on log α: the bracket [1, 1/share] narrowed 4096-fold
 FORGOT_NOTHING = 0.9  # forget accuracy kept above this fraction of its value before: "forgot nothing"
 
@@ -64,11 +65,12 @@ def check_forgetting(before: float, after: float, selected_fraction: float, meth
 
 
 def heldout_slice(split: ForgetSplit, fraction: float, seed: int, method: str) -> tuple[Subset, Subset]:
-    """``(fit, held out)``: D_f split by ``seed``; I_f comes from the first, the bisection judges on the second."""
+    """``(fit, held out)``: D_f split by ``seed``; I_f comes from the first, the bisection judges on the second, which
+    holds a ``fraction`` of D_f but at least ``AUTO_MIN_HELDOUT`` samples (at most half of D_f)."""
     if split.spec.kind != "class":
         raise UserError(f"{method} alpha=auto targets class forgetting; pass a number for alpha")
     count = len(split.forget)
-    held = max(1, round(fraction * count))
+    held = max(1, round(fraction * count), min(AUTO_MIN_HELDOUT, count // 2))
     if count - held < 1:
         raise UserError(f"alpha=auto needs at least 2 forget samples (D_f has {count}); pass a number for alpha")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()

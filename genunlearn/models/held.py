@@ -17,6 +17,7 @@ from genunlearn.errors import UserError
 # a denoiser's losses, recipes and method defaults are those of the reference its architecture comes from
 REFERENCE_PRESETS = {"unet": "ddpm-cifar10", "dit": "dit-xl"}
 FAMILY_KEYS = ("class_dropout", "sampling", "objective", "train", "methods")  # what a diffusion family sets
+TEXT_TO_IMAGE_REFERENCE = "sd-1.5"  # a user's Stable Diffusion pipeline gets its settings, as concept_task gives them
 DENOISERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
 DENOISER_FOLDERS = ("unet", "transformer", "denoiser")  # DDPMPipeline, DiTPipeline, ClassConditionalPipeline
 PIPELINES = ("DDPMPipeline", "DDIMPipeline", "DiTPipeline", "ClassConditionalPipeline")
@@ -30,9 +31,12 @@ def family_defaults(kind: str, architecture: str | None = None) -> dict:
         return {}
     if architecture not in REFERENCE_PRESETS:
         raise UserError(f"architecture must be one of {', '.join(REFERENCE_PRESETS)}, got {architecture!r}")
-    text = (resources.files("genunlearn") / "configs" / "models" / f"{REFERENCE_PRESETS[architecture]}.yaml").read_text()
-    reference = yaml.safe_load(text)
+    reference = _built_in(REFERENCE_PRESETS[architecture])
     return {key: reference[key] for key in FAMILY_KEYS if key in reference}
+
+
+def _built_in(name: str) -> dict:
+    return yaml.safe_load((resources.files("genunlearn") / "configs" / "models" / f"{name}.yaml").read_text())
 
 
 def with_family_defaults(raw: dict) -> dict:
@@ -102,9 +106,24 @@ def diffusion_folder_preset(folder: Path, parts: dict[str, Path | None]) -> dict
         **family_defaults("diffusion", architecture),
         "name": folder.name, "description": f"{config['_class_name']} from {folder}", "kind": "diffusion",
         "architecture": architecture, "hub_id": str(folder), "dataset": "user", "image_size": size, "channels": channels,
+        # how many other classes stand for the retain set in data-free runs: the reference's (dit-xl: 10 of 1000)
+        "remain_classes": _built_in(REFERENCE_PRESETS[architecture]).get("remain_classes"),
         "model_args": {k: v for k, v in config.items() if not k.startswith("_")}, "eval_classifier": "",
         "num_train_timesteps": schedule.get("num_train_timesteps", 1000), "beta_schedule": schedule.get("beta_schedule", "linear"),
     }
+
+
+def stable_diffusion_folder_preset(folder: Path) -> dict:
+    """The preset mapping of a ``StableDiffusionPipeline`` folder: the ``sd-1.5`` preset's method, sampling and judge
+    settings (the references' Stable Diffusion ones), its own image size, channels and noise schedule, the folder as
+    the weights."""
+    vae = _json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    schedule = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler" / "scheduler_config.json").is_file() else {}
+    reference = _built_in(TEXT_TO_IMAGE_REFERENCE)
+    return {**reference, "name": folder.name, "description": f"StableDiffusionPipeline from {folder}", "hub_id": str(folder),
+            "image_size": vae.get("sample_size", reference["image_size"]), "channels": vae.get("in_channels", reference["channels"]),
+            "beta_schedule": schedule.get("beta_schedule", reference["beta_schedule"]),
+            "num_train_timesteps": schedule.get("num_train_timesteps", 1000)}
 
 
 def timm_folder_preset(folder: Path) -> dict:
@@ -152,7 +171,8 @@ def _per_channel(value) -> list[float]:
 
 
 def folder_preset(folder: Path) -> dict:
-    """The preset mapping of a model folder as users hold it (diffusers or timm); a UserError naming what is accepted."""
+    """The preset mapping of a model folder as users hold it (a diffusers class-conditional model or pipeline, a
+    ``StableDiffusionPipeline``, a timm folder); a UserError naming what is accepted."""
     parts = diffusers_parts(folder)
     if parts is not None:
         return diffusion_folder_preset(folder, parts)
@@ -160,7 +180,10 @@ def folder_preset(folder: Path) -> dict:
         return timm_folder_preset(folder)
     if (folder / "model_index.json").is_file():
         kind = _json(folder / "model_index.json").get("_class_name")
-        raise UserError(f"{folder} holds a {kind}; for a Stable Diffusion pipeline pass --model sd-1.5 --pretrained {folder}")
+        if kind == "StableDiffusionPipeline":
+            return stable_diffusion_folder_preset(folder)
+        raise UserError(f"{folder} holds a {kind}, which genunlearn does not unlearn yet; pass a class-conditional "
+                        "pipeline, a StableDiffusionPipeline or a timm folder")
     raise UserError(f"{folder} is not a model folder genunlearn reads: a diffusers UNet2DModel/DiTTransformer2DModel folder "
                     "(with or without scheduler/), a DDPMPipeline/DiTPipeline folder, or a timm folder (config.json with "
                     "architecture, e.g. from save_classifier)")

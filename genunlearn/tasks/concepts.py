@@ -17,11 +17,12 @@ from genunlearn.data.generated import generated_prompt_datasets, stacked
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
+from genunlearn.models.held import TEXT_TO_IMAGE_REFERENCE
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sampling_pipeline
 from genunlearn.tasks.text_to_image import TextToImageTask
 
-REFERENCE_PRESET = "sd-1.5"  # a user's pipeline gets the references' Stable Diffusion method settings
+REFERENCE_PRESET = TEXT_TO_IMAGE_REFERENCE  # a user's pipeline gets the references' Stable Diffusion method settings
 
 
 @dataclass
