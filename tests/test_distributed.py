@@ -78,3 +78,18 @@ def test_ssd_alpha_auto_finds_the_same_alpha_on_two_processes(cnn_task, cache_di
     assert guarded(forget_main, [*common, "--set", "alpha=10", "--output-dir", str(tmp_path / "ten")]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ssd alpha=10")]
     assert len(lines) == 1 and "pass alpha below 9.84, or alpha=auto" in lines[0]
+
+
+@pytest.mark.parametrize("recipe, processes", [("cpu_gloo", 2), ("single", 1), ("multi_gpu", 2)])
+def test_the_launch_recipes_in_configs_run_the_main_job(recipe, processes, cnn_task, cache_dir, tmp_path):
+    """``accelerate launch --config_file configs/accelerate/RECIPE.yaml`` runs the forget script as the recipe says
+    (multi_gpu with its process count lowered to 2: on this CPU machine it runs over gloo, as it would over NCCL)."""
+    import sys
+
+    override = ["--num_processes", "2"] if recipe == "multi_gpu" else []
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{recipe}.yaml"),
+               *override, "--main_process_port", "29523", str(REPO / "scripts" / "forget_class.py"), "--model", "cnn-digits",
+               "--class", "3", "--method", "finetune", "--steps", "2", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["processes"] == processes
