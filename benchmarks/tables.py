@@ -13,6 +13,7 @@ A generated table sits between two markers in a page, which name what it shows:
     <!-- results: fidelity NAME -->                        one fidelity measurement (results/fidelity/NAME/*.json)
     <!-- results: import_time MACHINE -->                  start-up times on one machine (results/import_time/MACHINE.json)
     <!-- results: preset_fields -->                        every preset field's type, default and meaning (from the code)
+    <!-- results: capacity -->                             state bytes per method and architecture (results/capacity)
     <!-- /results -->
 
 Everything between the markers is replaced; the rest of the page is left as written.
@@ -29,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import capacity  # noqa: E402
 import concept_erasure  # noqa: E402
 import device_parity  # noqa: E402
 import fidelity  # noqa: E402
@@ -66,6 +68,8 @@ def table(what: str) -> str:
         from genunlearn.models.preset_fields import render
 
         return render()
+    if kind == "capacity":
+        return capacity.render(json.loads((RESULTS / "capacity" / "capacity.json").read_text()))
     if kind == "import_time":
         return import_time.render(json.loads((RESULTS / "import_time" / f"{args[0]}.json").read_text()))
     raise SystemExit(f"error: unknown results marker {what!r}")
