@@ -502,3 +502,18 @@ def test_a_ditpipeline_folder_alone_forgets_data_free_from_the_cli(tmp_path, cac
     from genunlearn.models.presets import get_preset
 
     assert get_preset(str(tmp_path / "my-dit")).remain_classes == 10
+
+
+def test_a_timm_hub_repo_downloaded_as_a_folder_is_the_model_and_a_bare_hub_id_names_the_download(tmp_path):
+    """`hf download timm/NAME --local-dir DIR` writes timm's hub layout (config.json with architecture and
+    pretrained_cfg, model.safetensors): that folder is a model as any timm folder; the hub id alone says so."""
+    from genunlearn.models.presets import get_preset
+
+    model = timm.create_model("resnet10t", num_classes=5)
+    timm.models.save_for_hf(model, str(tmp_path / "resnet10t.c3_in1k"), model_config={"label_names": list("abcde")},
+                            safe_serialization=True)
+    preset = get_preset(str(tmp_path / "resnet10t.c3_in1k"))
+    assert (preset.timm_name, preset.channels, preset.image_size) == ("resnet10t", 3, model.pretrained_cfg["input_size"][-1])
+    assert preset.mean == list(model.pretrained_cfg["mean"]) and preset.hub_id.startswith("local-dir:")
+    with pytest.raises(gu.UserError, match=r"hf download timm/resnet10t.c3_in1k --local-dir DIR.*pass --pretrained DIR"):
+        get_preset("hf-hub:timm/resnet10t.c3_in1k")

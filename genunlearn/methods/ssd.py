@@ -10,6 +10,7 @@ import copy
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import Accelerator
@@ -121,15 +122,14 @@ def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Acceler
     whole, forget, cached = ssd_importances(task, model, split, cfg, accelerator, label_free, fit)
     info = {}
     if auto:
-        dampened = lambda copied, a: (dampen(copied, whole, forget, a, cfg.dampening, cfg.parameters), copied)[1]  # noqa: E731
-        alpha, info["auto_heldout_forget_acc"] = ssd_alpha.auto_alpha(model, dampened, heldout, cfg.auto_target,
+        in_place = partial(dampen, whole=whole, forget=forget, dampening=cfg.dampening, parameters=cfg.parameters)
+        alpha, info["auto_heldout_forget_acc"] = ssd_alpha.auto_alpha(model, in_place, heldout, cfg.auto_target,
                                                                       ssd_alpha.alpha_ceiling(split), accelerator)
     before = ssd_alpha.forget_accuracy(model, split.forget, accelerator)
     selected, considered = dampen(model, whole, forget, alpha, cfg.dampening, cfg.parameters)
     if considered == 0:
         raise UserError(f"ssd parameters={cfg.parameters!r} matches no parameter name")
-    after = ssd_alpha.forget_accuracy(model, split.forget, accelerator)
-    ssd_alpha.check_forgetting(before, after, selected / considered, name, main)
+    ssd_alpha.check_forgetting(before, ssd_alpha.forget_accuracy(model, split.forget, accelerator), selected / considered, name, main)
     info.update(alpha=alpha, selected_fraction=selected / considered, selected=selected,
                 importance_order=cfg.importance_order, importance_whole_cached=cached)
     return UnlearnResult(model.eval(), [], 0, time.perf_counter() - started, info)

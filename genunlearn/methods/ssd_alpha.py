@@ -77,13 +77,15 @@ def heldout_slice(split: ForgetSplit, fraction: float, seed: int, method: str) -
     return Subset(split.forget, sorted(order[held:])), Subset(split.forget, sorted(order[:held]))
 
 
-def auto_alpha(model: nn.Module, dampened: Callable[[nn.Module, float], nn.Module], heldout: Dataset, target: float,
-               ceiling: float, accelerator: Accelerator) -> tuple[float, float]:
+def auto_alpha(model: nn.Module, dampen: Callable[..., object], heldout: Dataset, target: float, ceiling: float,
+               accelerator: Accelerator) -> tuple[float, float]:
     """``(α, held-out forget accuracy)``: the largest α in [1, ``ceiling``] (the fewest weights dampened) whose
-    ``dampened(copy of model, α)`` has forget accuracy <= ``target`` on ``heldout``, by bisection on log α (forget
-    accuracy rises with α); α = 1 with its accuracy when none reaches the target."""
+    ``dampen(copy of model, alpha=α)`` (in place) leaves forget accuracy <= ``target`` on ``heldout``, by bisection on
+    log α (forget accuracy rises with α); α = 1 with its accuracy when none reaches the target."""
     def measured(alpha: float) -> float:
-        return forget_accuracy(dampened(copy.deepcopy(model), alpha), heldout, accelerator)
+        copied = copy.deepcopy(model)
+        dampen(copied, alpha=alpha)
+        return forget_accuracy(copied, heldout, accelerator)
 
     low, high = 0.0, math.log(max(ceiling, 1.0 + 1e-6))
     low_acc = measured(1.0)

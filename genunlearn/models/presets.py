@@ -305,6 +305,9 @@ def get_preset(name: str) -> Preset:
     if Path(name).is_dir():
         raw = folder_preset(Path(name))
         return PRESET_CLASSES[raw["kind"]].from_dict(raw)
+    if name.startswith("hf-hub:"):  # its preprocessing is in the repo's config.json, which a hub folder holds offline
+        raise UserError(f"{name} is a Hub repo; download it (`hf download {name.removeprefix('hf-hub:')} --local-dir DIR`) and "
+                        "pass --pretrained DIR, a timm folder read offline, or pass --model ARCH --pretrained " + name)
     import timm  # imported on use: it takes a second
 
     timm_name = name.removeprefix("timm/")
