@@ -14,6 +14,7 @@ A generated table sits between two markers in a page, which name what it shows:
     <!-- results: import_time MACHINE -->                  start-up times on one machine (results/import_time/MACHINE.json)
     <!-- results: preset_fields -->                        every preset field's type, default and meaning (from the code)
     <!-- results: capacity -->                             state bytes per method and architecture (results/capacity)
+    <!-- results: scale NAME -->                           one engine speed/memory run (results/scale/NAME.json)
     <!-- /results -->
 
 Everything between the markers is replaced; the rest of the page is left as written.
@@ -34,6 +35,7 @@ import capacity  # noqa: E402
 import concept_erasure  # noqa: E402
 import device_parity  # noqa: E402
 import fidelity  # noqa: E402
+import scale  # noqa: E402
 import forget_quality  # noqa: E402
 import import_time  # noqa: E402
 
@@ -68,6 +70,8 @@ def table(what: str) -> str:
         from genunlearn.models.preset_fields import render
 
         return render()
+    if kind == "scale":
+        return scale.render(json.loads((RESULTS / "scale" / f"{args[0]}.json").read_text()))
     if kind == "capacity":
         return capacity.render(json.loads((RESULTS / "capacity" / "capacity.json").read_text()))
     if kind == "import_time":
