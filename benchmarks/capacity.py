@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from genunlearn.storage.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "capacity"
 GB = 1e9
@@ -90,11 +92,8 @@ def render(result: dict) -> str:
 def main() -> int:
     result = capacity()
     print(render(result))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "capacity.json"
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(result, indent=2) + "\n")
-    staging.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")  # a killed run leaves the previous cell
     print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from genunlearn.storage.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "import_time"
 CLI = shutil.which("genunlearn") or f"{sys.executable} -m genunlearn"
@@ -73,11 +75,8 @@ def main() -> int:
     cell = {"machine": machine, "cpus": os.cpu_count(), "python": platform.python_version(), "runs": args.runs,
             "rows": measure(args.runs)}
     print(render(cell))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{machine}.json"
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(cell, indent=2) + "\n")
-    os.replace(staging, path)  # atomic: a killed run leaves the previous cell
+    atomic_write_text(path, json.dumps(cell, indent=2) + "\n")  # a killed run leaves the previous cell
     print(f"wrote {path}")
     return 0
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from genunlearn.storage.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale"
 DIT_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
@@ -95,11 +97,8 @@ def main() -> int:
             "batch_size": batch, "precision": precision, "steps": steps, "torch": torch.__version__,
             "python": platform.python_version(), "rows": rows}
     print(render(cell))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"dit{'-tiny' if args.tiny else ''}__{device.split(' (')[0].replace(' ', '-')}.json"
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(cell, indent=2) + "\n")
-    staging.replace(path)
+    atomic_write_text(path, json.dumps(cell, indent=2) + "\n")  # a killed run leaves the previous cell
     print(f"wrote {path}")
     return 0
 

@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 
 from genunlearn.errors import UserError
+from genunlearn.models.held import is_timm_folder
 from genunlearn.models.loading import load_classifier_task
 from genunlearn.models.presets import ClassifierPreset, get_preset, list_presets
 from genunlearn.storage.files import load_weights
@@ -95,7 +96,7 @@ def _with_weights(model: nn.Module, weights: str) -> nn.Module:
 
 def load_timm_folder(folder: Path) -> PreparedClassifier:
     """A timm folder's classifier behind its own preprocessing (``pretrained_cfg``: input size, mean/std)."""
-    if not (folder / "config.json").is_file() or "architecture" not in (folder / "config.json").read_text(encoding="utf-8"):
+    if not is_timm_folder(folder):
         raise UserError(f"--eval-classifier {folder} is not a timm folder (config.json with architecture); write it with "
                         "genunlearn.save_classifier or timm.models.save_for_hf")
     try:
@@ -103,8 +104,7 @@ def load_timm_folder(folder: Path) -> PreparedClassifier:
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"could not load the timm folder {folder} ({str(exc).splitlines()[0][:200]}); re-save it with "
                         "genunlearn.save_classifier") from None
-    config = timm.data.resolve_model_data_config(model)
-    return PreparedClassifier(model, config["input_size"][1:], config["mean"], config["std"])
+    return prepared(model)
 
 
 def load_timm_classifier(name: str, weights: str | None, num_classes: int = 1000) -> PreparedClassifier:
@@ -124,5 +124,10 @@ def load_timm_classifier(name: str, weights: str | None, num_classes: int = 1000
         if "Unknown model" in str(exc):
             raise UserError(f"unknown evaluation classifier {name!r}; name a classifier preset or a timm model") from None
         raise
+    return prepared(model)
+
+
+def prepared(model: nn.Module) -> PreparedClassifier:
+    """``model`` behind the preprocessing timm resolves for it (its ``pretrained_cfg``: input size, mean/std)."""
     config = timm.data.resolve_model_data_config(model)
     return PreparedClassifier(model, config["input_size"][1:], config["mean"], config["std"])

@@ -64,37 +64,37 @@ def _json(path: Path) -> dict:
     return value
 
 
-def diffusers_parts(folder: Path) -> dict[str, Path | None] | None:
-    """``{"denoiser", "scheduler", "vae"}`` folders of a diffusers class-conditional model as users hold it: a
-    ``UNet2DModel``/``DiTTransformer2DModel`` folder (its scheduler in ``scheduler/`` inside or beside it, or a
-    ``scheduler_config.json`` in it; else none), a folder holding ``unet/`` (or ``transformer/``) and ``scheduler/``,
-    or a ``DDPMPipeline``/``DiTPipeline``/genunlearn pipeline folder. None: not such a folder."""
+def diffusers_parts(folder: Path) -> dict | None:
+    """``{"denoiser", "scheduler", "vae"}`` folders (``scheduler``/``vae`` None when absent) and the denoiser's
+    ``class_name`` of a diffusers class-conditional model as users hold it: a ``UNet2DModel``/``DiTTransformer2DModel``
+    folder (its scheduler in ``scheduler/`` inside or beside it, or a ``scheduler_config.json`` in it; else none), a
+    folder holding ``unet/`` (or ``transformer/``) and ``scheduler/``, or a ``DDPMPipeline``/``DiTPipeline``/genunlearn
+    pipeline folder. None: not such a folder."""
     index = folder / "model_index.json"
     if index.is_file() and _json(index).get("_class_name") not in PIPELINES:
         return None
     if not index.is_file() and (folder / "config.json").is_file():
-        if _json(folder / "config.json").get("_class_name") not in DENOISERS:
-            return None
         denoiser = folder
     else:
         found = [folder / name for name in DENOISER_FOLDERS if (folder / name / "config.json").is_file()]
         if not found:
             return None
         denoiser = found[0]
+    class_name = _json(denoiser / "config.json").get("_class_name")
+    if class_name not in DENOISERS:
+        return None
     candidates = [denoiser / "scheduler", denoiser.parent / "scheduler", denoiser]
     scheduler = next((c for c in candidates if (c / "scheduler_config.json").is_file()), None)
     vae = folder / "vae" if (folder / "vae" / "config.json").is_file() else None
-    return {"denoiser": denoiser, "scheduler": scheduler, "vae": vae}
+    return {"denoiser": denoiser, "scheduler": scheduler, "vae": vae, "class_name": class_name}
 
 
-def diffusion_folder_preset(folder: Path, parts: dict[str, Path | None]) -> dict:
+def diffusion_folder_preset(folder: Path, parts: dict) -> dict:
     """The preset mapping of a diffusers denoiser folder (see ``diffusers_parts``): its architecture's family defaults, its
     config as ``model_args``, its image size and channels (decoded by its VAE if it has one) and noise schedule, the
     folder itself as the weights (``hub_id``); no embedded data (``--data``, or data-free) and no default judge."""
     config = _json(parts["denoiser"] / "config.json")
-    architecture = DENOISERS.get(config.get("_class_name"))
-    if architecture is None:
-        raise UserError(f"{parts['denoiser']} holds a {config.get('_class_name')}, not a UNet2DModel or DiTTransformer2DModel")
+    architecture = DENOISERS[parts["class_name"]]
     schedule = _json(parts["scheduler"] / "scheduler_config.json") if parts["scheduler"] else {}
     size, channels = config.get("sample_size"), config.get("in_channels")
     if parts["vae"] is not None:
@@ -130,12 +130,9 @@ def timm_folder_preset(folder: Path) -> dict:
     """The preset mapping of a timm folder (``config.json`` with ``architecture``, e.g. written by ``save_classifier`` or
     ``timm.models.save_for_hf``): its architecture, input size, channels and mean/std; the folder as the weights."""
     config = _json(folder / "config.json")
-    data = config.get("pretrained_cfg", {})
-    channels, _, size = data.get("input_size", (3, 224, 224))
     return {"name": folder.name, "kind": "classifier", "timm_name": config["architecture"],
             "description": f"timm {config['architecture']} from {folder}", "hub_id": f"local-dir:{folder}", "dataset": "user",
-            "image_size": int(size), "channels": int(channels), "mean": _per_channel(data.get("mean", 0.5)),
-            "std": _per_channel(data.get("std", 0.5))}
+            **_timm_preprocessing(config.get("pretrained_cfg", {}))}
 
 
 def timm_name_preset(name: str, timm_name: str) -> dict:
@@ -144,12 +141,9 @@ def timm_name_preset(name: str, timm_name: str) -> dict:
     import timm
 
     cfg = timm.get_pretrained_cfg(timm_name)
-    data = cfg.to_dict() if cfg is not None else {}
-    channels, _, size = data.get("input_size", (3, 224, 224))
     return {"name": name, "kind": "classifier", "timm_name": timm_name,
             "description": f"timm {timm_name} (timm's input size and normalisation)", "dataset": "user",
-            "image_size": int(size), "channels": int(channels), "mean": _per_channel(data.get("mean", 0.5)),
-            "std": _per_channel(data.get("std", 0.5))}
+            **_timm_preprocessing(cfg.to_dict() if cfg is not None else {})}
 
 
 def denoiser_kind(model) -> tuple[str, int]:
@@ -166,8 +160,20 @@ def denoiser_kind(model) -> tuple[str, int]:
     raise UserError(f"{type(model).__name__} is not a class-conditional UNet2DModel or DiTTransformer2DModel (or a pipeline of one)")
 
 
+def _timm_preprocessing(pretrained_cfg: dict) -> dict:
+    """A timm ``pretrained_cfg``'s input size, channels and mean/std as preset fields (timm's defaults where unset)."""
+    channels, _, size = pretrained_cfg.get("input_size", (3, 224, 224))
+    return {"image_size": int(size), "channels": int(channels), "mean": _per_channel(pretrained_cfg.get("mean", 0.5)),
+            "std": _per_channel(pretrained_cfg.get("std", 0.5))}
+
+
 def _per_channel(value) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def is_timm_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a timm model in timm's hub layout (``config.json`` naming its ``architecture``)."""
+    return (folder / "config.json").is_file() and "architecture" in _json(folder / "config.json")
 
 
 def folder_preset(folder: Path) -> dict:
@@ -176,7 +182,7 @@ def folder_preset(folder: Path) -> dict:
     parts = diffusers_parts(folder)
     if parts is not None:
         return diffusion_folder_preset(folder, parts)
-    if (folder / "config.json").is_file() and "architecture" in _json(folder / "config.json"):
+    if is_timm_folder(folder):
         return timm_folder_preset(folder)
     if (folder / "model_index.json").is_file():
         kind = _json(folder / "model_index.json").get("_class_name")

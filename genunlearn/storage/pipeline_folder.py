@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+import diffusers
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -41,11 +42,11 @@ def load_pipeline(source: str | Path) -> Pipeline:
     if not path.exists() and str(source).count("/") == 1 and not str(source).startswith((".", "/")):
         path = _download(str(source))
     index = path / "model_index.json"
-    parts = diffusers_parts(path) if path.is_dir() else None
-    if parts is not None and (not index.is_file() or json.loads(index.read_text()).get("_class_name") not in PIPELINE_CLASSES):
-        return _held_denoiser_pipeline(parts)
     if not index.is_file():
-        raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
+        parts = diffusers_parts(path) if path.is_dir() else None
+        if parts is None:
+            raise UserError(f"{path} is not a diffusion pipeline folder (no model_index.json); pass a folder written by save_pretrained")
+        return _held_denoiser_pipeline(parts)
     try:
         config = json.loads(index.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -54,6 +55,10 @@ def load_pipeline(source: str | Path) -> Pipeline:
     if isinstance(class_name, list):  # diffusers' custom-pipeline form: [module file, class name]
         raise UserError(f"{path} names a custom pipeline {class_name}, whose code genunlearn does not run; pass its "
                         "denoiser in a DiTPipeline or genunlearn pipeline folder")
+    wrapped = isinstance(class_name, str) and class_name not in PIPELINE_CLASSES  # a DDPMPipeline: its denoiser, wrapped
+    parts = diffusers_parts(path) if wrapped else None
+    if parts is not None:
+        return _held_denoiser_pipeline(parts)
     if not isinstance(class_name, str) or class_name not in PIPELINE_CLASSES:
         raise UserError(f"{path} holds a {class_name}, not a class-conditional pipeline; use a DiTPipeline or a genunlearn pipeline folder")
     try:
@@ -65,12 +70,11 @@ def load_pipeline(source: str | Path) -> Pipeline:
     return pipeline
 
 
-def _held_denoiser_pipeline(parts: dict[str, Path | None]) -> ClassConditionalPipeline:
+def _held_denoiser_pipeline(parts: dict) -> ClassConditionalPipeline:
     """A ``ClassConditionalPipeline`` over a user's denoiser folder, its scheduler (without one: diffusers' default
     ``DDPMScheduler``, linear betas over 1000 steps, as diffusers' training scripts use) and VAE; the denoiser's last
     class embedding is the null class of guidance, as genunlearn trains them."""
-    class_name = json.loads((parts["denoiser"] / "config.json").read_text(encoding="utf-8"))["_class_name"]
-    denoiser_class = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}[class_name]
+    denoiser_class = getattr(diffusers, parts["class_name"])  # one of models.held.DENOISERS
     try:
         denoiser = denoiser_class.from_pretrained(parts["denoiser"])
         scheduler = DDPMScheduler.from_pretrained(parts["scheduler"]) if parts["scheduler"] else DDPMScheduler()
