@@ -1,13 +1,18 @@
 """Speed and memory of the engine on real-size architectures with random weights (the architecture is the experiment,
 not the weights), each method against a plain fine-tuning step in the same run.
 
-    python benchmarks/scale.py --tiny          # scaled-down DiT on the CPU (minutes): checks the script end to end
-    python benchmarks/scale.py                 # DiT-XL/2 256 at batch 32 per process, on the GPU (bf16 autocast)
+    python benchmarks/scale.py --tiny          # scaled-down models on the CPU (a minute): checks the script end to end
+    python benchmarks/scale.py                 # DiT-XL/2 256 (batch 32) and the SD-1.5 UNet (64x64 latents, batch 8)
+    accelerate launch --config_file configs/accelerate/fsdp.yaml benchmarks/scale.py   # the same, sharded (FSDP2)
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 benchmarks/scale.py --tiny   # sharded on a CPU
 
-Each cell runs ``genunlearn.unlearn`` on a DiT task over random latents (4x32x32, 1000 classes) for ``--steps``
-iterations and records iterations per second of the loop (masks and Fishers timed apart, from the method's info), the
-ratio to fine-tuning's, and peak GPU memory; one JSON per run in results/scale/. This version measures the data
-parallel engine on DiT-XL/2; the SD-1.5 and SD-XL UNets and the sharded engine are the next cells (issue 34).
+Each cell runs ``genunlearn.unlearn`` for ``--steps`` iterations per method: on a DiT task over random latents
+(4x32x32, 1000 classes; fine-tune, SFR-on, SalUn) and on a text-to-image task of the SD-1.5 UNet over random latents
+(4x64x64) and 8 prompts through a 768-wide one-layer CLIP text encoder (fine-tune, SFR-on, SalUn, ESD). It records
+iterations per second of the loop (masks and Fishers timed apart, from the method's info), the ratio to fine-tuning's,
+peak GPU memory of the main process, the precision and the sharding (none, DDP or FSDP2 over N processes, as
+launched); one JSON per model and launch in results/scale/, written by the main process. Batches are per process.
+The SD-XL UNet waits for the SD-XL task (its added text-time conditioning; issue 35).
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale"
 DIT_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
               patch_size=2, num_embeds_ada_norm=1000)
-TINY = {**DIT_XL, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2}
-METHODS = ("finetune", "sfron", "salun")
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, layers_per_block=2)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12)
+PROMPTS = [f"a photo of thing {n}" for n in range(8)]  # the forget split takes prompt 0
+MODELS = {  # name: (label, full config, tiny config, methods, batch, tiny batch)
+    "dit-xl": ("DiT-XL/2 256", DIT_XL, {**DIT_XL, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2},
+               ("finetune", "sfron", "salun"), 32, 4),
+    "sd-1.5": ("SD-1.5 UNet", SD15_UNET, {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 32, 64, 64),
+                                           "norm_num_groups": 8}, ("finetune", "sfron", "salun", "esd"), 8, 2),
+}
 DIT_FORWARD_GFLOP = 118.6  # DiT-XL/2 256 per image (Peebles & Xie, table 4)
 
 
@@ -50,14 +62,33 @@ def dit_task(config: dict, samples: int, seed: int):
                              classes=[str(c) for c in range(1000)])
 
 
-def run_cell(task, method: str, steps: int, batch_size: int, precision: str) -> dict:
+def sd_task(config: dict, samples: int, seed: int, tiny: bool):
+    """A text-to-image task of an SD UNet (``config``) over ``samples`` random latents of ``PROMPTS``, encoded by a
+    one-layer CLIP text encoder of SD-1.5's width (77 tokens), with the sd-1.5 preset's method settings."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from genunlearn.data.tensor_dataset import LabeledTensorDataset
+    from genunlearn.models.presets import get_preset
+    from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sd
+    from genunlearn.tasks.text_to_image import TextToImageTask
+
+    text = {**SD15_TEXT, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64} if tiny else SD15_TEXT
+    words = sorted({word for prompt in PROMPTS for word in prompt.split()})
+    pipeline = build_tiny_sd(words, text_encoder=text, unet=config, vae=TINY_SD["vae"], max_length=77, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(samples, 4, config["sample_size"], config["sample_size"], generator=generator)
+    data = LabeledTensorDataset(latents, torch.arange(samples) % len(PROMPTS), PROMPTS)
+    return TextToImageTask(get_preset("sd-1.5"), pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                           DDPMScheduler(beta_schedule="scaled_linear"), data, data, encoded_data=True)
+
+
+def run_cell(task, method: str, steps: int, batch_size: int, accelerator) -> dict:
     """One method's timed run: loop iterations per second, mask time, peak GPU memory (GB, None on CPU)."""
     import torch
 
     import genunlearn as gu
-    from genunlearn.distributed import make_accelerator
 
-    accelerator = make_accelerator(mixed_precision=precision)
     split = gu.forget_split(task, classes=[0])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -69,10 +100,21 @@ def run_cell(task, method: str, steps: int, batch_size: int, precision: str) -> 
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
 
 
+def sharding(accelerator) -> str:
+    """How the launch runs the engine: ``none``, ``DDP x N`` or ``FSDP2 x N``."""
+    from genunlearn.engine.sharding import sharding_requested
+
+    if accelerator.num_processes == 1:
+        return "none"
+    return f"{'FSDP2' if sharding_requested(accelerator) else 'DDP'} x {accelerator.num_processes}"
+
+
 def render(cell: dict) -> str:
     base = next(r for r in cell["rows"] if r["method"] == "finetune")["it_per_s"]
-    lines = [f"{cell['model']} on {cell['device']}, batch {cell['batch_size']}, {cell['precision']}, {cell['steps']} iterations "
-             "per method, random weights and latents:", "",
+    precision = {"no": "fp32"}.get(cell["precision"], cell["precision"])
+    lines = [f"{cell['model']} on {cell['device']}, batch {cell['batch_size']} per process, {precision}, sharding "
+             f"{cell.get('sharding', 'none')}{', gradient checkpointing' if cell.get('gradient_checkpointing') else ''}, "
+             f"{cell['steps']} iterations per method, random weights and latents:", "",
              "| method | it/s | x fine-tune step time | mask/Fisher s | peak GPU GB |", "|---|---|---|---|---|"]
     for row in cell["rows"]:
         mask = "" if row["mask_s"] is None else f"{row['mask_s']:.1f}"
@@ -81,25 +123,52 @@ def render(cell: dict) -> str:
     return "\n".join(lines)
 
 
+def cell_name(model: str, tiny: bool, device: str, launch: str, checkpointing: bool) -> str:
+    """The result file's stem: ``dit-tiny__cpu``, ``sd-1.5__NVIDIA-H100-80GB-HBM3__fsdp2x8``, ..."""
+    stem = {"dit-xl": "dit", "sd-1.5": "sd15"}[model] + ("-tiny" if tiny else "")
+    parts = [stem, device.split(" (")[0].replace(" ", "-")]
+    if launch != "none":
+        parts.append(launch.replace(" x ", "x").lower())
+    if checkpointing:
+        parts.append("ckpt")
+    return "__".join(parts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer DiT at batch 4 on the CPU (checks the script)")
+    parser.add_argument("--tiny", action="store_true", help="scaled-down models (2-layer DiT, 4-level UNet of width 32) on the "
+                                                             "CPU in fp32 (checks the script)")
+    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS), help="architectures (default: all)")
     parser.add_argument("--steps", type=int, default=20, help="iterations per method (default 20)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     args = parser.parse_args()
     import torch
 
-    config, batch, precision = (TINY, 4, "no") if args.tiny else (DIT_XL, 32, "bf16")
-    steps = args.steps
-    task = dit_task(config, samples=4 * batch, seed=0)
-    rows = [run_cell(task, method, steps, batch, precision) for method in METHODS]
+    from genunlearn.distributed import make_accelerator
+    from genunlearn.engine.sharding import SHARDED_METHODS
+
+    accelerator = make_accelerator(mixed_precision="no" if args.tiny else "bf16")
+    launch = sharding(accelerator)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    cell = {"model": "DiT-XL/2 256" + (" (tiny: 2 layers, width 32)" if args.tiny else ""), "device": device,
-            "batch_size": batch, "precision": precision, "steps": steps, "torch": torch.__version__,
-            "python": platform.python_version(), "rows": rows}
-    print(render(cell))
-    path = RESULTS / f"dit{'-tiny' if args.tiny else ''}__{device.split(' (')[0].replace(' ', '-')}.json"
-    atomic_write_text(path, json.dumps(cell, indent=2) + "\n")  # a killed run leaves the previous cell
-    print(f"wrote {path}")
+    for model in args.model:
+        label, full, tiny, methods, batch, tiny_batch = MODELS[model]
+        config, batch = (tiny, tiny_batch) if args.tiny else (full, batch)
+        samples = 4 * batch * accelerator.num_processes
+        task = dit_task(config, samples, seed=0) if model == "dit-xl" else sd_task(config, samples, seed=0, tiny=args.tiny)
+        if args.gradient_checkpointing:
+            task.model.enable_gradient_checkpointing()
+        runnable = [m for m in methods if m in SHARDED_METHODS or not launch.startswith("FSDP")]  # ESD does not shard
+        rows = [run_cell(task, method, args.steps, batch, accelerator) for method in runnable]
+        cell = {"model": label + (" (tiny)" if args.tiny else ""), "config": {k: list(v) if isinstance(v, tuple) else v
+                                                                               for k, v in config.items()},
+                "device": device, "batch_size": batch, "precision": str(accelerator.mixed_precision), "sharding": launch,
+                "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps, "torch": torch.__version__,
+                "python": platform.python_version(), "rows": rows}
+        if accelerator.is_main_process:
+            print(render(cell))
+            path = RESULTS / f"{cell_name(model, args.tiny, device, launch, args.gradient_checkpointing)}.json"
+            atomic_write_text(path, json.dumps(cell, indent=2) + "\n")  # a killed run leaves the previous cell
+            print(f"wrote {path}")
     return 0
 
 

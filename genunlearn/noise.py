@@ -41,20 +41,26 @@ class NoiseSource:
 
     ``rank``/``world``: a draw of ``rows`` per-sample values makes ``world * rows`` of them (the global batch) and
     returns rows ``[rank * rows, (rank + 1) * rows)``; every process of a step must make the same sequence of draws.
+    ``share=(first, total)`` instead: shares of unequal size; a draw of ``rows`` makes ``total`` and returns rows
+    ``[first, first + rows)`` (a sharded model's statistics, ``engine.saliency``).
     ``generator``: draw from this generator instead of a new one seeded by ``seed``. ``draws`` counts the draws made.
     """
 
-    def __init__(self, seed: int | None = None, *, rank: int = 0, world: int = 1,
+    def __init__(self, seed: int | None = None, *, rank: int = 0, world: int = 1, share: tuple[int, int] | None = None,
                  generator: torch.Generator | None = None) -> None:
         if (seed is None) == (generator is None):
             raise ValueError("give a seed or a generator")
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.share = rank, world, share
         self.draws = 0
 
     def per_sample(self, rows: int, make: MakeDraws) -> torch.Tensor:
-        """This process's rows ``[rows, ...]`` (CPU) of ``make(world * rows, generator)``, the global batch's draws."""
+        """This process's rows ``[rows, ...]`` (CPU) of ``make(world * rows, generator)`` (or of ``make(total)`` with a
+        ``share``), the global batch's draws."""
         self.draws += 1
+        if self.share is not None:
+            first, total = self.share
+            return make(total, self.generator)[first : first + rows]
         everything = make(self.world * rows, self.generator)
         return everything[self.rank * rows : (self.rank + 1) * rows]
 

@@ -239,6 +239,30 @@ def test_esd_resumes_to_the_uninterrupted_weights(sd_task, accelerator, tmp_path
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_offloading_the_frozen_models_moves_them_not_the_result(sd_task, accelerator, monkeypatch):
+    """``offload_frozen``: ESD's teacher runs through accelerate's ``cpu_offload`` hooks and the original waits on the
+    CPU during the loop; the erased weights are those of a run without it, and the original is back where it was."""
+    import accelerate
+
+    import genunlearn.methods.common as common
+
+    three = CAPTIONS.index("a handwritten digit three")
+    split = make_forget_split(sd_task.train_data, sd_task.test_data, SplitSpec("class", classes=(three,)))
+    three_steps = {"steps": 3, "ddim_steps": 3, "lr": 1e-3, "accelerator": accelerator}
+    offloaded, where = [], []
+    hooks = accelerate.cpu_offload
+    monkeypatch.setattr(accelerate, "cpu_offload", lambda model, **kw: offloaded.append(kw) or hooks(model, **kw))
+    loop = common.run_loop
+    monkeypatch.setattr(common, "run_loop", lambda *a, **kw: where.append(next(sd_task.model.parameters()).device) or loop(*a, **kw))
+    device = next(sd_task.model.parameters()).device
+    plain = unlearn(sd_task, split, "esd", **three_steps).model.state_dict()
+    assert offloaded == [] and where == [device]
+    moved = unlearn(sd_task, split, "esd", offload_frozen=True, **three_steps)
+    assert offloaded == [{"execution_device": accelerator.device}] and where[1].type == "cpu"
+    assert next(sd_task.model.parameters()).device == device
+    assert all(torch.equal(plain[k], v) for k, v in moved.model.state_dict().items())
+
+
 @pytest.mark.parametrize("train_text_encoder", [True, False])
 def test_pretraining_trains_the_vae_then_the_unet_and_caches_the_pipeline(train_text_encoder, tmp_path, accelerator,
                                                                           monkeypatch):

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genunlearn.engine.sharded_checkpoint import check_shards_match, load_sharded
 from genunlearn.errors import UserError
 from genunlearn.storage.files import make_staging_dir, nonfinite_entries, publish_staging
 
@@ -41,6 +42,17 @@ def checkpoint_folders(directory: Path) -> list[Path]:
     return sorted(folders, key=checkpoint_step)
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    """``directory/checkpoint-<step>``."""
+    return Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints under ``directory``. Main process only."""
+    for old in checkpoint_folders(directory)[:-keep]:
+        shutil.rmtree(old)
+
+
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict,
                     keep: int = KEEP_CHECKPOINTS) -> Path:
     """Write ``directory/checkpoint-<step>`` atomically and keep only the newest ``keep``. Main process only."""
@@ -49,10 +61,9 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: tor
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "loop_state.json").write_text(json.dumps({"step": step, **loop_state}))
-    final = directory / f"{CHECKPOINT_PREFIX}{step}"
+    final = checkpoint_path(directory, step)
     publish_staging(staging, final)
-    for old in checkpoint_folders(directory)[:-keep]:
-        shutil.rmtree(old)
+    prune_checkpoints(directory, keep)
     return final
 
 
@@ -76,35 +87,41 @@ def checkpoints_newest_first(directory: Path) -> list[Path]:
     return [p for p in reversed(checkpoint_folders(directory)) if (p / "loop_state.json").is_file()]
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """``(model state, optimizer state, loop state)`` from a checkpoint directory, loaded without unpickling code."""
-    model_state = load_file(str(path / "model.safetensors"))
+def load_checkpoint(path: Path, shard: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(model state, optimizer state, loop state)`` from a checkpoint directory, loaded without unpickling code;
+    ``shard=(rank, world)``: a sharded checkpoint's shards for this process (``engine.sharded_checkpoint``). A
+    UserError when the checkpoint was written under another sharding."""
+    loop_state = json.loads((path / "loop_state.json").read_text())
+    check_shards_match(path, loop_state, shard)
+    if shard is not None:
+        model_state, optimizer_state = load_sharded(path, *shard)
+    else:
+        model_state = load_file(str(path / "model.safetensors"))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     bad = nonfinite_entries(model_state)
     if bad:
         raise NonFiniteCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    loop_state = json.loads((path / "loop_state.json").read_text())
     return model_state, optimizer_state, loop_state
 
 
-def load_latest_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
+def load_latest_checkpoint(directory: Path, shard: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
     """``load_checkpoint`` of the newest checkpoint that loads; one that does not (truncated, corrupt) is skipped with a
     warning naming it (``genunlearn``'s logger: the console and ``run.log``). None when there is none."""
     for path in checkpoints_newest_first(directory):
         try:
-            return load_checkpoint(path)
+            return load_checkpoint(path, shard)
         except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             LOGGER.warning("warning: checkpoint %s %s; resuming from the one before it", path,
                            _reason(exc))  # on the console and in run.log
     return None
 
 
-def load_checkpoint_at(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def load_checkpoint_at(path: Path, shard: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``load_checkpoint`` of the checkpoint folder ``path``; a UserError when it is not one or does not load."""
     if not (Path(path) / "loop_state.json").is_file():
         raise UserError(f"{path} is not a checkpoint (no loop_state.json); pass latest or a folder from the run's checkpoints/")
     try:
-        return load_checkpoint(Path(path))
+        return load_checkpoint(Path(path), shard)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise UserError(f"checkpoint {path} {_reason(exc)}; resume from another one") from None
 

@@ -25,12 +25,16 @@ from torch.utils.data import Dataset
 from genunlearn.engine.batches import BatchStream
 from genunlearn.engine.checkpoint import (
     check_checkpoint_space,
+    checkpoint_path,
     checkpoints_newest_first,
     load_checkpoint_at,
     load_latest_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
 from genunlearn.engine.masks import ParameterMask
+from genunlearn.engine.sharded_checkpoint import load_model_shards, load_optimizer_shards, save_sharded_checkpoint
+from genunlearn.engine.sharding import clip_sharded_grad_norm, gathered_copy, is_sharded, local, sum_over_processes
 from genunlearn.errors import UserError
 from genunlearn.noise import NoiseSource, current_noise, derive_seed, drawing_from
 from genunlearn.progress import progress
@@ -39,6 +43,7 @@ from genunlearn.tasks.base import Task
 
 LOGGER = logging.getLogger("genunlearn")  # run.log and plain progress lines (genunlearn.runs.logs)
 ESTIMATE_AFTER = 3  # iterations timed for the duration estimate
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamw8bit")  # adamw8bit: bitsandbytes' AdamW8bit (CUDA; moments in 8 bits)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class LoopConfig:
     clip_grad_norm: float | None = None
     hold_masked: bool = False  # masked-out entries keep their values exactly (else momentum and weight decay move them)
     shuffle: bool = True  # each pass over a set in a fresh seeded order (False: the set's own order, every pass)
+    offload_frozen: bool = False  # frozen models (the original, ESD's teacher) wait on the CPU during the loop
     log_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -69,8 +75,10 @@ class LoopConfig:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise UserError(f"learning rate must be positive, got {self.lr}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd, adam or adamw")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; use {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "adamw8bit" and not torch.cuda.is_available():
+            raise UserError("8-bit AdamW (bitsandbytes) runs on CUDA GPUs only; use optimizer=adamw on this machine")
         if self.schedule not in ("constant", "cosine"):
             raise UserError(f"unknown schedule {self.schedule!r}; use constant or cosine")
         if self.log_every < 1 or self.checkpoint_every < 0:
@@ -91,10 +99,25 @@ class LoopConfig:
 
 
 def make_optimizer(cfg: LoopConfig, params) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params``; a UserError for 8-bit AdamW on a sharded model or without bitsandbytes."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        return _adamw_8bit(cfg, list(params))
     optimizer_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw_8bit(cfg: LoopConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if any(hasattr(p, "to_local") for p in params):
+        raise UserError("8-bit AdamW does not take sharded (FSDP) parameters; use optimizer=adamw under --use_fsdp")
+    if any(local(p).device.type != "cuda" for p in params):
+        raise UserError("8-bit AdamW (bitsandbytes) runs on CUDA GPUs only; use optimizer=adamw on this device")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -122,10 +145,13 @@ class StepContext:
     def clip_gradients(self, max_norm: float | None) -> float:
         """Clip to ``max_norm`` (None: no clipping) and return the norm before clipping.
 
-        The norm is taken after gradients are all-reduced, so every process sees the same value
-        and all stop together on a non-finite one.
+        The norm is taken after gradients are all-reduced (over every shard of a sharded model), so every process sees
+        the same value and all stop together on a non-finite one.
         """
-        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm or float("inf")))
+        if is_sharded(self.model):
+            norm = clip_sharded_grad_norm(self.parameters(), max_norm or float("inf"))
+        else:
+            norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm or float("inf")))
         if not math.isfinite(norm):
             raise UserError(
                 f"the loss became non-finite at step {self.step} (gradient norm {norm}); lower the learning rate "
@@ -190,12 +216,18 @@ def training_mode(model: nn.Module, task: Task) -> nn.Module:
 
 @dataclass
 class LoopResult:
-    """The trained model (unwrapped, on the accelerator's device), logged figures, steps run and wall time (s)."""
+    """The trained model (unwrapped, on the accelerator's device; a sharded one gathered into a plain copy on every
+    process), logged figures, steps run, wall time (s) and the processes it was sharded over (None: not sharded)."""
 
     model: nn.Module
     log: list[dict] = field(default_factory=list)
     steps: int = 0
     wall_time_s: float = 0.0
+    sharded_over: int | None = None
+
+    def sharding_info(self) -> dict:
+        """What a report's ``method_info`` says about sharding: ``sharded_over`` and ``evaluated_on``; {} when whole."""
+        return {"sharded_over": self.sharded_over, "evaluated_on": "gathered copy"} if self.sharded_over else {}
 
 
 def run_loop(
@@ -217,8 +249,15 @@ def run_loop(
     With ``checkpoint_dir`` and ``cfg.checkpoint_every`` > 0, a checkpoint is written every that many
     steps; ``resume=True`` continues from the newest one there, ``resume=PATH`` from that checkpoint (same config required). ``observe(step,
     model)`` runs on every process after each logged step but the last (e.g. to evaluate mid-run); it
-    must leave the model as it found it.
+    must leave the model as it found it (a sharded model's observer gets a gathered copy).
+
+    A sharded ``model`` (``engine.sharding.shard_model``) trains as it is, without ``accelerator.prepare``: the same
+    global batches and draws as DDP, gradients reduce-scattered, clipping over every shard, sharded checkpoints.
     """
+    sharded = is_sharded(model)
+    shard = (accelerator.process_index, accelerator.num_processes) if sharded else None
+    if not sharded:
+        model.to(accelerator.device)  # as prepare would; an optimizer may check where its parameters are
     optimizer = make_optimizer(cfg, model.parameters())
     if checkpoint_dir is not None and cfg.checkpoint_every:  # every process alike, so all stop together
         written = min(cfg.keep_checkpoints, cfg.steps // cfg.checkpoint_every)  # kept at once, at most
@@ -226,19 +265,23 @@ def run_loop(
     start_step, log, wall_before, positions = 0, [], 0.0, {}
     optimizer_state = None
     if isinstance(resume, Path):
-        checkpoint = load_checkpoint_at(resume)
+        checkpoint = load_checkpoint_at(resume, shard)
     else:
-        checkpoint = load_latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
+        checkpoint = load_latest_checkpoint(checkpoint_dir, shard) if (resume and checkpoint_dir) else None
     if checkpoint is not None:
         model_state, optimizer_state, loop_state = checkpoint
-        model.load_state_dict(model_state)
+        load_model_shards(model, model_state) if sharded else model.load_state_dict(model_state)
         start_step, log, wall_before = loop_state["step"], loop_state["log"], loop_state["wall_time_s"]
         if start_step >= cfg.steps:
             raise UserError(f"the checkpoint is at step {start_step}; resume with more than {start_step} steps")
         positions = loop_state["stream_positions"]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        if sharded:
+            load_optimizer_shards(optimizer, optimizer_state, list(model.parameters()))
+        else:
+            optimizer.load_state_dict(optimizer_state)
 
     def stream(name: str, data: Dataset | None) -> BatchStream | None:
         if data is None:
@@ -274,29 +317,45 @@ def run_loop(
                 LOGGER.info("%s: step %d/%d, %s", desc, done, cfg.steps,
                             ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
             if observe is not None and done < cfg.steps:
-                observe(done, accelerator.unwrap_model(model))
+                observe(done, gathered_copy(model) if sharded else accelerator.unwrap_model(model))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             wall = wall_before + time.perf_counter() - started
             check_finite(model, done, cfg, checkpoint_dir)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                streams = {"forget": ctx.forget, "retain": ctx.retain}
-                loop_state = {
-                    "log": log,
-                    "wall_time_s": wall,
-                    "stream_positions": {name: s.position for name, s in streams.items() if s is not None},
-                }
-                save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, loop_state, keep=cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            streams = {"forget": ctx.forget, "retain": ctx.retain}
+            loop_state = {
+                "log": log,
+                "wall_time_s": wall,
+                "stream_positions": {name: s.position for name, s in streams.items() if s is not None},
+            }
+            save_loop_checkpoint(checkpoint_dir, done, model, optimizer, loop_state, cfg.keep_checkpoints, accelerator)
         bar.update(1)
     bar.close()
     check_finite(model, cfg.steps, cfg, checkpoint_dir)  # a diverged run returns, and so publishes, nothing
+    wall = wall_before + time.perf_counter() - started
+    if sharded:
+        optimizer.state.clear()  # the optimizer's shards go before the gathered copy comes
+        return LoopResult(gathered_copy(model), log, cfg.steps, wall, accelerator.num_processes)
     return LoopResult(
         model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),  # a plain module: no autocast left in forward
         log=log,
         steps=cfg.steps,
-        wall_time_s=wall_before + time.perf_counter() - started,
+        wall_time_s=wall,
     )
+
+
+def save_loop_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loop_state: dict,
+                         keep: int, accelerator: Accelerator) -> None:
+    """Checkpoint ``step`` (collective): the main process writes a whole model's, every process its shards of a
+    sharded one's; the newest ``keep`` are kept."""
+    accelerator.wait_for_everyone()
+    if is_sharded(model):
+        directory.mkdir(parents=True, exist_ok=True)
+        save_sharded_checkpoint(checkpoint_path(directory, step), model, optimizer, {"step": step, **loop_state}, accelerator)
+        if accelerator.is_main_process:
+            prune_checkpoints(directory, keep)
+    elif accelerator.is_main_process:
+        save_checkpoint(directory, step, accelerator.unwrap_model(model), optimizer, loop_state, keep=keep)
+    accelerator.wait_for_everyone()
 
 
 def announce_duration(desc: str, seconds_per_step: float, remaining: int) -> None:
@@ -310,7 +369,11 @@ def announce_duration(desc: str, seconds_per_step: float, remaining: int) -> Non
 def check_finite(model: nn.Module, step: int, cfg: LoopConfig, checkpoint_dir: Path | None) -> None:
     """A UserError, on every process alike, when any parameter or buffer is non-finite at ``step``: it names the
     entries, the last (finite) checkpoint to resume from and the setting to change."""
-    bad = nonfinite_entries(model.state_dict())
+    sharded = is_sharded(model)
+    bad = nonfinite_entries({name: local(value) for name, value in model.state_dict().items()})
+    count = torch.tensor(len(bad), device=next(local(p) for p in model.parameters()).device)
+    if sharded and int(sum_over_processes(count, True)) and not bad:
+        bad = ["entries on another process"]  # every process stops together
     if not bad:
         return
     kept = checkpoints_newest_first(checkpoint_dir) if checkpoint_dir is not None else []

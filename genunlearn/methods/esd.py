@@ -5,7 +5,6 @@ Needs no images: the concept prompts are the forget split's labels. Text-to-imag
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
-from genunlearn.methods.common import unlearn_with_loop
+from genunlearn.methods.common import frozen_copy, unlearn_with_loop
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.noise import NoiseSource, current_noise
 
@@ -111,7 +110,7 @@ def scope_mask(task, model: nn.Module, scope: str) -> ParameterMask:
 def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     if not hasattr(task, "prompt_embeddings"):
         raise UserError(f"esd erases prompts from text-to-image models; {task.name} is not one")
-    frozen = copy.deepcopy(task.model).to(accelerator.device).eval().requires_grad_(False)
+    frozen = frozen_copy(task, accelerator, cfg.offload_frozen)
     mask = scope_mask(task, task.model, cfg.scope).to(accelerator.device)
     sampler = DDIMScheduler.from_config(task.scheduler.config)
     sampler.set_timesteps(cfg.ddim_steps)

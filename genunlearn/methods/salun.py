@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from functools import partial
 
 from accelerate import Accelerator
+from torch import nn
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, top_fraction_mask
 from genunlearn.engine.objectives import random_label
 from genunlearn.engine.saliency import cached_gradient_statistics
+from genunlearn.engine.sharding import is_sharded
 from genunlearn.errors import UserError
-from genunlearn.methods.common import unlearn_with_loop
+from genunlearn.methods.common import unlearn_with_loop, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.tasks.base import Task
 
@@ -51,18 +53,20 @@ class SalUnConfig(LoopConfig):
             raise UserError(f"unknown SalUn form {self.form!r}; use alternate (classifiers) or joint (diffusion)")
 
 
-def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
+def salun_mask(task: Task, split: ForgetSplit, cfg: SalUnConfig, accelerator: Accelerator,
+               model: nn.Module | None = None) -> tuple[ParameterMask, dict]:
     """``|mean_b ∇θ L(D_f batch)|`` of the original model (L the task's importance loss; SalUn ascends it, and the
-    sign does not change the magnitude), globally top-``mask_fraction``."""
+    sign does not change the magnitude), globally top-``mask_fraction``; ``model``: the original's working copy,
+    sharded or not (None: ``task.model`` itself)."""
     started = time.perf_counter()
-    model = task.model.to(accelerator.device)
+    model = model if model is not None else task.model.to(accelerator.device)
     scores, cached = cached_gradient_statistics(
         task.cache_dir, model, task.importance_loss, task.importance_loss_id, split.forget, accelerator,
         batch_size=cfg.batch_size * accelerator.num_processes, transform="identity", max_norm=cfg.mask_clip,
         seed=cfg.seed, stream="saliency forget", desc="saliency on forget set",
     )
     names = [n for n, _ in model.named_parameters()]
-    mask = top_fraction_mask(names, scores, cfg.mask_fraction).to(accelerator.device)
+    mask = top_fraction_mask(names, scores, cfg.mask_fraction, is_sharded(model))
     return mask, {"mask_kept_fraction": mask.kept_fraction(), "mask_time_s": time.perf_counter() - started, "mask_cached": cached}
 
 
@@ -93,9 +97,11 @@ def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -
     if cfg.epochs is not None:
         per_epoch = forget_batches + retain_batches if cfg.form == "alternate" else forget_batches
         cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * per_epoch, "epochs": None})
-    mask, info = salun_mask(task, split, cfg, accelerator)
+    model = working_copy(task, accelerator)
+    mask, info = salun_mask(task, split, cfg, accelerator, model)
     if cfg.form == "joint":
         step = partial(salun_joint_step, mask=mask)
     else:
         step = partial(salun_step, mask=mask, forget_batches=forget_batches, retain_batches=retain_batches)
-    return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info)
+    return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info,
+                             model=model)

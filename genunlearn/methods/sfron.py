@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from accelerate import Accelerator
+from torch import nn
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.geometry import SlowWeights, cosine_decay, fast_slow_iteration, joint_iteration
@@ -14,8 +15,9 @@ from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask, fisher_ratio_mask
 from genunlearn.engine.objectives import FORGET_OBJECTIVES, forget_objective
 from genunlearn.engine.saliency import cached_gradient_statistics
+from genunlearn.engine.sharding import is_sharded
 from genunlearn.errors import UserError
-from genunlearn.methods.common import unlearn_with_loop
+from genunlearn.methods.common import unlearn_with_loop, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.tasks.base import Task
 
@@ -65,11 +67,13 @@ class SFRonConfig(LoopConfig):
             raise UserError(f"lookahead must be in (0, 1], got {self.lookahead}")
 
 
-def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Accelerator) -> tuple[ParameterMask, dict]:
+def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Accelerator,
+               model: nn.Module | None = None) -> tuple[ParameterMask, dict]:
     """Fishers of the original model on D_f and D_r (the task's importance loss, one batch size for both; independent
-    draws from the run's seed) and their ratio mask."""
+    draws from the run's seed) and their ratio mask; ``model``: the original's working copy, sharded or not (None:
+    ``task.model`` itself)."""
     started = time.perf_counter()
-    model = task.model.to(accelerator.device)
+    model = model if model is not None else task.model.to(accelerator.device)
     fisher_batch = cfg.fisher_batch_size or cfg.batch_size * accelerator.num_processes
     stats = {}
     for part in ("forget", "retain"):
@@ -79,7 +83,7 @@ def sfron_mask(task: Task, split: ForgetSplit, cfg: SFRonConfig, accelerator: Ac
             seed=cfg.seed, stream=f"fisher {part}", desc=f"Fisher on {part} set",
         )
     names = [n for n, _ in model.named_parameters()]
-    mask = fisher_ratio_mask(names, stats["forget"][0], stats["retain"][0], cfg.mask_threshold).to(accelerator.device)
+    mask = fisher_ratio_mask(names, stats["forget"][0], stats["retain"][0], cfg.mask_threshold, is_sharded(model))
     info = {
         "mask_kept_fraction": mask.kept_fraction(),
         "mask_time_s": time.perf_counter() - started,
@@ -109,6 +113,8 @@ def sfron_step(ctx: StepContext, mask: ParameterMask | None, slow_weights: SlowW
 
 @register_method("sfron", "SFR-on: Fisher-ratio saliency mask, adaptive forget ascent, fast-slow remain-geometry steps", SFRonConfig)
 def run(task, split, cfg: SFRonConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
-    mask, info = sfron_mask(task, split, cfg, accelerator) if cfg.use_mask else (None, {})
+    model = working_copy(task, accelerator)
+    mask, info = sfron_mask(task, split, cfg, accelerator, model) if cfg.use_mask else (None, {})
     step = partial(sfron_step, mask=mask, slow_weights=SlowWeights(cfg.lookahead))
-    return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info)
+    return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info,
+                             model=model)
