@@ -23,13 +23,18 @@ from test_diffusion import tiny_digits_preset
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"
 PRESETS = {"unet": "ddpm-digits", "dit": "dit-digits"}
+CLASSIFIER_METHODS = ("lfssd", "ssd")  # the methods that shard and apply to classifiers only
+CASES = [(model, method) for model in PRESETS for method in SHARDED_METHODS if method not in CLASSIFIER_METHODS] + \
+        [("cnn", method) for method in CLASSIFIER_METHODS]
 LAUNCHES = {"one": ["--num_processes", "1"], "ddp": ["--multi_gpu", "--num_processes", "2"],
             "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2"]}
 GLOBAL_BATCH = 16
 
 
 def two_steps(method: str) -> dict:
-    """Settings for 2 iterations (retrain's and SalUn's length is otherwise in epochs)."""
+    """Settings for 2 iterations (retrain's and SalUn's length is otherwise in epochs); SSD's alpha inside (1, 1/share)."""
+    if method in CLASSIFIER_METHODS:
+        return {"alpha": 5.0}
     return {"steps": 2, **({"epochs": None} if method in ("retrain", "salun") else {})}
 
 
@@ -74,6 +79,9 @@ def run_jobs(jobs: list[dict], cache_dir: Path, how: str, port: int) -> dict[str
 
 
 def job(pipelines: dict, model: str, method: str, out: Path, **extra) -> dict:
+    """A worker job; the classifier (cnn-digits, trained and cached by the ``cnn_task`` fixture) keeps SSD's global batch."""
+    if model == "cnn":
+        return {"preset": "cnn-digits", "method": method, "out": str(out / f"{model}-{method}.safetensors"), **extra}
     return {"pipeline": str(pipelines[model]), "preset": PRESETS[model], "method": method, "global_batch": GLOBAL_BATCH,
             "out": str(out / f"{model}-{method}.safetensors"), **extra}
 
@@ -114,26 +122,26 @@ def test_sharded_masks_equal_one_process_bit_for_bit_and_weights_match_ddp(pipel
 
 
 @pytest.fixture(scope="module")
-def two_iterations(pipelines, tmp_path_factory) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """Every method that shards, 2 iterations on each tiny model, in one DDP and one sharded launch."""
-    cache = tmp_path_factory.mktemp("two-iterations-cache")
+def two_iterations(pipelines, cnn_task, cache_dir, tmp_path_factory) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Every method that shards, 2 iterations on each tiny model (SSD: one dampening of cnn-digits), in one DDP and
+    one sharded launch."""
     dumps = {}
     for how, port in (("ddp", 29581), ("fsdp", 29567)):
         out = tmp_path_factory.mktemp(f"two-iterations-{how}")
-        jobs = [job(pipelines, model, method, out, settings=two_steps(method)) for model in PRESETS for method in SHARDED_METHODS]
-        dumps[how] = run_jobs(jobs, cache, how, port)
+        jobs = [job(pipelines, model, method, out, settings=two_steps(method)) for model, method in CASES]
+        dumps[how] = run_jobs(jobs, cache_dir, how, port)
     return dumps
 
 
-@pytest.mark.parametrize("model", list(PRESETS))
-@pytest.mark.parametrize("method", SHARDED_METHODS)
-def test_every_gradient_method_runs_two_iterations_sharded(method, model, two_iterations, pipelines):
+@pytest.mark.parametrize("model, method", CASES)
+def test_every_gradient_method_runs_two_iterations_sharded(method, model, two_iterations, pipelines, cnn_task):
     """Sharded over 2 processes, each method's 2 iterations end where DDP's do (float tolerance: retrain's fresh
     weights under AdamW 2e-3 differ from one process's by up to 4e-4, DDP's and the sharded run's alike, as the
-    batch is split the same way)."""
+    batch is split the same way); SSD's importances shard, and its dampening is element-wise on the shards."""
     ddp, sharded = (two_iterations[how][f"{model}-{method}"] for how in ("ddp", "fsdp"))
     assert int(sharded["sharded_over"]) == 2
-    start = original(pipelines[model])
+    start = ({f"weights.{k}": v for k, v in cnn_task.model.state_dict().items()} if model == "cnn"
+             else original(pipelines[model]))
     assert any(not torch.equal(value, start[k]) for k, value in weights(sharded).items())  # it trained
     bad = {k: float((value - ddp[k]).abs().max()) for k, value in weights(sharded).items()
            if not torch.allclose(value, ddp[k], rtol=1e-5, atol=2e-5)}
@@ -198,10 +206,10 @@ def test_fsdp_with_a_method_that_cannot_shard_and_8bit_adam_on_a_cpu_are_refused
                                                     "optimizer=adamw on this machine")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    assert guarded(forget_main, [*base, "--method", "ssd"]) == 2
+    assert guarded(forget_main, [*base, "--method", "fast_ntk"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["error: ssd does not run sharded (FSDP); launch it without --use_fsdp (configs/accelerate/multi_gpu.yaml), "
-                     f"or use one of {', '.join(SHARDED_METHODS)}"]
+    assert lines == ["error: fast_ntk does not run sharded (FSDP); launch it without --use_fsdp "
+                     f"(configs/accelerate/multi_gpu.yaml), or use one of {', '.join(SHARDED_METHODS)}"]
     assert not (tmp_path / "run").exists()
 
 
@@ -247,3 +255,17 @@ assert "genunlearn" not in sys.modules
 """
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
+def test_ssd_alpha_auto_is_refused_sharded(cnn_task, class3_split, monkeypatch):
+    """SSD shards with a given alpha; its alpha search (dampened copies scored on held-out forget data) does not."""
+    from types import SimpleNamespace
+
+    from genunlearn.errors import UserError
+    from genunlearn.methods.ssd import SSDConfig, run_ssd
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    two_processes = SimpleNamespace(state=SimpleNamespace(), mixed_precision="no", num_processes=2, is_main_process=True)
+    with pytest.raises(UserError, match="ssd alpha=auto does not run sharded"):
+        run_ssd(cnn_task, class3_split, SSDConfig(alpha="auto"), two_processes, label_free=False)

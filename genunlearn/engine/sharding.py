@@ -27,7 +27,7 @@ from torch import nn
 
 from genunlearn.errors import UserError
 
-SHARDED_METHODS = ("finetune", "grad_ascent", "random_label", "retrain", "salun", "sfron")
+SHARDED_METHODS = ("finetune", "grad_ascent", "lfssd", "random_label", "retrain", "salun", "sfron", "ssd")
 # blocks a model's own forward reaches into before their turn (DiT embeds the timestep and label with block 0's
 # norm1.emb): they stay in the root's unit, gathered whenever the root's parameters are
 _CALLED_BY_ROOT = {"DiTTransformer2DModel": ("transformer_blocks.0",)}

@@ -6,7 +6,6 @@ every parameter with I_f > α·I_D (strict) is scaled by β = min(λ·I_D / I_f,
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from dataclasses import dataclass
@@ -19,10 +18,12 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.saliency import BatchLoss, GradientTransform, cached_gradient_statistics
+from genunlearn.engine.sharding import gathered_copy, sharding_requested
 from genunlearn.errors import UserError
-from genunlearn.methods.common import require_classifier
+from genunlearn.methods.common import require_classifier, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 import genunlearn.methods.ssd_alpha as ssd_alpha
+from genunlearn.methods.ssd_dampen import dampen
 from genunlearn.tasks.base import Task
 
 
@@ -94,27 +95,13 @@ def ssd_importances(task: Task, model: nn.Module, split: ForgetSplit, cfg: SSDCo
     return whole, forget, cached
 
 
-@torch.no_grad()
-def dampen(model: nn.Module, whole: list[torch.Tensor], forget: list[torch.Tensor], alpha: float, dampening: float,
-           parameters: str | None = None) -> tuple[int, int]:
-    """Scale every selected weight (I_f > α·I_D, strict) by β = min(λ·I_D / I_f, 1), in place; parameters whose
-    name does not match ``parameters`` (a regex; None: all) are left alone. Returns (selected, considered) counts."""
-    selected = considered = 0
-    for (name, param), importance_whole, importance_forget in zip(model.named_parameters(), whole, forget):
-        if parameters is not None and re.search(parameters, name) is None:
-            continue
-        chosen = importance_forget > alpha * importance_whole
-        beta = (dampening * importance_whole[chosen] / importance_forget[chosen]).clamp(max=1.0)
-        param[chosen] = param[chosen] * beta.to(param.dtype)
-        selected += int(chosen.sum())
-        considered += param.numel()
-    return selected, considered
-
-
 def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator, *, label_free: bool) -> UnlearnResult:
     started, name, main = time.perf_counter(), "lfssd" if label_free else "ssd", accelerator.is_main_process
-    model = copy.deepcopy(task.model).to(accelerator.device)
-    auto = cfg.alpha == "auto"
+    auto, sharded = cfg.alpha == "auto", sharding_requested(accelerator)
+    if auto and sharded:
+        raise UserError(f"{name} alpha=auto does not run sharded (its search scores dampened copies); pass a number for "
+                        "alpha, or launch without --use_fsdp")
+    model = working_copy(task, accelerator)
     fit, heldout = ssd_alpha.heldout_slice(split, cfg.auto_heldout, cfg.seed, name) if auto else (split.forget, None)
     if not auto:
         alpha = cfg.alpha if cfg.alpha is not None else ssd_alpha.default_alpha(model, split.spec.kind)
@@ -125,8 +112,10 @@ def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Acceler
         in_place = partial(dampen, whole=whole, forget=forget, dampening=cfg.dampening, parameters=cfg.parameters)
         alpha, info["auto_heldout_forget_acc"] = ssd_alpha.auto_alpha(model, in_place, heldout, cfg.auto_target,
                                                                       ssd_alpha.alpha_ceiling(split), accelerator)
-    before = ssd_alpha.forget_accuracy(model, split.forget, accelerator)
+    before = ssd_alpha.forget_accuracy(task.model, split.forget, accelerator)  # the copy's weights, before dampening
     selected, considered = dampen(model, whole, forget, alpha, cfg.dampening, cfg.parameters)
+    if sharded:
+        model, info = gathered_copy(model), {**info, "sharded_over": accelerator.num_processes, "evaluated_on": "gathered copy"}
     if considered == 0:
         raise UserError(f"ssd parameters={cfg.parameters!r} matches no parameter name")
     ssd_alpha.check_forgetting(before, ssd_alpha.forget_accuracy(model, split.forget, accelerator), selected / considered, name, main)

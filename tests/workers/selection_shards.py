@@ -28,3 +28,4 @@ for k in (0, 1, 9, total // 2, total - 3, total):
         out[f"whole.{k}.{i}"] = top_k_entries(scores, k)[i].to(torch.uint8)
 if accelerator.is_main_process:
     save_file(out, sys.argv[1])
+accelerator.wait_for_everyone()  # both processes leave together: a gloo group torn down mid-write can abort the other

@@ -1,5 +1,5 @@
-"""Worker for test_sharded: gradient methods on diffusion pipeline folders (class 3), whole, DDP or sharded (FSDP2),
-as the launch says. Each job of the JSON list in argv[1] dumps (main process) the method's mask gathered whole
+"""Worker for test_sharded: methods on diffusion pipeline folders or a classifier preset (class 3), whole, DDP or
+sharded (FSDP2), as the launch says; ``global_batch`` sets a per-process batch. Each job of the JSON list in argv[1] dumps (main process) the method's mask gathered whole
 (SFR-on, SalUn, with ``masks``) and the unlearned weights to its ``out``; with ``exit_after_checkpoint`` every process
 exits hard right after the first checkpoint (a killed launch)."""
 
@@ -31,10 +31,11 @@ def whole(mask_part: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def run(job: dict, accelerator) -> None:
-    task = load_task(job["preset"], pretrained=job["pipeline"], accelerator=accelerator)
+    task = load_task(job["preset"], pretrained=job.get("pipeline"), accelerator=accelerator)
     task.cache_dir = None  # computed here, never read from a cache
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(3,)))
-    settings = {**job["settings"], "batch_size": job["global_batch"] // accelerator.num_processes}
+    per_process = {"batch_size": job["global_batch"] // accelerator.num_processes} if "global_batch" in job else {}
+    settings = {**job["settings"], **per_process}
     tensors = {}
     if job.get("masks"):
         _, cfg = method_config(job["method"], task.preset, settings)
@@ -60,3 +61,4 @@ def run(job: dict, accelerator) -> None:
 accelerator = make_accelerator()
 for job in json.loads(sys.argv[1]):
     run(job, accelerator)
+accelerator.wait_for_everyone()  # both processes leave together: a gloo group torn down mid-write can abort the other
