@@ -231,18 +231,21 @@ def test_fsdp_version_1_and_fp16_are_refused(version, precision, message, monkey
 
 
 def test_the_fsdp_recipe_runs_the_script_and_its_output_loads_with_diffusers_alone(pipelines, cnn_task, cache_dir, tmp_path):
-    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (2 processes here) runs forget_class.py sharded:
-    the report says so and the pipeline folder's denoiser loads with diffusers alone, holding the unlearned weights."""
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (2 processes here) runs forget_class.py sharded,
+    with gradient checkpointing and the original offloaded: the report says so and the pipeline folder's denoiser loads
+    with diffusers alone, holding the unlearned weights."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
                "--num_processes", "2", "--main_process_port", "29579", str(REPO / "scripts" / "forget_class.py"),
                "--model", "ddpm-digits", "--pretrained", str(pipelines["unet"]), "--class", "3", "--steps", "2",
-               "--eval-samples", "4", "--eval-steps", "2", "--output-dir", str(out)]
+               "--eval-samples", "4", "--eval-steps", "2", "--gradient-checkpointing", "--set", "offload_frozen=true",
+               "--output-dir", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GENUNLEARN_CACHE": str(cache_dir)})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
     assert report["method_info"]["sharded_over"] == 2 and report["method_info"]["evaluated_on"] == "gathered copy"
+    assert report["memory"] == {"sharding": "fsdp2", "gradient_checkpointing": True, "offload_frozen": True}
     script = f"""
 import sys
 from diffusers import UNet2DModel
@@ -269,3 +272,11 @@ def test_ssd_alpha_auto_is_refused_sharded(cnn_task, class3_split, monkeypatch):
     two_processes = SimpleNamespace(state=SimpleNamespace(), mixed_precision="no", num_processes=2, is_main_process=True)
     with pytest.raises(UserError, match="ssd alpha=auto does not run sharded"):
         run_ssd(cnn_task, class3_split, SSDConfig(alpha="auto"), two_processes, label_free=False)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_refused_in_one_line(cnn_task, tmp_path, capsys):
+    """diffusers and timm models switch it on through their library; our SmallCNN has none."""
+    argv = ["--model", "cnn-digits", "--class", "3", "--steps", "1", "--gradient-checkpointing", "--output-dir", str(tmp_path / "run")]
+    assert guarded(forget_main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: SmallCNN has no gradient checkpointing (diffusers and "
+                                                                "timm models have it); run without --gradient-checkpointing")

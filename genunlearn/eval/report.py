@@ -5,7 +5,8 @@ report.json keys (schema_version 2):
   schema_version, genunlearn_version, kind (classifier or diffusion), model, class (int, list of ints, or null for random forgetting),
   method, steps, wall_time_s (the method's own time), processes, split (spec and part sizes),
   config (the method's settings), method_info (mask_kept_fraction, mask_time_s, mask_cached for
-  masked methods), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
+  masked methods; sharded_over and evaluated_on for a sharded run), memory (sharding none/ddp/fsdp2,
+  gradient_checkpointing, offload_frozen), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
   mia: fractions in [0, 1] or null; per_class_acc: test accuracy per class, from schema 2; eval_time_s), log (figures
   every log_every steps), weights (path). Schema 2 adds environment, command, genunlearn_revision, started_at and
   finished_at (genunlearn.runs.provenance).

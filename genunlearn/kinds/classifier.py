@@ -17,6 +17,7 @@ from genunlearn.eval.model_card import classifier_loading
 from genunlearn.kinds.base import OracleStore
 from genunlearn.models.loading import load_classifier_task, load_datasets, load_network
 from genunlearn.models.presets import ClassifierPreset
+from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.files import WEIGHTS_NAME, load_weights, save_model_dir
@@ -98,7 +99,7 @@ class ClassifierKind:
         network = load_network(preset, train, data_id, pretrained=job.pretrained, cache_dir=job.cache_dir, accelerator=accelerator)
         task = ClassifierTask(preset, network, train, test, cache_dir=cache_root(job.cache_dir))
         if job.gradient_checkpointing:
-            task.model.set_grad_checkpointing(True)
+            enable_gradient_checkpointing(task.model)
         return ClassifierRun(job, preset, task, split, data_id, accelerator)
 
     def evaluate_model(self, job: ForgetJob, preset: ClassifierPreset, accelerator: Accelerator) -> tuple[dict, None]:

@@ -32,6 +32,7 @@ from genunlearn.models.loading import EMBEDDED_DATASETS, load_datasets
 from genunlearn.models.pipeline import Pipeline, pipeline_class_names, pipeline_num_classes
 from genunlearn.models.presets import DiffusionPreset, SamplingDefaults
 from genunlearn.models.sampling import pipeline_for
+from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -113,7 +114,7 @@ def real_datasets(preset: DiffusionPreset, data: str | None) -> tuple | None:
 def prepare_for_memory(task: DiffusionTask, gradient_checkpointing: bool) -> None:
     """Turn on the denoiser's gradient checkpointing (activations recomputed in backward: less memory, ~30% slower)."""
     if gradient_checkpointing:
-        task.model.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(task.model)
 
 
 HELDOUT_SEED_OFFSET = 7  # held-out classes are drawn apart from the D_r classes

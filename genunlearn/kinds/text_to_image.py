@@ -30,6 +30,7 @@ from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
+from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -159,7 +160,7 @@ def prepare_concepts(job: ForgetJob, preset: TextToImagePreset, accelerator: Acc
                         steps=protocol.steps, seed=job.seed, images=images, preset=preset, cache_dir=root,
                         accelerator=accelerator)
     if job.gradient_checkpointing:
-        task.model.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(task.model)
     split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=tuple(prompts.groups()["forget"]),
                                                                          seed=job.seed))
     reference = retain_reference(task, judge, prompts.groups()["remain"], accelerator, **protocol.sampling())

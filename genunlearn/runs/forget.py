@@ -50,6 +50,9 @@ def run_report(kind: str, job: ForgetJob, preset: Preset, run: Run, cfg, result:
         "class_names": list(run.split.train.classes),
         "config": dataclasses.asdict(cfg),
         "method_info": result.info,
+        "memory": {"sharding": "fsdp2" if result.info.get("sharded_over") else "ddp" if accelerator.num_processes > 1 else "none",
+                   "gradient_checkpointing": job.gradient_checkpointing,
+                   "offload_frozen": bool(getattr(cfg, "offload_frozen", False))},
         "log": result.log,
         **entries,
     }
