@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from genunlearn import SplitSpec, load_task, make_forget_split, unlearn
 from genunlearn.cli import forget_main, guarded
 from genunlearn.engine.selection import top_k_entries
 from genunlearn.engine.sharding import SHARDED_METHODS
+from genunlearn.errors import UserError
 from genunlearn.models.presets import DiffusionPreset
 from helpers import accelerate_command
 from test_diffusion import tiny_digits_preset
@@ -29,6 +31,7 @@ CASES = [(model, method) for model in PRESETS for method in SHARDED_METHODS if m
 LAUNCHES = {"one": ["--num_processes", "1"], "ddp": ["--multi_gpu", "--num_processes", "2"],
             "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2"]}
 GLOBAL_BATCH = 16
+FEW_FISHER_BATCHES = {"sfron": {"fisher_batches": 6}}  # SFR-on's Fishers over 6 global batches, not a pass over D_r
 
 
 def two_steps(method: str) -> dict:
@@ -103,7 +106,7 @@ def test_sharded_masks_equal_one_process_bit_for_bit_and_weights_match_ddp(pipel
     for how, port in (("one", 29561), ("ddp", 29563), ("fsdp", 29565)):
         out = tmp_path / how
         out.mkdir()
-        jobs = [job(pipelines, model, method, out, masks=True, settings={"steps": 3})
+        jobs = [job(pipelines, model, method, out, masks=True, settings={"steps": 3, **FEW_FISHER_BATCHES.get(method, {})})
                 for model in PRESETS for method in ("sfron", "salun")]
         dumps[how] = run_jobs(jobs, cache_dir, how, port)
     for name, one in dumps["one"].items():
@@ -148,10 +151,10 @@ def test_every_gradient_method_runs_two_iterations_sharded(method, model, two_it
     assert not bad, bad
 
 
-def test_a_killed_sharded_run_resumes_to_the_same_weights(pipelines, cache_dir, tmp_path):
+def test_a_killed_sharded_run_resumes_to_the_same_weights(pipelines, cache_dir, accelerator, tmp_path):
     """A sharded launch killed (every process exits hard) right after its step-2 checkpoint, resumed by a sharded launch,
-    ends with the weights of an uninterrupted one, bit for bit; an unsharded launch refuses its checkpoint."""
-    settings = {"steps": 4, "checkpoint_every": 2}
+    ends with the weights of an uninterrupted one, bit for bit; an unsharded run refuses its checkpoint."""
+    settings = {"steps": 4, "checkpoint_every": 2, **FEW_FISHER_BATCHES["sfron"]}
     straight = run_jobs([job(pipelines, "dit", "sfron", tmp_path, settings=settings, checkpoint_dir=str(tmp_path / "a"))],
                         cache_dir, "fsdp", 29569)
     resumed_job = job(pipelines, "dit", "sfron", tmp_path / "b", settings=settings, checkpoint_dir=str(tmp_path / "b"))
@@ -166,10 +169,11 @@ def test_a_killed_sharded_run_resumes_to_the_same_weights(pipelines, cache_dir, 
     resumed = run_jobs([{**resumed_job, "resume": True}], cache_dir, "fsdp", 29573)
     a, b = weights(straight["dit-sfron"]), weights(resumed["dit-sfron"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    refused = launch(WORKERS / "sharded_dump.py", [json.dumps([{**resumed_job, "resume": True}])], cache_dir, "one", 29575)
-    assert refused.returncode != 0
-    assert "was written by 2 sharded processes; resume it with accelerate launch --use_fsdp --fsdp_version 2 " \
-           "--num_processes 2" in refused.stderr
+    task = load_task("dit-digits", pretrained=str(pipelines["dit"]), accelerator=accelerator)
+    split = make_forget_split(task.train_data, task.test_data, SplitSpec("class", classes=(3,)))
+    with pytest.raises(UserError, match="was written by 2 sharded processes; resume it with accelerate launch --use_fsdp "
+                                        "--fsdp_version 2 --num_processes 2"):
+        unlearn(task, split, "sfron", accelerator=accelerator, checkpoint_dir=tmp_path / "b", resume=True, **settings)
 
 
 def test_the_sharded_selection_equals_the_whole_one_with_ties_and_empty_shards(cache_dir, tmp_path):
@@ -221,7 +225,6 @@ def test_fsdp_version_1_and_fp16_are_refused(version, precision, message, monkey
     from types import SimpleNamespace
 
     from genunlearn.engine.sharding import fsdp_requested
-    from genunlearn.errors import UserError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", version)
@@ -264,7 +267,6 @@ def test_ssd_alpha_auto_is_refused_sharded(cnn_task, class3_split, monkeypatch):
     """SSD shards with a given alpha; its alpha search (dampened copies scored on held-out forget data) does not."""
     from types import SimpleNamespace
 
-    from genunlearn.errors import UserError
     from genunlearn.methods.ssd import SSDConfig, run_ssd
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
