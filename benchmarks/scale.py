@@ -2,17 +2,18 @@
 not the weights), each method against a plain fine-tuning step in the same run.
 
     python benchmarks/scale.py --tiny          # scaled-down models on the CPU (a minute): checks the script end to end
-    python benchmarks/scale.py                 # DiT-XL/2 256 (batch 32) and the SD-1.5 UNet (64x64 latents, batch 8)
+    python benchmarks/scale.py                 # DiT-XL/2 256 (batch 32), the SD-1.5 UNet (64x64 latents, batch 8) and
+                                               # the SD-XL UNet (128x128 latents, batch 2; add --gradient-checkpointing)
     accelerate launch --config_file configs/accelerate/fsdp.yaml benchmarks/scale.py   # the same, sharded (FSDP2)
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 benchmarks/scale.py --tiny   # sharded on a CPU
 
 Each cell runs ``genunlearn.unlearn`` for ``--steps`` iterations per method: on a DiT task over random latents
 (4x32x32, 1000 classes; fine-tune, SFR-on, SalUn) and on a text-to-image task of the SD-1.5 UNet over random latents
-(4x64x64) and 8 prompts through a 768-wide one-layer CLIP text encoder (fine-tune, SFR-on, SalUn, ESD). It records
+(4x64x64) and 8 prompts through a 768-wide one-layer CLIP text encoder (fine-tune, SFR-on, SalUn, ESD), and the same
+on the SD-XL UNet (4x128x128 latents; two one-layer text encoders of SD-XL's widths, pooled embeddings and time ids). It records
 iterations per second of the loop (masks and Fishers timed apart, from the method's info), the ratio to fine-tuning's,
 peak GPU memory of the main process, the precision and the sharding (none, DDP or FSDP2 over N processes, as
 launched); one JSON per model and launch in results/scale/, written by the main process. Batches are per process.
-The SD-XL UNet waits for the SD-XL task (its added text-time conditioning; issue 35).
 """
 
 from __future__ import annotations
@@ -33,12 +34,22 @@ DIT_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_
               patch_size=2, num_embeds_ada_norm=1000)
 SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, layers_per_block=2)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12)
+SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+                 layers_per_block=2, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 use_linear_projection=True, addition_time_embed_dim=256)
+SDXL_TEXT = (SD15_TEXT, dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_attention_heads=20,
+                             projection_dim=1280))  # CLIP ViT-L and OpenCLIP bigG widths, one layer each
 PROMPTS = [f"a photo of thing {n}" for n in range(8)]  # the forget split takes prompt 0
 MODELS = {  # name: (label, full config, tiny config, methods, batch, tiny batch)
     "dit-xl": ("DiT-XL/2 256", DIT_XL, {**DIT_XL, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2},
                ("finetune", "sfron", "salun"), 32, 4),
     "sd-1.5": ("SD-1.5 UNet", SD15_UNET, {**SD15_UNET, "sample_size": 8, "block_out_channels": (32, 32, 64, 64),
                                            "norm_num_groups": 8}, ("finetune", "sfron", "salun", "esd"), 8, 2),
+    "sd-xl": ("SD-XL UNet", SDXL_UNET, {**SDXL_UNET, "sample_size": 8, "block_out_channels": (32, 32, 64),
+                                         "transformer_layers_per_block": (1, 1, 2), "attention_head_dim": (2, 4, 4),
+                                         "norm_num_groups": 8, "addition_time_embed_dim": 8},
+              ("finetune", "sfron", "salun", "esd"), 2, 2),
 }
 DIT_FORWARD_GFLOP = 118.6  # DiT-XL/2 256 per image (Peebles & Xie, table 4)
 
@@ -83,6 +94,31 @@ def sd_task(config: dict, samples: int, seed: int, tiny: bool):
                            DDPMScheduler(beta_schedule="scaled_linear"), data, data, encoded_data=True)
 
 
+def sdxl_task(config: dict, samples: int, seed: int, tiny: bool):
+    """A text-to-image task of an SD-XL UNet (``config``) over ``samples`` random latents of ``PROMPTS``, conditioned by
+    two one-layer CLIP text encoders of SD-XL's widths (77 tokens), with the sd-1.5 preset's method settings."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from genunlearn.data.tensor_dataset import LabeledTensorDataset
+    from genunlearn.models.presets import get_preset
+    from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sdxl
+    from genunlearn.tasks.text_to_image_xl import TextToImageXLTask
+
+    first, second = SDXL_TEXT
+    if tiny:
+        first = {**first, "num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 32}
+        second = {**second, "num_attention_heads": 2, "hidden_size": 24, "intermediate_size": 48, "projection_dim": 16}
+    words = sorted({word for prompt in PROMPTS for word in prompt.split()})
+    pipeline = build_tiny_sdxl(words, text_encoder=first, text_encoder_2=second, unet=config, vae=TINY_SD["vae"],
+                               max_length=77, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(samples, 4, config["sample_size"], config["sample_size"], generator=generator)
+    data = LabeledTensorDataset(latents, torch.arange(samples) % len(PROMPTS), PROMPTS)
+    return TextToImageXLTask.from_pipeline(pipeline, get_preset("sd-1.5"), DDPMScheduler(beta_schedule="scaled_linear"),
+                                           data, data, encoded_data=True)
+
+
 def run_cell(task, method: str, steps: int, batch_size: int, accelerator) -> dict:
     """One method's timed run: loop iterations per second, mask time, peak GPU memory (GB, None on CPU)."""
     import torch
@@ -125,7 +161,7 @@ def render(cell: dict) -> str:
 
 def cell_name(model: str, tiny: bool, device: str, launch: str, checkpointing: bool) -> str:
     """The result file's stem: ``dit-tiny__cpu``, ``sd-1.5__NVIDIA-H100-80GB-HBM3__fsdp2x8``, ..."""
-    stem = {"dit-xl": "dit", "sd-1.5": "sd15"}[model] + ("-tiny" if tiny else "")
+    stem = {"dit-xl": "dit", "sd-1.5": "sd15", "sd-xl": "sdxl"}[model] + ("-tiny" if tiny else "")
     parts = [stem, device.split(" (")[0].replace(" ", "-")]
     if launch != "none":
         parts.append(launch.replace(" x ", "x").lower())
@@ -154,7 +190,10 @@ def main() -> int:
         label, full, tiny, methods, batch, tiny_batch = MODELS[model]
         config, batch = (tiny, tiny_batch) if args.tiny else (full, batch)
         samples = 4 * batch * accelerator.num_processes
-        task = dit_task(config, samples, seed=0) if model == "dit-xl" else sd_task(config, samples, seed=0, tiny=args.tiny)
+        if model == "dit-xl":
+            task = dit_task(config, samples, seed=0)
+        else:
+            task = (sd_task if model == "sd-1.5" else sdxl_task)(config, samples, seed=0, tiny=args.tiny)
         if args.gradient_checkpointing:
             task.model.enable_gradient_checkpointing()
         runnable = [m for m in methods if m in SHARDED_METHODS or not launch.startswith("FSDP")]  # ESD does not shard

@@ -94,9 +94,10 @@ def generated_prompt_datasets(
 ) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """``(train, test)`` of a text-to-image model's own generations: ``per_prompt`` latents of each of ``ids`` (ids into
     ``prompts``, the datasets' classes), and a quarter as many with other seeds; cached by (UNet, text encoder,
-    prompts and their ids, which seed them, counts, sampler, seed, numerics)."""
-    key = [model_fingerprint(pipeline.unet), model_fingerprint(pipeline.text_encoder), {i: prompts[i] for i in ids}, guidance,
-           steps, numerics(accelerator)]
+    prompts and their ids, which seed them, counts, sampler, seed, numerics); SD-XL's second text encoder too."""
+    encoders = [model_fingerprint(getattr(pipeline, name)) for name in ("text_encoder", "text_encoder_2")
+                if getattr(pipeline, name, None) is not None]
+    key = [model_fingerprint(pipeline.unet), *encoders, {i: prompts[i] for i in ids}, guidance, steps, numerics(accelerator)]
 
     def generate(count: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
         return stacked(sample_prompts(pipeline, prompts, ids, count, accelerator, guidance=guidance, steps=steps, seed=at,

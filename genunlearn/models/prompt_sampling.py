@@ -5,29 +5,43 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
 from genunlearn.tasks.text_to_image import TextToImageTask
 
 
-def sampling_pipeline(unet: nn.Module, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer, noise_schedule: dict) -> StableDiffusionPipeline:
-    """How genunlearn samples a text-to-image model: a ``StableDiffusionPipeline`` of these components with DDIM on the
-    ``noise_schedule`` (a scheduler's config; DDIM keeps its own settings: unclipped latents, steps offset), no safety
-    checker and no progress bar."""
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler.from_config(noise_schedule), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict, noise_schedule: dict) -> DiffusionPipeline:
+    """How genunlearn samples a text-to-image model: ``pipeline_class`` (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``) of ``components`` with DDIM on the ``noise_schedule`` (a scheduler's config; DDIM
+    keeps its own settings: unclipped latents, steps offset), no safety checker and no progress bar."""
+    extra = {"requires_safety_checker": False} if issubclass(pipeline_class, StableDiffusionPipeline) else {}
+    pipeline = pipeline_class(**components, scheduler=DDIMScheduler.from_config(noise_schedule), **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> StableDiffusionPipeline:
-    """``sampling_pipeline`` of a text-to-image task: its UNet (or ``unet``) with the frozen text encoder, tokenizer and
-    VAE, on the task's noise schedule."""
-    return sampling_pipeline(task.model if unet is None else unet, task.vae, task.text_encoder, task.tokenizer,
-                             task.scheduler.config)
+def sampling_pipeline(unet: nn.Module, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer, noise_schedule: dict) -> StableDiffusionPipeline:
+    """``pipeline_with_ddim`` of Stable Diffusion (1.x/2.x) components."""
+    return pipeline_with_ddim(StableDiffusionPipeline, {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                                                        "unet": unet, "safety_checker": None, "feature_extractor": None},
+                              noise_schedule)
+
+
+def sampler_like(pipeline: DiffusionPipeline) -> DiffusionPipeline:
+    """``pipeline_with_ddim`` of ``pipeline``'s own class and components (a user's SD or SD-XL pipeline)."""
+    components = {k: v for k, v in pipeline.components.items() if k not in ("scheduler", "safety_checker", "feature_extractor")}
+    if isinstance(pipeline, StableDiffusionPipeline):
+        components.update(safety_checker=None, feature_extractor=None)
+    return pipeline_with_ddim(type(pipeline), components, pipeline.scheduler.config)
+
+
+def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> DiffusionPipeline:
+    """``pipeline_with_ddim`` of a text-to-image task (its ``pipeline_class``): its UNet (or ``unet``) with the frozen
+    text encoder(s), tokenizer(s) and VAE, on the task's noise schedule."""
+    return pipeline_with_ddim(task.pipeline_class, task.pipeline_components(task.model if unet is None else unet),
+                              task.scheduler.config)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
-"""A Stable Diffusion pipeline built offline at toy size (ALGORITHMS_T2I.md §5): Stable Diffusion's own component
-classes (CLIP tokenizer and text encoder, ``AutoencoderKL``, ``UNet2DConditionModel``, a DDIM scheduler) in a
-``StableDiffusionPipeline``, so what runs on it runs on Stable Diffusion."""
+"""Stable Diffusion and SD-XL pipelines built offline at toy size (ALGORITHMS_T2I.md §5): their own component classes
+(CLIP tokenizers and text encoders, ``AutoencoderKL``, ``UNet2DConditionModel``) in a ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline``, so what runs on them runs on the real ones."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -89,3 +90,53 @@ def tiny_stable_diffusion(prompts: Iterable[str], *, seed: int = 0) -> StableDif
     if not words:
         raise ValueError("tiny_stable_diffusion: pass the prompts it will be asked (its tokenizer knows only their words)")
     return build_tiny_sd(words, max_length=12, seed=seed, **TINY_SD)
+
+
+def build_tiny_sdxl(words: Iterable[str], text_encoder: dict, text_encoder_2: dict, unet: dict, vae: dict,
+                    max_length: int = 16, seed: int = 0) -> StableDiffusionXLPipeline:
+    """A freshly initialised ``StableDiffusionXLPipeline`` whose two tokenizers know ``words``: a ``CLIPTextModel`` and a
+    ``CLIPTextModelWithProjection`` (``text_encoder_2``: with ``projection_dim``), a ``UNet2DConditionModel`` whose
+    cross-attention takes both encoders' hidden states side by side and whose added embedding takes the second's
+    pooled projection and the six micro-conditioning time ids (``addition_time_embed_dim`` each), SD-XL's Euler
+    scheduler config; ∅ is zeros (``force_zeros_for_empty_prompt``), as SD-XL base."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
+    special = dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    encoder = CLIPTextModel(CLIPTextConfig(**text_encoder, **special))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2, **special))
+    time_dim = unet.get("addition_time_embed_dim", 8)
+    denoiser = UNet2DConditionModel(
+        **{**unet, "addition_time_embed_dim": time_dim}, addition_embed_type="text_time",
+        cross_attention_dim=encoder.config.hidden_size + encoder_2.config.hidden_size,
+        projection_class_embeddings_input_dim=encoder_2.config.projection_dim + 6 * time_dim)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae), text_encoder=encoder.eval(), text_encoder_2=encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=denoiser, force_zeros_for_empty_prompt=True,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
+    )
+
+
+TINY_SDXL = {  # SD-XL base's component classes and block types at toy size: RGB 32x32, latents 4x4x4
+    "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "text_encoder_2": {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "projection_dim": 16},
+    "unet": {"sample_size": 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "block_out_channels": [8, 8, 16], "attention_head_dim": [2, 4, 4], "transformer_layers_per_block": [1, 1, 2],
+             "use_linear_projection": True, "addition_time_embed_dim": 8},
+    "vae": TINY_SD["vae"],
+}
+
+
+def tiny_stable_diffusion_xl(prompts: Iterable[str], *, seed: int = 0) -> StableDiffusionXLPipeline:
+    """An untrained ``StableDiffusionXLPipeline`` at toy size (``TINY_SDXL``: SD-XL base's component classes and block
+    types, two text encoders, RGB 32x32 images, 4x4x4 latents) whose tokenizers know every word of ``prompts``,
+    initialised from ``seed``: the SD-XL route of every method, end to end in seconds on a CPU."""
+    words = sorted({word for prompt in prompts for word in prompt.split()})
+    if not words:
+        raise ValueError("tiny_stable_diffusion_xl: pass the prompts it will be asked (its tokenizer knows only their words)")
+    return build_tiny_sdxl(words, max_length=12, seed=seed, **TINY_SDXL)

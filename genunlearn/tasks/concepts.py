@@ -1,4 +1,4 @@
-"""Concept erasure from a ``StableDiffusionPipeline`` the user holds: the prompts of an erasure (``ConceptPrompts``) and
+"""Concept erasure from a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` the user holds: the prompts of an erasure (``ConceptPrompts``) and
 a task over the pipeline trained on its own generations of them (``concept_task``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from genunlearn.data.captioned_folder import load_images
 from genunlearn.data.generated import generated_prompt_datasets, stacked
@@ -19,8 +19,9 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.models.held import TEXT_TO_IMAGE_REFERENCE
 from genunlearn.models.presets import TextToImagePreset, get_preset
-from genunlearn.models.prompt_sampling import sampling_pipeline
+from genunlearn.models.prompt_sampling import sampler_like
 from genunlearn.tasks.text_to_image import TextToImageTask
+from genunlearn.tasks.text_to_image_xl import TextToImageXLTask
 
 REFERENCE_PRESET = TEXT_TO_IMAGE_REFERENCE  # a user's pipeline gets the references' Stable Diffusion method settings
 
@@ -89,8 +90,9 @@ def concept_task(
     cached under ``cache_dir/generated``. Labels are ids into ``prompts.table``, so
     ``genunlearn.forget_split(task, classes=prompts.groups()["forget"])`` is the erasure's split. ``preset``: whose
     method defaults apply (default ``sd-1.5``: the references' Stable Diffusion settings)."""
-    if not isinstance(pipeline, StableDiffusionPipeline):
-        raise UserError(f"concept erasure needs a diffusers StableDiffusionPipeline, got {type(pipeline).__name__}")
+    if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise UserError(f"concept erasure needs a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, got "
+                        f"{type(pipeline).__name__}")
     if per_prompt < 2:
         raise UserError(f"per_prompt (--data-free-samples) must be at least 2, got {per_prompt}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -103,18 +105,20 @@ def concept_task(
         parts.append(encoded_image_datasets(pipeline, captioned, table, seed))
     generated = [i for i in trained if i not in captioned]
     if generated:
-        sampler = sampling_pipeline(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                                    pipeline.scheduler.config)
+        sampler = sampler_like(pipeline)
         parts.append(generated_prompt_datasets(
             sampler, table, generated, per_prompt, accelerator,
             guidance=preset.sampling.guidance if guidance is None else guidance, steps=steps or preset.sampling.steps,
             seed=seed, cache_dir=None if cache_dir is None else Path(cache_dir)))
     train, test = (LabeledTensorDataset(torch.cat([part[k].images for part in parts]),
                                         torch.cat([part[k].targets for part in parts]), table) for k in (0, 1))
-    return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                           DDPMScheduler.from_config(pipeline.scheduler.config), train, test, encoded_data=True,
-                           cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
-                           rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
+    options = dict(encoded_data=True, cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
+                   rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        return TextToImageXLTask.from_pipeline(pipeline, preset, scheduler, train, test, **options)
+    return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler,
+                           train, test, **options)
 
 
 def images_by_prompt(images: Sequence[tuple[str | Path, str]], table: list[str], trained: list[int]) -> dict[int, list[Path]]:

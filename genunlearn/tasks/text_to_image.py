@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -72,6 +72,7 @@ class TextToImageTask:
     another), or among all other prompts of the table as it picks other classes."""
 
     importance_loss_id = f"sd_guided_eps_w{MASK_GUIDANCE}_uniform_mean"
+    pipeline_class = StableDiffusionPipeline  # the diffusers pipeline this task's components make up
 
     def __init__(self, preset: TextToImagePreset, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDPMScheduler, train_data: LabeledDataset, test_data: LabeledDataset,
@@ -93,11 +94,24 @@ class TextToImageTask:
         self.null_prompt = self.num_classes  # the id of ∅ in ``prompt_embeddings``
         self.anchor_prompt = None if anchor is None else self.num_classes + 1  # rl's target prompt, when one is given
         self.rl_prompts = None if rl_prompts is None else list(rl_prompts)
-        self.prompt_embeddings = encode_prompts(text_encoder, tokenizer, [*self.prompts, "", *([] if anchor is None else [anchor])])
+        self.prompt_embeddings = self.encode_prompt_table([*self.prompts, "", *([] if anchor is None else [anchor])])
+
+    def encode_prompt_table(self, prompts: list[str]) -> torch.Tensor:
+        """The text embeddings ``[P, L, D]`` of the prompt table (the pipeline's own encoding; ∅ is row ``null_prompt``)."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
 
     def condition(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The text embeddings ``[B, L, D]`` of prompt ids ``labels`` (``null_prompt``: ∅)."""
         return self.prompt_embeddings[labels.cpu()].to(device)
+
+    def unet_inputs(self, labels: torch.Tensor, device: torch.device) -> dict:
+        """The UNet's conditioning keyword arguments for prompt ids ``labels``."""
+        return {"encoder_hidden_states": self.condition(labels, device)}
+
+    def pipeline_components(self, unet: nn.Module) -> dict:
+        """``pipeline_class``'s components, but its scheduler, with ``unet`` as the UNet (no safety checker)."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": unet,
+                "safety_checker": None, "feature_extractor": None}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] -> latents times the VAE's scaling factor (latent data passes through)."""
@@ -113,7 +127,7 @@ class TextToImageTask:
 
     def predict_noise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ε_θ(x_t, t, c) ``[B, 4, h, w]`` for prompt ids ``labels``."""
-        return model(noisy, timesteps, encoder_hidden_states=self.condition(labels, noisy.device)).sample
+        return model(noisy, timesteps, **self.unet_inputs(labels, noisy.device)).sample
 
     def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, ε, t)`` for clean ``images``: the noise, then uniform timesteps (the SD references' order), both from

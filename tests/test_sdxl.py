@@ -1,0 +1,86 @@
+"""SD-XL through the library: a tiny random ``StableDiffusionXLPipeline`` (two text encoders, pooled prompt embeddings,
+micro-conditioning time ids) is conditioned as diffusers conditions it and runs every text-to-image method."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+import genunlearn as gu
+from genunlearn.methods.registry import METHODS
+from genunlearn.models.prompt_sampling import sd_pipeline_for
+from genunlearn.models.tiny_sd import tiny_stable_diffusion_xl
+from genunlearn.storage.pipeline_folder import save_pipeline
+from genunlearn.tasks.text_to_image_xl import TextToImageXLTask, encode_prompts_xl
+
+PROMPTS = gu.ConceptPrompts(forget=["a photo of a cat"], remain=["a photo of a dog", "a photo of a car"])
+TEXT_TO_IMAGE_METHODS = sorted(name for name, spec in METHODS.items() if spec.kinds is None or "text-to-image" in spec.kinds)
+
+
+@pytest.fixture(scope="module")
+def xl_task(accelerator) -> TextToImageXLTask:
+    pipeline = tiny_stable_diffusion_xl(PROMPTS.table)
+    return gu.concept_task(pipeline, PROMPTS, per_prompt=4, steps=2, guidance=3.0, accelerator=accelerator)
+
+
+def test_prompts_are_encoded_and_the_unet_conditioned_as_the_sdxl_pipeline_does(xl_task):
+    pipeline = sd_pipeline_for(xl_task)
+    assert isinstance(pipeline, StableDiffusionXLPipeline)
+    table = list(PROMPTS.table)
+    embeds, _, pooled, _ = pipeline.encode_prompt(table, device="cpu", do_classifier_free_guidance=False)
+    hidden, own_pooled = encode_prompts_xl((pipeline.text_encoder, pipeline.text_encoder_2),
+                                           (pipeline.tokenizer, pipeline.tokenizer_2), table)
+    assert torch.equal(hidden, embeds) and torch.equal(own_pooled, pooled)
+    size = pipeline.default_sample_size * pipeline.vae_scale_factor
+    time_ids = pipeline._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32,
+                                          text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
+    noisy, timesteps, labels = torch.randn(3, 4, 4, 4), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        ours = xl_task.predict_noise(xl_task.model, noisy, timesteps, labels)
+        theirs = pipeline.unet(noisy, timesteps, encoder_hidden_states=embeds[labels],
+                               added_cond_kwargs={"text_embeds": pooled[labels], "time_ids": time_ids.repeat(3, 1)}).sample
+        # ∅ is the pipeline's unconditional half: zeros for both embeddings (force_zeros_for_empty_prompt)
+        null = xl_task.predict_noise(xl_task.model, noisy, timesteps, torch.full_like(labels, xl_task.null_prompt))
+        zero = pipeline.unet(noisy, timesteps, encoder_hidden_states=torch.zeros_like(embeds[labels]),
+                             added_cond_kwargs={"text_embeds": torch.zeros_like(pooled[labels]), "time_ids": time_ids.repeat(3, 1)}).sample
+    # the task encodes its whole table (∅ row included) in one batch: the same numbers up to float32 sums' order
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6) and torch.allclose(null, zero, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", TEXT_TO_IMAGE_METHODS)
+def test_every_text_to_image_method_runs_two_iterations_on_sdxl(method, xl_task, accelerator):
+    split = gu.forget_split(xl_task, classes=PROMPTS.groups()["forget"])
+    settings = {"steps": 2, "batch_size": 2, **({"epochs": None} if method in ("retrain", "salun") else {}),
+                **({"ddim_steps": 2} if method == "esd" else {})}
+    result = gu.unlearn(xl_task, split, method, accelerator=accelerator, **settings)
+    before, after = xl_task.model.state_dict(), result.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(torch.isfinite(v).all() for v in after.values())
+    if method == "esd":  # ESD-u by default on the references' settings: never the cross-attention
+        assert not any("attn2" in k for k in changed)
+
+
+def test_an_erased_sdxl_pipeline_saves_and_loads_with_diffusers_alone(xl_task, accelerator, tmp_path):
+    split = gu.forget_split(xl_task, classes=PROMPTS.groups()["forget"])
+    erased = gu.unlearn(xl_task, split, "esd", accelerator=accelerator, steps=2, ddim_steps=2, scope="cross-attention").model
+    save_pipeline(sd_pipeline_for(xl_task, erased), tmp_path / "pipeline")
+    expected = sd_pipeline_for(xl_task, erased)(["a photo of a cat"], num_inference_steps=2, guidance_scale=3.0,
+                                                generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+torch.set_num_threads({torch.get_num_threads()})
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained({str(tmp_path / "pipeline")!r})
+pipe.set_progress_bar_config(disable=True)
+images = pipe(["a photo of a cat"], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+              output_type="pt").images
+assert torch.equal(images, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)), "samples differ"
+assert "genunlearn" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
