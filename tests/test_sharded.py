@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"
 PRESETS = {"unet": "ddpm-digits", "dit": "dit-digits"}
 CLASSIFIER_METHODS = ("lfssd", "ssd")  # the methods that shard and apply to classifiers only
+VARIANTS = {"sfron+lookahead": {"lookahead": 0.5}, "sfron+joint": {"joint": True}}  # SFR-on's slow-weight pull, joint ablation
 CASES = [(model, method) for model in PRESETS for method in SHARDED_METHODS if method not in CLASSIFIER_METHODS] + \
-        [("cnn", method) for method in CLASSIFIER_METHODS]
+        [("dit", variant) for variant in VARIANTS] + [("cnn", method) for method in CLASSIFIER_METHODS]
 LAUNCHES = {"one": ["--num_processes", "1"], "ddp": ["--multi_gpu", "--num_processes", "2"],
             "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2"]}
 GLOBAL_BATCH = 16
@@ -38,7 +39,7 @@ def two_steps(method: str) -> dict:
     """Settings for 2 iterations (retrain's and SalUn's length is otherwise in epochs); SSD's alpha inside (1, 1/share)."""
     if method in CLASSIFIER_METHODS:
         return {"alpha": 5.0}
-    return {"steps": 2, **({"epochs": None} if method in ("retrain", "salun") else {})}
+    return {"steps": 2, **({"epochs": None} if method in ("retrain", "salun") else {}), **VARIANTS.get(method, {})}
 
 
 def tiny_dit_preset() -> DiffusionPreset:
@@ -83,10 +84,11 @@ def run_jobs(jobs: list[dict], cache_dir: Path, how: str, port: int) -> dict[str
 
 def job(pipelines: dict, model: str, method: str, out: Path, **extra) -> dict:
     """A worker job; the classifier (cnn-digits, trained and cached by the ``cnn_task`` fixture) keeps SSD's global batch."""
+    name, method = method, method.split("+")[0]  # a variant (VARIANTS) runs its method
     if model == "cnn":
-        return {"preset": "cnn-digits", "method": method, "out": str(out / f"{model}-{method}.safetensors"), **extra}
+        return {"preset": "cnn-digits", "method": method, "out": str(out / f"{model}-{name}.safetensors"), **extra}
     return {"pipeline": str(pipelines[model]), "preset": PRESETS[model], "method": method, "global_batch": GLOBAL_BATCH,
-            "out": str(out / f"{model}-{method}.safetensors"), **extra}
+            "out": str(out / f"{model}-{name}.safetensors"), **extra}
 
 
 def weights(dump: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +142,8 @@ def two_iterations(pipelines, cnn_task, cache_dir, tmp_path_factory) -> dict[str
 def test_every_gradient_method_runs_two_iterations_sharded(method, model, two_iterations, pipelines, cnn_task):
     """Sharded over 2 processes, each method's 2 iterations end where DDP's do (float tolerance: retrain's fresh
     weights under AdamW 2e-3 differ from one process's by up to 4e-4, DDP's and the sharded run's alike, as the
-    batch is split the same way); SSD's importances shard, and its dampening is element-wise on the shards."""
+    batch is split the same way); SFR-on's lookahead and joint ablation too; SSD's importances shard, and its dampening
+    is element-wise on the shards."""
     ddp, sharded = (two_iterations[how][f"{model}-{method}"] for how in ("ddp", "fsdp"))
     assert int(sharded["sharded_over"]) == 2
     start = ({f"weights.{k}": v for k, v in cnn_task.model.state_dict().items()} if model == "cnn"
