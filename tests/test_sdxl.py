@@ -84,3 +84,30 @@ assert "genunlearn" not in sys.modules
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_sdxl_pipeline_folder_alone_erases_on_the_command_line(tmp_path):
+    """`genunlearn forget --pretrained SDXL_FOLDER --concept ...`: the folder is the model (the sd-1.5 preset's method
+    and judge settings, its own size and schedule), every stage runs, and the run's pipeline/ is SD-XL's."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    from test_concept_job import IMAGENETTE, TINY_RUN, erase
+
+    tiny_stable_diffusion_xl(IMAGENETTE).save_pretrained(tmp_path / "sdxl")
+    judge = timm.create_model("test_resnet", num_classes=1000)
+    save_file(judge.state_dict(), tmp_path / "judge.safetensors")
+    (tmp_path / "retain.txt").write_text("\n".join(IMAGENETTE[1:]) + "\n")
+    out = tmp_path / "run"
+    assert erase("--pretrained", str(tmp_path / "sdxl"), "--concept", IMAGENETTE[0], "--method", "sfron",
+                 "--retain-prompts", str(tmp_path / "retain.txt"), "--eval-classifier", "test_resnet",
+                 "--eval-classifier-weights", str(tmp_path / "judge.safetensors"), *TINY_RUN, "--output-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "sdxl" and report["prompts"]["remain"] == IMAGENETTE[1:]
+    assert 'StableDiffusionXLPipeline.from_pretrained("RUN/pipeline")' in (out / "README.md").read_text()  # the card's line
+    loaded = StableDiffusionXLPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    assert loaded.text_encoder_2 is not None and loaded.config.force_zeros_for_empty_prompt
+    images = loaded(IMAGENETTE[0], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32)

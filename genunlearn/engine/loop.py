@@ -34,7 +34,8 @@ from genunlearn.engine.checkpoint import (
 )
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.engine.sharded_checkpoint import load_model_shards, load_optimizer_shards, save_sharded_checkpoint
-from genunlearn.engine.sharding import clip_sharded_grad_norm, gathered_copy, is_sharded, local, sum_over_processes
+from genunlearn.engine.sharding import (clip_sharded_grad_norm, gathered_copy, is_sharded, local, sharding_record,
+                                       sum_over_processes)
 from genunlearn.errors import UserError
 from genunlearn.noise import NoiseSource, current_noise, derive_seed, drawing_from
 from genunlearn.progress import progress
@@ -226,8 +227,8 @@ class LoopResult:
     sharded_over: int | None = None
 
     def sharding_info(self) -> dict:
-        """What a report's ``method_info`` says about sharding: ``sharded_over`` and ``evaluated_on``; {} when whole."""
-        return {"sharded_over": self.sharded_over, "evaluated_on": "gathered copy"} if self.sharded_over else {}
+        """``engine.sharding.sharding_record`` of this run."""
+        return sharding_record(self.sharded_over)
 
 
 def run_loop(

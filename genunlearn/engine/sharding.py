@@ -128,6 +128,12 @@ def gathered_copy(model: nn.Module) -> nn.Module:
     return plain.train(model.training)
 
 
+def sharding_record(processes: int | None) -> dict:
+    """What a report's ``method_info`` says about sharding: ``sharded_over`` (processes) and ``evaluated_on``; {} for
+    a whole model (``processes`` None)."""
+    return {"sharded_over": processes, "evaluated_on": "gathered copy"} if processes else {}
+
+
 def clip_sharded_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """``clip_grad_norm_`` over DTensor gradients: the norm of the whole gradient (every shard), the same on every
     process; returns it before clipping."""

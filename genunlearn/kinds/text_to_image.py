@@ -37,6 +37,7 @@ from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task, images_by_prompt
 from genunlearn.tasks.text_to_image import TextToImageTask
+from genunlearn.tasks.text_to_image_xl import text_to_image_task
 
 SAMPLER = "DDIM (diffusers DDIMScheduler from the pipeline's noise schedule)"
 
@@ -192,9 +193,11 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
                            **protocol_options(job).record()}}
 
 
-def pipeline_loading() -> str:
-    return ('`pipeline/` is a diffusers pipeline folder: `StableDiffusionPipeline.from_pretrained("RUN/pipeline")` loads it '
-            'with diffusers alone; the UNet alone: `UNet2DConditionModel.from_pretrained("RUN/pipeline", subfolder="unet")`.')
+def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full UNet's weights)."""
+    return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, the full UNet erased): '
+            f'`{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with diffusers alone; the UNet alone: '
+            '`UNet2DConditionModel.from_pretrained("RUN/pipeline", subfolder="unet")`.')
 
 
 class TextToImageRun(GeneratorRun):
@@ -211,7 +214,8 @@ class TextToImageRun(GeneratorRun):
 
     def evaluate_before(self) -> Evaluation:
         setup, task = self.setup, self.task
-        key = ["text-to-image", model_fingerprint(task.model), model_fingerprint(task.text_encoder), model_fingerprint(task.vae),
+        encoders = [model_fingerprint(e) for e in (task.text_encoder, getattr(task, "text_encoder_2", None)) if e is not None]
+        key = ["text-to-image", model_fingerprint(task.model), *encoders, model_fingerprint(task.vae),
                setup.protocol.sampling(), setup.prompts.table, setup.prompts.groups(), setup.judge_name,
                protocol_options(self.job).record(), setup.papers and [asdict(row) for row in setup.papers.rows()],
                model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
@@ -245,7 +249,7 @@ class TextToImageRun(GeneratorRun):
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
-        return pipeline_loading()
+        return pipeline_loading(self.task.pipeline_class.__name__)
 
 
 class TextToImageKind:
@@ -280,8 +284,7 @@ class TextToImageKind:
         train, test, _ = load_captioned_digits(preset)
         pipeline = load_text_to_image_pipeline(preset, pretrained=pretrained, cache_root=cache_root(cache_dir),
                                                accelerator=accelerator)
-        return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                               DDPMScheduler.from_config(pipeline.scheduler.config), train, test)
+        return text_to_image_task(pipeline, preset, DDPMScheduler.from_config(pipeline.scheduler.config), train, test)
 
     def prepare_run(self, job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> TextToImageRun:
         return TextToImageRun(job, prepare_concepts(job, preset, accelerator), accelerator)

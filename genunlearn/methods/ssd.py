@@ -18,7 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.saliency import BatchLoss, GradientTransform, cached_gradient_statistics
-from genunlearn.engine.sharding import gathered_copy, sharding_requested
+from genunlearn.engine.sharding import gathered_copy, sharding_record, sharding_requested
 from genunlearn.errors import UserError
 from genunlearn.methods.common import require_classifier, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
@@ -112,10 +112,10 @@ def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Acceler
         in_place = partial(dampen, whole=whole, forget=forget, dampening=cfg.dampening, parameters=cfg.parameters)
         alpha, info["auto_heldout_forget_acc"] = ssd_alpha.auto_alpha(model, in_place, heldout, cfg.auto_target,
                                                                       ssd_alpha.alpha_ceiling(split), accelerator)
-    before = ssd_alpha.forget_accuracy(task.model, split.forget, accelerator)  # the copy's weights, before dampening
+    before = ssd_alpha.forget_accuracy(gathered_copy(model) if sharded else model, split.forget, accelerator)
     selected, considered = dampen(model, whole, forget, alpha, cfg.dampening, cfg.parameters)
     if sharded:
-        model, info = gathered_copy(model), {**info, "sharded_over": accelerator.num_processes, "evaluated_on": "gathered copy"}
+        model, info = gathered_copy(model), {**info, **sharding_record(accelerator.num_processes)}
     if considered == 0:
         raise UserError(f"ssd parameters={cfg.parameters!r} matches no parameter name")
     ssd_alpha.check_forgetting(before, ssd_alpha.forget_accuracy(model, split.forget, accelerator), selected / considered, name, main)

@@ -3,10 +3,12 @@ preset's hub id, or the tiny offline pipeline pretrained on the captioned digits
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from genunlearn.data.captioned_digits import VOCABULARY, captioned_digits_split
 from genunlearn.data.tensor_dataset import LabeledDataset
@@ -52,16 +54,21 @@ def pretrain_tiny_sd(preset: TextToImagePreset, train: LabeledDataset, test: Lab
                                    requires_safety_checker=False)
 
 
-def load_sd_pipeline(source: str | Path) -> StableDiffusionPipeline:
-    """A ``StableDiffusionPipeline`` folder (``save_pretrained``), or a hub id (needs network); a UserError otherwise."""
+def load_sd_pipeline(source: str | Path) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder (``save_pretrained``; the class its
+    ``model_index.json`` names), or a Stable Diffusion hub id (needs network); a UserError otherwise."""
     path = Path(source)
     if path.exists() and not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a StableDiffusionPipeline folder")
+    xl = path.exists() and json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionXLPipeline"
     try:
+        if xl:
+            return StableDiffusionXLPipeline.from_pretrained(str(source), local_files_only=True)
         return StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, requires_safety_checker=False,
                                                        local_files_only=path.exists())
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"could not load a StableDiffusionPipeline from {source} ({str(exc).splitlines()[0][:100]}); pass a "
+        kind = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+        raise UserError(f"could not load a {kind} from {source} ({str(exc).splitlines()[0][:100]}); pass a "
                         "folder written by save_pretrained, or download the hub id on a connected machine") from None
 
 

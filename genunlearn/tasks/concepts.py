@@ -21,7 +21,7 @@ from genunlearn.models.held import TEXT_TO_IMAGE_REFERENCE
 from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sampler_like
 from genunlearn.tasks.text_to_image import TextToImageTask
-from genunlearn.tasks.text_to_image_xl import TextToImageXLTask
+from genunlearn.tasks.text_to_image_xl import text_to_image_task
 
 REFERENCE_PRESET = TEXT_TO_IMAGE_REFERENCE  # a user's pipeline gets the references' Stable Diffusion method settings
 
@@ -114,11 +114,7 @@ def concept_task(
                                         torch.cat([part[k].targets for part in parts]), table) for k in (0, 1))
     options = dict(encoded_data=True, cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
                    rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    if isinstance(pipeline, StableDiffusionXLPipeline):
-        return TextToImageXLTask.from_pipeline(pipeline, preset, scheduler, train, test, **options)
-    return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler,
-                           train, test, **options)
+    return text_to_image_task(pipeline, preset, DDPMScheduler.from_config(pipeline.scheduler.config), train, test, **options)
 
 
 def images_by_prompt(images: Sequence[tuple[str | Path, str]], table: list[str], trained: list[int]) -> dict[int, list[Path]]:

@@ -71,3 +71,12 @@ class TextToImageXLTask(TextToImageTask):
                 "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "unet": unet,
                 "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
+
+
+def text_to_image_task(pipeline, preset, scheduler, train_data, test_data, **options) -> TextToImageTask:
+    """The task over a ``StableDiffusionPipeline``'s or ``StableDiffusionXLPipeline``'s components (``options``: the
+    ``TextToImageTask`` keywords)."""
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        return TextToImageXLTask.from_pipeline(pipeline, preset, scheduler, train_data, test_data, **options)
+    return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler,
+                           train_data, test_data, **options)
