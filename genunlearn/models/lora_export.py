@@ -1,0 +1,95 @@
+"""An erasure's weight change as a LoRA (peft's layout, saved and loaded by diffusers): per Linear and Conv2d layer whose
+weight changed, a truncated SVD of ``erased - original`` at a given rank, the bias change carried by ``lora_B``'s
+bias; ``pipe.load_lora_weights(folder)`` switches the erasure on, ``pipe.unload_lora_weights()`` off again.
+
+What a LoRA cannot carry stays behind and is reported: normalisation layers' affine changes and any other parameter
+outside a Linear or Conv2d. A conv kernel's change ``[out, in, kh, kw]`` is factored as ``[out, in·kh·kw]``: ``lora_A``
+is a kh x kw conv to the rank, ``lora_B`` a 1x1 conv back (peft's Conv2d LoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraExport:
+    """``layers``: peft-named tensors (``<module>.lora_A.weight``, ``.lora_B.weight``, ``.lora_B.bias``); ``ranks``: per
+    module; ``relative_error``: ||ΔW - B·A||_F / ||ΔW||_F over every factored weight (0: exact); ``left_out``: names
+    of changed parameters a LoRA does not carry (norms and the like)."""
+
+    layers: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    relative_error: float
+    left_out: list[str]
+
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in self.layers.values())
+
+    def merged_into(self, original: nn.Module) -> nn.Module:
+        """A copy of ``original`` with every layer's LoRA added to its weights (and bias): what the LoRA-loaded
+        pipeline computes, as plain weights."""
+        import copy
+
+        merged = copy.deepcopy(original)
+        with torch.no_grad():
+            for module_name in self.ranks:
+                module = merged.get_submodule(module_name)
+                down, up = self.layers[f"{module_name}.lora_A.weight"], self.layers[f"{module_name}.lora_B.weight"]
+                delta = (up.flatten(1) @ down.flatten(1)).view_as(module.weight)
+                module.weight += delta.to(module.weight.dtype)
+                if module.bias is not None:
+                    module.bias += self.layers[f"{module_name}.lora_B.bias"].to(module.bias.dtype)
+        return merged
+
+
+@torch.no_grad()
+def lora_from_delta(original: nn.Module, erased: nn.Module, rank: int) -> LoraExport:
+    """The LoRA of ``erased - original`` (same architecture) at ``rank`` (at most each layer's full rank)."""
+    if rank < 1:
+        raise ValueError(f"a LoRA rank is at least 1, got {rank}")
+    before, after = dict(original.named_parameters()), dict(erased.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    layers, ranks, carried = {}, {}, set()
+    residual = total = 0.0
+    for module_name, module in erased.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or f"{module_name}.weight" not in changed:
+            continue
+        delta = (after[f"{module_name}.weight"] - before[f"{module_name}.weight"]).double()
+        flat = delta.flatten(1)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        kept = min(rank, len(s))
+        up, down = u[:, :kept] * s[:kept].sqrt(), s[:kept].sqrt()[:, None] * vh[:kept]
+        residual += float((flat - up @ down).pow(2).sum())
+        total += float(flat.pow(2).sum())
+        if isinstance(module, nn.Conv2d):
+            up, down = up[:, :, None, None], down.view(kept, *delta.shape[1:])
+        layers[f"{module_name}.lora_A.weight"] = down.float().contiguous()
+        layers[f"{module_name}.lora_B.weight"] = up.float().contiguous()
+        if module.bias is not None:
+            layers[f"{module_name}.lora_B.bias"] = (after[f"{module_name}.bias"] - before[f"{module_name}.bias"]).float()
+            carried.add(f"{module_name}.bias")
+        else:  # peft's lora_bias gives every adapted layer's lora_B a bias once any has one: zeros keep it exact
+            layers[f"{module_name}.lora_B.bias"] = torch.zeros(delta.shape[0])
+        ranks[module_name] = kept
+        carried.add(f"{module_name}.weight")
+    return LoraExport(layers, ranks, (residual / total) ** 0.5 if total else 0.0, sorted(changed - carried))
+
+
+def save_lora(pipeline_class: type, export: LoraExport, folder: Path) -> Path:
+    """Write ``export`` as the UNet's LoRA with ``pipeline_class.save_lora_weights`` (``pytorch_lora_weights.safetensors``
+    in ``folder``); returns the folder."""
+    pipeline_class.save_lora_weights(str(folder), unet_lora_layers=export.layers, safe_serialization=True)
+    return folder
+
+
+def export_lora(task, erased: nn.Module, rank: int, folder: str | Path) -> LoraExport:
+    """Export the change from a text-to-image task's UNet to ``erased`` as a LoRA in ``folder``, loadable onto the
+    original pipeline with ``pipe.load_lora_weights(folder)`` (diffusers with peft); returns the export (ranks, the
+    relative error of the factored weights, what it leaves out)."""
+    export = lora_from_delta(task.model, erased, rank)
+    save_lora(task.pipeline_class, export, Path(folder))
+    return export
