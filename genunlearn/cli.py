@@ -128,6 +128,9 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
     erase.add_argument("--paraphrase-prompts", metavar="FILE",
                        help="held-out prompts of the concept, evaluated but never trained on (default for sd-digits: the "
                        "concept captions' other phrasings)")
+    erase.add_argument("--export-lora-rank", type=int, metavar="R",
+                       help="also write the erasure as a rank-R LoRA in RUN/lora (a truncated SVD of each layer's change; "
+                       "pipe.load_lora_weights loads it onto the original pipeline), with the LoRA's own figures in the report")
     papers = parser.add_argument_group("the papers' Stable Diffusion protocols (text-to-image; local files, before and after)")
     papers.add_argument("--i2p-prompts", metavar="CSV",
                         help="I2P prompts (a 'prompt' column, seeds from 'sd_seed' or 'evaluation_seed'), one generation "
@@ -165,7 +168,8 @@ def concept_settings(args: argparse.Namespace) -> dict:
             "retain_prompts": read_prompt_file(args.retain_prompts, "--retain-prompts"),
             "paraphrase_prompts": read_prompt_file(args.paraphrase_prompts, "--paraphrase-prompts"),
             "i2p_prompts": args.i2p_prompts, "nudity_threshold": args.nudity_threshold, "coco_prompts": args.coco_prompts,
-            "coco_images": args.coco_images, "clip_model": args.clip_model, "protocol_rows": args.protocol_rows}
+            "coco_images": args.coco_images, "clip_model": args.clip_model, "protocol_rows": args.protocol_rows,
+            "export_lora_rank": args.export_lora_rank}
 
 
 def run_name(classes: list[str], subclasses: list[str], fraction: float | None, concepts: list[str]) -> str:

@@ -86,14 +86,16 @@ assert "genunlearn" not in sys.modules
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_an_sdxl_pipeline_folder_alone_erases_on_the_command_line(tmp_path):
-    """`genunlearn forget --pretrained SDXL_FOLDER --concept ...`: the folder is the model (the sd-1.5 preset's method
-    and judge settings, its own size and schedule), every stage runs, and the run's pipeline/ is SD-XL's."""
+def test_an_sdxl_pipeline_folder_alone_erases_on_the_command_line_and_exports_a_lora(tmp_path):
+    """`genunlearn forget --pretrained SDXL_FOLDER --concept ... --export-lora-rank 2`: the folder is the model (the
+    sd-1.5 preset's method and judge settings, its own size and schedule), every stage runs, the run's pipeline/ is
+    SD-XL's, and lora/ holds the erasure as a rank-2 LoRA, measured in the report and loadable onto the original."""
     import json
 
     import timm
     from safetensors.torch import save_file
 
+    from helpers import validate_report
     from test_concept_job import IMAGENETTE, TINY_RUN, erase
 
     tiny_stable_diffusion_xl(IMAGENETTE).save_pretrained(tmp_path / "sdxl")
@@ -103,11 +105,32 @@ def test_an_sdxl_pipeline_folder_alone_erases_on_the_command_line(tmp_path):
     out = tmp_path / "run"
     assert erase("--pretrained", str(tmp_path / "sdxl"), "--concept", IMAGENETTE[0], "--method", "sfron",
                  "--retain-prompts", str(tmp_path / "retain.txt"), "--eval-classifier", "test_resnet",
-                 "--eval-classifier-weights", str(tmp_path / "judge.safetensors"), *TINY_RUN, "--output-dir", str(out)) == 0
+                 "--eval-classifier-weights", str(tmp_path / "judge.safetensors"), *TINY_RUN, "--export-lora-rank", "2",
+                 "--output-dir", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
+    validate_report(report)
     assert report["model"] == "sdxl" and report["prompts"]["remain"] == IMAGENETTE[1:]
-    assert 'StableDiffusionXLPipeline.from_pretrained("RUN/pipeline")' in (out / "README.md").read_text()  # the card's line
+    lora = report["lora"]
+    assert lora["rank"] == 2 and 0 < lora["relative_error"] < 1 and lora["layers"] > 0
+    assert lora["after"].keys() == report["after"].keys()  # measured as the full erasure is
+    original = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl", local_files_only=True)
+    original.load_lora_weights(str(out / "lora"))  # the original pipeline takes the exported erasure
+    card = (out / "README.md").read_text()
+    assert 'StableDiffusionXLPipeline.from_pretrained("RUN/pipeline")' in card and 'pipe.load_lora_weights("RUN/lora")' in card
     loaded = StableDiffusionXLPipeline.from_pretrained(out / "pipeline", local_files_only=True)
     assert loaded.text_encoder_2 is not None and loaded.config.force_zeros_for_empty_prompt
     images = loaded(IMAGENETTE[0], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "cnn-digits", "--class", "3", "--export-lora-rank", "4"], "--export-lora-rank are for text-to-image models"),
+    (["--model", "sd-digits", "--concept", "a handwritten digit three", "--export-lora-rank", "0"],
+     "--export-lora-rank must be at least 1"),
+])
+def test_a_lora_export_where_none_applies_is_one_error_line(argv, message, cnn_task, tmp_path, capsys):
+    from genunlearn.cli import forget_main, guarded
+
+    assert guarded(forget_main, [*argv, "--output-dir", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and not (tmp_path / "run").exists()

@@ -6,7 +6,8 @@ report.json keys (schema_version 2):
   method, steps, wall_time_s (the method's own time), processes, split (spec and part sizes),
   config (the method's settings), method_info (mask_kept_fraction, mask_time_s, mask_cached for
   masked methods; sharded_over and evaluated_on for a sharded run), memory (sharding none/ddp/fsdp2,
-  gradient_checkpointing, offload_frozen), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
+  gradient_checkpointing, offload_frozen), lora (text-to-image with --export-lora-rank: rank, layers, parameters,
+  relative_error, left_out, and the LoRA's after figures), before / after (forget_acc, forget_test_acc, retain_acc, test_acc,
   mia: fractions in [0, 1] or null; per_class_acc: test accuracy per class, from schema 2; eval_time_s), log (figures
   every log_every steps), weights (path). Schema 2 adds environment, command, genunlearn_revision, started_at and
   finished_at (genunlearn.runs.provenance).

@@ -37,6 +37,9 @@ class GeneratorRun:
     def split(self) -> ForgetSplit:
         return self.setup.split
 
+    def exports(self, model: nn.Module) -> dict:
+        return {}
+
 
 class Run(Protocol):
     """One prepared forget run of a kind: its task and split, how it measures a model, and what it writes."""
@@ -64,6 +67,11 @@ class Run(Protocol):
 
     def report_entries(self) -> dict:
         """The kind's own report keys, placed before ``before``/``after`` (diffusion: the sampling protocol)."""
+        ...
+
+    def exports(self, model: nn.Module) -> dict:
+        """Other forms of the unlearned ``model`` the run measures (and ``write`` writes), as report keys
+        (text-to-image: the erasure as a LoRA); {} for none."""
         ...
 
     def write(self, model: nn.Module, output_dir: Path, before: Any, after: Any) -> str:

@@ -68,6 +68,9 @@ class ClassifierRun:
     def report_entries(self) -> dict:
         return {}
 
+    def exports(self, model: nn.Module) -> dict:
+        return {}
+
     def write(self, model: nn.Module, output_dir: Path, before: None, after: None) -> str:
         loadable = save_run_classifier(model, self.preset, self.task.train_data.classes, output_dir / MODEL_DIR,
                                        {"preset": self.preset.to_dict(), "unlearned": self.job.identity()})

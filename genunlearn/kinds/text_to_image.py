@@ -31,6 +31,7 @@ from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
 from genunlearn.models.checkpointing import enable_gradient_checkpointing
+from genunlearn.models.lora_export import lora_from_delta, save_lora
 from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -193,6 +194,9 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
                            **protocol_options(job).record()}}
 
 
+LORA_DIR = "lora"  # --export-lora-rank's folder in a run
+
+
 def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline") -> str:
     """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full UNet's weights)."""
     return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, the full UNet erased): '
@@ -243,13 +247,30 @@ class TextToImageRun(GeneratorRun):
     def report_entries(self) -> dict:
         return concept_record(self.setup, self.job, self.accelerator.mixed_precision)
 
+    def exports(self, model: nn.Module) -> dict:
+        """With ``--export-lora-rank R``: the erasure as a rank-R LoRA (kept for ``write``), measured as the full erasure
+        is (the original with the LoRA merged: what the LoRA-loaded pipeline computes)."""
+        rank = self.job.export_lora_rank
+        if rank is None:
+            return {}
+        self.lora = lora_from_delta(self.task.model, model, rank)
+        figures, _ = self.evaluate(self.lora.merged_into(self.task.model))
+        return {"lora": {"rank": rank, "layers": len(self.lora.ranks), "parameters": self.lora.parameter_count(),
+                         "relative_error": self.lora.relative_error, "left_out": self.lora.left_out, "after": figures}}
+
     def write(self, model: nn.Module, output_dir: Path, before: dict, after: dict) -> str:
         save_pipeline(sd_pipeline_for(self.task, model.cpu().eval()), output_dir / PIPELINE_DIR)
         groups = self.setup.prompts.groups()
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
-        return pipeline_loading(self.task.pipeline_class.__name__)
+        loading = pipeline_loading(self.task.pipeline_class.__name__)
+        if getattr(self, "lora", None) is not None:
+            save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
+            loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.job.export_lora_rank} LoRA '
+                        f'({self.lora.parameter_count():,} parameters): `pipe.load_lora_weights("RUN/{LORA_DIR}")` on the '
+                        'original pipeline switches it on (diffusers with peft), `pipe.unload_lora_weights()` off.')
+        return loading
 
 
 class TextToImageKind:

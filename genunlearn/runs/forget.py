@@ -143,7 +143,9 @@ def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg,
         with accelerator.autocast():
             after, shown_after = run.evaluate(result.model)
         accelerator.log(tracked_figures("after", after), step=result.steps)
-    extras = oracle_and_relearning(job, run, result.model, after, accelerator)
+    with accelerator.autocast():
+        extras = run.exports(result.model)
+    extras.update(oracle_and_relearning(job, run, result.model, after, accelerator))
     if resumed_with:
         extras["resumed_with"] = resumed_with
     report = run_report(kind.name, job, preset, run, cfg, result, accelerator, **run.report_entries(),

@@ -64,6 +64,7 @@ class ForgetJob:
     coco_images: str | None = None  # text-to-image: real COCO images the coco_prompts' FID compares with
     clip_model: str | None = None  # text-to-image: a local CLIP model folder for the CLIP score
     protocol_rows: int | None = None  # text-to-image: the first N rows of each protocol CSV (None: all)
+    export_lora_rank: int | None = None  # text-to-image: also export the erasure as a LoRA of this rank (lora/), measured
 
     def identity(self) -> dict:
         """What makes two runs the same run: every setting but where caches live, whether to resume, where figures
@@ -98,7 +99,7 @@ class ForgetJob:
         minimums = {"--eval-samples": (self.eval_samples, 1), "--data-free-samples": (self.data_free_samples, 1),
                     "--eval-steps": (self.eval_steps, 1), "--remain-classes": (self.remain_classes, 1),
                     "--relearn-samples": (self.relearn_samples, 1), "--relearn-steps": (self.relearn_steps, 0),
-                    "--protocol-rows": (self.protocol_rows, 1)}
+                    "--protocol-rows": (self.protocol_rows, 1), "--export-lora-rank": (self.export_lora_rank, 1)}
         for flag, (value, least) in minimums.items():
             if value is not None and value < least:
                 raise UserError(f"{flag} must be at least {least}, got {value}")
@@ -111,9 +112,9 @@ class ForgetJob:
         """A UserError for the text-to-image options (concepts, prompt files, the papers' protocols) on a model that
         forgets classes."""
         if (self.concepts or self.anchor or self.retain_prompts or self.paraphrase_prompts or self.i2p_prompts
-                or self.coco_prompts):
-            raise UserError(f"--concept, --anchor and the prompt files are for text-to-image models; {self.model} forgets "
-                            "classes: pass --class")
+                or self.coco_prompts or self.export_lora_rank is not None):
+            raise UserError(f"--concept, --anchor, the prompt files and --export-lora-rank are for text-to-image models; "
+                            f"{self.model} forgets classes: pass --class")
 
     def split_spec(self) -> SplitSpec:
         """The split a class-forgetting job names (a UserError for a bad or missing one, or for a concept)."""
