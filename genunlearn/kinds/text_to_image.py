@@ -31,7 +31,7 @@ from genunlearn.models.presets import TextToImagePreset, get_preset
 from genunlearn.models.prompt_sampling import sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
 from genunlearn.models.checkpointing import enable_gradient_checkpointing
-from genunlearn.models.lora_export import lora_from_delta, save_lora
+from genunlearn.models.lora_export import LoraExport, lora_from_delta, save_lora
 from genunlearn.precision import numerics
 from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
@@ -206,6 +206,7 @@ def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline") -> str:
 
 class TextToImageRun(GeneratorRun):
     setup: ConceptSetup
+    lora: LoraExport | None = None  # the erasure as a LoRA, when the job exports one (``exports``)
 
     @property
     def data_id(self) -> str:
@@ -265,7 +266,7 @@ class TextToImageRun(GeneratorRun):
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
         loading = pipeline_loading(self.task.pipeline_class.__name__)
-        if getattr(self, "lora", None) is not None:
+        if self.lora is not None:
             save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
             loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.job.export_lora_rank} LoRA '
                         f'({self.lora.parameter_count():,} parameters): `pipe.load_lora_weights("RUN/{LORA_DIR}")` on the '
