@@ -608,7 +608,8 @@ def guarded(entry: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         if not is_out_of_memory(exc):
             raise
         _report("error: out of memory; lower --batch-size, add --gradient-checkpointing, use --mixed-precision bf16 "
-                "(or fp16), or spread the batch over more GPUs with accelerate launch")
+                "(or fp16), spread the batch over more GPUs with accelerate launch, or shard the model over them "
+                "(--config_file configs/accelerate/fsdp.yaml)")
         return EXIT_USER_ERROR
 
 

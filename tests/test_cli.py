@@ -241,6 +241,7 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
     assert guarded(forget_main, ["--model", "cnn-digits", "--class", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err and "--mixed-precision" in err
+    assert "configs/accelerate/fsdp.yaml" in err
 
 
 def test_compare_retrain_and_relearning_on_cnn_digits(cnn_task, tmp_path, capsys):
