@@ -34,8 +34,8 @@ from genunlearn.engine.checkpoint import (
 )
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.engine.sharded_checkpoint import load_model_shards, load_optimizer_shards, save_sharded_checkpoint
-from genunlearn.engine.sharding import (clip_sharded_grad_norm, gathered_copy, is_sharded, local, sharding_record,
-                                       sum_over_processes)
+from genunlearn.engine.sharding import (clip_sharded_grad_norm, gathered_copy, is_sharded, local, shard_model,
+                                       sharding_record, sharding_requested, sum_over_processes)
 from genunlearn.errors import UserError
 from genunlearn.noise import NoiseSource, current_noise, derive_seed, drawing_from
 from genunlearn.progress import progress
@@ -252,9 +252,12 @@ def run_loop(
     model)`` runs on every process after each logged step but the last (e.g. to evaluate mid-run); it
     must leave the model as it found it (a sharded model's observer gets a gathered copy).
 
-    A sharded ``model`` (``engine.sharding.shard_model``) trains as it is, without ``accelerator.prepare``: the same
-    global batches and draws as DDP, gradients reduce-scattered, clipping over every shard, sharded checkpoints.
+    A sharded ``model`` (``engine.sharding.shard_model``; under an FSDP launch any model is sharded here) trains without
+    ``accelerator.prepare``: the same global batches and draws as DDP, gradients reduce-scattered, clipping over every
+    shard, sharded checkpoints.
     """
+    if not is_sharded(model) and sharding_requested(accelerator):  # under an FSDP launch every loop is sharded by us
+        shard_model(model, accelerator)  # (relearning, the oracle, pretraining), never by accelerate's prepare
     sharded = is_sharded(model)
     shard = (accelerator.process_index, accelerator.num_processes) if sharded else None
     if not sharded:

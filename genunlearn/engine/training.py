@@ -11,7 +11,6 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from genunlearn.engine.loop import LoopConfig, LoopResult, StepContext, run_loop
-from genunlearn.engine.sharding import shard_model
 from genunlearn.models.presets import TrainRecipe
 from genunlearn.tasks.base import Task
 
@@ -56,14 +55,11 @@ def train_from_scratch(
     checkpoint_dir: Path | None = None,
     resume: bool | Path = False,
     desc: str = "training",
-    sharded: bool = False,
 ) -> LoopResult:
-    """Initialise a fresh model (seeded by ``cfg.seed``) and train it on ``dataset`` with ``cfg``, ``sharded`` across
-    the launch's processes (FSDP2, ``engine.sharding``) or whole."""
+    """Initialise a fresh model (seeded by ``cfg.seed``) and train it on ``dataset`` with ``cfg`` (sharded under an FSDP
+    launch, as every loop)."""
     torch.manual_seed(cfg.seed)
     model = task.fresh_model()
-    if sharded:
-        shard_model(model, accelerator)
     cfg = cfg.resolved(len(dataset), accelerator.num_processes)
     return run_loop(
         model, task, supervised_step, cfg, accelerator,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from genunlearn.methods.registry import UnlearnResult, register_method
-from genunlearn.engine.sharding import sharding_requested
 from genunlearn.engine.training import TrainConfig, train_from_scratch
 
 
@@ -11,5 +10,5 @@ from genunlearn.engine.training import TrainConfig, train_from_scratch
                  preset_layer=lambda preset: TrainConfig.from_recipe(preset.train).__dict__)
 def run(task, split, cfg: TrainConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     result = train_from_scratch(task, split.retain, cfg, accelerator, checkpoint_dir=checkpoint_dir, resume=resume,
-                                desc="retrain", sharded=sharding_requested(accelerator))
+                                desc="retrain")
     return UnlearnResult(result.model, result.log, result.steps, result.wall_time_s, result.sharding_info())
