@@ -32,9 +32,9 @@ def erasure(accelerator):
     return task, erased.eval()
 
 
-def test_a_full_rank_lora_is_the_erasure(erasure, tmp_path):
+def test_a_full_rank_lora_with_its_biases_is_the_erasure(erasure, tmp_path):
     task, erased = erasure
-    export = lora_from_delta(task.model, erased, rank=10_000)
+    export = lora_from_delta(task.model, erased, rank=10_000, biases=True)
     assert export.left_out == [] and export.relative_error < 1e-6
     pipeline = sd_pipeline_for(task)
     original = samples(pipeline)
@@ -45,9 +45,12 @@ def test_a_full_rank_lora_is_the_erasure(erasure, tmp_path):
 
 
 def test_a_low_rank_lora_loads_with_diffusers_alone_and_samples_as_its_merged_weights(erasure, tmp_path):
+    """By default the bias changes stay behind (SD's attention projections have no bias, and lora_bias would make them
+    unfusable): they are listed, and the LoRA fuses."""
     task, erased = erasure
     export = lora_from_delta(task.model, erased, rank=1)
     assert 0 < export.relative_error < 1 and set(export.ranks.values()) == {1}
+    assert export.left_out and all(name.endswith(".bias") for name in export.left_out)
     full = sum(p.numel() for p in task.model.parameters())
     assert export.parameter_count() < full / 4  # a rank-1 LoRA is a fraction of the UNet
     pipeline = sd_pipeline_for(task)
@@ -68,6 +71,9 @@ pipe.load_lora_weights({str(tmp_path / "lora")!r})
 assert torch.allclose(run(), torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True), atol=1e-4), "LoRA samples differ"
 pipe.unload_lora_weights()
 assert torch.equal(run(), before), "unloading did not give the original back"
+pipe.load_lora_weights({str(tmp_path / "lora")!r})
+pipe.fuse_lora()
+assert torch.allclose(run(), torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True), atol=1e-4), "fused samples differ"
 assert "genunlearn" not in sys.modules
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
