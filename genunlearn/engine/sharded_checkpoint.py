@@ -1,6 +1,7 @@
 """Checkpoints of a sharded loop (``engine.sharding``): every process writes its own shards of the weights and of the
 optimizer state (safetensors), the main process the optimizer's settings and the loop state (JSON), into one staging
-folder that is published whole; nothing is pickled.
+folder that is published whole; nothing is pickled (why not ``torch.distributed.checkpoint`` through accelerate: its
+``.metadata`` file is a pickle, as ``accelerator.load_state``'s RNG files are, and we never unpickle).
 
 A sharded checkpoint resumes under the same number of processes, sharded; any other launch is refused with the one
 that resumes it (the shards' boundaries depend on the process count).
