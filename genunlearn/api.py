@@ -10,7 +10,6 @@ from accelerate import Accelerator
 from genunlearn.data.class_names import class_ids
 from genunlearn.data.split import ForgetSplit, choose_split, make_forget_split
 from genunlearn.distributed import make_accelerator
-from genunlearn.engine.sharding import check_method_shards
 from genunlearn.errors import UserError
 from genunlearn.methods.registry import UnlearnResult, method_config
 from genunlearn.progress import library_console
@@ -68,7 +67,7 @@ def unlearn(
     library_console()  # progress in a notebook or a log file too, unless the caller configured logging
     spec, cfg = method_config(method, task.preset, settings)
     accelerator = accelerator or make_accelerator()
-    check_method_shards(method, accelerator)
+    spec.check_shards(accelerator)
     return spec.run(
         task,
         split,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from genunlearn import SplitSpec, load_task, make_forget_split, unlearn
 from genunlearn.cli import forget_main, guarded
 from genunlearn.engine.selection import top_k_entries
-from genunlearn.engine.sharding import SHARDED_METHODS
+from genunlearn.methods.registry import sharded_methods
 from genunlearn.errors import UserError
 from genunlearn.models.presets import DiffusionPreset
 from helpers import accelerate_command
@@ -27,6 +27,7 @@ WORKERS = Path(__file__).parent / "workers"
 PRESETS = {"unet": "ddpm-digits", "dit": "dit-digits"}
 CLASSIFIER_METHODS = ("lfssd", "ssd")  # the methods that shard and apply to classifiers only
 VARIANTS = {"sfron+lookahead": {"lookahead": 0.5}, "sfron+joint": {"joint": True}}  # SFR-on's slow-weight pull, joint ablation
+SHARDED_METHODS = sharded_methods()
 CASES = [(model, method) for model in PRESETS for method in SHARDED_METHODS if method not in CLASSIFIER_METHODS] + \
         [("dit", variant) for variant in VARIANTS] + [("cnn", method) for method in CLASSIFIER_METHODS]
 LAUNCHES = {"one": ["--num_processes", "1"], "ddp": ["--multi_gpu", "--num_processes", "2"],

@@ -27,7 +27,6 @@ from torch import nn
 
 from genunlearn.errors import UserError
 
-SHARDED_METHODS = ("finetune", "grad_ascent", "lfssd", "random_label", "retrain", "salun", "sfron", "ssd")
 # blocks a model's own forward reaches into before their turn (DiT embeds the timestep and label with block 0's
 # norm1.emb): they stay in the root's unit, gathered whenever the root's parameters are
 _CALLED_BY_ROOT = {"DiTTransformer2DModel": ("transformer_blocks.0",)}
@@ -52,13 +51,6 @@ def fsdp_requested(accelerator: Accelerator) -> bool:
 def sharding_requested(accelerator: Accelerator) -> bool:
     """Whether the launch asks for FSDP over more than one process (one process has nothing to shard)."""
     return fsdp_requested(accelerator) and accelerator.num_processes > 1
-
-
-def check_method_shards(method: str, accelerator: Accelerator) -> None:
-    """A UserError when the launch asks for FSDP and ``method`` does not run sharded."""
-    if method not in SHARDED_METHODS and fsdp_requested(accelerator):
-        raise UserError(f"{method} does not run sharded (FSDP); launch it without --use_fsdp "
-                        f"(configs/accelerate/multi_gpu.yaml), or use one of {', '.join(SHARDED_METHODS)}")
 
 
 def is_sharded(model: nn.Module) -> bool:

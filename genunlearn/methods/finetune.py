@@ -15,7 +15,8 @@ class FinetuneConfig(LoopConfig):
     """SGD on retain batches; defaults follow SalUn's classifier FT baseline (lr 0.01, momentum 0.9, wd 5e-4)."""
 
 
-@register_method("finetune", "fine-tune on the retain set only (catastrophic forgetting baseline)", FinetuneConfig)
+@register_method("finetune", "fine-tune on the retain set only (catastrophic forgetting baseline)", FinetuneConfig,
+                 shards=True)
 def run(task, split, cfg: FinetuneConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(
         task, split, cfg, accelerator, supervised_step, checkpoint_dir=checkpoint_dir, resume=resume, uses_forget=False

@@ -28,6 +28,7 @@ def random_label_step(ctx: StepContext) -> dict[str, float]:
     return {"forget_rl_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 
 
-@register_method("random_label", "random other labels on the forget set plus retain descent, no mask", RandomLabelConfig)
+@register_method("random_label", "random other labels on the forget set plus retain descent, no mask", RandomLabelConfig,
+                 shards=True)
 def run(task, split, cfg: RandomLabelConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(task, split, cfg, accelerator, random_label_step, checkpoint_dir=checkpoint_dir, resume=resume)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,9 @@ from torch import nn
 
 from genunlearn.data.split import ForgetSplit
 from genunlearn.engine.objectives import check_rl_shift
+from genunlearn.engine.sharding import fsdp_requested
 from genunlearn.errors import UserError
+from genunlearn.methods.setting_values import typed_setting
 from genunlearn.models.presets import get_preset
 from genunlearn.tasks.base import Task
 
@@ -41,7 +42,8 @@ class MethodRun(Protocol):
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method; ``preset_layer(preset)`` gives the settings it takes from a preset beyond the preset's
-    ``methods:`` block (``retrain``: the pretraining recipe); ``kinds``: the model kinds it applies to (None: all)."""
+    ``methods:`` block (``retrain``: the pretraining recipe); ``kinds``: the model kinds it applies to (None: all);
+    ``shards``: whether it runs sharded under an FSDP launch (``engine.sharding``)."""
 
     name: str
     summary: str
@@ -49,11 +51,18 @@ class MethodSpec:
     run: MethodRun
     preset_layer: Callable[[object], dict] | None = None
     kinds: tuple[str, ...] | None = None
+    shards: bool = False
 
     def check_kind(self, kind: str, model: str) -> None:
         """A UserError, before any work, when the method does not apply to a model of ``kind``."""
         if self.kinds is not None and kind not in self.kinds:
             raise UserError(f"{self.name} applies to {'/'.join(self.kinds)} models; {model} is a {kind} model: choose another --method")
+
+    def check_shards(self, accelerator: Accelerator) -> None:
+        """A UserError, before any work, when the launch asks for FSDP and the method does not run sharded."""
+        if not self.shards and fsdp_requested(accelerator):
+            raise UserError(f"{self.name} does not run sharded (FSDP); launch it without --use_fsdp "
+                            f"(configs/accelerate/multi_gpu.yaml), or use one of {', '.join(sharded_methods())}")
 
     def make_config(self, *overrides: dict) -> object:
         """The config from its defaults, then each dict in ``overrides`` in turn; unknown keys are a UserError."""
@@ -65,47 +74,27 @@ class MethodSpec:
                 raise UserError(f"method {self.name} has no setting {unknown[0]!r}; its settings are {', '.join(sorted(known))}")
             merged.update(layer)
         hints = typing.get_type_hints(self.config_class)
-        return self.config_class(**{key: _typed(key, value, hints[key]) for key, value in merged.items()})
-
-
-def _typed(key: str, value, hint):
-    """``value`` as the config field ``key`` of type ``hint`` wants it: a bool only from true/false (or 1/0), a whole
-    number where a count goes, a finite number where a float goes (an int becomes a float), text where text goes,
-    None where the field is optional. Anything else is a UserError naming the setting and what it takes."""
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise UserError(f"setting {key} cannot be null")
-    if bool in allowed:
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
-        raise UserError(f"setting {key} takes true or false, got {value!r}")
-    if isinstance(value, str) and str in allowed:
-        return value
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if numeric and not math.isfinite(value):
-        raise UserError(f"setting {key} takes a finite number, got {value!r}")
-    if numeric and int in allowed and (isinstance(value, int) or float not in allowed and value.is_integer()):
-        return int(value)
-    if numeric and float in allowed:
-        return float(value)
-    wanted = " or ".join("a whole number" if t is int else "a number" if t is float else "text" for t in allowed if t is not type(None))
-    raise UserError(f"setting {key} takes {wanted}, got {value!r}")
+        return self.config_class(**{key: typed_setting(key, value, hints[key]) for key, value in merged.items()})
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, summary: str, config_class: type, preset_layer: Callable[[object], dict] | None = None,
-                    kinds: tuple[str, ...] | None = None) -> Callable[[MethodRun], MethodRun]:
-    """Decorator adding a method's run function to ``METHODS`` under ``name`` (``kinds``: see ``MethodSpec``)."""
+                    kinds: tuple[str, ...] | None = None, shards: bool = False) -> Callable[[MethodRun], MethodRun]:
+    """Decorator adding a method's run function to ``METHODS`` under ``name`` (``kinds``, ``shards``: see
+    ``MethodSpec``)."""
 
     def add(run: MethodRun) -> MethodRun:
-        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer, kinds)
+        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer, kinds, shards)
         return run
 
     return add
+
+
+def sharded_methods() -> list[str]:
+    """The registered methods that run sharded, by name."""
+    return sorted(name for name, spec in METHODS.items() if spec.shards)
 
 
 def _checked_against_task(run: MethodRun) -> MethodRun:

@@ -7,7 +7,7 @@ from genunlearn.engine.training import TrainConfig, train_from_scratch
 
 
 @register_method("retrain", "train from scratch on the retain set with the pretraining recipe (oracle)", TrainConfig,
-                 preset_layer=lambda preset: TrainConfig.from_recipe(preset.train).__dict__)
+                 preset_layer=lambda preset: TrainConfig.from_recipe(preset.train).__dict__, shards=True)
 def run(task, split, cfg: TrainConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     result = train_from_scratch(task, split.retain, cfg, accelerator, checkpoint_dir=checkpoint_dir, resume=resume,
                                 desc="retrain")

@@ -89,7 +89,8 @@ def salun_joint_step(ctx: StepContext, mask: ParameterMask) -> dict[str, float]:
     return {"forget_rl_loss": forget.item(), "retain_loss": retain.item(), "grad_norm": norm}
 
 
-@register_method("salun", "SalUn: random labels on the forget set then retain descent, through a gradient-saliency mask", SalUnConfig)
+@register_method("salun", "SalUn: random labels on the forget set then retain descent, through a gradient-saliency mask", SalUnConfig,
+                 shards=True)
 def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     global_batch = cfg.batch_size * accelerator.num_processes
     forget_batches = math.ceil(len(split.forget) / global_batch)

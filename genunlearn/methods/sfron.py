@@ -111,7 +111,8 @@ def sfron_step(ctx: StepContext, mask: ParameterMask | None, slow_weights: SlowW
     return {**figures, "forget_weight": alpha}
 
 
-@register_method("sfron", "SFR-on: Fisher-ratio saliency mask, adaptive forget ascent, fast-slow remain-geometry steps", SFRonConfig)
+@register_method("sfron", "SFR-on: Fisher-ratio saliency mask, adaptive forget ascent, fast-slow remain-geometry steps", SFRonConfig,
+                 shards=True)
 def run(task, split, cfg: SFRonConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     model = working_copy(task, accelerator)
     mask, info = sfron_mask(task, split, cfg, accelerator, model) if cfg.use_mask else (None, {})

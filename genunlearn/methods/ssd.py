@@ -125,14 +125,14 @@ def run_ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Acceler
 
 
 @register_method("ssd", "Selective Synaptic Dampening: dampen weights far more important to D_f than to D (no training)", SSDConfig,
-                 kinds=("classifier",))
+                 kinds=("classifier",), shards=True)
 def ssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator, *, checkpoint_dir=None,
         resume: bool = False) -> UnlearnResult:
     return run_ssd(task, split, cfg, accelerator, label_free=False)
 
 
 @register_method("lfssd", "label-free SSD: importances from |grad| of the logits' squared norm (no labels needed)", SSDConfig,
-                 kinds=("classifier",))
+                 kinds=("classifier",), shards=True)
 def lfssd(task: Task, split: ForgetSplit, cfg: SSDConfig, accelerator: Accelerator, *, checkpoint_dir=None,
           resume: bool = False) -> UnlearnResult:
     return run_ssd(task, split, cfg, accelerator, label_free=True)

@@ -14,7 +14,6 @@ import genunlearn
 from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import check_resumable
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
-from genunlearn.engine.sharding import check_method_shards
 from genunlearn.errors import UserError
 from genunlearn.eval.report import SCHEMA_VERSION, summary_line, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
@@ -103,7 +102,7 @@ def run_forget_job(job: ForgetJob, accelerator: Accelerator | None = None) -> di
     kind = kind_of(preset)
     method, cfg = method_config(job.method, preset, {"seed": job.seed, **job.settings})
     method.check_kind(kind.name, preset.name)
-    check_method_shards(job.method, accelerator)
+    method.check_shards(accelerator)
     kind.check_job(job)  # a bad --class/--concept/... is named before the output folder is touched
     tracker_names(job.report_to)
     writable_cache_root(job.cache_dir)
