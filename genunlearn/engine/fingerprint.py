@@ -31,6 +31,13 @@ def model_fingerprint(model: nn.Module) -> str:
     return tensors_fingerprint(model.state_dict())
 
 
+def text_encoder_fingerprints(holder) -> list[str]:
+    """``model_fingerprint`` of each text encoder a text-to-image pipeline or task holds (``text_encoder``, and SD-XL's
+    ``text_encoder_2``)."""
+    return [model_fingerprint(getattr(holder, name)) for name in ("text_encoder", "text_encoder_2")
+            if getattr(holder, name, None) is not None]
+
+
 def dataset_fingerprint(dataset: Dataset) -> str | None:
     """A content hash for the datasets genunlearn builds (subsets of them included); None if unknown."""
     if isinstance(dataset, Subset):

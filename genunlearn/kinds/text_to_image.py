@@ -18,7 +18,7 @@ from torch import nn
 from genunlearn.data.captioned_digits import VOCABULARY, caption_images, paraphrases
 from genunlearn.data.captioned_folder import captioned_fingerprint, read_captioned_folder
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
-from genunlearn.engine.fingerprint import model_fingerprint, tensors_fingerprint
+from genunlearn.engine.fingerprint import model_fingerprint, text_encoder_fingerprints, tensors_fingerprint
 from genunlearn.errors import UserError
 from genunlearn.eval.concepts import evaluate_concepts, prompt_class, real_retain_reference, retain_reference
 from genunlearn.eval.grids import SAMPLES_FILE, save_samples_figure
@@ -219,8 +219,7 @@ class TextToImageRun(GeneratorRun):
 
     def evaluate_before(self) -> Evaluation:
         setup, task = self.setup, self.task
-        encoders = [model_fingerprint(e) for e in (task.text_encoder, getattr(task, "text_encoder_2", None)) if e is not None]
-        key = ["text-to-image", model_fingerprint(task.model), *encoders, model_fingerprint(task.vae),
+        key = ["text-to-image", model_fingerprint(task.model), *text_encoder_fingerprints(task), model_fingerprint(task.vae),
                setup.protocol.sampling(), setup.prompts.table, setup.prompts.groups(), setup.judge_name,
                protocol_options(self.job).record(), setup.papers and [asdict(row) for row in setup.papers.rows()],
                model_fingerprint(setup.judge), tensors_fingerprint({"reference": setup.reference}),
