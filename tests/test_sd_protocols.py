@@ -25,7 +25,7 @@ from genunlearn.eval.clip_score import clip_score, load_clip
 from genunlearn.eval.nudity import NUDE_LABELS, as_bgr_uint8, exposed_parts, nudity_figures
 from genunlearn.eval.sd_protocols import PromptRow, SDProtocols, measure_rows, read_prompt_table
 from genunlearn.models.presets import get_preset
-from genunlearn.models.prompt_sampling import sampling_pipeline
+from genunlearn.models.prompt_sampling import sampler_like
 from genunlearn.models.tiny_sd import build_tiny_sd
 from helpers import accelerate_launch, validate_report
 
@@ -39,7 +39,7 @@ def sd_digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd-digits") / "pipeline"
     pipeline = build_tiny_sd(VOCABULARY, **get_preset("sd-digits").model_args)
     pipeline.save_pretrained(folder)
-    sampler = sampling_pipeline(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler.config)
+    sampler = sampler_like(pipeline)
     return folder, sampler
 
 

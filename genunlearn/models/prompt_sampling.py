@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
@@ -20,13 +20,6 @@ def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict
     pipeline = pipeline_class(**components, scheduler=DDIMScheduler.from_config(noise_schedule), **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def sampling_pipeline(unet: nn.Module, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer, noise_schedule: dict) -> StableDiffusionPipeline:
-    """``pipeline_with_ddim`` of Stable Diffusion (1.x/2.x) components."""
-    return pipeline_with_ddim(StableDiffusionPipeline, {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-                                                        "unet": unet, "safety_checker": None, "feature_extractor": None},
-                              noise_schedule)
 
 
 def sampler_like(pipeline: DiffusionPipeline) -> DiffusionPipeline:

@@ -9,14 +9,14 @@ from safetensors.torch import save_file
 
 from genunlearn.distributed import make_accelerator
 from genunlearn.eval.sd_protocols import PromptRow, measure_rows
-from genunlearn.models.prompt_sampling import sampling_pipeline
+from genunlearn.models.prompt_sampling import sampler_like
 
 ROWS = [PromptRow("a handwritten digit one", 11), PromptRow("a handwritten digit two", 12, 1.0),
         PromptRow("a handwritten digit one", 13), PromptRow("the number 4", 14), PromptRow("a seven written by hand", 15)]
 
 accelerator = make_accelerator()
 loaded = StableDiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True)
-sampler = sampling_pipeline(loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, loaded.scheduler.config)
+sampler = sampler_like(loaded)
 figures = measure_rows(sampler, ROWS, lambda image, row: {"image": image[0].cpu(), "process": accelerator.process_index},
                        accelerator, steps=3, guidance=3.0, desc="rows")
 if accelerator.is_main_process:
