@@ -73,50 +73,34 @@ def dit_task(config: dict, samples: int, seed: int):
                              classes=[str(c) for c in range(1000)])
 
 
-def sd_task(config: dict, samples: int, seed: int, tiny: bool):
-    """A text-to-image task of an SD UNet (``config``) over ``samples`` random latents of ``PROMPTS``, encoded by a
-    one-layer CLIP text encoder of SD-1.5's width (77 tokens), with the sd-1.5 preset's method settings."""
+def prompt_task(model: str, config: dict, samples: int, seed: int, tiny: bool):
+    """A text-to-image task of an SD-1.5 or SD-XL UNet (``model``, ``config``) over ``samples`` random latents of
+    ``PROMPTS``, conditioned by one-layer CLIP text encoders of the model's widths (77 tokens; scaled down with
+    ``tiny``), with the sd-1.5 preset's method settings."""
     import torch
     from diffusers import DDPMScheduler
 
     from genunlearn.data.tensor_dataset import LabeledTensorDataset
     from genunlearn.models.presets import get_preset
-    from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sd
-    from genunlearn.tasks.text_to_image import TextToImageTask
+    from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sd, build_tiny_sdxl
+    from genunlearn.tasks.text_to_image_xl import text_to_image_task
 
-    text = {**SD15_TEXT, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64} if tiny else SD15_TEXT
     words = sorted({word for prompt in PROMPTS for word in prompt.split()})
-    pipeline = build_tiny_sd(words, text_encoder=text, unet=config, vae=TINY_SD["vae"], max_length=77, seed=seed)
+    if model == "sd-1.5":
+        text = {**SD15_TEXT, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64} if tiny else SD15_TEXT
+        pipeline = build_tiny_sd(words, text_encoder=text, unet=config, vae=TINY_SD["vae"], max_length=77, seed=seed)
+    else:
+        first, second = SDXL_TEXT
+        if tiny:
+            first = {**first, "num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 32}
+            second = {**second, "num_attention_heads": 2, "hidden_size": 24, "intermediate_size": 48, "projection_dim": 16}
+        pipeline = build_tiny_sdxl(words, text_encoder=first, text_encoder_2=second, unet=config, vae=TINY_SD["vae"],
+                                   max_length=77, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(samples, 4, config["sample_size"], config["sample_size"], generator=generator)
     data = LabeledTensorDataset(latents, torch.arange(samples) % len(PROMPTS), PROMPTS)
-    return TextToImageTask(get_preset("sd-1.5"), pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                           DDPMScheduler(beta_schedule="scaled_linear"), data, data, encoded_data=True)
-
-
-def sdxl_task(config: dict, samples: int, seed: int, tiny: bool):
-    """A text-to-image task of an SD-XL UNet (``config``) over ``samples`` random latents of ``PROMPTS``, conditioned by
-    two one-layer CLIP text encoders of SD-XL's widths (77 tokens), with the sd-1.5 preset's method settings."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from genunlearn.data.tensor_dataset import LabeledTensorDataset
-    from genunlearn.models.presets import get_preset
-    from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sdxl
-    from genunlearn.tasks.text_to_image_xl import TextToImageXLTask
-
-    first, second = SDXL_TEXT
-    if tiny:
-        first = {**first, "num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 32}
-        second = {**second, "num_attention_heads": 2, "hidden_size": 24, "intermediate_size": 48, "projection_dim": 16}
-    words = sorted({word for prompt in PROMPTS for word in prompt.split()})
-    pipeline = build_tiny_sdxl(words, text_encoder=first, text_encoder_2=second, unet=config, vae=TINY_SD["vae"],
-                               max_length=77, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(samples, 4, config["sample_size"], config["sample_size"], generator=generator)
-    data = LabeledTensorDataset(latents, torch.arange(samples) % len(PROMPTS), PROMPTS)
-    return TextToImageXLTask.from_pipeline(pipeline, get_preset("sd-1.5"), DDPMScheduler(beta_schedule="scaled_linear"),
-                                           data, data, encoded_data=True)
+    return text_to_image_task(pipeline, get_preset("sd-1.5"), DDPMScheduler(beta_schedule="scaled_linear"), data, data,
+                              encoded_data=True)
 
 
 def run_cell(task, method: str, steps: int, batch_size: int, accelerator) -> dict:
@@ -181,7 +165,7 @@ def main() -> int:
     import torch
 
     from genunlearn.distributed import make_accelerator
-    from genunlearn.engine.sharding import SHARDED_METHODS
+    from genunlearn.methods.registry import sharded_methods
 
     accelerator = make_accelerator(mixed_precision="no" if args.tiny else "bf16")
     launch = sharding(accelerator)
@@ -190,13 +174,10 @@ def main() -> int:
         label, full, tiny, methods, batch, tiny_batch = MODELS[model]
         config, batch = (tiny, tiny_batch) if args.tiny else (full, batch)
         samples = 4 * batch * accelerator.num_processes
-        if model == "dit-xl":
-            task = dit_task(config, samples, seed=0)
-        else:
-            task = (sd_task if model == "sd-1.5" else sdxl_task)(config, samples, seed=0, tiny=args.tiny)
+        task = dit_task(config, samples, seed=0) if model == "dit-xl" else prompt_task(model, config, samples, 0, args.tiny)
         if args.gradient_checkpointing:
             task.model.enable_gradient_checkpointing()
-        runnable = [m for m in methods if m in SHARDED_METHODS or not launch.startswith("FSDP")]  # ESD does not shard
+        runnable = [m for m in methods if m in sharded_methods() or not launch.startswith("FSDP")]  # ESD does not shard
         rows = [run_cell(task, method, args.steps, batch, accelerator) for method in runnable]
         cell = {"model": label + (" (tiny)" if args.tiny else ""), "config": {k: list(v) if isinstance(v, tuple) else v
                                                                                for k, v in config.items()},
