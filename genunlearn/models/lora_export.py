@@ -9,6 +9,7 @@ is a kh x kw conv to the rank, ``lora_B`` a 1x1 conv back (peft's Conv2d LoRA)."
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,6 @@ class LoraExport:
     def merged_into(self, original: nn.Module) -> nn.Module:
         """A copy of ``original`` with every layer's LoRA added to its weights (and bias): what the LoRA-loaded
         pipeline computes, as plain weights."""
-        import copy
-
         merged = copy.deepcopy(original)
         with torch.no_grad():
             for module_name in self.ranks:

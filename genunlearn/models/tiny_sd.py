@@ -47,6 +47,12 @@ def write_word_tokenizer(words: Iterable[str], folder: Path, max_length: int) ->
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
 
 
+def token_settings(tokenizer: CLIPTokenizer, max_length: int) -> dict:
+    """The ``CLIPTextConfig`` fields a text encoder takes from its tokenizer: vocabulary, positions and special ids."""
+    return dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dict, max_length: int = 16,
                   beta_schedule: str = "squaredcos_cap_v2", seed: int = 0) -> StableDiffusionPipeline:
     """A freshly initialised ``StableDiffusionPipeline`` whose tokenizer knows ``words`` (each one token). ``text_encoder``,
@@ -56,9 +62,7 @@ def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dic
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_word_tokenizer(words, Path(folder), max_length)
-    encoder = CLIPTextModel(CLIPTextConfig(
-        **text_encoder, vocab_size=len(tokenizer), max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    encoder = CLIPTextModel(CLIPTextConfig(**text_encoder, **token_settings(tokenizer, max_length)))
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**vae), text_encoder=encoder.eval(), tokenizer=tokenizer,
         unet=UNet2DConditionModel(**unet, cross_attention_dim=encoder.config.hidden_size),
@@ -102,8 +106,7 @@ def build_tiny_sdxl(words: Iterable[str], text_encoder: dict, text_encoder_2: di
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = write_word_tokenizer(words, Path(folder), max_length)
-    special = dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    special = token_settings(tokenizer, max_length)
     encoder = CLIPTextModel(CLIPTextConfig(**text_encoder, **special))
     encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2, **special))
     time_dim = unet.get("addition_time_embed_dim", 8)
