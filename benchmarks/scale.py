@@ -83,7 +83,7 @@ def prompt_task(model: str, config: dict, samples: int, seed: int, tiny: bool):
     from genunlearn.data.tensor_dataset import LabeledTensorDataset
     from genunlearn.models.presets import get_preset
     from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sd, build_tiny_sdxl
-    from genunlearn.tasks.text_to_image_xl import text_to_image_task
+    from genunlearn.tasks.text_to_image_pipelines import text_to_image_task
 
     words = sorted({word for prompt in PROMPTS for word in prompt.split()})
     if model == "sd-1.5":

@@ -275,6 +275,12 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
     add_precision_arguments(memory)
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: much less memory, about a third slower")
+    memory.add_argument("--lora-rank", "--lora_rank", type=int, metavar="R",
+                        help="train rank-R LoRA factors instead of full weights (esd, finetune, grad_ascent, random_label; "
+                        "peft), merged into the output; a text-to-image run also writes them to RUN/lora")
+    memory.add_argument("--lora-targets", "--lora_targets", metavar="SCOPE",
+                        help="the parameter scope whose Linear and Conv2d layers get the LoRA factors (default: esd's "
+                        "--set scope, all layers for the others), e.g. cross-attention")
     parser.add_argument("--report-to", metavar="TRACKER",
                         help="also log the run's figures to an experiment tracker through accelerate: tensorboard "
                         "(pip install 'genunlearn[tensorboard]'; OUTPUT_DIR/logs/), wandb, all (every installed one), "
@@ -349,7 +355,8 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
 
     settings = {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                       ("log_every", args.log_every), ("checkpoint_every", args.checkpoint_every),
-                                      ("keep_checkpoints", args.checkpoints_total_limit)) if v is not None},
+                                      ("keep_checkpoints", args.checkpoints_total_limit), ("lora_rank", args.lora_rank),
+                                      ("lora_targets", args.lora_targets)) if v is not None},
                 **settings}
     concepts = concept_settings(args)
     model, pretrained = model_and_weights(args)

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from genunlearn.data.tensor_dataset import LabeledTensorDataset
 from genunlearn.engine.fingerprint import model_fingerprint, text_encoder_fingerprints
 from genunlearn.models.pipeline import Pipeline, pipeline_denoiser
-from genunlearn.models.prompt_sampling import sample_prompts
+from genunlearn.models.prompt_sampling import denoiser_of, sample_prompts
 from genunlearn.precision import numerics
 from genunlearn.models.sampling import sample_classes
 from genunlearn.storage.files import atomic_save_tensors, read_cached_tensors
@@ -95,7 +95,7 @@ def generated_prompt_datasets(
     """``(train, test)`` of a text-to-image model's own generations: ``per_prompt`` latents of each of ``ids`` (ids into
     ``prompts``, the datasets' classes), and a quarter as many with other seeds; cached by (UNet, text encoder,
     prompts and their ids, which seed them, counts, sampler, seed, numerics); SD-XL's second text encoder too."""
-    key = [model_fingerprint(pipeline.unet), *text_encoder_fingerprints(pipeline), {i: prompts[i] for i in ids}, guidance, steps, numerics(accelerator)]
+    key = [model_fingerprint(denoiser_of(pipeline)), *text_encoder_fingerprints(pipeline), {i: prompts[i] for i in ids}, guidance, steps, numerics(accelerator)]
 
     def generate(count: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
         return stacked(sample_prompts(pipeline, prompts, ids, count, accelerator, guidance=guidance, steps=steps, seed=at,

@@ -33,8 +33,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def text_encoder_fingerprints(holder) -> list[str]:
     """``model_fingerprint`` of each text encoder a text-to-image pipeline or task holds (``text_encoder``, and SD-XL's
-    ``text_encoder_2``)."""
-    return [model_fingerprint(getattr(holder, name)) for name in ("text_encoder", "text_encoder_2")
+    ``text_encoder_2``, SD3's ``text_encoder_3``)."""
+    return [model_fingerprint(getattr(holder, name)) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
             if getattr(holder, name, None) is not None]
 
 

@@ -68,6 +68,8 @@ class LoopConfig:
     seed: int = 0
     rl_form: str = "eps_match"  # diffusion random-label form: eps_match (SalUn DDPM) or relabel (SFR-on DiT)
     rl_shift: int | None = None  # rl's other label: None a random other class per sample; k: (c + k) mod K for all
+    lora_rank: int | None = None  # train rank-r LoRA factors instead of full weights (engine/lora_training.py)
+    lora_targets: str | None = None  # the scope whose Linear/Conv2d layers get them (None: the method's scope, else all)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -89,6 +91,8 @@ class LoopConfig:
             raise UserError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.rl_form not in ("eps_match", "relabel"):
             raise UserError(f"unknown rl_form {self.rl_form!r}; use eps_match or relabel")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise UserError(f"lora_rank must be at least 1 (or unset to train full weights), got {self.lora_rank}")
         if self.rl_shift is not None and self.rl_shift < 1:
             raise UserError(f"rl_shift must be at least 1 (or unset for random other classes), got {self.rl_shift}")
 

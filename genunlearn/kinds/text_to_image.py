@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from timm.data import ImageNetInfo
 from torch import nn
 
@@ -28,7 +27,7 @@ from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, generated_data_id, job_sampling
 from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
-from genunlearn.models.prompt_sampling import sd_pipeline_for
+from genunlearn.models.prompt_sampling import denoiser_of, sampler_name, sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
 from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.models.lora_export import LoraExport, lora_from_delta, save_lora
@@ -38,9 +37,8 @@ from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task, images_by_prompt
 from genunlearn.tasks.text_to_image import TextToImageTask
-from genunlearn.tasks.text_to_image_xl import text_to_image_task
+from genunlearn.tasks.text_to_image_pipelines import text_to_image_task
 
-SAMPLER = "DDIM (diffusers DDIMScheduler from the pipeline's noise schedule)"
 
 
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ def real_remain_features(preset: TextToImagePreset, prompts: ConceptPrompts, jud
 def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) -> dict:
     """The report's ``prompts`` and ``evaluation`` entries: what was erased, kept and held out, and how it was judged."""
     return {"prompts": setup.prompts.to_dict(),
-            "evaluation": {**setup.protocol.sampling(), "sampler": SAMPLER, "classifier": setup.judge_name,
+            "evaluation": {**setup.protocol.sampling(), "sampler": sampler_name(setup.task.pipeline_class), "classifier": setup.judge_name,
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
                            "fid_real_reference": None if setup.real_reference is None else
@@ -197,11 +195,13 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
 LORA_DIR = "lora"  # --export-lora-rank's folder in a run
 
 
-def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline") -> str:
-    """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full UNet's weights)."""
-    return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, the full UNet erased): '
-            f'`{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with diffusers alone; the UNet alone: '
-            '`UNet2DConditionModel.from_pretrained("RUN/pipeline", subfolder="unet")`.')
+def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline", denoiser: str = "UNet2DConditionModel") -> str:
+    """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full ``denoiser``'s
+    weights)."""
+    folder = "transformer" if "Transformer" in denoiser else "unet"
+    return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, the full {folder} erased): '
+            f'`{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with diffusers alone; the {folder} alone: '
+            f'`{denoiser}.from_pretrained("RUN/pipeline", subfolder="{folder}")`.')
 
 
 class TextToImageRun(GeneratorRun):
@@ -240,7 +240,7 @@ class TextToImageRun(GeneratorRun):
             save_pipeline(sd_pipeline_for(self.task, model), folder)
 
         def load(folder: Path) -> nn.Module:
-            return load_sd_pipeline(folder).unet.eval()
+            return denoiser_of(load_sd_pipeline(folder)).eval()
 
         return save, load, "model_index.json"
 
@@ -248,9 +248,10 @@ class TextToImageRun(GeneratorRun):
         return concept_record(self.setup, self.job, self.accelerator.mixed_precision)
 
     def exports(self, model: nn.Module) -> dict:
-        """With ``--export-lora-rank R``: the erasure as a rank-R LoRA (kept for ``write``), measured as the full erasure
-        is (the original with the LoRA merged: what the LoRA-loaded pipeline computes)."""
-        rank = self.job.export_lora_rank
+        """With ``--export-lora-rank R``, or trained as rank-R LoRA factors (``--lora-rank R``: exact at that rank): the
+        erasure as a rank-R LoRA (kept for ``write``), measured as the full erasure is (the original with the LoRA
+        merged: what the LoRA-loaded pipeline computes)."""
+        rank = self.lora_rank
         if rank is None:
             return {}
         self.lora = lora_from_delta(self.task.model, model, rank)
@@ -258,16 +259,22 @@ class TextToImageRun(GeneratorRun):
         return {"lora": {"rank": rank, "layers": len(self.lora.ranks), "parameters": self.lora.parameter_count(),
                          "relative_error": self.lora.relative_error, "left_out": self.lora.left_out, "after": figures}}
 
+    @property
+    def lora_rank(self) -> int | None:
+        """The rank of the LoRA the run writes: ``--export-lora-rank``, else the trained factors' (``lora_rank``)."""
+        trained = self.job.settings.get("lora_rank")
+        return self.job.export_lora_rank or (None if trained is None else int(trained))
+
     def write(self, model: nn.Module, output_dir: Path, before: dict, after: dict) -> str:
         save_pipeline(sd_pipeline_for(self.task, model.cpu().eval()), output_dir / PIPELINE_DIR)
         groups = self.setup.prompts.groups()
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
-        loading = pipeline_loading(self.task.pipeline_class.__name__)
+        loading = pipeline_loading(self.task.pipeline_class.__name__, type(self.task.model).__name__)
         if self.lora is not None:
             save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
-            loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.job.export_lora_rank} LoRA '
+            loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.lora_rank} LoRA '
                         f'({self.lora.parameter_count():,} parameters): `pipe.load_lora_weights("RUN/{LORA_DIR}")` on the '
                         'original pipeline switches it on (diffusers with peft), `pipe.unload_lora_weights()` off.')
         return loading
@@ -305,7 +312,7 @@ class TextToImageKind:
         train, test, _ = load_captioned_digits(preset)
         pipeline = load_text_to_image_pipeline(preset, pretrained=pretrained, cache_root=cache_root(cache_dir),
                                                accelerator=accelerator)
-        return text_to_image_task(pipeline, preset, DDPMScheduler.from_config(pipeline.scheduler.config), train, test)
+        return text_to_image_task(pipeline, preset, None, train, test)
 
     def prepare_run(self, job: ForgetJob, preset: TextToImagePreset, accelerator: Accelerator) -> TextToImageRun:
         return TextToImageRun(job, prepare_concepts(job, preset, accelerator), accelerator)

@@ -13,7 +13,8 @@ from torch import nn
 from genunlearn.data.split import ForgetSplit
 from genunlearn.errors import UserError
 from genunlearn.engine.loop import LoopConfig, StepFn, run_loop
-from genunlearn.engine.sharding import shard_model, sharding_requested
+from genunlearn.engine.lora_training import lora_target_modules, merged_lora, trainable_count, with_lora
+from genunlearn.engine.sharding import fsdp_requested, shard_model, sharding_requested
 from genunlearn.methods.registry import UnlearnResult
 from genunlearn.tasks.base import Task
 
@@ -32,9 +33,14 @@ def unlearn_with_loop(
     info: dict | None = None,
     model: nn.Module | None = None,
 ) -> UnlearnResult:
-    """Run ``step_fn`` on ``model`` (None: ``working_copy(task)``; the original is never modified, and waits on the CPU
-    with ``cfg.offload_frozen``); ``info`` goes into the result, with ``sharded_over`` (processes) for a sharded run,
-    whose result is a gathered copy."""
+    """Run ``step_fn`` on ``model`` (None: ``working_copy(task)``, with LoRA factors when ``cfg.lora_rank``; the
+    original is never modified, and waits on the CPU with ``cfg.offload_frozen``); ``info`` goes into the result, with
+    ``sharded_over`` (processes) for a sharded run, whose result is a gathered copy, and ``lora`` for a LoRA run, whose
+    result is the original with the factors merged."""
+    lora_rank = getattr(cfg, "lora_rank", None)
+    if lora_rank is not None:
+        model, lora_info = lora_working_copy(task, cfg, accelerator)
+        info = {**(info or {}), "lora": lora_info}
     model = model if model is not None else working_copy(task, accelerator)
     with original_offloaded(task, cfg.offload_frozen):
         result = run_loop(
@@ -48,7 +54,8 @@ def unlearn_with_loop(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
-    return UnlearnResult(result.model, result.log, result.steps, result.wall_time_s, {**(info or {}), **result.sharding_info()})
+    final = result.model if lora_rank is None else merged_lora(result.model, task.model)
+    return UnlearnResult(final, result.log, result.steps, result.wall_time_s, {**(info or {}), **result.sharding_info()})
 
 
 def working_copy(task: Task, accelerator: Accelerator) -> nn.Module:
@@ -56,6 +63,21 @@ def working_copy(task: Task, accelerator: Accelerator) -> nn.Module:
     launch asks for FSDP2 (``engine.sharding``), whole otherwise."""
     model = copy.deepcopy(task.model)
     return shard_model(model, accelerator) if sharding_requested(accelerator) else model.to(accelerator.device)
+
+
+def lora_working_copy(task: Task, cfg: LoopConfig, accelerator: Accelerator) -> tuple[nn.Module, dict]:
+    """``(working copy with rank-``cfg.lora_rank`` LoRA factors in the Linear and Conv2d layers of ``cfg.lora_targets``
+    (None: the method's ``scope``, else all), the report's record of them)``; not under FSDP."""
+    if sharding_requested(accelerator) and fsdp_requested(accelerator):
+        raise UserError("LoRA training does not run sharded (FSDP); its factors are small: launch it with DDP "
+                        "(configs/accelerate/multi_gpu.yaml)")
+    scope = cfg.lora_targets or getattr(cfg, "scope", "all")
+    model = copy.deepcopy(task.model).to(accelerator.device)
+    targets = lora_target_modules(task, model, scope)
+    model = with_lora(model, targets, cfg.lora_rank, cfg.seed)
+    return model, {"rank": cfg.lora_rank, "targets": scope, "layers": len(targets),
+                   "trainable_parameters": trainable_count(model),
+                   "full_parameters": sum(p.numel() for p in task.model.parameters())}
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 from torch import nn
 
 from genunlearn.engine.loop import LoopConfig, StepContext
@@ -69,8 +68,9 @@ def null_and_concept_predictions(model: nn.Module, task, latents: torch.Tensor, 
 
 
 def sampling_schedule(noise: NoiseSource, ddim_steps: int, train_timesteps: int, labels: str,
-                      sampler_timesteps: torch.Tensor) -> tuple[int, int]:
-    """``(DDIM steps to run from pure noise, the timestep x_t is labelled with)`` for one iteration.
+                      sampler_timesteps: torch.Tensor, timestep_of_index=torch.tensor) -> tuple[int, torch.Tensor]:
+    """``(sampler steps to run from pure noise, the timestep x_t is labelled with)`` for one iteration; a compvis
+    label is a training-schedule index, made the denoiser's timestep by ``timestep_of_index`` (a task's).
 
     ``reached`` (``esd_sd.py``): k uniform in [0, S), k steps, labelled ``sampler_timesteps[k]``, the timestep x_t has
     reached. ``compvis`` (``train-esd.py`` with its ``ddim.py``): t_enc uniform in [0, S); the sampler stops after
@@ -78,17 +78,19 @@ def sampling_schedule(noise: NoiseSource, ddim_steps: int, train_timesteps: int,
     steps noisier than x_t is (t_enc 0 and 1 run every step), and pure noise never trains."""
     if labels == "reached":
         k = noise.shared_randint(ddim_steps)
-        return k, int(sampler_timesteps[k])
+        return k, sampler_timesteps[k]
     t_enc = noise.shared_randint(ddim_steps)
     low, high = round(t_enc * train_timesteps / ddim_steps), round((t_enc + 1) * train_timesteps / ddim_steps)
-    return min(ddim_steps, ddim_steps + 1 - t_enc), low + noise.shared_randint(high - low)
+    return min(ddim_steps, ddim_steps + 1 - t_enc), timestep_of_index(low + noise.shared_randint(high - low))
 
 
 @torch.no_grad()
-def partially_sampled(sampler_model: nn.Module, task, scheduler: DDIMScheduler, concept: torch.Tensor, steps: int,
+def partially_sampled(sampler_model: nn.Module, task, sampler_steps: int, concept: torch.Tensor, steps: int,
                       guidance: float) -> torch.Tensor:
-    """x_t ``[B, 4, h, w]``: ``steps`` of ``scheduler``'s DDIM steps (η = 0) of ``sampler_model`` from N(0, I) (drawn
-    from ``current_noise``) on the prompts ``concept`` ``[B]``, guided with ``guidance``."""
+    """x_t ``[B, C, h, w]``: the first ``steps`` of ``task.sampler(sampler_steps)``'s steps (DDIM η = 0, or a flow
+    task's Euler steps; a fresh scheduler, as Euler's counts its steps) of ``sampler_model`` from N(0, I) (drawn from
+    ``current_noise``) on the prompts ``concept`` ``[B]``, guided with ``guidance``."""
+    scheduler = task.sampler(sampler_steps)
     config = task.model.config
     device = concept.device
     latents = current_noise().randn((len(concept), config.in_channels, config.sample_size, config.sample_size), device)
@@ -106,23 +108,23 @@ def scope_mask(task, model: nn.Module, scope: str) -> ParameterMask:
 
 
 @register_method("esd", "Erased Stable Diffusion: negative guidance from a frozen copy on the concept prompts "
-                 "(text-to-image; scope ESD-u or ESD-x)", ESDConfig, kinds=("text-to-image",))
+                 "(text-to-image; scope ESD-u or ESD-x)", ESDConfig, kinds=("text-to-image",), lora=True)
 def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     if not hasattr(task, "prompt_embeddings"):
         raise UserError(f"esd erases prompts from text-to-image models; {task.name} is not one")
     frozen = frozen_copy(task, accelerator, cfg.offload_frozen)
-    mask = scope_mask(task, task.model, cfg.scope).to(accelerator.device)
-    sampler = DDIMScheduler.from_config(task.scheduler.config)
-    sampler.set_timesteps(cfg.ddim_steps)
+    # with LoRA the factors sit in the scope's layers alone: no weight to hold
+    mask = None if cfg.lora_rank else scope_mask(task, task.model, cfg.scope).to(accelerator.device)
+    sampler_timesteps = task.sampler(cfg.ddim_steps).timesteps
 
     def esd_step(ctx: StepContext) -> dict[str, float]:
         concept = ctx.forget.next()[1].to(accelerator.device)
         steps, label = sampling_schedule(ctx.noise, cfg.ddim_steps, task.scheduler.config.num_train_timesteps,
-                                         cfg.timestep_labels, sampler.timesteps)
-        timesteps = torch.full((len(concept),), label, device=accelerator.device, dtype=torch.long)
+                                         cfg.timestep_labels, sampler_timesteps, task.timestep_of_index)
+        timesteps = label.to(accelerator.device).expand(len(concept))
         with accelerator.autocast():
             sampler_model = accelerator.unwrap_model(ctx.model) if cfg.sample_with == "trained" else frozen
-            noisy = partially_sampled(sampler_model, task, sampler, concept, steps, cfg.start_guidance)
+            noisy = partially_sampled(sampler_model, task, cfg.ddim_steps, concept, steps, cfg.start_guidance)
             with torch.no_grad():
                 target = esd_target(*null_and_concept_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
         loss = (task.predict_noise(ctx.model, noisy, timesteps, concept).float() - target.float()).pow(2).mean()
@@ -130,4 +132,5 @@ def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> 
         return {"esd_loss": loss.item()}
 
     return unlearn_with_loop(task, split, cfg, accelerator, esd_step, checkpoint_dir=checkpoint_dir, resume=resume,
-                             uses_retain=False, info={"scope": cfg.scope, "trained_fraction": mask.kept_fraction()})
+                             uses_retain=False, info={"scope": cfg.scope,
+                                                      **({"trained_fraction": mask.kept_fraction()} if mask else {})})

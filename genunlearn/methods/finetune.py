@@ -16,7 +16,7 @@ class FinetuneConfig(LoopConfig):
 
 
 @register_method("finetune", "fine-tune on the retain set only (catastrophic forgetting baseline)", FinetuneConfig,
-                 shards=True)
+                 shards=True, lora=True)
 def run(task, split, cfg: FinetuneConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(
         task, split, cfg, accelerator, supervised_step, checkpoint_dir=checkpoint_dir, resume=resume, uses_forget=False

@@ -25,7 +25,7 @@ def grad_ascent_step(ctx: StepContext) -> dict[str, float]:
 
 
 @register_method("grad_ascent", "gradient ascent on the forget set's loss (ga objective only)", GradAscentConfig,
-                 shards=True)
+                 shards=True, lora=True)
 def run(task, split, cfg: GradAscentConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(
         task, split, cfg, accelerator, grad_ascent_step, checkpoint_dir=checkpoint_dir, resume=resume, uses_retain=False

@@ -29,6 +29,6 @@ def random_label_step(ctx: StepContext) -> dict[str, float]:
 
 
 @register_method("random_label", "random other labels on the forget set plus retain descent, no mask", RandomLabelConfig,
-                 shards=True)
+                 shards=True, lora=True)
 def run(task, split, cfg: RandomLabelConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     return unlearn_with_loop(task, split, cfg, accelerator, random_label_step, checkpoint_dir=checkpoint_dir, resume=resume)

@@ -43,7 +43,8 @@ class MethodRun(Protocol):
 class MethodSpec:
     """A registered method; ``preset_layer(preset)`` gives the settings it takes from a preset beyond the preset's
     ``methods:`` block (``retrain``: the pretraining recipe); ``kinds``: the model kinds it applies to (None: all);
-    ``shards``: whether it runs sharded under an FSDP launch (``engine.sharding``)."""
+    ``shards``: whether it runs sharded under an FSDP launch (``engine.sharding``); ``lora``: whether it trains LoRA
+    adapters with ``lora_rank`` (``engine.lora_training``)."""
 
     name: str
     summary: str
@@ -52,6 +53,7 @@ class MethodSpec:
     preset_layer: Callable[[object], dict] | None = None
     kinds: tuple[str, ...] | None = None
     shards: bool = False
+    lora: bool = False
 
     def check_kind(self, kind: str, model: str) -> None:
         """A UserError, before any work, when the method does not apply to a model of ``kind``."""
@@ -74,6 +76,9 @@ class MethodSpec:
                 raise UserError(f"method {self.name} has no setting {unknown[0]!r}; its settings are {', '.join(sorted(known))}")
             merged.update(layer)
         hints = typing.get_type_hints(self.config_class)
+        if merged.get("lora_rank") is not None and not self.lora:
+            raise UserError(f"{self.name} does not train LoRA adapters (engine/lora_training.py says why); drop lora_rank, "
+                            f"or use one of {', '.join(sorted(n for n, spec in METHODS.items() if spec.lora))}")
         return self.config_class(**{key: typed_setting(key, value, hints[key]) for key, value in merged.items()})
 
 
@@ -81,12 +86,14 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, summary: str, config_class: type, preset_layer: Callable[[object], dict] | None = None,
-                    kinds: tuple[str, ...] | None = None, shards: bool = False) -> Callable[[MethodRun], MethodRun]:
-    """Decorator adding a method's run function to ``METHODS`` under ``name`` (``kinds``, ``shards``: see
+                    kinds: tuple[str, ...] | None = None, shards: bool = False,
+                    lora: bool = False) -> Callable[[MethodRun], MethodRun]:
+    """Decorator adding a method's run function to ``METHODS`` under ``name`` (``kinds``, ``shards``, ``lora``: see
     ``MethodSpec``)."""
 
     def add(run: MethodRun) -> MethodRun:
-        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer, kinds, shards)
+        METHODS[name] = MethodSpec(name, summary, config_class, _checked_against_task(run), preset_layer, kinds, shards,
+                                   lora)
         return run
 
     return add

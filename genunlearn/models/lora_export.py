@@ -86,14 +86,15 @@ def lora_from_delta(original: nn.Module, erased: nn.Module, rank: int, biases: b
 
 
 def save_lora(pipeline_class: type, export: LoraExport, folder: Path) -> Path:
-    """Write ``export`` as the UNet's LoRA with ``pipeline_class.save_lora_weights`` (``pytorch_lora_weights.safetensors``
-    in ``folder``); returns the folder."""
-    pipeline_class.save_lora_weights(str(folder), unet_lora_layers=export.layers, safe_serialization=True)
+    """Write ``export`` as the denoiser's LoRA (the UNet's, SD3's transformer's) with ``pipeline_class.save_lora_weights``
+    (``pytorch_lora_weights.safetensors`` in ``folder``); returns the folder."""
+    denoiser = "transformer" if "transformer" in pipeline_class._lora_loadable_modules else "unet"
+    pipeline_class.save_lora_weights(str(folder), **{f"{denoiser}_lora_layers": export.layers}, safe_serialization=True)
     return folder
 
 
 def export_lora(task, erased: nn.Module, rank: int, folder: str | Path, biases: bool | None = None) -> LoraExport:
-    """Export the change from a text-to-image task's UNet to ``erased`` as a LoRA in ``folder``, loadable onto the
+    """Export the change from a text-to-image task's denoiser to ``erased`` as a LoRA in ``folder``, loadable onto the
     original pipeline with ``pipe.load_lora_weights(folder)`` (diffusers with peft); returns the export (ranks, the
     relative error of the factored weights, what it leaves out). ``biases``: see ``lora_from_delta``."""
     export = lora_from_delta(task.model, erased, rank, biases)

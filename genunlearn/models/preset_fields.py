@@ -60,6 +60,8 @@ FIELD_DOCS: dict[type, dict[str, str]] = {
         **{k: COMMON[k] for k in ("name", "description", "kind", "model_args", "dataset", "image_size", "channels",
                                   "train", "methods", "hub_id", "eval_classifier", "num_train_timesteps",
                                   "beta_schedule", "sampling")},
+        "family": "the tiny pipeline's family: `sd` (StableDiffusionPipeline), `sdxl` (StableDiffusionXLPipeline) or `sd3` "
+                  "(StableDiffusion3Pipeline, flow matching)",
         "vae_train": "how the tiny pipeline's VAE is trained before its UNet (a recipe mapping)",
         "train_text_encoder": "train the text encoder with the UNet (the tiny pipeline's recipe)",
         "retain_prompts": "the prompts an erasure keeps by default (those naming the erased concept's class are left out)",

@@ -186,8 +186,8 @@ class DiffusionPreset:
 @dataclass(frozen=True)
 class TextToImagePreset:
     """A text-to-image model: a ``StableDiffusionPipeline`` from ``hub_id`` (or ``--pretrained``), or the tiny offline
-    one ``models.tiny_sd`` builds from ``model_args`` (``text_encoder``, ``unet``, ``vae`` arguments; ``max_length``
-    tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``, and the
+    one of ``family`` (``sd``, ``sdxl``, ``sd3``) that ``models.tiny_sd``/``tiny_sd3`` build from ``model_args`` (the
+    components' arguments; ``max_length`` tokens per prompt) and pretrains on ``dataset`` (the VAE with ``vae_train``, then the UNet with ``train``, and the
     text encoder with it when ``train_text_encoder``, latent diffusion's text-to-image recipe); its sampling and
     method defaults, and the prompts a concept erasure retains by default (``retain_prompts``; those naming an erased
     concept's class are left out)."""
@@ -195,6 +195,7 @@ class TextToImagePreset:
     name: str
     description: str = ""
     kind: str = "text-to-image"
+    family: str = "sd"
     model_args: dict = field(default_factory=dict)
     hub_id: str | None = None
     dataset: str = "captioned-digits"
@@ -217,6 +218,8 @@ class TextToImagePreset:
         """Hash of what determines the pretrained weights (not how they are sampled, judged or unlearned)."""
         ignored = ("description", "methods", "hub_id", "sampling", "eval_classifier", "retain_prompts")
         relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        if relevant["family"] == "sd":  # the family every preset had before the field: their pretrainings stay cached
+            del relevant["family"]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

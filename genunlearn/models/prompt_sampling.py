@@ -5,19 +5,37 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline)
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
 from genunlearn.tasks.text_to_image import TextToImageTask
 
 
+def sampler_class(pipeline_class: type[DiffusionPipeline]) -> type:
+    """The scheduler genunlearn samples ``pipeline_class`` with: DDIM, or flow-matching Euler for SD3 (its own)."""
+    return FlowMatchEulerDiscreteScheduler if issubclass(pipeline_class, StableDiffusion3Pipeline) else DDIMScheduler
+
+
+def sampler_name(pipeline_class: type[DiffusionPipeline]) -> str:
+    """The report's line on how generations are sampled."""
+    return f"{sampler_class(pipeline_class).__name__} from the pipeline's noise schedule"
+
+
+def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
+    """A text-to-image pipeline's denoiser: its ``unet``, or SD3's ``transformer``."""
+    return pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+
+
 def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict, noise_schedule: dict) -> DiffusionPipeline:
     """How genunlearn samples a text-to-image model: ``pipeline_class`` (``StableDiffusionPipeline``,
-    ``StableDiffusionXLPipeline``) of ``components`` with DDIM on the ``noise_schedule`` (a scheduler's config; DDIM
-    keeps its own settings: unclipped latents, steps offset), no safety checker and no progress bar."""
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``) of ``components`` with ``sampler_class``'s scheduler on
+    the ``noise_schedule`` (a scheduler's config; DDIM keeps its own settings: unclipped latents, steps offset), no
+    safety checker and no progress bar."""
     extra = {"requires_safety_checker": False} if issubclass(pipeline_class, StableDiffusionPipeline) else {}
-    pipeline = pipeline_class(**components, scheduler=DDIMScheduler.from_config(noise_schedule), **extra)
+    scheduler = sampler_class(pipeline_class).from_config(noise_schedule)
+    pipeline = pipeline_class(**components, scheduler=scheduler, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -41,16 +59,18 @@ def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> Dif
 def generate_prompt(pipeline: StableDiffusionPipeline, prompt: str, prompt_id: int, count: int, *, guidance: float,
                     steps: int, seed: int, latents: bool = False) -> torch.Tensor:
     """``count`` generations ``[count, C, H, W]`` of ``prompt`` on CPU: images in [-1, 1], or with ``latents`` the
-    UNet's latents (times the VAE's scaling factor, never decoded); seeded by (seed, ``prompt_id``)."""
-    was_training = pipeline.unet.training
-    pipeline.unet.eval()
+    denoiser's latents (as the task encodes images: times the VAE's scaling factor, never decoded); seeded by (seed,
+    ``prompt_id``)."""
+    denoiser = denoiser_of(pipeline)
+    was_training = denoiser.training
+    denoiser.eval()
     chunks = []
     for chunk, start in enumerate(range(0, count, SAMPLE_BATCH)):
         size = min(SAMPLE_BATCH, count - start)
         output = pipeline([prompt] * size, num_inference_steps=steps, guidance_scale=guidance,
                           generator=class_generator(seed, prompt_id, chunk), output_type="latent" if latents else "pt")
         chunks.append(output.images.float().cpu() if latents else output.images.float().cpu() * 2 - 1)
-    pipeline.unet.train(was_training)
+    denoiser.train(was_training)
     return torch.cat(chunks)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from genunlearn.data.captioned_folder import load_images
 from genunlearn.data.generated import generated_prompt_datasets, stacked
@@ -19,9 +19,9 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.errors import UserError
 from genunlearn.models.held import TEXT_TO_IMAGE_REFERENCE
 from genunlearn.models.presets import TextToImagePreset, get_preset
-from genunlearn.models.prompt_sampling import sampler_like
+from genunlearn.models.prompt_sampling import denoiser_of, sampler_like
 from genunlearn.tasks.text_to_image import TextToImageTask
-from genunlearn.tasks.text_to_image_xl import text_to_image_task
+from genunlearn.tasks.text_to_image_pipelines import text_to_image_task
 
 REFERENCE_PRESET = TEXT_TO_IMAGE_REFERENCE  # a user's pipeline gets the references' Stable Diffusion method settings
 
@@ -90,9 +90,9 @@ def concept_task(
     cached under ``cache_dir/generated``. Labels are ids into ``prompts.table``, so
     ``genunlearn.forget_split(task, classes=prompts.groups()["forget"])`` is the erasure's split. ``preset``: whose
     method defaults apply (default ``sd-1.5``: the references' Stable Diffusion settings)."""
-    if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise UserError(f"concept erasure needs a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, got "
-                        f"{type(pipeline).__name__}")
+    if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)):
+        raise UserError(f"concept erasure needs a diffusers StableDiffusionPipeline, StableDiffusionXLPipeline or "
+                        f"StableDiffusion3Pipeline, got {type(pipeline).__name__}")
     if per_prompt < 2:
         raise UserError(f"per_prompt (--data-free-samples) must be at least 2, got {per_prompt}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -114,7 +114,7 @@ def concept_task(
                                         torch.cat([part[k].targets for part in parts]), table) for k in (0, 1))
     options = dict(encoded_data=True, cache_dir=None if cache_dir is None else Path(cache_dir), anchor=prompts.anchor,
                    rl_prompts=groups["remain"])  # SalUn's class script takes class k + 1's prompt; prompts have no order
-    return text_to_image_task(pipeline, preset, DDPMScheduler.from_config(pipeline.scheduler.config), train, test, **options)
+    return text_to_image_task(pipeline, preset, None, train, test, **options)
 
 
 def images_by_prompt(images: Sequence[tuple[str | Path, str]], table: list[str], trained: list[int]) -> dict[int, list[Path]]:
@@ -141,11 +141,12 @@ IMAGE_SEED_OFFSET = 40_009  # the VAE's latent draws of user images share no see
 def encoded_image_datasets(pipeline: StableDiffusionPipeline, captioned: dict[int, list[Path]], table: list[str],
                            seed: int) -> tuple[LabeledTensorDataset, LabeledTensorDataset]:
     """``(train, test)`` latents of the user's images per prompt id (labels): each image at the pipeline's resolution
-    and channels, encoded by its VAE (a draw from the latent distribution, times the scaling factor, as diffusers'
+    and channels, encoded by its VAE (a draw from the latent distribution, less any shift factor (SD3), times the
+    scaling factor, as diffusers'
     text-to-image training encodes), a fifth of each prompt's images (at least one) held out as test data."""
     vae = pipeline.vae
-    shape = (vae.config.in_channels, pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
-             pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+    side = denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
+    shape = (vae.config.in_channels, side, side)
     generator = torch.Generator().manual_seed(seed + IMAGE_SEED_OFFSET)
     splits: dict[str, dict[int, torch.Tensor]] = {"train": {}, "test": {}}
     for prompt_id, paths in sorted(captioned.items()):
@@ -153,6 +154,7 @@ def encoded_image_datasets(pipeline: StableDiffusionPipeline, captioned: dict[in
         held = max(1, len(paths) // 5)
         for split, chosen in (("test", order[:held]), ("train", order[held:])):
             pixels = load_images([paths[i] for i in chosen], shape).to(vae.device, vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator) - (vae.config.get("shift_factor") or 0.0)
+            latents = latents * vae.config.scaling_factor
             splits[split][prompt_id] = latents.float().cpu()
     return tuple(LabeledTensorDataset(*stacked(splits[split], sorted(captioned)), table) for split in ("train", "test"))

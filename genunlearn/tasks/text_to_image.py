@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -48,18 +48,24 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
     return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0].float().cpu()
 
 
-def scope_parameters(unet: nn.Module, scope: ParameterScope) -> list[tuple[str, nn.Parameter]]:
-    """``unet``'s named parameters in ``scope`` (one of ``SCOPES``)."""
+def scope_parameters(unet: nn.Module, scope: ParameterScope, cross_attention: tuple[str, ...] = ("attn2",),
+                     noxattn_excluded: tuple[str, ...] = NOXATTN_EXCLUDED) -> list[tuple[str, nn.Parameter]]:
+    """``unet``'s named parameters in ``scope`` (one of ``SCOPES``); ``cross_attention``: the name parts that mark
+    cross-attention, ``noxattn_excluded``: the prefixes ESD-u's noxattn leaves out (a UNet's, or an MMDiT's)."""
     if scope not in SCOPES:
-        raise UserError(f"unknown parameter scope {scope!r} for a text-to-image UNet; use one of {', '.join(SCOPES)}")
+        raise UserError(f"unknown parameter scope {scope!r} for a text-to-image denoiser; use one of {', '.join(SCOPES)}")
+
+    def crossing(name: str) -> bool:
+        return any(part in f".{name}." for part in cross_attention)
+
     if scope == "all":
         return list(unet.named_parameters())
     if scope == "cross-attention":
-        return [(name, p) for name, p in unet.named_parameters() if "attn2" in name]
+        return [(name, p) for name, p in unet.named_parameters() if crossing(name)]
     if scope == "non-cross-attention":
         return [(name, p) for name, p in unet.named_parameters()
-                if "attn2" not in name and not name.startswith(NOXATTN_EXCLUDED)]
-    layers = {name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d)) and "attn2" not in name}
+                if not crossing(name) and not name.startswith(noxattn_excluded)]
+    layers = {name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d)) and not crossing(name)}
     return [(name, p) for name, p in unet.named_parameters() if name.rsplit(".", 1)[0] in layers]
 
 
@@ -94,19 +100,58 @@ class TextToImageTask:
         self.null_prompt = self.num_classes  # the id of ∅ in ``prompt_embeddings``
         self.anchor_prompt = None if anchor is None else self.num_classes + 1  # rl's target prompt, when one is given
         self.rl_prompts = None if rl_prompts is None else list(rl_prompts)
-        self.prompt_embeddings = self.encode_prompt_table([*self.prompts, "", *([] if anchor is None else [anchor])])
+        table = [*self.prompts, "", *([] if anchor is None else [anchor])]
+        self.table_tokens = self.prompt_tokens(table)  # per tokenizer ``[P, L]``: what joint pretraining encodes
+        self.prompt_conditions = self.encode_prompt_table(table)
+        self.prompt_embeddings = self.prompt_conditions["encoder_hidden_states"]  # [P, L, D]
 
-    def encode_prompt_table(self, prompts: list[str]) -> torch.Tensor:
-        """The text embeddings ``[P, L, D]`` of the prompt table (the pipeline's own encoding; ∅ is row ``null_prompt``)."""
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The frozen text encoders, in the pipeline's order."""
+        return [self.text_encoder]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer]
+
+    def prompt_tokens(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each tokenizer's ids ``[P, L]`` of ``prompts`` (``tokenize``)."""
+        return [tokenize(tokenizer, prompts) for tokenizer in self.tokenizers]
+
+    def encode_tokens(self, encoders: Sequence[nn.Module], tokens: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditioning tensors ``{name: [B, ...]}`` of prompts given as ``tokens`` (one ``[B, L]`` per encoder),
+        computed by ``encoders`` (the frozen ones, or those being pretrained) as the pipeline encodes prompts: SD's last
+        hidden states ``[B, L, D]``."""
+        return {"encoder_hidden_states": encoders[0](tokens[0].to(encoders[0].device))[0]}
+
+    def null_conditions(self, conditions: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``conditions`` of prompt ids ``labels`` with ∅'s rows as the pipeline's unconditional half has them (SD: the
+        empty prompt's encoding, unchanged)."""
+        return conditions
+
+    def encode_prompt_table(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning tensors ``{name: [P, ...]}`` of the prompt table, on the CPU in float32 (the pipeline's own
+        encoding; ∅ is row ``null_prompt``)."""
+        with torch.no_grad():
+            conditions = self.encode_tokens(self.text_encoders, self.prompt_tokens(prompts))
+        conditions = {name: value.float().cpu() for name, value in conditions.items()}
+        return self.null_conditions(conditions, torch.arange(len(prompts)))
 
     def condition(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The text embeddings ``[B, L, D]`` of prompt ids ``labels`` (``null_prompt``: ∅)."""
         return self.prompt_embeddings[labels.cpu()].to(device)
 
+    def model_inputs(self, conditions: dict[str, torch.Tensor], device: torch.device) -> dict:
+        """The denoiser's conditioning keyword arguments from ``conditions`` (``encode_tokens``' names, ``[B, ...]``)."""
+        return {"encoder_hidden_states": conditions["encoder_hidden_states"].to(device)}
+
     def unet_inputs(self, labels: torch.Tensor, device: torch.device) -> dict:
-        """The UNet's conditioning keyword arguments for prompt ids ``labels``."""
-        return {"encoder_hidden_states": self.condition(labels, device)}
+        """The denoiser's conditioning keyword arguments for prompt ids ``labels``."""
+        return self.model_inputs({name: table[labels.cpu()] for name, table in self.prompt_conditions.items()}, device)
+
+    def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The denoiser's output ``[B, C, h, w]`` at ``noisy``, ``timesteps`` ``[B]`` and conditioning ``inputs``."""
+        return model(noisy, timesteps, **inputs).sample
 
     def pipeline_components(self, unet: nn.Module) -> dict:
         """``pipeline_class``'s components, but its scheduler, with ``unet`` as the UNet (no safety checker)."""
@@ -126,12 +171,32 @@ class TextToImageTask:
             return self.vae.decode(latents / self.vae.config.scaling_factor).sample.float().clamp(-1.0, 1.0)
 
     def predict_noise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t, c) ``[B, 4, h, w]`` for prompt ids ``labels``."""
-        return model(noisy, timesteps, **self.unet_inputs(labels, noisy.device)).sample
+        """The model's prediction ``[B, C, h, w]`` (ε_θ(x_t, t, c) here) for prompt ids ``labels``; a
+        ``TextConditioned`` model (pretraining) encodes the prompts with its own text encoders."""
+        if isinstance(getattr(model, "module", model), TextConditioned):
+            return model(noisy, timesteps, [tokens[labels.cpu()] for tokens in self.table_tokens], labels, self.joint_prediction)
+        return self.denoise(model, noisy, timesteps, self.unet_inputs(labels, noisy.device))
+
+    def joint_prediction(self, denoiser: nn.Module, encoders: Sequence[nn.Module], noisy: torch.Tensor,
+                         timesteps: torch.Tensor, tokens: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """``predict_noise`` through ``encoders`` being trained: the prompts' ``tokens`` (per tokenizer ``[B, L]``)
+        encoded with gradients, ∅'s rows as ``null_conditions`` has them."""
+        conditions = self.null_conditions(self.encode_tokens(encoders, tokens), labels.to(noisy.device))
+        return self.denoise(denoiser, noisy, timesteps, self.model_inputs(conditions, noisy.device))
+
+    def sampler(self, steps: int) -> DDIMScheduler:
+        """A fresh DDIM scheduler (η = 0) on the task's noise schedule, set to ``steps`` steps: how ESD samples x_t."""
+        sampler = DDIMScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        return sampler
+
+    def timestep_of_index(self, index: int) -> torch.Tensor:
+        """The denoiser's timestep for the training schedule's index ``index`` (0 clean, T - 1 pure noise): the index."""
+        return torch.tensor(index)
 
     def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, ε, t)`` for clean ``images``: the noise, then uniform timesteps (the SD references' order), both from
-        ``current_noise``."""
+        """``(x_t, target, t)`` for clean ``images``: the noise, then uniform timesteps (the SD references' order), both
+        from ``current_noise``; the target, what the denoiser predicts at x_t, is the noise ε."""
         clean = self.encode(images)
         noise = current_noise().randn(tuple(clean.shape), clean.device, clean.dtype)
         timesteps = current_noise().randint(self.scheduler.config.num_train_timesteps, (len(clean),), clean.device)
@@ -140,20 +205,20 @@ class TextToImageTask:
     def loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample ε error ``[B]``, averaged over C·H·W (``L_DSM`` of the references' retain term)."""
         images, batch_labels = batch
-        noisy, noise, timesteps = self.noised(images)
+        noisy, target, timesteps = self.noised(images)
         predicted = self.predict_noise(model, noisy, timesteps, batch_labels if labels is None else labels)
-        return (predicted.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        return (predicted.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     def importance_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """SalUn's mask objective per sample ``[B]``: the guided ε ``(1 + w) ε(x_t, c) - w ε(x_t, ∅)`` (w =
         ``MASK_GUIDANCE``) against the noise, averaged over C·H·W; its gradients give SalUn's saliency and SFR-on's
         Fishers (the references negate it, which neither |g| nor g² sees)."""
         images, labels = batch
-        noisy, noise, timesteps = self.noised(images)
+        noisy, target, timesteps = self.noised(images)
         conditional = self.predict_noise(model, noisy, timesteps, labels)
         unconditional = self.predict_noise(model, noisy, timesteps, torch.full_like(labels, self.null_prompt))
         guided = (1 + MASK_GUIDANCE) * conditional - MASK_GUIDANCE * unconditional
-        return (guided.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        return (guided.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     def random_label_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor, form: str = "eps_match") -> torch.Tensor:
         """``rl`` per sample ``[B]``: ``(ε_θ(x_t, c_f) - sg[ε_θ(x_t, c')])²`` averaged over C·H·W, both at the same x_t
@@ -176,40 +241,42 @@ class TextToImageTask:
             labels = torch.where(dropped, torch.full_like(labels, self.null_prompt), labels)
         return self.loss(model, (images, labels))
 
-    def fresh_model(self) -> UNet2DConditionModel:
-        return UNet2DConditionModel.from_config(self.model.config)
+    def fresh_model(self) -> nn.Module:
+        """The denoiser's architecture, newly initialised."""
+        return type(self.model).from_config(self.model.config)
 
     def trainable_parameters(self, model: nn.Module, scope: ParameterScope = "all") -> list[tuple[str, nn.Parameter]]:
         return scope_parameters(model, scope)
 
 
-class TextConditionedUNet(nn.Module):
-    """A UNet and the text encoder that conditions it, as one module, so that pretraining trains both."""
+class TextConditioned(nn.Module):
+    """A denoiser and the text encoders that condition it, as one module, so that pretraining trains them together
+    (the forward pass through the module keeps DDP's gradient hooks)."""
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+    def __init__(self, denoiser: nn.Module, text_encoders: Sequence[nn.Module]) -> None:
         super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.text_encoders = nn.ModuleList(text_encoders)
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """ε(x_t, t, c) ``[B, 4, h, w]`` for prompts given as token ids ``[B, L]``."""
-        return self.unet(noisy, timesteps, encoder_hidden_states=self.text_encoder(input_ids)[0]).sample
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: list[torch.Tensor], labels: torch.Tensor,
+                predict) -> torch.Tensor:
+        """``predict(denoiser, text_encoders, noisy, timesteps, tokens, labels)``: a task's ``joint_prediction``."""
+        return predict(self.denoiser, self.text_encoders, noisy, timesteps, tokens, labels)
 
 
-class JointTextToImageTraining(TextToImageTask):
-    """Pretraining a fresh UNet together with a fresh text encoder (a ``TextConditionedUNet``), as latent diffusion
-    trains its text-to-image model: each prompt's condition comes from its tokens through the encoder being trained,
-    not from the frozen ``prompt_embeddings``."""
+class JointTextToImageTraining:
+    """Pretraining ``task``'s fresh denoiser together with fresh text encoders (a ``TextConditioned``), as latent
+    diffusion trains its text-to-image model: each prompt's condition comes from its tokens through the encoders being
+    trained, not from the frozen table. Everything else is ``task``'s."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.prompt_tokens = tokenize(self.tokenizer, [*self.prompts, ""])  # row ``null_prompt``: ∅
+    def __init__(self, task: "TextToImageTask") -> None:
+        self.task = task
 
-    def predict_noise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return model(noisy, timesteps, self.prompt_tokens[labels.cpu()].to(noisy.device))
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
 
-    def fresh_model(self) -> TextConditionedUNet:
-        return TextConditionedUNet(UNet2DConditionModel.from_config(self.model.config), CLIPTextModel(self.text_encoder.config))
+    def fresh_model(self) -> TextConditioned:
+        return TextConditioned(self.task.fresh_model(), [type(e)(e.config) for e in self.task.text_encoders])
 
 
 class AutoencoderTraining:
@@ -233,8 +300,10 @@ class AutoencoderTraining:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int) -> float:
-    """``1 / std`` of the posterior samples of ``images`` ``[N, C, H, W]``: the factor that gives the diffusion model
-    unit-variance latents (SD v1's 0.18215 was found the same way); the samples are drawn with ``seed``."""
+def latent_shift_and_scale(vae: AutoencoderKL, images: torch.Tensor, seed: int) -> tuple[float, float]:
+    """``(mean, 1 / std)`` of the posterior samples of ``images`` ``[N, C, H, W]``: the shift (SD3's) and the factor
+    that give the diffusion model zero-mean, unit-variance latents (SD v1's 0.18215 was found the same way); the samples
+    are drawn with ``seed``."""
     with drawing_from(NoiseSource(seed)):
-        return float(1.0 / gaussian_sample(vae.encode(images).latent_dist).std())
+        latents = gaussian_sample(vae.encode(images).latent_dist)
+    return float(latents.mean()), float(1.0 / latents.std())

@@ -15,19 +15,26 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from genunlearn.tasks.text_to_image import TextToImageTask, tokenize
 
 
+def penultimate_and_pooled(text_encoders: Sequence[nn.Module], tokens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [B, L, D1 + D2 ...], pooled)`` of prompts given as ``tokens`` (one ``[B, L]`` per encoder), as SD-XL's
+    and SD3's pipelines encode with CLIP (no clip skip): each encoder's penultimate hidden states, concatenated; the
+    pooled projections of the encoders that return one (``CLIPTextModelWithProjection``), concatenated."""
+    hidden, pooled = [], []
+    for encoder, ids in zip(text_encoders, tokens):
+        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        if output[0].ndim == 2:
+            pooled.append(output[0])
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1)
+
+
 @torch.no_grad()
 def encode_prompts_xl(text_encoders: Sequence[nn.Module], tokenizers: Sequence[CLIPTokenizer],
                       prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [P, L, D1 + D2], pooled [P, D'])`` of ``prompts`` as ``StableDiffusionXLPipeline.encode_prompt`` computes
-    them (no clip skip): each encoder's penultimate hidden states, concatenated; the pooled projection of the first
-    encoder that returns one (the second, a ``CLIPTextModelWithProjection``)."""
-    hidden, pooled = [], None
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
-        output = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
-        if pooled is None and output[0].ndim == 2:
-            pooled = output[0]
-        hidden.append(output.hidden_states[-2])
-    return torch.cat(hidden, dim=-1).float().cpu(), pooled.float().cpu()
+    them (``penultimate_and_pooled``; SD-XL's first encoder returns no projection)."""
+    hidden, pooled = penultimate_and_pooled(text_encoders, [tokenize(t, prompts) for t in tokenizers])
+    return hidden.float().cpu(), pooled.float().cpu()
 
 
 class TextToImageXLTask(TextToImageTask):
@@ -54,29 +61,36 @@ class TextToImageXLTask(TextToImageTask):
                    (pipeline.tokenizer, pipeline.tokenizer_2), scheduler, train_data, test_data,
                    force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt, **kwargs)
 
-    def encode_prompt_table(self, prompts: list[str]) -> torch.Tensor:
-        hidden, pooled = encode_prompts_xl((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), prompts)
-        if self.force_zeros_for_empty_prompt:
-            hidden[self.null_prompt], pooled[self.null_prompt] = 0.0, 0.0
-        self.pooled_embeddings = pooled  # [P, D']
-        return hidden
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
 
-    def unet_inputs(self, labels: torch.Tensor, device: torch.device) -> dict:
-        pooled = self.pooled_embeddings[labels.cpu()].to(device)
-        return {"encoder_hidden_states": self.condition(labels, device),
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids.to(device).expand(len(labels), 6)}}
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer, self.tokenizer_2]
+
+    def encode_tokens(self, encoders: Sequence[nn.Module], tokens: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """SD-XL's conditioning: both encoders' penultimate hidden states ``[B, L, D1 + D2]`` and the second's pooled
+        projection ``[B, D']`` (``penultimate_and_pooled``)."""
+        hidden, pooled = penultimate_and_pooled(encoders, tokens)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+    def null_conditions(self, conditions: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """∅ all zeros when ``force_zeros_for_empty_prompt`` (SD-XL base's unconditional half)."""
+        if not self.force_zeros_for_empty_prompt:
+            return conditions
+        null = labels == self.null_prompt
+        return {name: torch.where(null.view(-1, *[1] * (value.ndim - 1)), torch.zeros_like(value), value)
+                for name, value in conditions.items()}
+
+    def model_inputs(self, conditions: dict[str, torch.Tensor], device: torch.device) -> dict:
+        """The hidden states for cross-attention; the pooled projection and the six time ids for the added embedding."""
+        count = len(conditions["text_embeds"])
+        return {"encoder_hidden_states": conditions["encoder_hidden_states"].to(device),
+                "added_cond_kwargs": {"text_embeds": conditions["text_embeds"].to(device),
+                                      "time_ids": self.time_ids.to(device).expand(count, 6)}}
 
     def pipeline_components(self, unet: nn.Module) -> dict:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
                 "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "unet": unet,
                 "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
-
-
-
-def text_to_image_task(pipeline, preset, scheduler, train_data, test_data, **options) -> TextToImageTask:
-    """The task over a ``StableDiffusionPipeline``'s or ``StableDiffusionXLPipeline``'s components (``options``: the
-    ``TextToImageTask`` keywords)."""
-    if isinstance(pipeline, StableDiffusionXLPipeline):
-        return TextToImageXLTask.from_pipeline(pipeline, preset, scheduler, train_data, test_data, **options)
-    return TextToImageTask(preset, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler,
-                           train_data, test_data, **options)
