@@ -49,6 +49,9 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
     "esd-u-esd_sd": ("esd", {}, {"sample_with": "frozen", "timestep_labels": "reached", "scope": "linear-non-cross-attention"},
                      "ESD-u, esd_sd.py's x_t, labels and scope"),
     "finetune": ("finetune", {}, {}, "finetune (retain only)"),
+    "esd-u-lora": ("esd", {}, {"lora_rank": 4}, "ESD-u as rank-4 LoRA factors (`--lora-rank 4`)"),
+    "esd-u-lora-lr1e-4": ("esd", {}, {"lora_rank": 4, "lr": 1e-4},
+                          "ESD-u as rank-4 LoRA factors at lr 1e-4 (diffusers' LoRA scripts' rate)"),
 }
 FIGURES = ("forget_acc", "paraphrase_acc", "remain_acc", "fid_remain", "fid_remain_real", "forget_ink")
 

@@ -39,6 +39,7 @@ _PUBLIC = {
     "sample_dataset": "genunlearn.tasks.user",
     "tiny_stable_diffusion": "genunlearn.models.tiny_sd",
     "tiny_stable_diffusion_xl": "genunlearn.models.tiny_sd",
+    "tiny_stable_diffusion_3": "genunlearn.models.tiny_sd3",
     "export_lora": "genunlearn.models.lora_export",
 }
 __all__ = sorted(_PUBLIC)
@@ -72,4 +73,5 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from genunlearn.tasks.concepts import ConceptPrompts, concept_task  # noqa: F401
     from genunlearn.models.lora_export import export_lora  # noqa: F401
     from genunlearn.models.tiny_sd import tiny_stable_diffusion, tiny_stable_diffusion_xl  # noqa: F401
+    from genunlearn.models.tiny_sd3 import tiny_stable_diffusion_3  # noqa: F401
     from genunlearn.tasks.user import classifier_task, diffusion_task, sample_dataset  # noqa: F401

@@ -17,8 +17,7 @@ import genunlearn as gu
 from helpers import tiny_class_unet
 from genunlearn.methods.registry import method_config
 from genunlearn.models.presets import DiffusionPreset, TextToImagePreset, get_preset, list_presets
-from genunlearn.data.captioned_digits import VOCABULARY
-from genunlearn.models.tiny_sd import build_tiny_sd
+from genunlearn.models.text_to_image_loading import build_tiny_pipeline
 from genunlearn.tasks.classifier import build_classifier
 from genunlearn.tasks.diffusion import build_denoiser
 
@@ -115,7 +114,7 @@ def test_every_preset_loads_builds_its_method_configs_and_runs_a_forward_pass(na
     elif isinstance(preset, TextToImagePreset) and preset.hub_id is not None:
         assert not preset.model_args and preset.retain_prompts  # loaded, never built; tests/test_concept_job.py runs its shape
     elif isinstance(preset, TextToImagePreset):
-        pipeline = build_tiny_sd(VOCABULARY, **preset.model_args)
+        pipeline = build_tiny_pipeline(preset, seed=0)
         images = pipeline(["a handwritten digit three"], height=preset.image_size, width=preset.image_size, num_inference_steps=2,
                           output_type="pt").images
         assert images.shape == (1, preset.channels, preset.image_size, preset.image_size) and torch.isfinite(images).all()

@@ -113,14 +113,19 @@ def diffusion_folder_preset(folder: Path, parts: dict) -> dict:
     }
 
 
+TEXT_TO_IMAGE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+
+
 def stable_diffusion_folder_preset(folder: Path, kind: str = "StableDiffusionPipeline") -> dict:
-    """The preset mapping of a ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``: ``kind``) folder: the
-    ``sd-1.5`` preset's method, sampling and judge settings (the references' Stable Diffusion ones), its own image size,
-    channels and noise schedule, the folder as the weights."""
+    """The preset mapping of a ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline``: ``kind``) folder: the ``sd-1.5`` preset's method, sampling and judge settings (the
+    references' Stable Diffusion ones), its own family, image size, channels and noise schedule, the folder as the
+    weights."""
     vae = _json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
     schedule = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler" / "scheduler_config.json").is_file() else {}
     reference = _built_in(TEXT_TO_IMAGE_REFERENCE)
     return {**reference, "name": folder.name, "description": f"{kind} from {folder}", "hub_id": str(folder),
+            "family": TEXT_TO_IMAGE_FAMILIES[kind],
             "image_size": vae.get("sample_size", reference["image_size"]), "channels": vae.get("in_channels", reference["channels"]),
             "beta_schedule": schedule.get("beta_schedule", reference["beta_schedule"]),
             "num_train_timesteps": schedule.get("num_train_timesteps", 1000)}
@@ -186,10 +191,10 @@ def folder_preset(folder: Path) -> dict:
         return timm_folder_preset(folder)
     if (folder / "model_index.json").is_file():
         kind = _json(folder / "model_index.json").get("_class_name")
-        if kind in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        if kind in TEXT_TO_IMAGE_FAMILIES:
             return stable_diffusion_folder_preset(folder, kind)
         raise UserError(f"{folder} holds a {kind}, which genunlearn does not unlearn yet; pass a class-conditional "
-                        "pipeline, a StableDiffusionPipeline or a timm folder")
+                        "pipeline, a StableDiffusion(XL/3)Pipeline or a timm folder")
     raise UserError(f"{folder} is not a model folder genunlearn reads: a diffusers UNet2DModel/DiTTransformer2DModel folder "
                     "(with or without scheduler/), a DDPMPipeline/DiTPipeline folder, or a timm folder (config.json with "
                     "architecture, e.g. from save_classifier)")

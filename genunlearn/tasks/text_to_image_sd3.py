@@ -25,7 +25,7 @@ from genunlearn.tasks.text_to_image import MASK_GUIDANCE, TextToImageTask, scope
 from genunlearn.tasks.text_to_image_xl import penultimate_and_pooled
 
 MMDIT_SCOPE_NAMES = {  # scope_parameters' name patterns for an MMDiT (no separate cross-attention: text meets image in
-    "cross_attention": (".attn.", ".attn2."),  # every joint attention layer, both streams' projections)
+    "cross_attention": (".attn.",),  # every joint attention layer, both streams' projections; SD3.5's attn2 is image-only)
     "noxattn_excluded": ("time_text_embed.", "norm_out.", "proj_out."),  # the time embedding and the output layers
 }
 
