@@ -134,3 +134,14 @@ def test_a_lora_export_where_none_applies_is_one_error_line(argv, message, cnn_t
     assert guarded(forget_main, [*argv, "--output-dir", str(tmp_path / "run")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_sdxl_generations_and_esd_samples_never_clip_their_latents(xl_task):
+    """SD-XL's Euler config names no ``clip_sample`` and DDIM's default clips x̂₀ to [-1, 1], which wrecks latents
+    (sdxl-digits' samples were noise, 0.20 recognised, until DDIM was told)."""
+    from genunlearn.models.prompt_sampling import sampler_like
+
+    pipeline = tiny_stable_diffusion_xl(PROMPTS.table)
+    assert "clip_sample" not in pipeline.scheduler.config or pipeline.scheduler.config.clip_sample is False
+    assert sampler_like(pipeline).scheduler.config.clip_sample is False
+    assert sd_pipeline_for(xl_task).scheduler.config.clip_sample is False and xl_task.sampler(5).config.clip_sample is False

@@ -10,7 +10,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteS
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
-from genunlearn.tasks.text_to_image import TextToImageTask
+from genunlearn.tasks.text_to_image import TextToImageTask, latent_ddim
 
 
 def sampler_class(pipeline_class: type[DiffusionPipeline]) -> type:
@@ -31,10 +31,11 @@ def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
 def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict, noise_schedule: dict) -> DiffusionPipeline:
     """How genunlearn samples a text-to-image model: ``pipeline_class`` (``StableDiffusionPipeline``,
     ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``) of ``components`` with ``sampler_class``'s scheduler on
-    the ``noise_schedule`` (a scheduler's config; DDIM keeps its own settings: unclipped latents, steps offset), no
-    safety checker and no progress bar."""
+    the ``noise_schedule`` (a scheduler's config; DDIM never clips its latents, ``latent_ddim``), no safety checker and
+    no progress bar."""
     extra = {"requires_safety_checker": False} if issubclass(pipeline_class, StableDiffusionPipeline) else {}
-    scheduler = sampler_class(pipeline_class).from_config(noise_schedule)
+    scheduler = (latent_ddim(noise_schedule) if sampler_class(pipeline_class) is DDIMScheduler
+                 else FlowMatchEulerDiscreteScheduler.from_config(noise_schedule))
     pipeline = pipeline_class(**components, scheduler=scheduler, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -48,6 +48,12 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
     return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0].float().cpu()
 
 
+def latent_ddim(noise_schedule: dict) -> DDIMScheduler:
+    """DDIM on ``noise_schedule`` (a scheduler's config) with its x̂₀ never clipped: latents are not images in [-1, 1]
+    (DDIM's default clips; SD's own configs say no, SD-XL's Euler config says nothing)."""
+    return DDIMScheduler.from_config(noise_schedule, clip_sample=False)
+
+
 def scope_parameters(unet: nn.Module, scope: ParameterScope, cross_attention: tuple[str, ...] = ("attn2",),
                      noxattn_excluded: tuple[str, ...] = NOXATTN_EXCLUDED) -> list[tuple[str, nn.Parameter]]:
     """``unet``'s named parameters in ``scope`` (one of ``SCOPES``); ``cross_attention``: the name parts that mark
@@ -186,7 +192,7 @@ class TextToImageTask:
 
     def sampler(self, steps: int) -> DDIMScheduler:
         """A fresh DDIM scheduler (η = 0) on the task's noise schedule, set to ``steps`` steps: how ESD samples x_t."""
-        sampler = DDIMScheduler.from_config(self.scheduler.config)
+        sampler = latent_ddim(self.scheduler.config)
         sampler.set_timesteps(steps)
         return sampler
 
