@@ -179,6 +179,8 @@ def test_an_sd3_pipeline_folder_alone_erases_on_the_command_line_with_lora_train
     assert "FlowMatchEulerDiscreteScheduler" in report["evaluation"]["sampler"]
     card = (out / "README.md").read_text()
     assert 'StableDiffusion3Pipeline.from_pretrained("RUN/pipeline")' in card and 'subfolder="transformer"' in card
+    assert "SD3, flow matching" in card and "trained as rank-2 LoRA factors, merged" in card  # family, full or LoRA
+    assert 'pipe.load_lora_weights("RUN/lora")' in card
     original = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", local_files_only=True)
     original.load_lora_weights(str(out / "lora"))
     loaded = StableDiffusion3Pipeline.from_pretrained(out / "pipeline", local_files_only=True)

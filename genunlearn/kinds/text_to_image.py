@@ -195,13 +195,19 @@ def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) ->
 LORA_DIR = "lora"  # --export-lora-rank's folder in a run
 
 
-def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline", denoiser: str = "UNet2DConditionModel") -> str:
+FAMILIES = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x", "StableDiffusionXLPipeline": "SD-XL",
+            "StableDiffusion3Pipeline": "SD3, flow matching"}
+
+
+def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline", denoiser: str = "UNet2DConditionModel",
+                     lora_trained: int | None = None) -> str:
     """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full ``denoiser``'s
-    weights)."""
+    weights; ``lora_trained``: the rank of the LoRA factors the erasure trained, merged into them)."""
     folder = "transformer" if "Transformer" in denoiser else "unet"
-    return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, the full {folder} erased): '
-            f'`{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with diffusers alone; the {folder} alone: '
-            f'`{denoiser}.from_pretrained("RUN/pipeline", subfolder="{folder}")`.')
+    how = "full weights" if lora_trained is None else f"rank-{lora_trained} LoRA factors, merged"
+    return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, {FAMILIES.get(pipeline_class, "text-to-image")}; '
+            f'the {folder} erased, trained as {how}): `{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with '
+            f'diffusers alone; the {folder} alone: `{denoiser}.from_pretrained("RUN/pipeline", subfolder="{folder}")`.')
 
 
 class TextToImageRun(GeneratorRun):
@@ -271,7 +277,9 @@ class TextToImageRun(GeneratorRun):
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
-        loading = pipeline_loading(self.task.pipeline_class.__name__, type(self.task.model).__name__)
+        trained = self.job.settings.get("lora_rank")
+        loading = pipeline_loading(self.task.pipeline_class.__name__, type(self.task.model).__name__,
+                                   None if trained is None else int(trained))
         if self.lora is not None:
             save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
             loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.lora_rank} LoRA '
