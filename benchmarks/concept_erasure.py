@@ -7,7 +7,7 @@ command line runs it (`genunlearn forget --model sd-digits --concept ... --seed 
 
 Each finished run leaves one small JSON in CELLS (default benchmarks/results/concept_erasure/cells, committed, so the
 grid accumulates across sessions and machines; a rerun reuses it, and a cell of another row definition is refused).
-The run folders (weights, pictures, report) go to OUTPUT/runs, outside git. The docs' tables come from the committed
+The run folders (weights, pictures, report) go to OUTPUT/runs/MODEL, outside git. The docs' tables come from the committed
 cells: ``python benchmarks/tables.py``.
 """
 
@@ -90,11 +90,12 @@ def run_cell(row: str, seed: int, args: argparse.Namespace, accelerator) -> dict
     options = dict(options)
     if options.get("data") == "real":
         options["data"] = str(real_captioned_folder(args.output / "real-digits", [CONCEPT, *RETAIN]))
-    job = ForgetJob(model=args.model, method=method, output_dir=args.output / "runs" / row / f"seed-{seed}", concepts=[CONCEPT],
-                    settings=dict(settings), seed=seed, cache_dir=args.cache_dir, **options)
-    if (job.output_dir / "report.json").is_file():
-        report = json.loads((job.output_dir / "report.json").read_text())
-    else:
+    job = ForgetJob(model=args.model, method=method, output_dir=args.output / "runs" / args.model / row / f"seed-{seed}",
+                    concepts=[CONCEPT], settings=dict(settings), seed=seed, cache_dir=args.cache_dir, **options)
+    report = json.loads((job.output_dir / "report.json").read_text()) if (job.output_dir / "report.json").is_file() else None
+    if report is not None and (report["model"], report["config"]["seed"]) != (args.model, seed):
+        raise UserError(f"{job.output_dir} holds a run of {report['model']}, seed {report['config']['seed']}; move it away")
+    if report is None:
         print(f"running {row} seed {seed}", flush=True)
         report = run_forget_job(job, accelerator)
     return {"row": row, "model": args.model, "concept": CONCEPT, "method": method, "options": ROWS[row][1],

@@ -4,13 +4,16 @@ not the weights), each method against a plain fine-tuning step in the same run.
     python benchmarks/scale.py --tiny          # scaled-down models on the CPU (a minute): checks the script end to end
     python benchmarks/scale.py                 # DiT-XL/2 256 (batch 32), the SD-1.5 UNet (64x64 latents, batch 8) and
                                                # the SD-XL UNet (128x128 latents, batch 2; add --gradient-checkpointing)
+                                               # and the SD3-medium MMDiT (16x128x128 latents, batch 2)
     accelerate launch --config_file configs/accelerate/fsdp.yaml benchmarks/scale.py   # the same, sharded (FSDP2)
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 benchmarks/scale.py --tiny   # sharded on a CPU
 
 Each cell runs ``genunlearn.unlearn`` for ``--steps`` iterations per method: on a DiT task over random latents
 (4x32x32, 1000 classes; fine-tune, SFR-on, SalUn) and on a text-to-image task of the SD-1.5 UNet over random latents
 (4x64x64) and 8 prompts through a 768-wide one-layer CLIP text encoder (fine-tune, SFR-on, SalUn, ESD), and the same
-on the SD-XL UNet (4x128x128 latents; two one-layer text encoders of SD-XL's widths, pooled embeddings and time ids). It records
+on the SD-XL UNet (4x128x128 latents; two one-layer text encoders of SD-XL's widths, pooled embeddings and time ids)
+and on SD3-medium's transformer (16x128x128 latents, flow matching; one-layer CLIP-L, CLIP-G and T5-XXL encoders, T5's
+256 tokens). It records
 iterations per second of the loop (masks and Fishers timed apart, from the method's info), the ratio to fine-tuning's,
 peak GPU memory of the main process, the precision and the sharding (none, DDP or FSDP2 over N processes, as
 launched); one JSON per model and launch in results/scale/, written by the main process. Batches are per process.
@@ -40,6 +43,10 @@ SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDow
                  use_linear_projection=True, addition_time_embed_dim=256)
 SDXL_TEXT = (SD15_TEXT, dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_attention_heads=20,
                              projection_dim=1280))  # CLIP ViT-L and OpenCLIP bigG widths, one layer each
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)  # SD3-medium
+SD3_TEXT = ({**SD15_TEXT, "projection_dim": 768}, SDXL_TEXT[1],
+            dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64, dropout_rate=0.0))  # CLIP-L, bigG, T5-XXL
 PROMPTS = [f"a photo of thing {n}" for n in range(8)]  # the forget split takes prompt 0
 MODELS = {  # name: (label, full config, tiny config, methods, batch, tiny batch)
     "dit-xl": ("DiT-XL/2 256", DIT_XL, {**DIT_XL, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2},
@@ -50,6 +57,9 @@ MODELS = {  # name: (label, full config, tiny config, methods, batch, tiny batch
                                          "transformer_layers_per_block": (1, 1, 2), "attention_head_dim": (2, 4, 4),
                                          "norm_num_groups": 8, "addition_time_embed_dim": 8},
               ("finetune", "sfron", "salun", "esd"), 2, 2),
+    "sd3": ("SD3-medium MMDiT", SD3_TRANSFORMER, {**SD3_TRANSFORMER, "sample_size": 8, "num_layers": 2, "attention_head_dim": 16,
+                                                 "num_attention_heads": 2, "caption_projection_dim": 32, "pos_embed_max_size": 8},
+            ("finetune", "sfron", "salun", "esd"), 2, 2),
 }
 DIT_FORWARD_GFLOP = 118.6  # DiT-XL/2 256 per image (Peebles & Xie, table 4)
 
@@ -74,21 +84,28 @@ def dit_task(config: dict, samples: int, seed: int):
 
 
 def prompt_task(model: str, config: dict, samples: int, seed: int, tiny: bool):
-    """A text-to-image task of an SD-1.5 or SD-XL UNet (``model``, ``config``) over ``samples`` random latents of
-    ``PROMPTS``, conditioned by one-layer CLIP text encoders of the model's widths (77 tokens; scaled down with
-    ``tiny``), with the sd-1.5 preset's method settings."""
+    """A text-to-image task of an SD-1.5 or SD-XL UNet or SD3's transformer (``model``, ``config``) over ``samples``
+    random latents of ``PROMPTS``, conditioned by one-layer text encoders of the model's widths (77 CLIP tokens, 256 T5
+    tokens; scaled down with ``tiny``), with the sd-1.5 preset's method settings."""
     import torch
     from diffusers import DDPMScheduler
 
     from genunlearn.data.tensor_dataset import LabeledTensorDataset
     from genunlearn.models.presets import get_preset
     from genunlearn.models.tiny_sd import TINY_SD, build_tiny_sd, build_tiny_sdxl
+    from genunlearn.models.tiny_sd3 import TINY_SD3, build_tiny_sd3
     from genunlearn.tasks.text_to_image_pipelines import text_to_image_task
 
     words = sorted({word for prompt in PROMPTS for word in prompt.split()})
     if model == "sd-1.5":
         text = {**SD15_TEXT, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64} if tiny else SD15_TEXT
         pipeline = build_tiny_sd(words, text_encoder=text, unet=config, vae=TINY_SD["vae"], max_length=77, seed=seed)
+    elif model == "sd3":
+        first, second, third = SD3_TEXT
+        if tiny:
+            first, second, third = TINY_SD3["text_encoder"], TINY_SD3["text_encoder_2"], TINY_SD3["text_encoder_3"]
+        pipeline = build_tiny_sd3(words, text_encoder=first, text_encoder_2=second, text_encoder_3=third, transformer=config,
+                                  vae=TINY_SD["vae"], max_length=77, seed=seed)
     else:
         first, second = SDXL_TEXT
         if tiny:
@@ -97,7 +114,7 @@ def prompt_task(model: str, config: dict, samples: int, seed: int, tiny: bool):
         pipeline = build_tiny_sdxl(words, text_encoder=first, text_encoder_2=second, unet=config, vae=TINY_SD["vae"],
                                    max_length=77, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(samples, 4, config["sample_size"], config["sample_size"], generator=generator)
+    latents = torch.randn(samples, config.get("in_channels", 4), config["sample_size"], config["sample_size"], generator=generator)
     data = LabeledTensorDataset(latents, torch.arange(samples) % len(PROMPTS), PROMPTS)
     return text_to_image_task(pipeline, get_preset("sd-1.5"), DDPMScheduler(beta_schedule="scaled_linear"), data, data,
                               encoded_data=True)
@@ -145,7 +162,7 @@ def render(cell: dict) -> str:
 
 def cell_name(model: str, tiny: bool, device: str, launch: str, checkpointing: bool) -> str:
     """The result file's stem: ``dit-tiny__cpu``, ``sd-1.5__NVIDIA-H100-80GB-HBM3__fsdp2x8``, ..."""
-    stem = {"dit-xl": "dit", "sd-1.5": "sd15", "sd-xl": "sdxl"}[model] + ("-tiny" if tiny else "")
+    stem = {"dit-xl": "dit", "sd-1.5": "sd15", "sd-xl": "sdxl", "sd3": "sd3"}[model] + ("-tiny" if tiny else "")
     parts = [stem, device.split(" (")[0].replace(" ", "-")]
     if launch != "none":
         parts.append(launch.replace(" x ", "x").lower())
