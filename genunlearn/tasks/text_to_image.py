@@ -42,12 +42,6 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states ``[P, L, D]`` of ``prompts`` (``tokenize``)."""
-    return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0].float().cpu()
-
-
 def latent_ddim(noise_schedule: dict) -> DDIMScheduler:
     """DDIM on ``noise_schedule`` (a scheduler's config) with its x̂₀ never clipped: latents are not images in [-1, 1]
     (DDIM's default clips; SD's own configs say no, SD-XL's Euler config says nothing)."""
