@@ -50,6 +50,7 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
                      "ESD-u, esd_sd.py's x_t, labels and scope"),
     "finetune": ("finetune", {}, {}, "finetune (retain only)"),
     "esd-u-lora": ("esd", {}, {"lora_rank": 4}, "ESD-u as rank-4 LoRA factors (`--lora-rank 4`)"),
+    "esd-u-lora-lr3e-5": ("esd", {}, {"lora_rank": 4, "lr": 3e-5}, "ESD-u as rank-4 LoRA factors at lr 3e-5"),
     "esd-u-lora-lr1e-4": ("esd", {}, {"lora_rank": 4, "lr": 1e-4},
                           "ESD-u as rank-4 LoRA factors at lr 1e-4 (diffusers' LoRA scripts' rate)"),
 }
