@@ -11,8 +11,9 @@ from genunlearn.tasks.text_to_image_xl import TextToImageXLTask
 
 def text_to_image_task(pipeline, preset, scheduler, train_data, test_data, **options) -> TextToImageTask:
     """The task over a ``StableDiffusionPipeline``'s, ``StableDiffusionXLPipeline``'s or ``StableDiffusion3Pipeline``'s
-    components (``options``: the ``TextToImageTask`` keywords). ``scheduler``: the training noise scheduler; None takes
-    the pipeline's own schedule (a ``DDPMScheduler`` from its config; SD3: its flow-matching scheduler)."""
+    components (``options``: the ``TextToImageTask`` keywords). ``scheduler``: the training noise scheduler of an SD or
+    SD-XL pipeline, None for a ``DDPMScheduler`` from its config; an SD3 pipeline always trains on its own
+    flow-matching scheduler's grid (``scheduler`` is not used)."""
     if isinstance(pipeline, StableDiffusion3Pipeline):
         return FlowMatchTextToImageTask.from_pipeline(pipeline, preset, train_data, test_data, **options)
     scheduler = scheduler or DDPMScheduler.from_config(pipeline.scheduler.config)
