@@ -27,7 +27,7 @@ from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, generated_data_id, job_sampling
 from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
-from genunlearn.models.prompt_sampling import denoiser_of, sampler_name, sd_pipeline_for
+from genunlearn.models.prompt_sampling import denoiser_of, sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
 from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.models.lora_export import LoraExport, lora_from_delta, save_lora
@@ -180,7 +180,8 @@ def real_remain_features(preset: TextToImagePreset, prompts: ConceptPrompts, jud
 def concept_record(setup: ConceptSetup, job: ForgetJob, mixed_precision: str) -> dict:
     """The report's ``prompts`` and ``evaluation`` entries: what was erased, kept and held out, and how it was judged."""
     return {"prompts": setup.prompts.to_dict(),
-            "evaluation": {**setup.protocol.sampling(), "sampler": sampler_name(setup.task.pipeline_class), "classifier": setup.judge_name,
+            "evaluation": {**setup.protocol.sampling(), "classifier": setup.judge_name,
+                           "sampler": f"{type(setup.task.sampler(1)).__name__} from the pipeline's noise schedule",
                            "fid_features": f"{setup.judge_name} pre-logits",
                            "fid_reference": "the original model's generations of the remain prompts, other seeds",
                            "fid_real_reference": None if setup.real_reference is None else

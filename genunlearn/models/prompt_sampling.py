@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
-from genunlearn.tasks.text_to_image import TextToImageTask, latent_ddim
-
-
-def sampler_class(pipeline_class: type[DiffusionPipeline]) -> type:
-    """The scheduler genunlearn samples ``pipeline_class`` with: DDIM, or flow-matching Euler for SD3 (its own)."""
-    return FlowMatchEulerDiscreteScheduler if issubclass(pipeline_class, StableDiffusion3Pipeline) else DDIMScheduler
-
-
-def sampler_name(pipeline_class: type[DiffusionPipeline]) -> str:
-    """The report's line on how generations are sampled."""
-    return f"{sampler_class(pipeline_class).__name__} from the pipeline's noise schedule"
+from genunlearn.tasks.text_to_image import TextToImageTask, sampling_scheduler
 
 
 def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
@@ -30,13 +19,10 @@ def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
 
 def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict, noise_schedule: dict) -> DiffusionPipeline:
     """How genunlearn samples a text-to-image model: ``pipeline_class`` (``StableDiffusionPipeline``,
-    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``) of ``components`` with ``sampler_class``'s scheduler on
-    the ``noise_schedule`` (a scheduler's config; DDIM never clips its latents, ``latent_ddim``), no safety checker and
-    no progress bar."""
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``) of ``components`` with its ``sampling_scheduler`` on the
+    ``noise_schedule`` (a scheduler's config), no safety checker and no progress bar."""
     extra = {"requires_safety_checker": False} if issubclass(pipeline_class, StableDiffusionPipeline) else {}
-    scheduler = (latent_ddim(noise_schedule) if sampler_class(pipeline_class) is DDIMScheduler
-                 else FlowMatchEulerDiscreteScheduler.from_config(noise_schedule))
-    pipeline = pipeline_class(**components, scheduler=scheduler, **extra)
+    pipeline = pipeline_class(**components, scheduler=sampling_scheduler(pipeline_class, noise_schedule), **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -42,9 +43,12 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def latent_ddim(noise_schedule: dict) -> DDIMScheduler:
-    """DDIM on ``noise_schedule`` (a scheduler's config) with its x̂₀ never clipped: latents are not images in [-1, 1]
+def sampling_scheduler(pipeline_class: type, noise_schedule: dict) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The scheduler genunlearn samples a ``pipeline_class`` with, on ``noise_schedule`` (a scheduler's config): SD3's
+    own flow-matching Euler, else DDIM (η = 0) with its x̂₀ never clipped, since latents are not images in [-1, 1]
     (DDIM's default clips; SD's own configs say no, SD-XL's Euler config says nothing)."""
+    if issubclass(pipeline_class, StableDiffusion3Pipeline):
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_schedule)
     return DDIMScheduler.from_config(noise_schedule, clip_sample=False)
 
 
@@ -184,9 +188,10 @@ class TextToImageTask:
         conditions = self.null_conditions(self.encode_tokens(encoders, tokens), labels.to(noisy.device))
         return self.denoise(denoiser, noisy, timesteps, self.model_inputs(conditions, noisy.device))
 
-    def sampler(self, steps: int) -> DDIMScheduler:
-        """A fresh DDIM scheduler (η = 0) on the task's noise schedule, set to ``steps`` steps: how ESD samples x_t."""
-        sampler = latent_ddim(self.scheduler.config)
+    def sampler(self, steps: int) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+        """A fresh ``sampling_scheduler`` on the task's noise schedule, set to ``steps`` steps: how ESD samples x_t (a
+        fresh one each time, as Euler's counts its steps)."""
+        sampler = sampling_scheduler(self.pipeline_class, self.scheduler.config)
         sampler.set_timesteps(steps)
         return sampler
 
