@@ -267,10 +267,15 @@ class TextToImageRun(GeneratorRun):
                          "relative_error": self.lora.relative_error, "left_out": self.lora.left_out, "after": figures}}
 
     @property
-    def lora_rank(self) -> int | None:
-        """The rank of the LoRA the run writes: ``--export-lora-rank``, else the trained factors' (``lora_rank``)."""
+    def trained_lora_rank(self) -> int | None:
+        """The rank of the LoRA factors the erasure trained (``--lora-rank``), None for full weights."""
         trained = self.job.settings.get("lora_rank")
-        return self.job.export_lora_rank or (None if trained is None else int(trained))
+        return None if trained is None else int(trained)
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The rank of the LoRA the run writes: ``--export-lora-rank``, else the trained factors'."""
+        return self.job.export_lora_rank or self.trained_lora_rank
 
     def write(self, model: nn.Module, output_dir: Path, before: dict, after: dict) -> str:
         save_pipeline(sd_pipeline_for(self.task, model.cpu().eval()), output_dir / PIPELINE_DIR)
@@ -278,9 +283,8 @@ class TextToImageRun(GeneratorRun):
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
-        trained = self.job.settings.get("lora_rank")
         loading = pipeline_loading(self.task.pipeline_class.__name__, type(self.task.model).__name__,
-                                   None if trained is None else int(trained))
+                                   self.trained_lora_rank)
         if self.lora is not None:
             save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
             loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.lora_rank} LoRA '
