@@ -47,10 +47,17 @@ def write_word_tokenizer(words: Iterable[str], folder: Path, max_length: int) ->
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
 
 
-def token_settings(tokenizer: CLIPTokenizer, max_length: int) -> dict:
-    """The ``CLIPTextConfig`` fields a text encoder takes from its tokenizer: vocabulary, positions and special ids."""
-    return dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def word_clip_encoders(words: Iterable[str], max_length: int, seed: int,
+                       *encoders: tuple[type, dict]) -> tuple[CLIPTokenizer, list]:
+    """A word-level CLIP tokenizer of ``words`` (``write_word_tokenizer``, ``max_length`` tokens per prompt) and one text
+    encoder per ``(class, CLIPTextConfig arguments)``, in order, drawn after ``torch.manual_seed(seed)``; each takes its
+    vocabulary, positions and special ids from the tokenizer."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
+    special = dict(vocab_size=len(tokenizer), max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, [cls(CLIPTextConfig(**config, **special)) for cls, config in encoders]
 
 
 def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dict, max_length: int = 16,
@@ -59,10 +66,7 @@ def build_tiny_sd(words: Iterable[str], text_encoder: dict, unet: dict, vae: dic
     ``unet`` and ``vae``: the components' config arguments (``CLIPTextConfig``, ``UNet2DConditionModel``,
     ``AutoencoderKL``); the text encoder's vocabulary, positions and special ids are set here. The scheduler is SD v1's
     DDIM (latents unclipped); no safety checker."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
-    encoder = CLIPTextModel(CLIPTextConfig(**text_encoder, **token_settings(tokenizer, max_length)))
+    tokenizer, (encoder,) = word_clip_encoders(words, max_length, seed, (CLIPTextModel, text_encoder))
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**vae), text_encoder=encoder.eval(), tokenizer=tokenizer,
         unet=UNet2DConditionModel(**unet, cross_attention_dim=encoder.config.hidden_size),
@@ -103,12 +107,8 @@ def build_tiny_sdxl(words: Iterable[str], text_encoder: dict, text_encoder_2: di
     cross-attention takes both encoders' hidden states side by side and whose added embedding takes the second's
     pooled projection and the six micro-conditioning time ids (``addition_time_embed_dim`` each), SD-XL's Euler
     scheduler config; ∅ is zeros (``force_zeros_for_empty_prompt``), as SD-XL base."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
-    special = token_settings(tokenizer, max_length)
-    encoder = CLIPTextModel(CLIPTextConfig(**text_encoder, **special))
-    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2, **special))
+    tokenizer, (encoder, encoder_2) = word_clip_encoders(words, max_length, seed, (CLIPTextModel, text_encoder),
+                                                         (CLIPTextModelWithProjection, text_encoder_2))
     time_dim = unet.get("addition_time_embed_dim", 8)
     denoiser = UNet2DConditionModel(
         **{**unet, "addition_time_embed_dim": time_dim}, addition_embed_type="text_time",

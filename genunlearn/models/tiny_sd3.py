@@ -4,21 +4,18 @@ encoder with a word-level ``T5TokenizerFast``, ``AutoencoderKL``, ``SD3Transform
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from genunlearn.models.tiny_sd import TINY_SD, token_settings, write_word_tokenizer
+from genunlearn.models.tiny_sd import TINY_SD, word_clip_encoders
 
 
 def word_t5_tokenizer(words: Iterable[str]) -> T5TokenizerFast:
     """A ``T5TokenizerFast`` in which each of ``words`` is one piece (a unigram vocabulary of "▁word" pieces after
     T5's pad, end and unknown tokens); it saves as ``tokenizer.json`` and loads with ``from_pretrained``."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *[("\u2581" + word, -1.0) for word in sorted(set(words))]]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *[("\u2581" + word, -1.0) for word in words]]
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
@@ -32,12 +29,8 @@ def build_tiny_sd3(words: Iterable[str], text_encoder: dict, text_encoder_2: dic
     with a shift factor (SD3's latents are shifted, then scaled), and SD3's flow-matching Euler scheduler with
     ``shift`` (SD3's 3.0 is its 1024² shift)."""
     words = sorted(set(words))
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_word_tokenizer(words, Path(folder), max_length)
-    special = token_settings(tokenizer, max_length)
-    encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder, **special))
-    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2, **special))
+    tokenizer, (encoder, encoder_2) = word_clip_encoders(words, max_length, seed, (CLIPTextModelWithProjection, text_encoder),
+                                                         (CLIPTextModelWithProjection, text_encoder_2))
     tokenizer_3 = word_t5_tokenizer(words)
     encoder_3 = T5EncoderModel(T5Config(**text_encoder_3, vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1,
                                         decoder_start_token_id=0))
