@@ -116,12 +116,6 @@ class FlowMatchTextToImageTask(TextToImageTask):
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             return self.vae.decode(latents).sample.float().clamp(-1.0, 1.0)
 
-    def sampler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
-        """A fresh flow-matching Euler scheduler on the task's schedule (its shift), set to ``steps`` steps."""
-        sampler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        sampler.set_timesteps(steps)
-        return sampler
-
     def timestep_of_index(self, index: int) -> torch.Tensor:
         """t = σ T of the training grid's ``index``-th least noisy point (index 0 clean, T - 1 pure noise)."""
         return self.scheduler.timesteps[len(self.scheduler.timesteps) - 1 - index]
@@ -130,6 +124,8 @@ class FlowMatchTextToImageTask(TextToImageTask):
         """``(x_t, v, t)`` for clean ``images``: ε, then logit-normal indices into the training grid (both from
         ``current_noise``), x_t = (1 - σ) x₀ + σ ε, the velocity target v = ε - x₀."""
         clean = self.encode(images)
+        # deviation: diffusers' SD3 scripts default to precondition_outputs=1 (an x̂₀ target, i.e. σ²-weighted); the
+        # unweighted velocity keeps every objective in one space (docs/fidelity.md; pinned in tests/test_sd3.py)
         noise = current_noise().randn(tuple(clean.shape), clean.device, clean.dtype)
         index = logit_normal_indices(len(clean), self.scheduler.config.num_train_timesteps, torch.device("cpu"))
         timesteps = self.scheduler.timesteps[index].to(clean.device)
