@@ -164,3 +164,24 @@ def shapes_folder(root: Path, per_class: int = 40, size: int = 32, seed: int = 0
             for index in range(count):
                 draw(shape).save(folder / f"{index:03d}.png")
     return root
+
+
+def text_to_image_methods() -> list[str]:
+    """The registered methods that apply to text-to-image models."""
+    from genunlearn.methods.registry import METHODS
+
+    return sorted(name for name, spec in METHODS.items() if spec.kinds is None or "text-to-image" in spec.kinds)
+
+
+def changed_by_two_iterations(task, forget: list[int], method: str, accelerator) -> list[str]:
+    """The names of ``task.model``'s entries that ``method`` changed in 2 iterations of batch 2 erasing the prompt ids
+    ``forget`` (ESD sampling x_t in 2 steps), after asserting every entry of the result is finite."""
+    import genunlearn as gu
+
+    split = gu.forget_split(task, classes=forget)
+    settings = {"steps": 2, "batch_size": 2, **({"epochs": None} if method in ("retrain", "salun") else {}),
+                **({"ddim_steps": 2} if method == "esd" else {})}
+    after = gu.unlearn(task, split, method, accelerator=accelerator, **settings).model.state_dict()
+    before = task.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    return [k for k in before if not torch.equal(before[k], after[k])]
