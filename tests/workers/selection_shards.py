@@ -29,3 +29,5 @@ for k in (0, 1, 9, total // 2, total - 3, total):
 if accelerator.is_main_process:
     save_file(out, sys.argv[1])
 accelerator.wait_for_everyone()  # both processes leave together: a gloo group torn down mid-write can abort the other
+if torch.distributed.is_initialized():  # and close gloo before exit: its threads torn down at exit can abort
+    torch.distributed.destroy_process_group()

@@ -62,3 +62,5 @@ accelerator = make_accelerator()
 for job in json.loads(sys.argv[1]):
     run(job, accelerator)
 accelerator.wait_for_everyone()  # both processes leave together: a gloo group torn down mid-write can abort the other
+if torch.distributed.is_initialized():  # and close gloo before exit: its threads torn down at exit can abort
+    torch.distributed.destroy_process_group()
