@@ -49,8 +49,13 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
     "esd-u-esd_sd": ("esd", {}, {"sample_with": "frozen", "timestep_labels": "reached", "scope": "linear-non-cross-attention"},
                      "ESD-u, esd_sd.py's x_t, labels and scope"),
     "finetune": ("finetune", {}, {}, "finetune (retain only)"),
+    "uce": ("uce", {}, {}, "UCE, uce_sd_erase.py (last word, towards \"\", nothing preserved)"),
+    "uce-preserve": ("uce", {}, {"preserve": "retained"}, "UCE, the retain prompts preserved"),
+    "uce-2023": ("uce", {}, {"preserve": "retained", "tokens": "last-onward"},
+                 "UCE as train_erase.py (2023): last word onward, retain prompts preserved"),
     "esd-u-lora": ("esd", {}, {"lora_rank": 4}, "ESD-u as rank-4 LoRA factors (`--lora-rank 4`)"),
     "esd-u-lora-lr3e-5": ("esd", {}, {"lora_rank": 4, "lr": 3e-5}, "ESD-u as rank-4 LoRA factors at lr 3e-5"),
+    "esd-u-lora-lr5e-5": ("esd", {}, {"lora_rank": 4, "lr": 5e-5}, "ESD-u as rank-4 LoRA factors at lr 5e-5"),
     "esd-u-lora-lr1e-4": ("esd", {}, {"lora_rank": 4, "lr": 1e-4},
                           "ESD-u as rank-4 LoRA factors at lr 1e-4 (diffusers' LoRA scripts' rate)"),
 }

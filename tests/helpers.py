@@ -166,11 +166,13 @@ def shapes_folder(root: Path, per_class: int = 40, size: int = 32, seed: int = 0
     return root
 
 
-def text_to_image_methods() -> list[str]:
-    """The registered methods that apply to text-to-image models."""
+def text_to_image_methods(unet_only: tuple[str, ...] = ("uce",)) -> list[str]:
+    """The registered methods that apply to text-to-image models, less ``unet_only`` (pass ``()`` for a UNet's):
+    the closed-form editors of a UNet's cross-attention, which an MMDiT lacks."""
     from genunlearn.methods.registry import METHODS
 
-    return sorted(name for name, spec in METHODS.items() if spec.kinds is None or "text-to-image" in spec.kinds)
+    return sorted(name for name, spec in METHODS.items()
+                  if (spec.kinds is None or "text-to-image" in spec.kinds) and name not in unet_only)
 
 
 def changed_by_two_iterations(task, forget: list[int], method: str, accelerator) -> list[str]:
@@ -178,9 +180,13 @@ def changed_by_two_iterations(task, forget: list[int], method: str, accelerator)
     ``forget`` (ESD sampling x_t in 2 steps), after asserting every entry of the result is finite."""
     import genunlearn as gu
 
+    import dataclasses
+
+    from genunlearn.methods.registry import get_method
+
     split = gu.forget_split(task, classes=forget)
-    settings = {"steps": 2, "batch_size": 2, **({"epochs": None} if method in ("retrain", "salun") else {}),
-                **({"ddim_steps": 2} if method == "esd" else {})}
+    wanted = {"steps": 2, "batch_size": 2, "epochs": None, "ddim_steps": 2}  # what the method has of them
+    settings = {k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(get_method(method).config_class)}}
     after = gu.unlearn(task, split, method, accelerator=accelerator, **settings).model.state_dict()
     before = task.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())

@@ -102,6 +102,7 @@ class TextToImageTask:
         self.prompts = list(train_data.classes)
         self.num_classes = len(self.prompts)
         self.null_prompt = self.num_classes  # the id of ∅ in ``prompt_embeddings``
+        self.anchor = anchor
         self.anchor_prompt = None if anchor is None else self.num_classes + 1  # rl's target prompt, when one is given
         self.rl_prompts = None if rl_prompts is None else list(rl_prompts)
         table = [*self.prompts, "", *([] if anchor is None else [anchor])]
