@@ -113,6 +113,8 @@ def uce_edit(unet: nn.Module, concept_rows: torch.Tensor, guide_rows: torch.Tens
                  "training (text-to-image; several concepts at once)", UCEConfig, kinds=("text-to-image",))
 def run(task, split, cfg: UCEConfig, accelerator, *, checkpoint_dir=None, resume=False) -> UnlearnResult:
     started = time.perf_counter()
+    if not hasattr(task, "prompt_embeddings"):
+        raise UserError(f"uce erases prompts from text-to-image models; {task.name} is not one")
     concepts = [task.prompts[i] for i in split.spec.classes]
     guide = cfg.guide if cfg.guide is not None else (task.anchor or "")
     preserved = [task.prompts[i] for i in (task.rl_prompts or [])] if cfg.preserve == "retained" else []
