@@ -4,6 +4,7 @@ command line runs it (`genunlearn forget --model sd-digits --concept ... --seed 
     python benchmarks/concept_erasure.py                                  # every row, seeds 0 1 2 (hours on a CPU)
     python benchmarks/concept_erasure.py --rows sfron salun --seeds 0     # some of them
     python benchmarks/concept_erasure.py --report-only                    # the table of the finished cells
+    python benchmarks/concept_erasure.py --rows uce esd-u --attack        # and attack each erasure (ATTACK_BUDGET)
 
 Each finished run leaves one small JSON in CELLS (default benchmarks/results/concept_erasure/cells, committed, so the
 grid accumulates across sessions and machines; a rerun reuses it, and a cell of another row definition is refused).
@@ -59,6 +60,9 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
     "esd-u-lora-lr1e-4": ("esd", {}, {"lora_rank": 4, "lr": 1e-4},
                           "ESD-u as rank-4 LoRA factors at lr 1e-4 (diffusers' LoRA scripts' rate)"),
 }
+ATTACKS = ["unlearndiffatk", "ringabell", "relearn"]
+ATTACK_BUDGET = {"unlearndiffatk.images": 4, "unlearndiffatk.timesteps": 5, "unlearndiffatk.iterations": 10}  # a CPU's
+ATTACK_SAMPLES = 20  # generations per prompt behind every figure of an attacked cell (the ASRs' sample sizes follow)
 FIGURES = ("forget_acc", "paraphrase_acc", "remain_acc", "fid_remain", "fid_remain_real", "forget_ink")
 
 
@@ -86,7 +90,8 @@ def cell_figures(report: dict) -> dict:
 
     environment = report["environment"]
     return {"before": compact(report["before"]), "after": compact(report["after"]), "steps": report["steps"],
-            "wall_time_s": report["wall_time_s"], "config": report["config"],
+            "wall_time_s": report["wall_time_s"], "cost": report.get("cost"), "attacks": report.get("attacks"),
+            "eval_samples": report["evaluation"]["per_prompt"], "config": report["config"],
             "device": environment["device_name"] if environment["device_type"] == "cuda" else "cpu",
             "environment": {k: environment[k] for k in ("torch", "threads", "device_type", "mixed_precision", "tf32", "noise")}}
 
@@ -96,8 +101,10 @@ def run_cell(row: str, seed: int, args: argparse.Namespace, accelerator) -> dict
     options = dict(options)
     if options.get("data") == "real":
         options["data"] = str(real_captioned_folder(args.output / "real-digits", [CONCEPT, *RETAIN]))
-    job = ForgetJob(model=args.model, method=method, output_dir=args.output / "runs" / args.model / row / f"seed-{seed}",
-                    concepts=[CONCEPT], settings=dict(settings), seed=seed, cache_dir=args.cache_dir, **options)
+    attacked = {"attacks": ATTACKS, "attack_settings": ATTACK_BUDGET, "eval_samples": ATTACK_SAMPLES} if args.attack else {}
+    folder = args.output / ("attacked-runs" if args.attack else "runs") / args.model / row / f"seed-{seed}"
+    job = ForgetJob(model=args.model, method=method, output_dir=folder, concepts=[CONCEPT], settings=dict(settings),
+                    seed=seed, cache_dir=args.cache_dir, **options, **attacked)
     report = json.loads((job.output_dir / "report.json").read_text()) if (job.output_dir / "report.json").is_file() else None
     if report is not None and (report["model"], report["config"]["seed"]) != (args.model, seed):
         raise UserError(f"{job.output_dir} holds a run of {report['model']}, seed {report['config']['seed']}; move it away")
@@ -108,21 +115,22 @@ def run_cell(row: str, seed: int, args: argparse.Namespace, accelerator) -> dict
             "settings": settings, "seed": seed, **cell_figures(report)}
 
 
-def cell_path(cells: Path, model: str, row: str, seed: int) -> Path:
-    return cells / f"{model}__{row}__s{seed}.json"
+def cell_path(cells: Path, model: str, row: str, seed: int, attacked: bool = False) -> Path:
+    """A cell's file; an attacked run's (its figures at ``ATTACK_SAMPLES`` per prompt) beside the plain one's."""
+    return cells / f"{model}__{row}__s{seed}{'__attacked' if attacked else ''}.json"
 
 
 def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
-    found = []
+    found, budget = [], ATTACK_BUDGET if args.attack else None
     for row in args.rows:
         for seed in args.seeds:
-            path = cell_path(args.cells, args.model, row, seed)
+            path = cell_path(args.cells, args.model, row, seed, args.attack)
             if path.is_file():
                 cell = json.loads(path.read_text())
-                if (cell["options"], cell["settings"]) != (ROWS[row][1], ROWS[row][2]):
+                if (cell["options"], cell["settings"], cell.get("attack_budget")) != (ROWS[row][1], ROWS[row][2], budget):
                     raise UserError(f"{path} was measured with another definition of {row}; choose another --cells folder")
             else:
-                cell = run_cell(row, seed, args, accelerator)
+                cell = {**run_cell(row, seed, args, accelerator), **({"attack_budget": budget} if budget else {})}
                 if accelerator.is_main_process:
                     atomic_write_text(path, json.dumps(cell, indent=1))
             found.append(cell)
@@ -176,8 +184,9 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def finished_cells(cells: Path, model: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(cells.glob(f"{model}__*.json"))]
+def finished_cells(cells: Path, model: str, attacked: bool = False) -> list[dict]:
+    """The model's finished cells: the plain ones, or with ``attacked`` the attacked ones."""
+    return [json.loads(p.read_text()) for p in sorted(cells.glob(f"{model}__*.json")) if p.stem.endswith("__attacked") == attacked]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="the settings to run (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--report-only", action="store_true", help="run nothing: the table of every finished cell")
+    parser.add_argument("--attack", action="store_true", help="also attack each erasure (unlearndiffatk, ringabell, relearn "
+                        "at ATTACK_BUDGET; figures at ATTACK_SAMPLES per prompt): cells named ...__attacked.json")
     parser.add_argument("--cache-dir", help="pretrained models and generated sets (default: $GENUNLEARN_CACHE)")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/concept_erasure"),
                         help="the run folders (default: outputs/benchmarks/concept_erasure)")
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = make_accelerator()
     try:
-        cells = finished_cells(args.cells, args.model) if args.report_only else run_grid(args, accelerator)
+        cells = finished_cells(args.cells, args.model, args.attack) if args.report_only else run_grid(args, accelerator)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     if accelerator.is_main_process:

@@ -9,6 +9,7 @@ A generated table sits between two markers in a page, which name what it shows:
     <!-- results: forget_quality targets -->              the issue targets checked against it
     <!-- results: forget_quality processes -->            1-process runs against forget_quality-2proc's
     <!-- results: concept_erasure sd-digits [ROW ...] --> the concept-erasure rows of one preset (all, or these)
+    <!-- results: erasure_table sd-digits -->           methods x erasure, attacks, utility and cost (attacked cells)
     <!-- results: device_parity NAME -->                  one device-parity comparison (results/device_parity/NAME.json)
     <!-- results: fidelity NAME -->                        one fidelity measurement (results/fidelity/NAME/*.json)
     <!-- results: import_time MACHINE -->                  start-up times on one machine (results/import_time/MACHINE.json)
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import capacity  # noqa: E402
 import concept_erasure  # noqa: E402
+import erasure_table  # noqa: E402
 import device_parity  # noqa: E402
 import fidelity  # noqa: E402
 import scale  # noqa: E402
@@ -59,6 +61,11 @@ def table(what: str) -> str:
         cells = concept_erasure.finished_cells(RESULTS / "concept_erasure" / "cells", args[0])
         chosen = [c for c in cells if not args[1:] or c["row"] in args[1:]]
         return concept_erasure.render(concept_erasure.summarise(chosen))
+    if kind == "erasure_table":
+        cells = concept_erasure.finished_cells(RESULTS / "concept_erasure" / "cells", args[0], attacked=True)
+        if not cells:
+            raise UserError("no attacked cells")
+        return erasure_table.render(erasure_table.summarise(cells))
     if kind == "device_parity":
         result = json.loads((RESULTS / "device_parity" / f"{args[0]}.json").read_text())
         a, b = result["a"], result["b"]

@@ -147,6 +147,23 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
     papers.add_argument("--protocol-rows", type=int, metavar="N", help="only the first N rows of each protocol CSV")
 
 
+def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    attack = parser.add_argument_group("attacks on the erasure (text-to-image; judged as forget_acc, in report.json's attacks)")
+    attack.add_argument("--attack", dest="attacks", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        default=[], required=required, metavar="NAMES",
+                        help="comma-separated: unlearndiffatk (adversarial prompt tokens), ringabell (a concept vector in "
+                        "the text embedding), relearn (a few fine-tuning steps on the concept's images); each reports "
+                        "pre- and post-attack success rates")
+    attack.add_argument("--attack-set", dest="attack_settings", action="append", type=parse_setting, default=[],
+                        metavar="ATTACK.KEY=VALUE", help="an attack's budget, e.g. unlearndiffatk.iterations=10, "
+                        "relearn.steps=50, ringabell.strength=3 (repeatable)")
+
+
+def attack_settings(args: argparse.Namespace) -> dict:
+    """The ForgetJob fields set by ``add_attack_arguments``' options."""
+    return {"attacks": list(dict.fromkeys(args.attacks)), "attack_settings": dict(args.attack_settings)}
+
+
 def read_prompt_file(path: str | None, option: str) -> list[str]:
     """The prompts in ``path``, one per line (blank lines and # comments skipped); [] without a path."""
     if path is None:
@@ -228,6 +245,7 @@ def forget_parser(sweep: bool = False, prog: str = "genunlearn forget") -> argpa
     add_model_arguments(parser)
     add_target_arguments(parser, "what to forget (exactly one)")
     add_concept_arguments(parser)
+    add_attack_arguments(parser)
     parser.add_argument("--method", default="sfron", help="unlearning method (see `genunlearn methods`; default: sfron)")
     parser.add_argument("--output-dir", type=Path, help="run folder (default: outputs/<model>-<class>-<method>)")
     parser.add_argument("--steps", "--max_train_steps", type=int, help="unlearning steps (default: the preset's setting for the method)")
@@ -389,6 +407,7 @@ def job_from_args(args: argparse.Namespace, settings: dict, prefix: str = "", su
         gradient_checkpointing=args.gradient_checkpointing,
         report_to=args.report_to,
         **concepts,
+        **attack_settings(args),
     )
 
 
@@ -434,10 +453,19 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def evaluate_parser() -> argparse.ArgumentParser:
+ATTACK_DESCRIPTION = (
+    "Attack an erased text-to-image pipeline (--attacked, e.g. a run's pipeline/; --model and --pretrained name the "
+    "original it was erased from): its figures as `genunlearn evaluate` measures them, then each --attack on --concept's "
+    "prompts, scored by the same judge (pre- and post-attack success rates, sample size, budget). The original's "
+    "generations of the concept are the attacks' images (UnlearnDiffAtk's targets, relearning's data). Writes "
+    "evaluation.json and evaluation.md with an attacks section to --output-dir.")
+
+
+def evaluate_parser(attack: bool = False) -> argparse.ArgumentParser:
     parser = Parser(
-        prog="genunlearn evaluate", epilog=UNDERSCORE_NOTE,
-        description="Evaluate a model as it is, without unlearning, with a forget run's metrics and protocol: "
+        prog="genunlearn attack" if attack else "genunlearn evaluate", epilog=UNDERSCORE_NOTE,
+        description=ATTACK_DESCRIPTION if attack else
+        "Evaluate a model as it is, without unlearning, with a forget run's metrics and protocol: "
         "classifiers: accuracy on all train/test images and per class; diffusion models: samples of every class judged "
         "by the evaluation classifier, FID against real images (per class and pooled), a sample grid. Name a forgotten "
         "part to get its figures separately (e.g. evaluate a run's unlearned pipeline with --class 3). Writes "
@@ -446,6 +474,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_target_arguments(parser, "forgotten part (optional; at most one)")
     add_concept_arguments(parser)
+    if attack:
+        add_attack_arguments(parser, required=True)
+        parser.add_argument("--attacked", required=True, metavar="DIR",
+                            help="the erased pipeline folder to attack (a run's pipeline/); --model/--pretrained name its "
+                            "original, whose generations are the attacks' images of the concept")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
     parser.add_argument("--output-dir", type=Path, help="where to write (default: outputs/evaluate-<model>)")
     add_precision_arguments(parser)
@@ -453,8 +486,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    args = evaluate_parser().parse_args(argv)
+def attack_main(argv: Sequence[str] | None = None) -> int:
+    return evaluate_main(argv, attack=True)
+
+
+def evaluate_main(argv: Sequence[str] | None = None, attack: bool = False) -> int:
+    args = evaluate_parser(attack).parse_args(argv)
     from genunlearn.progress import configure_console
     from genunlearn.runs.evaluate import run_evaluation
     from genunlearn.runs.job import ForgetJob
@@ -462,16 +499,18 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     configure_console()
     model, pretrained = model_and_weights(args)
     classes, subclasses = target_ids(args, model, pretrained)
-    job = ForgetJob(model=model, method="none", output_dir=args.output_dir or Path("outputs") / f"evaluate-{model_label(model)}",
+    folder = f"{'attack' if attack else 'evaluate'}-{model_label(model)}"
+    job = ForgetJob(model=model, method="none", output_dir=args.output_dir or Path("outputs") / folder,
                     classes=classes, random_fraction=args.random_fraction, subclasses=subclasses,
                     pretrained=pretrained, data=args.data, cache_dir=args.cache_dir, seed=args.seed,
                     mixed_precision=args.mixed_precision, tf32=args.tf32, **generator_evaluation_settings(args),
-                    **concept_settings(args))
+                    **concept_settings(args), **({**attack_settings(args), "attacked": args.attacked} if attack else {}))
     evaluation = run_evaluation(job)
     if _is_main_process():
         figures = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["metrics"].items()
                             if isinstance(v, (int, float)) and not k.endswith("_time_s") and not k.endswith("_ink"))
-        print(f"{evaluation['model']}: {figures}; wrote {job.output_dir}/evaluation.md")
+        attacks = "".join(f"; {name} ASR {a['pre_asr']:.2f} -> {a['post_asr']:.2f}" for name, a in evaluation.get("attacks", {}).items())
+        print(f"{evaluation['model']}: {figures}{attacks}; wrote {job.output_dir}/evaluation.md")
     return 0
 
 
@@ -560,6 +599,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "forget": (forget_main, "make a model forget a class and report before/after (same as scripts/forget_class.py)"),
     "sweep": (sweep_main, "the forget job over a grid of --set values: a heat-map and table per cell (forget_acc, FID ratio, steps)"),
     "evaluate": (evaluate_main, "evaluate a model as it is (no unlearning): the forget run's metrics, FID, sample grid"),
+    "attack": (attack_main, "attack a text-to-image model (unlearndiffatk, ringabell, relearn): pre/post attack success rates"),
     "pretrain": (pretrain_main, "train a preset from scratch and cache it (same as scripts/pretrain.py)"),
     "compare": (compare_main, "one table and plot of several runs' reports"),
     "methods": (methods_main, "list the unlearning methods, or one method's settings and defaults (genunlearn methods NAME)"),

@@ -58,6 +58,14 @@ def test_report_schema(finished_run):
     assert report["split"]["forget"] + report["split"]["retain"] == 1437
     assert report["log"] and report["log"][-1]["step"] == report["steps"]
     assert (finished_run / "model" / "model.safetensors").is_file() and (finished_run / "report.md").is_file()
+    cost = report["cost"]  # every stage that ran timed, memory and output measured
+    assert list(cost["stages_s"]) == ["data", "evaluation_before", "unlearning", "evaluation_after", "exports", "writing"]
+    assert all(seconds > 0 for seconds in cost["stages_s"].values())
+    assert cost["total_s"] == pytest.approx(sum(cost["stages_s"].values())) and cost["total_s"] > report["wall_time_s"] * 0.99
+    assert cost["peak_rss_mib"] > 100 and cost["cuda_peak_mib"] is None and cost["device"] == "cpu"
+    weights = (finished_run / "model" / "model.safetensors").stat().st_size / 2**20
+    assert weights < cost["output_mib"] < weights + 5
+    assert "## Cost" in (finished_run / "report.md").read_text() and "Cost: " in card
     assert "| forget_acc |" in (finished_run / "report.md").read_text()
     assert not (finished_run / "checkpoints").exists()
 
@@ -284,6 +292,11 @@ def test_compare_puts_runs_side_by_side(cnn_task, tmp_path, capsys):
     assert table[0].startswith("| run | model | method |") and len([row for row in table if row.startswith("| sfron")]) == 1
     row = next(row for row in table if row.startswith("| random_label"))
     assert f"{reports[1]['before']['forget_acc']:.3f} → {reports[1]['after']['forget_acc']:.3f}" in row
+    assert table[0].startswith("| run | model | method | class | steps | time s | total s | peak MiB | output MiB |")
+    assert f"| {reports[1]['cost']['total_s']:.1f} | {reports[1]['cost']['peak_rss_mib']:.0f} |" in row
+    sfron = reports[0]["cost"]["stages_s"]  # its masks' time is split out of the method's own
+    assert sfron["statistics"] == pytest.approx(reports[0]["method_info"]["mask_time_s"])
+    assert sfron["statistics"] + sfron["unlearning"] >= reports[0]["wall_time_s"]
     assert (tmp_path / "cmp.md").is_file() and (tmp_path / "cmp.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path)]) == 2
     assert "holds no report.json" in capsys.readouterr().err

@@ -80,6 +80,7 @@ def test_erasing_a_concept_writes_a_pipeline_diffusers_loads_a_report_and_sample
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert report["kind"] == "text-to-image" and report["class"] == THREE
+    assert report["cost"]["stages_s"]["data"] > 0 and report["cost"]["output_mib"] > 0.1  # the pipeline folder
     prompts = report["prompts"]
     assert prompts["forget"] == [THREE] and len(prompts["remain"]) == 9 and not any("three" in p for p in prompts["remain"])
     assert prompts["paraphrase"] == ["the number 3", "a three written by hand"]  # held out: never trained on

@@ -118,7 +118,7 @@ def test_an_sdxl_pipeline_folder_alone_erases_on_the_command_line_and_exports_a_
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "cnn-digits", "--class", "3", "--export-lora-rank", "4"], "--export-lora-rank are for text-to-image models"),
+    (["--model", "cnn-digits", "--class", "3", "--export-lora-rank", "4"], "--export-lora-rank and --attack are for text-to-image models"),
     (["--model", "sd-digits", "--concept", "a handwritten digit three", "--export-lora-rank", "0"],
      "--export-lora-rank must be at least 1"),
 ])

@@ -38,11 +38,15 @@ def comparison_table(runs: list[Path], reports: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in reports for k in SUMMARY_KEYS[r["kind"]]))
     with_oracle = any("gap_to_oracle" in r for r in reports)
     gap_columns = [*(f"gap {k}" for k in keys), "avg gap"] if with_oracle else []
-    columns = ["run", "model", "method", "class", "steps", "time s", *keys, *gap_columns]
+    costed = any("cost" in r for r in reports)
+    cost_columns = ["total s", "peak MiB", "output MiB"] if costed else []
+    columns = ["run", "model", "method", "class", "steps", "time s", *cost_columns, *keys, *gap_columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for run, report in zip(runs, reports):
         cells = [Path(run).name, report["model"], report["method"], str(report["class"]), str(report["steps"]),
                  f"{report['wall_time_s']:.1f}"]
+        if costed:
+            cells += cost_cells(report.get("cost"))
         cells += [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if report["after"].get(k) is not None else ""
                   for k in keys]
         if with_oracle:
@@ -50,10 +54,22 @@ def comparison_table(runs: list[Path], reports: list[dict]) -> str:
             cells += [f"{gaps[k]:+.3f}" if k in gaps else "" for k in keys]
             cells.append("" if mean is None else f"{mean:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if costed:
+        lines += ["", "time s: the method's own; total s: the whole run; peak MiB: CUDA's peak allocation on a GPU, "
+                  "else the peak resident memory; output MiB: the model, pictures and exports on disk."]
     if with_oracle:
         averaged = "; ".join(f"{kind}: {', '.join(AVERAGE_GAP_KEYS[kind])}" for kind in dict.fromkeys(r["kind"] for r in reports))
         lines += ["", f"gap: after − the retrain oracle; avg gap: the mean absolute gap over {averaged} (SalUn's Avg. Gap)."]
     return "\n".join(lines)
+
+
+def cost_cells(cost: dict | None) -> list[str]:
+    """A run's total seconds, peak memory (CUDA's where used, else RSS) and output size, as table cells."""
+    if not cost:
+        return ["", "", ""]
+    peak = cost["cuda_peak_mib"]["overall"] if cost["cuda_peak_mib"] else cost["peak_rss_mib"]
+    output = cost.get("output_mib")
+    return [f"{cost['total_s']:.1f}", f"{peak:.0f}", "" if output is None else f"{output:.1f}"]
 
 
 def save_comparison_plot(runs: list[Path], reports: list[dict], path: Path) -> None:

@@ -96,6 +96,14 @@ def model_card_body(report: dict, base_model: str | None, loading: str) -> str:
         lines += [f"Generator figures: {protocol['per_class']} samples per class, {protocol['sampler']} {protocol['steps']} steps, "
                   f"guidance {protocol['guidance']}, judged by {protocol['classifier']}; FID ({protocol['fid_features']}) "
                   f"against {protocol['fid_reference']}.", ""]
+    if report.get("attacks"):
+        lines += ["Attacks on the erasure (attack success rate, the judge's, plain → attacked): " + "; ".join(
+            f"{name} {a['pre_asr']:.2f} → {a['post_asr']:.2f} (n = {a['samples']})" for name, a in report["attacks"].items()) + ".", ""]
+    cost = report.get("cost")
+    if cost:
+        memory = f"CUDA peak {cost['cuda_peak_mib']['overall']:.0f} MiB" if cost["cuda_peak_mib"] else f"peak RSS {cost['peak_rss_mib']:.0f} MiB"
+        lines += [f"Cost: {cost['total_s']:.0f} s for the whole run on {cost['device']} ({memory}); "
+                  f"{cost.get('output_mib', 0.0):.1f} MiB written (`report.md` splits the time by stage).", ""]
     lines += ["## Files", "", loading, "", "`report.json` / `report.md` hold every figure, the split, the "
               "method's settings and the per-step log.", ""]
     return "\n".join(lines)

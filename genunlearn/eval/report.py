@@ -19,6 +19,8 @@ report.json keys (schema_version 2):
   (raw or EMA), data_free, mixed_precision.
   Optional: oracle (the retrain oracle's before/after-style metrics) and gap_to_oracle (after - oracle) with
   --compare-retrain; relearn {steps, samples, unlearned: [{step, forget_acc}], retrain: [...]} with --relearn-steps.
+  cost (every run, genunlearn.eval.costs): stages_s (seconds per stage), total_s, peak_rss_mib, cuda_peak_mib (per
+  stage and overall, or null without a GPU), device, processes, output_mib (the model, pictures and exports on disk).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ REQUIRED_KEYS = ("model", "class", "method", "steps", "wall_time_s", "before", "
 
 
 CURVES_FILE = "curves.png"
+REPORT_FILES = ("README.md", "report.md", "report.json", CURVES_FILE)  # what write_report writes
 
 
 def write_report(output_dir: Path, report: dict, base_model: str | None = None, loading: str = "") -> None:
@@ -86,6 +89,42 @@ def _fmt(value, digits: int = 4) -> str:
 def _shown(value) -> str:
     """A setting or fact as report.md shows it: floats to 4 significant digits (``0.2338`` not ``0.23384742899997946``)."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def attack_lines(report: dict) -> list[str]:
+    """The ``## Attacks`` section: each attack's success rate before and after it, sample size, budget and time."""
+    attacks = report.get("attacks")
+    if not attacks:
+        return []
+    lines = ["## Attacks", "", "| attack | pre-attack ASR | post-attack ASR | samples | budget | seconds |", "|---|---|---|---|---|---|"]
+    for name, outcome in attacks.items():
+        budget = ", ".join(f"{k} {_shown(v)}" for k, v in outcome["budget"].items())
+        lines.append(f"| {name} | {outcome['pre_asr']:.3f} | {outcome['post_asr']:.3f} | {outcome['samples']} | {budget} | "
+                     f"{outcome['seconds']:.1f} |")
+    lines += ["", "ASR: the fraction of the attacked generations in which the judge recognises the erased concept (the "
+              "judge and seeds of forget_acc); pre-attack: the plain prompts (relearn: before fine-tuning).", ""]
+    prompts = [p for outcome in attacks.values() for p in outcome.get("adversarial_prompts", [])]
+    if prompts:
+        lines += ["Adversarial prompts found (unlearndiffatk; ✓ succeeded):", "",
+                  *[f"- `{p['prompt']}` {'✓' if p['success'] else '✗'}" for p in prompts[:8]], ""]
+    return lines
+
+
+def cost_lines(report: dict) -> list[str]:
+    """report.md's ``## Cost`` section: seconds per stage, peak memory, the output's size (none for an older report)."""
+    cost = report.get("cost")
+    if not cost:
+        return []
+    cuda = cost["cuda_peak_mib"]
+    lines = ["## Cost", "", "| stage | seconds |" + (" CUDA peak MiB |" if cuda else ""), "|---|---|" + ("---|" if cuda else "")]
+    for stage, seconds in cost["stages_s"].items():
+        lines.append(f"| {stage} | {seconds:.1f} |" + (f" {cuda['stages'].get(stage, 0.0):.0f} |" if cuda else ""))
+    lines += [f"| total | {cost['total_s']:.1f} |" + (f" {cuda['overall']:.0f} |" if cuda else ""), "",
+              f"Peak memory: {cost['peak_rss_mib']:.0f} MiB resident (the largest over {cost['processes']} process(es)); "
+              + (f"CUDA {cuda['overall']:.0f} MiB allocated at most." if cuda else f"no GPU ({cost['device']}).")
+              + (f" Output: {cost['output_mib']:.1f} MiB on disk (model, pictures, exports; reports aside)."
+                 if "output_mib" in cost else ""), ""]
+    return lines
 
 
 def render_markdown(report: dict, curves: bool = False) -> str:
@@ -122,7 +161,7 @@ def render_markdown(report: dict, curves: bool = False) -> str:
             *[f"- {k}: {v}" for k, v in report["evaluation"].items()],
             "",
         ]
-    lines += _oracle_section(report) + _relearn_section(report)
+    lines += _oracle_section(report) + _relearn_section(report) + attack_lines(report) + cost_lines(report)
     lines += [
         "## Split",
         "",
@@ -252,6 +291,7 @@ def render_evaluation(evaluation: dict, samples: str | None, forgotten: Collecti
         lines += ["## Evaluation protocol", "", *[f"- {k}: {v}" for k, v in evaluation["evaluation"].items()], ""]
     if samples:
         lines += [f"Samples, one row per class (forgotten rows in red): ![samples]({samples})", ""]
+    lines += attack_lines(evaluation) + cost_lines(evaluation)
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from timm.data import ImageNetInfo
 from torch import nn
 
+from genunlearn.attacks import AttackJudge, attack_configs, run_attacks
 from genunlearn.data.captioned_digits import VOCABULARY, caption_images, paraphrases
 from genunlearn.data.captioned_folder import captioned_fingerprint, read_captioned_folder
 from genunlearn.data.split import ForgetSplit, SplitSpec, make_forget_split
@@ -266,6 +267,14 @@ class TextToImageRun(GeneratorRun):
         return {"lora": {"rank": rank, "layers": len(self.lora.ranks), "parameters": self.lora.parameter_count(),
                          "relative_error": self.lora.relative_error, "left_out": self.lora.left_out, "after": figures}}
 
+    def attack(self, model: nn.Module) -> dict:
+        """The report's ``attacks``: each of ``--attack``'s attacks on ``model``, judged as forget_acc is."""
+        setup, groups = self.setup, self.setup.prompts.groups()
+        judge = AttackJudge(self.task, setup.judge, setup.class_names, groups["forget"], groups["paraphrase"],
+                            groups["remain"], accelerator=self.accelerator, forget_accuracy=self.forget_accuracy,
+                            **setup.protocol.sampling())
+        return run_attacks(judge, model, attack_configs(self.job.attacks, self.job.attack_settings), self.split)
+
     @property
     def trained_lora_rank(self) -> int | None:
         """The rank of the LoRA factors the erasure trained (``--lora-rank``), None for full weights."""
@@ -306,6 +315,7 @@ class TextToImageKind:
             images_by_prompt(read_captioned_folder(job.data), [*job.concepts, *retained],
                              list(range(len(job.concepts) + len(retained))))
         check_prompts(job.concepts, job.retain_prompts, job.paraphrase_prompts)
+        attack_configs(job.attacks, job.attack_settings)
         protocol_options(job).check()
         check_vocabulary(get_preset(job.model), [*job.concepts, *job.retain_prompts, *job.paraphrase_prompts,
                                                  *([job.anchor] if job.anchor else [])])
@@ -313,6 +323,8 @@ class TextToImageKind:
     def check_evaluation(self, job: ForgetJob) -> None:
         if not job.concepts:
             raise UserError("name the concept to measure: genunlearn evaluate --concept PROMPT")
+        if job.attacks and job.attacked is None:
+            raise UserError("name the erased pipeline to attack: genunlearn attack --model ORIGINAL --attacked RUN/pipeline")
         if job.data is not None:
             raise UserError("genunlearn evaluate judges generations only; drop --data")
         self.check_job(job)
@@ -332,11 +344,15 @@ class TextToImageKind:
 
     def evaluate_model(self, job: ForgetJob, preset: TextToImagePreset,
                        accelerator: Accelerator) -> tuple[dict, Callable[[Path], None]]:
-        """Generate every prompt (``--concept`` and its paraphrases when given, the retain prompts) and judge them."""
+        """Generate every prompt (``--concept`` and its paraphrases when given, the retain prompts) and judge them, of
+        the model (or of ``--attacked``'s pipeline, ``genunlearn attack``: the model then is its original, whose
+        generations are the attacks' images of the concept); with ``--attack``, attack it."""
         setup = prepare_concepts(job, preset, accelerator)
-        metrics, generations = setup.evaluate(None, accelerator)
+        attacked = None if job.attacked is None else denoiser_of(load_sd_pipeline(job.attacked)).to(accelerator.device).eval()
+        metrics, generations = setup.evaluate(attacked, accelerator)
         groups = setup.prompts.groups()
-        return {"metrics": metrics, **concept_record(setup, job, accelerator.mixed_precision)}, lambda path: save_samples_figure(
+        attacks = {"attacks": TextToImageRun(job, setup, accelerator).attack(attacked)} if job.attacks else {}
+        return {"metrics": metrics, **concept_record(setup, job, accelerator.mixed_precision), **attacks}, lambda path: save_samples_figure(
             {"samples": generations}, path, setup.prompts.table, groups["forget"] + groups["paraphrase"],
             per_row=GRID_SAMPLES, numbered=False, marked="the concept's prompts")
 

@@ -15,7 +15,8 @@ from genunlearn.distributed import make_accelerator
 from genunlearn.engine.checkpoint import check_resumable
 from genunlearn.engine.relearn import relearn_curve, retrain_oracle
 from genunlearn.errors import UserError
-from genunlearn.eval.report import SCHEMA_VERSION, summary_line, write_report
+from genunlearn.eval.costs import CostMeter, folder_mib
+from genunlearn.eval.report import REPORT_FILES, SCHEMA_VERSION, summary_line, write_report
 from genunlearn.eval.seeds import aggregate_reports, write_summary
 from genunlearn.kinds import kind_of
 from genunlearn.kinds.base import Kind, Run
@@ -26,7 +27,7 @@ from genunlearn.precision import accelerate_mixed_precision
 from genunlearn.runs.logs import LOGGER, run_log
 from genunlearn.runs.provenance import provenance, utc_now
 from genunlearn.runs.tracking import experiment_trackers, tracker_names
-from genunlearn.runs.job import CHECKPOINTS, RUN_FILE, ForgetJob, check_output_dir, finished_report
+from genunlearn.runs.job import CHECKPOINTS, LOG_FILE, RUN_FILE, ForgetJob, check_output_dir, finished_report
 from genunlearn.storage.cache import cache_root, writable_cache_root
 from genunlearn.storage.files import atomic_write_text, nonfinite_entries
 from genunlearn.storage.lock import main_process_lock
@@ -129,29 +130,43 @@ def _run_holding_the_folder(job: ForgetJob, preset: Preset, kind: Kind, method: 
 
 def _forget(job: ForgetJob, preset: Preset, kind: Kind, method: MethodSpec, cfg, accelerator: Accelerator,
             resume: bool | Path, resumed_with: dict, started_at: str) -> dict:
-    run = kind.prepare_run(job, preset, accelerator)
+    meter = CostMeter(accelerator)
+    with meter.stage("data"):
+        run = kind.prepare_run(job, preset, accelerator)
     if accelerator.is_main_process:
         atomic_write_text(job.output_dir / RUN_FILE, json.dumps(job.run_record(), indent=2))
     tracked = {"model": preset.name, "method": job.method, "class": job.forgotten(), **dataclasses.asdict(cfg)}
     with experiment_trackers(job.report_to, job.output_dir, accelerator, tracked):
-        with accelerator.autocast():  # before and after are measured at the run's precision alike
+        with meter.stage("evaluation_before"), accelerator.autocast():  # before and after at the run's precision alike
             before, shown_before = run.evaluate_before()
         accelerator.log(tracked_figures("before", before), step=0)
-        result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS, resume=resume)
+        with meter.stage("unlearning"):
+            result = method.run(run.task, run.split, cfg, accelerator, checkpoint_dir=job.output_dir / CHECKPOINTS,
+                                resume=resume)
+        meter.move(result.info.get("mask_time_s"), "unlearning", "statistics")
         check_publishable(result.model, job.method)
-        with accelerator.autocast():
+        with meter.stage("evaluation_after"), accelerator.autocast():
             after, shown_after = run.evaluate(result.model)
         accelerator.log(tracked_figures("after", after), step=result.steps)
-    with accelerator.autocast():
+    with meter.stage("exports"), accelerator.autocast():
         extras = run.exports(result.model)
-    extras.update(oracle_and_relearning(job, run, result.model, after, accelerator))
+    if job.compare_retrain or job.relearn_steps:
+        with meter.stage("oracle_and_relearning"):
+            extras.update(oracle_and_relearning(job, run, result.model, after, accelerator))
+    if job.attacks:
+        with meter.stage("attacks"), accelerator.autocast():
+            extras["attacks"] = run.attack(result.model)
     if resumed_with:
         extras["resumed_with"] = resumed_with
     report = run_report(kind.name, job, preset, run, cfg, result, accelerator, **run.report_entries(),
                         before=before, after=after, weights=run.weights, **extras, **provenance(accelerator, started_at))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        loading = run.write(accelerator.unwrap_model(result.model), job.output_dir, shown_before, shown_after)
+        with meter.stage("writing"):
+            loading = run.write(accelerator.unwrap_model(result.model), job.output_dir, shown_before, shown_after)
+    report["cost"] = meter.section()
+    if accelerator.is_main_process:
+        report["cost"]["output_mib"] = folder_mib(job.output_dir, leave_out=(CHECKPOINTS, RUN_FILE, LOG_FILE, *REPORT_FILES))
         started_from = job.pretrained or (preset.hub_id or "").removeprefix("local-dir:") or None
         write_report(job.output_dir, report, base_model=started_from, loading=loading)
         shutil.rmtree(job.output_dir / CHECKPOINTS, ignore_errors=True)

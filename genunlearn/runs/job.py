@@ -65,6 +65,9 @@ class ForgetJob:
     clip_model: str | None = None  # text-to-image: a local CLIP model folder for the CLIP score
     protocol_rows: int | None = None  # text-to-image: the first N rows of each protocol CSV (None: all)
     export_lora_rank: int | None = None  # text-to-image: also export the erasure as a LoRA of this rank (lora/), measured
+    attacks: list[str] = field(default_factory=list)  # text-to-image: attacks on the erasure (genunlearn.attacks)
+    attack_settings: dict = field(default_factory=dict)  # text-to-image: {"attack.setting": value}
+    attacked: str | None = None  # genunlearn attack: the pipeline folder attacked (the model's own data and images stay the original's)
 
     def identity(self) -> dict:
         """What makes two runs the same run: every setting but where caches live, whether to resume, where figures
@@ -112,8 +115,8 @@ class ForgetJob:
         """A UserError for the text-to-image options (concepts, prompt files, the papers' protocols) on a model that
         forgets classes."""
         if (self.concepts or self.anchor or self.retain_prompts or self.paraphrase_prompts or self.i2p_prompts
-                or self.coco_prompts or self.export_lora_rank is not None):
-            raise UserError(f"--concept, --anchor, the prompt files and --export-lora-rank are for text-to-image models; "
+                or self.coco_prompts or self.export_lora_rank is not None or self.attacks or self.attack_settings):
+            raise UserError(f"--concept, --anchor, the prompt files, --export-lora-rank and --attack are for text-to-image models; "
                             f"{self.model} forgets classes: pass --class")
 
     def split_spec(self) -> SplitSpec:

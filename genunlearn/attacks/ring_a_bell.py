@@ -1,0 +1,55 @@
+"""Ring-A-Bell (Tsai et al., ICLR 2024; chiayi-hsu/Ring-A-Bell): a concept vector in the text encoder's output space,
+the mean difference of the encodings of prompts with and without the concept, added with strength η to the attacked
+prompts' encodings. The reference then searches (a genetic algorithm) for a discrete prompt whose encoding is near
+that target; here the target encoding conditions the model directly, the continuous form the search approximates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
+from genunlearn.errors import UserError
+
+
+@dataclass
+class RingABellConfig:
+    """``strength``: η, the reference's coefficient (3 in its nudity notebook); pairs: each erased prompt against each
+    retained prompt (with the concept, without it), so the vector points from the kept prompts to the erased one."""
+
+    strength: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.strength <= 0:
+            raise UserError(f"ringabell strength must be positive, got {self.strength}")
+
+
+def concept_vector(task, with_concept: list[str], without_concept: list[str]) -> torch.Tensor:
+    """``[L, D]``: mean encoding of ``with_concept`` minus mean encoding of ``without_concept`` (the pairs' mean
+    difference when every prompt of one list is paired with every prompt of the other)."""
+    with torch.no_grad():
+        encoded = [encode_ids(task, task.prompt_tokens(prompts)[0]).float().mean(0) for prompts in (with_concept, without_concept)]
+    return (encoded[0] - encoded[1]).cpu()
+
+
+def ring_a_bell(setting: AttackJudge, model: nn.Module, cfg: RingABellConfig) -> AttackOutcome:
+    """Generate every target prompt from its encoding plus ``cfg.strength`` × the concept vector (the erased prompts
+    against the retained ones) and judge the generations, beside the same seeds' generations of the plain prompts."""
+    task = setting.task
+    require_single_clip(task, "ringabell")
+    started = time.perf_counter()
+    vector = concept_vector(task, [task.prompts[i] for i in setting.forget], [task.prompts[i] for i in setting.remain])
+    options = dict(guidance=setting.guidance, steps=setting.steps, seed=setting.seed, device=setting.accelerator.device)
+    hits = {"plain": 0, "attacked": 0}
+    for prompt_id in setting.targets:
+        plain = encode_ids(task, task.prompt_tokens([task.prompts[prompt_id]])[0]).float().cpu()
+        for name, embeds in (("plain", plain), ("attacked", plain + cfg.strength * vector)):
+            images = generate_from_embeddings(task, model, embeds, prompt_id, setting.per_prompt, **options)
+            hits[name] += int(setting.recognised(images, prompt_id).sum())
+    total = setting.per_prompt * len(setting.targets)
+    return AttackOutcome("ringabell", hits["plain"] / total, hits["attacked"] / total, total,
+                         {"strength": cfg.strength, "pairs": len(setting.forget) * len(setting.remain)},
+                         time.perf_counter() - started)
