@@ -52,6 +52,7 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
     "finetune": ("finetune", {}, {}, "finetune (retain only)"),
     "uce": ("uce", {}, {}, "UCE, uce_sd_erase.py (last word, towards \"\", nothing preserved)"),
     "uce-preserve": ("uce", {}, {"preserve": "retained"}, "UCE, the retain prompts preserved"),
+    "rece": ("rece", {}, {}, "RECE, train.py (UCE, then 3 rounds of adversarial embeddings)"),
     "uce-2023": ("uce", {}, {"preserve": "retained", "tokens": "last-onward"},
                  "UCE as train_erase.py (2023): last word onward, retain prompts preserved"),
     "esd-u-lora": ("esd", {}, {"lora_rank": 4}, "ESD-u as rank-4 LoRA factors (`--lora-rank 4`)"),

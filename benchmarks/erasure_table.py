@@ -8,7 +8,7 @@ over seeds; and the robust-utility scatter (post-attack ASR under UnlearnDiffAtk
     python benchmarks/tables.py                                                              # the docs' copy
 
 The docs' table sits between ``<!-- results: erasure_table sd-digits -->`` markers; the scatter goes to
-docs/images/erasure_robustness_<model>.png (``--plot``).
+docs/erasure-robustness-<model>.png (``--plot``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import concept_erasure
 from genunlearn.eval.seeds import mean_std
 
 CELLS = concept_erasure.RESULTS / "cells"
-PLOT = Path(__file__).resolve().parents[1] / "docs" / "images"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def summarise(cells: list[dict]) -> list[dict]:
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> None:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--model", default="sd-digits")
     parser.add_argument("--cells", type=Path, default=CELLS)
-    parser.add_argument("--plot", type=Path, help="where the scatter goes (default: docs/images/erasure_robustness_MODEL.png)")
+    parser.add_argument("--plot", type=Path, help="where the scatter goes (default: docs/erasure-robustness-MODEL.png)")
     args = parser.parse_args(argv)
     rows = summarise(concept_erasure.finished_cells(args.cells, args.model, attacked=True))
     print(render(rows))
     if rows:
-        save_scatter(rows, args.plot or PLOT / f"erasure_robustness_{args.model}.png")
+        save_scatter(rows, args.plot or DOCS / f"erasure-robustness-{args.model}.png")
 
 
 if __name__ == "__main__":

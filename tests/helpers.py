@@ -166,7 +166,7 @@ def shapes_folder(root: Path, per_class: int = 40, size: int = 32, seed: int = 0
     return root
 
 
-def text_to_image_methods(unet_only: tuple[str, ...] = ("uce",)) -> list[str]:
+def text_to_image_methods(unet_only: tuple[str, ...] = ("rece", "uce")) -> list[str]:
     """The registered methods that apply to text-to-image models, less ``unet_only`` (pass ``()`` for a UNet's):
     the closed-form editors of a UNet's cross-attention, which an MMDiT lacks."""
     from genunlearn.methods.registry import METHODS

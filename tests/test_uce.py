@@ -9,6 +9,7 @@ from torch import nn
 import genunlearn as gu
 from helpers import tiny_sd15_pipeline
 from genunlearn.errors import UserError
+from genunlearn.methods.rece import adversarial_embedding
 from genunlearn.methods.uce import UCEConfig, cross_attention_projections, edit_rows, last_word_index, prompt_embeddings, uce_edit
 from genunlearn.models.tiny_sd3 import tiny_stable_diffusion_3
 
@@ -112,3 +113,27 @@ def test_uce_settings_are_checked():
         UCEConfig(preserve="all")
     with pytest.raises(UserError, match="tokens"):
         UCEConfig(tokens="first")
+
+
+def test_reces_adversarial_embedding_solves_its_least_squares_problem():
+    torch.manual_seed(2)
+    edited, original = [nn.Linear(6, 4, bias=False) for _ in range(3)], [nn.Linear(6, 4, bias=False) for _ in range(3)]
+    concept = torch.randn(5, 6)
+    found = adversarial_embedding(edited, original, concept, regular_scale=0.1).double()
+    gradient = 0.1 * found  # ∂/∂c' of Σ_l ‖W'_l c' − W_l c‖² + r‖c'‖², halved, is zero at the minimum
+    for new, old in zip(edited, original):
+        w_new, w_old = new.weight.detach().double(), old.weight.detach().double()
+        gradient += (found @ w_new.T - concept.double() @ w_old.T) @ w_new
+    assert gradient.abs().max() < 1e-5
+
+
+def test_rece_starts_from_uce_and_its_rounds_edit_cross_attention_only(sd_task, accelerator):
+    split = gu.forget_split(sd_task, classes=PROMPTS.groups()["forget"])
+    start = gu.unlearn(sd_task, split, "uce", accelerator=accelerator, guide="", tokens="last-onward").model.state_dict()
+    without_rounds = gu.unlearn(sd_task, split, "rece", accelerator=accelerator, rounds=0).model.state_dict()
+    assert all(torch.equal(start[k], without_rounds[k]) for k in start)
+    result = gu.unlearn(sd_task, split, "rece", accelerator=accelerator)
+    after = result.model.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert changed == {f"{name}.weight" for name in cross_attention_projections(sd_task.model)}
+    assert result.info["rounds"] == 3 and result.steps == 0
