@@ -270,3 +270,22 @@ def test_bad_captioned_images_are_one_error_line(captions, per_digit, metadata, 
                  *TINY_RUN, "--output-dir", str(tmp_path / "never")) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "never").exists()
+
+
+def test_several_concepts_are_erased_in_one_uce_edit_and_attacked_in_the_same_job(sd_digits_dir, cnn_task, tmp_path):
+    out = tmp_path / "two"
+    five = "a handwritten digit five"
+    assert erase("--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--concept", five,
+                 "--method", "uce", "--set", "preserve=retained", *TINY_RUN[4:], "--attack", "ringabell,relearn",
+                 "--attack-set", "relearn.steps=2", "--attack-set", "relearn.images=2", "--output-dir", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["prompts"]["forget"] == [THREE, five] and report["method_info"]["concepts"] == [THREE, five]
+    assert not any("three" in p or "five" in p for p in report["prompts"]["remain"]) and len(report["prompts"]["remain"]) == 8
+    assert report["method_info"]["preserved_prompts"] == 8 and report["steps"] == 0
+    attacks = report["attacks"]
+    assert set(attacks) == {"ringabell", "relearn"} and attacks["relearn"]["budget"]["steps"] == 2
+    assert attacks["ringabell"]["samples"] == 2 * 6  # 2 per prompt: both concepts and their four paraphrases
+    assert attacks["relearn"]["curve"][0]["step"] == 0 and attacks["relearn"]["curve"][-1]["step"] == 2
+    assert report["cost"]["stages_s"]["attacks"] > 0
+    assert "## Attacks" in (out / "report.md").read_text() and "Attacks on the erasure" in (out / "README.md").read_text()
