@@ -1,5 +1,5 @@
 """LoRA training (``lora_rank``): only the factors train, the output is the original's architecture with a rank-r
-change in the scope's layers alone, and the methods whose masks select single weights refuse it."""
+change in the scope's layers alone (for SalUn and SFR-on, the layers their mask concentrates in)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import nn
 
 import genunlearn as gu
 from genunlearn.engine.lora_training import merged_lora, with_lora
-from genunlearn.errors import UserError
 from genunlearn.models.tiny_sd3 import tiny_stable_diffusion_3
 
 PROMPTS = gu.ConceptPrompts(forget=["a photo of a cat"], remain=["a photo of a dog", "a photo of a car"])
@@ -55,7 +54,28 @@ def test_a_lora_run_changes_the_scopes_layers_by_a_rank_r_update_only(method, sc
 
 
 @pytest.mark.parametrize("method", ["sfron", "salun"])
-def test_masked_methods_refuse_lora_training(method, sd3_task, accelerator):
+def test_masked_methods_train_lora_factors_in_the_layers_their_mask_concentrates_in(method, sd3_task, accelerator):
     split = gu.forget_split(sd3_task, classes=PROMPTS.groups()["forget"])
-    with pytest.raises(UserError, match="does not train LoRA adapters"):
-        gu.unlearn(sd3_task, split, method, accelerator=accelerator, steps=2, lora_rank=2)
+    settings = {"steps": 2, "batch_size": 2, "lr": 1e-2, "lora_rank": 2, **({"epochs": None} if method == "salun" else {})}
+    result = gu.unlearn(sd3_task, split, method, accelerator=accelerator, **settings)
+    full = gu.unlearn(sd3_task, split, method, accelerator=accelerator, **{**settings, "lora_rank": None, "lr": 1e-12})
+    mask = {k: v for k, v in zip(*mask_of(method, sd3_task, split, accelerator))}
+    overall = sum(v.sum().item() for v in mask.values()) / sum(v.numel() for v in mask.values())
+    expected = {f"{name}.weight" for name, module in sd3_task.model.named_modules()
+                if isinstance(module, (nn.Linear, nn.Conv2d)) and mask[f"{name}.weight"].float().mean().item() >= overall}
+    before, after = sd3_task.model.state_dict(), result.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= expected and len(expected) < len([k for k in before if k.endswith(".weight")])
+    assert result.info["lora"]["targets"] == "the mask's modules" and result.info["lora"]["layers"] == len(expected)
+    assert all(torch.linalg.matrix_rank((after[k] - before[k]).flatten(1).double(), atol=1e-6) <= 2 for k in changed)
+    assert full.info["mask_kept_fraction"] == pytest.approx(overall)
+
+
+def mask_of(method: str, task, split, accelerator):
+    """``(names, keep)`` of the method's mask on ``task`` at the settings above."""
+    from genunlearn.methods import salun, sfron
+    from genunlearn.methods.registry import get_method
+
+    cfg = get_method(method).make_config({"steps": 2, "batch_size": 2, **({"epochs": None} if method == "salun" else {})})
+    mask, _ = (sfron.sfron_mask if method == "sfron" else salun.salun_mask)(task, split, cfg, accelerator)
+    return mask.names, mask.keep

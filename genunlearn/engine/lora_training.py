@@ -2,9 +2,10 @@
 injected into the Linear and Conv2d layers of a parameter scope, only they train, and the result is the original
 with each layer's scaled B·A merged into its weight, a plain model of the original's architecture.
 
-Which methods: those whose update is a plain gradient step on every trained weight (ESD, finetune, gradient ascent,
-random labels). SalUn's and SFR-on's masks select single weights; a LoRA's B·A changes every weight of its layer, so
-there is no weight to hold: those methods refuse ``lora_rank`` rather than apply a mask that would not hold."""
+Which layers: a parameter scope's (ESD, finetune, gradient ascent, random labels), or for SalUn and SFR-on the mask's
+modules (``mask_modules``): their masks select single weights, and a LoRA's B·A changes every weight of its layer, so
+the mask acts at module level, choosing the layers its selection concentrates in, rather than on a merged delta (a
+masked B·A is no longer rank r, so it would not export or load as the LoRA it was trained as)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ def lora_target_modules(task, model: nn.Module, scope: str) -> list[str]:
         raise UserError(f"the parameter scope {scope!r} holds no Linear or Conv2d layer for a LoRA; choose another "
                         "lora_targets")
     return targets
+
+
+def mask_modules(model: nn.Module, mask) -> list[str]:
+    """The Linear and Conv2d layers of ``model`` whose weight keeps at least the mask's overall share of weights
+    (``mask``: a ``ParameterMask`` over ``model``'s parameters): where a saliency mask concentrates."""
+    keep = dict(zip(mask.names, mask.keep))
+    overall = mask.kept_fraction()
+    chosen = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+              and f"{name}.weight" in keep and keep[f"{name}.weight"].float().mean().item() >= overall > 0]
+    if not chosen:
+        raise UserError("the mask keeps no weight of any Linear or Conv2d layer, so no layer takes LoRA factors; "
+                        "loosen the mask (mask_threshold / mask_fraction) or train full weights")
+    return chosen
 
 
 def with_lora(model: nn.Module, targets: list[str], rank: int, seed: int) -> nn.Module:

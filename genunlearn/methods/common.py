@@ -32,14 +32,16 @@ def unlearn_with_loop(
     uses_retain: bool = True,
     info: dict | None = None,
     model: nn.Module | None = None,
+    lora_modules: list[str] | None = None,
 ) -> UnlearnResult:
     """Run ``step_fn`` on ``model`` (None: ``working_copy(task)``, with LoRA factors when ``cfg.lora_rank``; the
     original is never modified, and waits on the CPU with ``cfg.offload_frozen``); ``info`` goes into the result, with
     ``sharded_over`` (processes) for a sharded run, whose result is a gathered copy, and ``lora`` for a LoRA run, whose
-    result is the original with the factors merged."""
+    result is the original with the factors merged; ``lora_modules``: the layers that take them (a mask's,
+    ``mask_modules``), instead of ``cfg.lora_targets``' scope)."""
     lora_rank = getattr(cfg, "lora_rank", None)
     if lora_rank is not None:
-        model, lora_info = lora_working_copy(task, cfg, accelerator)
+        model, lora_info = lora_working_copy(task, cfg, accelerator, lora_modules)
         info = {**(info or {}), "lora": lora_info}
     model = model if model is not None else working_copy(task, accelerator)
     with original_offloaded(task, cfg.offload_frozen):
@@ -65,15 +67,16 @@ def working_copy(task: Task, accelerator: Accelerator) -> nn.Module:
     return shard_model(model, accelerator) if sharding_requested(accelerator) else model.to(accelerator.device)
 
 
-def lora_working_copy(task: Task, cfg: LoopConfig, accelerator: Accelerator) -> tuple[nn.Module, dict]:
-    """``(working copy with rank-``cfg.lora_rank`` LoRA factors in the Linear and Conv2d layers of ``cfg.lora_targets``
-    (None: the method's ``scope``, else all), the report's record of them)``; not under FSDP."""
+def lora_working_copy(task: Task, cfg: LoopConfig, accelerator: Accelerator,
+                      modules: list[str] | None = None) -> tuple[nn.Module, dict]:
+    """``(working copy with rank-``cfg.lora_rank`` LoRA factors in ``modules``, else the Linear and Conv2d layers of
+    ``cfg.lora_targets`` (None: the method's ``scope``, else all), the report's record of them)``; not under FSDP."""
     if sharding_requested(accelerator) and fsdp_requested(accelerator):
         raise UserError("LoRA training does not run sharded (FSDP); its factors are small: launch it with DDP "
                         "(configs/accelerate/multi_gpu.yaml)")
-    scope = cfg.lora_targets or getattr(cfg, "scope", "all")
+    scope = "the mask's modules" if modules else cfg.lora_targets or getattr(cfg, "scope", "all")
     model = copy.deepcopy(task.model).to(accelerator.device)
-    targets = lora_target_modules(task, model, scope)
+    targets = modules or lora_target_modules(task, model, scope)
     model = with_lora(model, targets, cfg.lora_rank, cfg.seed)
     return model, {"rank": cfg.lora_rank, "targets": scope, "layers": len(targets),
                    "trainable_parameters": trainable_count(model),

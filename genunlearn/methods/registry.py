@@ -77,7 +77,7 @@ class MethodSpec:
             merged.update(layer)
         hints = typing.get_type_hints(self.config_class)
         if merged.get("lora_rank") is not None and not self.lora:
-            raise UserError(f"{self.name} does not train LoRA adapters (engine/lora_training.py says why); drop lora_rank, "
+            raise UserError(f"{self.name} does not train LoRA adapters (it trains no gradient steps on adapters' layers); drop lora_rank, "
                             f"or use one of {', '.join(sorted(n for n, spec in METHODS.items() if spec.lora))}")
         return self.config_class(**{key: typed_setting(key, value, hints[key]) for key, value in merged.items()})
 

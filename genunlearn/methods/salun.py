@@ -17,6 +17,7 @@ from genunlearn.engine.objectives import random_label
 from genunlearn.engine.saliency import cached_gradient_statistics
 from genunlearn.engine.sharding import is_sharded
 from genunlearn.errors import UserError
+from genunlearn.engine.lora_training import mask_modules
 from genunlearn.methods.common import unlearn_with_loop, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.tasks.base import Task
@@ -90,7 +91,7 @@ def salun_joint_step(ctx: StepContext, mask: ParameterMask) -> dict[str, float]:
 
 
 @register_method("salun", "SalUn: random labels on the forget set then retain descent, through a gradient-saliency mask", SalUnConfig,
-                 shards=True)
+                 shards=True, lora=True)
 def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     global_batch = cfg.batch_size * accelerator.num_processes
     forget_batches = math.ceil(len(split.forget) / global_batch)
@@ -100,9 +101,11 @@ def run(task, split, cfg: SalUnConfig, accelerator, *, checkpoint_dir, resume) -
         cfg = SalUnConfig(**{**cfg.__dict__, "steps": cfg.epochs * per_epoch, "epochs": None})
     model = working_copy(task, accelerator)
     mask, info = salun_mask(task, split, cfg, accelerator, model)
+    modules = mask_modules(model, mask) if cfg.lora_rank else None  # LoRA: the mask at module level
+    step_mask = None if cfg.lora_rank else mask
     if cfg.form == "joint":
-        step = partial(salun_joint_step, mask=mask)
+        step = partial(salun_joint_step, mask=step_mask)
     else:
-        step = partial(salun_step, mask=mask, forget_batches=forget_batches, retain_batches=retain_batches)
+        step = partial(salun_step, mask=step_mask, forget_batches=forget_batches, retain_batches=retain_batches)
     return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info,
-                             model=model)
+                             model=None if cfg.lora_rank else model, lora_modules=modules)

@@ -17,6 +17,7 @@ from genunlearn.engine.objectives import FORGET_OBJECTIVES, forget_objective
 from genunlearn.engine.saliency import cached_gradient_statistics
 from genunlearn.engine.sharding import is_sharded
 from genunlearn.errors import UserError
+from genunlearn.engine.lora_training import mask_modules
 from genunlearn.methods.common import unlearn_with_loop, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.tasks.base import Task
@@ -112,10 +113,11 @@ def sfron_step(ctx: StepContext, mask: ParameterMask | None, slow_weights: SlowW
 
 
 @register_method("sfron", "SFR-on: Fisher-ratio saliency mask, adaptive forget ascent, fast-slow remain-geometry steps", SFRonConfig,
-                 shards=True)
+                 shards=True, lora=True)
 def run(task, split, cfg: SFRonConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     model = working_copy(task, accelerator)
     mask, info = sfron_mask(task, split, cfg, accelerator, model) if cfg.use_mask else (None, {})
-    step = partial(sfron_step, mask=mask, slow_weights=SlowWeights(cfg.lookahead))
+    modules = mask_modules(model, mask) if cfg.lora_rank and mask is not None else None  # LoRA: the mask at module level
+    step = partial(sfron_step, mask=None if cfg.lora_rank else mask, slow_weights=SlowWeights(cfg.lookahead))
     return unlearn_with_loop(task, split, cfg, accelerator, step, checkpoint_dir=checkpoint_dir, resume=resume, info=info,
-                             model=model)
+                             model=None if cfg.lora_rank else model, lora_modules=modules)
