@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 from genunlearn import forget_split, unlearn
-from genunlearn.cli import evaluate_main, forget_main, guarded
+from genunlearn.cli import evaluate_main, forget_main, guarded, main
 from genunlearn.data.captioned_digits import VOCABULARY
 from genunlearn.data.captioned_folder import read_captioned_folder
 from genunlearn.methods import sfron
@@ -272,7 +272,7 @@ def test_bad_captioned_images_are_one_error_line(captions, per_digit, metadata, 
     assert not (tmp_path / "never").exists()
 
 
-def test_several_concepts_are_erased_in_one_uce_edit_and_attacked_in_the_same_job(sd_digits_dir, cnn_task, tmp_path):
+def test_several_concepts_are_erased_in_one_uce_edit_and_attacked_in_the_same_job(sd_digits_dir, cnn_task, tmp_path, capsys):
     out = tmp_path / "two"
     five = "a handwritten digit five"
     assert erase("--model", "sd-digits", "--pretrained", str(sd_digits_dir), "--concept", THREE, "--concept", five,
@@ -289,3 +289,8 @@ def test_several_concepts_are_erased_in_one_uce_edit_and_attacked_in_the_same_jo
     assert attacks["relearn"]["curve"][0]["step"] == 0 and attacks["relearn"]["curve"][-1]["step"] == 2
     assert report["cost"]["stages_s"]["attacks"] > 0
     assert "## Attacks" in (out / "report.md").read_text() and "Attacks on the erasure" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert guarded(main, ["compare", str(out)]) == 0  # the attacks and the cost as columns
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert "| total s | peak MiB | output MiB |" in header and header.endswith("| ringabell ASR | relearn ASR |")
+    assert f"{attacks['relearn']['pre_asr']:.3f} → {attacks['relearn']['post_asr']:.3f} |" in row

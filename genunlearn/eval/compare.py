@@ -33,14 +33,17 @@ def load_reports(runs: list[Path]) -> list[dict]:
 
 
 def comparison_table(runs: list[Path], reports: list[dict]) -> str:
-    """A markdown table: run, model, method, class, steps, time, and each headline figure before -> after; when any
+    """A markdown table: run, model, method, class, steps, time (and the cost: total seconds, peak memory, output
+    size), each headline figure before -> after, each attack's success rate before -> after (``--attack``); when any
     run has a retrain oracle (``--compare-retrain``), each figure's gap to it and the average gap too."""
     keys = list(dict.fromkeys(k for r in reports for k in SUMMARY_KEYS[r["kind"]]))
     with_oracle = any("gap_to_oracle" in r for r in reports)
     gap_columns = [*(f"gap {k}" for k in keys), "avg gap"] if with_oracle else []
+    attacks = list(dict.fromkeys(name for r in reports for name in r.get("attacks", {})))
     costed = any("cost" in r for r in reports)
     cost_columns = ["total s", "peak MiB", "output MiB"] if costed else []
-    columns = ["run", "model", "method", "class", "steps", "time s", *cost_columns, *keys, *gap_columns]
+    columns = ["run", "model", "method", "class", "steps", "time s", *cost_columns, *keys,
+               *(f"{name} ASR" for name in attacks), *gap_columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for run, report in zip(runs, reports):
         cells = [Path(run).name, report["model"], report["method"], str(report["class"]), str(report["steps"]),
@@ -49,6 +52,8 @@ def comparison_table(runs: list[Path], reports: list[dict]) -> str:
             cells += cost_cells(report.get("cost"))
         cells += [f"{report['before'][k]:.3f} → {report['after'][k]:.3f}" if report["after"].get(k) is not None else ""
                   for k in keys]
+        outcomes = report.get("attacks", {})
+        cells += [f"{outcomes[n]['pre_asr']:.3f} → {outcomes[n]['post_asr']:.3f}" if n in outcomes else "" for n in attacks]
         if with_oracle:
             gaps, mean = report.get("gap_to_oracle", {}), average_gap(report)
             cells += [f"{gaps[k]:+.3f}" if k in gaps else "" for k in keys]
