@@ -73,7 +73,8 @@ pipe = StableDiffusionXLPipeline.from_pretrained({str(tmp_path / "pipeline")!r})
 pipe.set_progress_bar_config(disable=True)
 images = pipe(["a photo of a cat"], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
               output_type="pt").images
-assert torch.equal(images, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)), "samples differ"
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)  # float tolerance: after a CLI run set this process to GENUNLEARN_THREADS, the two processes round differently
+assert torch.allclose(images, expected, atol=1e-5), ("samples differ", (images - expected).abs().max())
 assert "genunlearn" not in sys.modules
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
