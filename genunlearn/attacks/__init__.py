@@ -22,6 +22,11 @@ ATTACKS = {  # name: (settings, one line)
     "ringabell": (RingABellConfig, "a concept vector in the text encoder's output space, added to the prompts"),
     "relearn": (RelearnConfig, "a few fine-tuning steps on a few images of the concept"),
 }
+RUNNERS = {  # name: run(judge setting, model, config, the run's split) -> AttackOutcome
+    "unlearndiffatk": lambda setting, model, cfg, split: unlearndiffatk(setting, model, cfg),
+    "ringabell": lambda setting, model, cfg, split: ring_a_bell(setting, model, cfg),
+    "relearn": relearn,
+}
 
 __all__ = ["ATTACKS", "AttackJudge", "AttackOutcome", "attack_configs", "run_attacks"]
 
@@ -49,10 +54,7 @@ def run_attacks(setting: AttackJudge, model: nn.Module, configs: dict[str, objec
     """The report's ``attacks``: ``{name: AttackOutcome.to_dict()}`` for each configured attack on ``model``."""
     outcomes = {}
     for name, cfg in configs.items():
-        if name == "relearn":
-            outcome = relearn(setting, model, cfg, split)
-        else:
-            outcome = (unlearndiffatk if name == "unlearndiffatk" else ring_a_bell)(setting, model, cfg)
+        outcome = RUNNERS[name](setting, model, cfg, split)
         outcomes[name] = outcome.to_dict()
         LOGGER.info("%s: attack success rate %.3f -> %.3f (%d samples, %.0f s)", name, outcome.pre_asr, outcome.post_asr,
                     outcome.samples, outcome.seconds)
