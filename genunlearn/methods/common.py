@@ -113,3 +113,9 @@ def require_classifier(task: Task, method: str) -> None:
     """A one-line UserError unless ``task`` is a classifier (it has ``logits``): ``method`` needs class predictions."""
     if not hasattr(task, "logits"):
         raise UserError(f"{method} applies to classifiers; {task.name} is not one")
+
+
+def require_text_to_image(task: Task, method: str) -> None:
+    """A one-line UserError unless ``task`` is text-to-image (it has a prompt table): ``method`` erases prompts."""
+    if not hasattr(task, "prompt_embeddings"):
+        raise UserError(f"{method} erases prompts from text-to-image models; {task.name} is not one")

@@ -13,7 +13,7 @@ from torch import nn
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.engine.masks import ParameterMask
 from genunlearn.errors import UserError
-from genunlearn.methods.common import frozen_copy, unlearn_with_loop
+from genunlearn.methods.common import frozen_copy, require_text_to_image, unlearn_with_loop
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.noise import NoiseSource, current_noise
 
@@ -110,8 +110,7 @@ def scope_mask(task, model: nn.Module, scope: str) -> ParameterMask:
 @register_method("esd", "Erased Stable Diffusion: negative guidance from a frozen copy on the concept prompts "
                  "(text-to-image; scope ESD-u or ESD-x)", ESDConfig, kinds=("text-to-image",), lora=True)
 def run(task, split, cfg: ESDConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
-    if not hasattr(task, "prompt_embeddings"):
-        raise UserError(f"esd erases prompts from text-to-image models; {task.name} is not one")
+    require_text_to_image(task, "esd")
     frozen = frozen_copy(task, accelerator, cfg.offload_frozen)
     # with LoRA the factors sit in the scope's layers alone: no weight to hold
     mask = None if cfg.lora_rank else scope_mask(task, task.model, cfg.scope).to(accelerator.device)

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genunlearn.engine.closed_form import least_squares_edit
 from genunlearn.errors import UserError
-from genunlearn.methods.common import working_copy
+from genunlearn.methods.common import require_text_to_image, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.methods.uce import UCEConfig, cross_attention_projections, edit_rows, prompt_embeddings, uce_edit
 
@@ -60,8 +59,7 @@ def adversarial_embedding(edited: list[nn.Linear], original: list[nn.Linear], co
                  "no training)", RECEConfig, kinds=("text-to-image",))
 def run(task, split, cfg: RECEConfig, accelerator, *, checkpoint_dir=None, resume=False) -> UnlearnResult:
     started = time.perf_counter()
-    if not hasattr(task, "prompt_embeddings"):
-        raise UserError(f"rece erases prompts from text-to-image models; {task.name} is not one")
+    require_text_to_image(task, "rece")
     concepts = [task.prompts[i] for i in split.spec.classes]
     model = working_copy(task, accelerator).eval()
     start = UCEConfig(tokens="last-onward")  # the reference's UCE checkpoints: train_erase.py, towards "", no preserve
@@ -69,16 +67,11 @@ def run(task, split, cfg: RECEConfig, accelerator, *, checkpoint_dir=None, resum
     kept = ["", *([task.prompts[i] for i in (task.rl_prompts or [])] if cfg.preserve == "retained" else [])]
     concept_rows, guide, kept_rows = prompt_embeddings(task, concepts), prompt_embeddings(task, [cfg.guide])[0], prompt_embeddings(task, kept)
     original = list(cross_attention_projections(task.model).values())
-    for _ in range(cfg.rounds):
+    rounds = UCEConfig(lamb=cfg.lamb, erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale)
+    guides, preserved = guide.repeat(len(concepts), 1), kept_rows.reshape(-1, kept_rows.shape[-1])
+    for _ in range(cfg.rounds):  # each round's targets are the current weights' outputs, as edit_model_adversarial's
         layers = list(cross_attention_projections(model).values())
         adversarial = torch.cat([adversarial_embedding(layers, original, c, cfg.regular_scale) for c in concept_rows])
-        guides = guide.repeat(len(concepts), 1)
-        preserved = kept_rows.reshape(-1, kept_rows.shape[-1])
-        with torch.no_grad():
-            for layer in layers:
-                current = layer.weight.detach().float().cpu()
-                edited = least_squares_edit(current, adversarial, guides @ current.T, preserved, preserved @ current.T,
-                                            lamb=cfg.lamb, erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale)
-                layer.weight.copy_(edited.to(layer.weight.device, layer.weight.dtype))
+        uce_edit(model, adversarial, guides, preserved, rounds)
     info = {"concepts": concepts, "rounds": cfg.rounds, "edited_layers": len(original), "preserved_prompts": len(kept)}
     return UnlearnResult(model, [], 0, time.perf_counter() - started, info)

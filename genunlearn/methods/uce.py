@@ -13,7 +13,7 @@ from torch import nn
 
 from genunlearn.engine.closed_form import least_squares_edit
 from genunlearn.errors import UserError
-from genunlearn.methods.common import working_copy
+from genunlearn.methods.common import require_text_to_image, working_copy
 from genunlearn.methods.registry import UnlearnResult, register_method
 
 TOKENS = {
@@ -113,8 +113,7 @@ def uce_edit(unet: nn.Module, concept_rows: torch.Tensor, guide_rows: torch.Tens
                  "training (text-to-image; several concepts at once)", UCEConfig, kinds=("text-to-image",))
 def run(task, split, cfg: UCEConfig, accelerator, *, checkpoint_dir=None, resume=False) -> UnlearnResult:
     started = time.perf_counter()
-    if not hasattr(task, "prompt_embeddings"):
-        raise UserError(f"uce erases prompts from text-to-image models; {task.name} is not one")
+    require_text_to_image(task, "uce")
     concepts = [task.prompts[i] for i in split.spec.classes]
     guide = cfg.guide if cfg.guide is not None else (task.anchor or "")
     preserved = [task.prompts[i] for i in (task.rl_prompts or [])] if cfg.preserve == "retained" else []

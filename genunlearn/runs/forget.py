@@ -72,9 +72,7 @@ def oracle_gaps(after: dict, oracle: dict) -> dict:
 def oracle_and_relearning(job: ForgetJob, run: Run, unlearned, after: dict, accelerator: Accelerator) -> dict:
     """The report entries ``--compare-retrain`` and ``--relearn-steps`` ask for: the retrain oracle's metrics and
     the gaps to them (``oracle``, ``gap_to_oracle``), and relearning curves of the unlearned model and the
-    oracle (``relearn``)."""
-    if not (job.compare_retrain or job.relearn_steps):
-        return {}
+    oracle (``relearn``); called when the job asks for either."""
     task, split = run.task, run.split
     oracle = retrain_oracle(task, split, run.data_id, cache_root(job.cache_dir), accelerator, *run.oracle_store())
     entries = {}
