@@ -81,7 +81,7 @@ def test_ring_a_bell_adds_its_concept_vector_to_every_attacked_prompts_encoding(
     assert torch.allclose(vector, expected, atol=1e-6)
     seen = []
 
-    def capture(task, model, embeds, prompt_id, count, **options):
+    def capture(pipeline, embeds, prompt_id, count, **options):
         seen.append((prompt_id, embeds.clone()))
         return torch.zeros(count, 3, 32, 32)
 

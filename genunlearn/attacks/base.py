@@ -13,7 +13,6 @@ from torch import nn
 
 from genunlearn.errors import UserError
 from genunlearn.eval.concepts import prompt_class
-from genunlearn.models.prompt_sampling import sd_pipeline_for
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator
 
 
@@ -84,15 +83,15 @@ def require_single_clip(task, attack: str) -> None:
 
 
 @torch.no_grad()
-def generate_from_embeddings(task, model: nn.Module, embeds: torch.Tensor, prompt_id: int, count: int, *, guidance: float,
-                             steps: int, seed: int, device: torch.device) -> torch.Tensor:
-    """``count`` generations ``[count, C, H, W]`` in [-1, 1] of ``model`` conditioned on ``embeds`` ``[1, L, D]`` (an
-    attacked prompt's encoding; ∅ as the pipeline encodes it), seeded by (seed, ``prompt_id``) as the evaluation's."""
-    pipeline = sd_pipeline_for(task, model).to(device)
+def generate_from_embeddings(pipeline: StableDiffusionPipeline, embeds: torch.Tensor, prompt_id: int, count: int, *,
+                             guidance: float, steps: int, seed: int) -> torch.Tensor:
+    """``count`` generations ``[count, C, H, W]`` in [-1, 1] of ``pipeline`` (``sd_pipeline_for`` the attacked model,
+    on its device) conditioned on ``embeds`` ``[1, L, D]`` (an attacked prompt's encoding; ∅ as the pipeline encodes
+    it), seeded by (seed, ``prompt_id``) as the evaluation's."""
     chunks = []
     for chunk, start in enumerate(range(0, count, SAMPLE_BATCH)):
         size = min(SAMPLE_BATCH, count - start)
-        output = pipeline(prompt_embeds=embeds.to(device).expand(size, -1, -1), num_inference_steps=steps,
+        output = pipeline(prompt_embeds=embeds.to(pipeline.device).expand(size, -1, -1), num_inference_steps=steps,
                           guidance_scale=guidance, generator=class_generator(seed, prompt_id, chunk), output_type="pt")
         chunks.append(output.images.float().cpu() * 2 - 1)
     return torch.cat(chunks)

@@ -13,6 +13,7 @@ from torch import nn
 
 from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
 from genunlearn.errors import UserError
+from genunlearn.models.prompt_sampling import sd_pipeline_for
 
 
 @dataclass
@@ -42,12 +43,13 @@ def ring_a_bell(setting: AttackJudge, model: nn.Module, cfg: RingABellConfig) ->
     require_single_clip(task, "ringabell")
     started = time.perf_counter()
     vector = concept_vector(task, [task.prompts[i] for i in setting.forget], [task.prompts[i] for i in setting.remain])
-    options = dict(guidance=setting.guidance, steps=setting.steps, seed=setting.seed, device=setting.accelerator.device)
+    pipeline = sd_pipeline_for(task, model).to(setting.accelerator.device)
+    options = dict(guidance=setting.guidance, steps=setting.steps, seed=setting.seed)
     hits = {"plain": 0, "attacked": 0}
     for prompt_id in setting.targets:
         plain = encode_ids(task, task.prompt_tokens([task.prompts[prompt_id]])[0]).float().cpu()
         for name, embeds in (("plain", plain), ("attacked", plain + cfg.strength * vector)):
-            images = generate_from_embeddings(task, model, embeds, prompt_id, setting.per_prompt, **options)
+            images = generate_from_embeddings(pipeline, embeds, prompt_id, setting.per_prompt, **options)
             hits[name] += int(setting.recognised(images, prompt_id).sum())
     total = setting.per_prompt * len(setting.targets)
     return AttackOutcome("ringabell", hits["plain"] / total, hits["attacked"] / total, total,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
@@ -71,9 +72,10 @@ def with_prefix(ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:1], prefix, ids[1:len(ids) - len(prefix)]])
 
 
-def attack_one_image(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtkConfig, prompt_id: int, image: int,
-                     target: torch.Tensor) -> tuple[bool, list[int], int]:
-    """``(success, adversarial prefix ids, iterations run)`` for one target latent ``[1, C, h, w]``."""
+def attack_one_image(setting: AttackJudge, model: nn.Module, erased: StableDiffusionPipeline, cfg: UnlearnDiffAtkConfig,
+                     prompt_id: int, image: int, target: torch.Tensor) -> tuple[bool, list[int], int]:
+    """``(success, adversarial prefix ids, iterations run)`` for one target latent ``[1, C, h, w]``; ``erased``:
+    ``model``'s pipeline, which the found prompts are judged through."""
     task, device = setting.task, setting.accelerator.device
     encoder = task.text_encoders[0]
     table = encoder.get_input_embeddings().weight.detach()
@@ -108,8 +110,8 @@ def attack_one_image(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtk
             run += 1
         prefix = weights.detach().argmax(-1).cpu()
         embeds = encode_ids(task, with_prefix(ids, prefix)[None].to(device)).float().cpu()
-        generated = generate_from_embeddings(task, model, embeds, prompt_id * 1_000 + image, 1, guidance=setting.guidance,
-                                             steps=setting.steps, seed=seed, device=device)
+        generated = generate_from_embeddings(erased, embeds, prompt_id * 1_000 + image, 1, guidance=setting.guidance,
+                                             steps=setting.steps, seed=seed)
         if setting.recognised(generated, prompt_id).item():
             return True, prefix.tolist(), run
     return False, prefix.tolist(), run
@@ -124,7 +126,7 @@ def unlearndiffatk(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtkCo
     seed = setting.seed + ATTACK_SEED_OFFSET
     trainable = [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
-    original = sd_pipeline_for(task).to(device)
+    original, erased = sd_pipeline_for(task).to(device), sd_pipeline_for(task, model).to(device)
     found, plain_hits, hits, iterations = [], 0, 0, 0
     instances = [(prompt_id, image) for prompt_id in setting.targets for image in range(cfg.images)]
     try:
@@ -134,12 +136,12 @@ def unlearndiffatk(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtkCo
             instance = prompt_id * 1_000 + image
             target = generate_prompt(original, task.prompts[prompt_id], instance, 1, guidance=setting.guidance,
                                      steps=setting.steps, seed=seed, latents=True)
-            generated = generate_from_embeddings(task, model, encode_ids(task, ids.to(device)).float().cpu(), instance, 1,
-                                                 guidance=setting.guidance, steps=setting.steps, seed=seed, device=device)
+            generated = generate_from_embeddings(erased, encode_ids(task, ids.to(device)).float().cpu(), instance, 1,
+                                                 guidance=setting.guidance, steps=setting.steps, seed=seed)
             if setting.recognised(generated, prompt_id).item():
                 plain_hits, hits = plain_hits + 1, hits + 1
                 continue
-            success, prefix, run = attack_one_image(setting, model, cfg, prompt_id, image, target)
+            success, prefix, run = attack_one_image(setting, model, erased, cfg, prompt_id, image, target)
             hits, iterations = hits + success, iterations + run
             found.append({"prompt": task.tokenizers[0].decode(with_prefix(ids[0], torch.tensor(prefix))[1:],
                                                               skip_special_tokens=True), "success": success})
