@@ -55,6 +55,8 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
     "rece": ("rece", {}, {}, "RECE, train.py (UCE, then 3 rounds of adversarial embeddings)"),
     "uce-2023": ("uce", {}, {"preserve": "retained", "tokens": "last-onward"},
                  "UCE as train_erase.py (2023): last word onward, retain prompts preserved"),
+    "advunlearn": ("advunlearn", {}, {"attack_steps": 5},
+                   "AdvUnlearn, AdvUnlearn.py (the text encoder), 5 attack steps per iteration (its 30: a CPU's budget)"),
     "esd-u-lora": ("esd", {}, {"lora_rank": 4}, "ESD-u as rank-4 LoRA factors (`--lora-rank 4`)"),
     "esd-u-lora-lr3e-5": ("esd", {}, {"lora_rank": 4, "lr": 3e-5}, "ESD-u as rank-4 LoRA factors at lr 3e-5"),
     "esd-u-lora-lr5e-5": ("esd", {}, {"lora_rank": 4, "lr": 5e-5}, "ESD-u as rank-4 LoRA factors at lr 5e-5"),
@@ -62,8 +64,10 @@ ROWS: dict[str, tuple[str, dict, dict, str]] = {
                           "ESD-u as rank-4 LoRA factors at lr 1e-4 (diffusers' LoRA scripts' rate)"),
 }
 ATTACKS = ["unlearndiffatk", "ringabell", "relearn"]
-ATTACK_BUDGET = {"unlearndiffatk.images": 4, "unlearndiffatk.timesteps": 5, "unlearndiffatk.iterations": 10}  # a CPU's
-ATTACK_SAMPLES = 20  # generations per prompt behind every figure of an attacked cell (the ASRs' sample sizes follow)
+# UnlearnDiffAtk at a CPU's budget: 8 images per target prompt, at most 10 timesteps x 20 iterations each (the reference
+# runs up to 50 x 40); the other attacks at their defaults
+ATTACK_BUDGET = {"unlearndiffatk.images": 8, "unlearndiffatk.timesteps": 10, "unlearndiffatk.iterations": 20}
+ATTACK_SAMPLES = 50  # generations per prompt behind every figure of an attacked cell (the ASRs' sample sizes follow)
 FIGURES = ("forget_acc", "paraphrase_acc", "remain_acc", "fid_remain", "fid_remain_real", "forget_ink")
 
 
@@ -109,6 +113,8 @@ def run_cell(row: str, seed: int, args: argparse.Namespace, accelerator) -> dict
     report = json.loads((job.output_dir / "report.json").read_text()) if (job.output_dir / "report.json").is_file() else None
     if report is not None and (report["model"], report["config"]["seed"]) != (args.model, seed):
         raise UserError(f"{job.output_dir} holds a run of {report['model']}, seed {report['config']['seed']}; move it away")
+    if report is not None and args.attack and report["evaluation"]["per_prompt"] != ATTACK_SAMPLES:
+        raise UserError(f"{job.output_dir} holds a run at another attack budget; move it away")
     if report is None:
         print(f"running {row} seed {seed}", flush=True)
         report = run_forget_job(job, accelerator)
@@ -122,7 +128,7 @@ def cell_path(cells: Path, model: str, row: str, seed: int, attacked: bool = Fal
 
 
 def run_grid(args: argparse.Namespace, accelerator) -> list[dict]:
-    found, budget = [], ATTACK_BUDGET if args.attack else None
+    found, budget = [], {**ATTACK_BUDGET, "eval_samples": ATTACK_SAMPLES} if args.attack else None
     for row in args.rows:
         for seed in args.seeds:
             path = cell_path(args.cells, args.model, row, seed, args.attack)

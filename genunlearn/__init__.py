@@ -34,6 +34,7 @@ _PUBLIC = {
     "save_classifier": "genunlearn.storage.timm_folder",
     "ConceptPrompts": "genunlearn.tasks.concepts",
     "concept_task": "genunlearn.tasks.concepts",
+    "TextConditioned": "genunlearn.tasks.text_to_image",
     "classifier_task": "genunlearn.tasks.user",
     "diffusion_task": "genunlearn.tasks.user",
     "sample_dataset": "genunlearn.tasks.user",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from genunlearn.methods import METHODS, UnlearnResult  # noqa: F401
     from genunlearn.storage.timm_folder import save_classifier  # noqa: F401
     from genunlearn.tasks.concepts import ConceptPrompts, concept_task  # noqa: F401
+    from genunlearn.tasks.text_to_image import TextConditioned  # noqa: F401
     from genunlearn.models.lora_export import export_lora  # noqa: F401
     from genunlearn.models.tiny_sd import tiny_stable_diffusion, tiny_stable_diffusion_xl  # noqa: F401
     from genunlearn.models.tiny_sd3 import tiny_stable_diffusion_3  # noqa: F401

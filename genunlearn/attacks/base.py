@@ -14,6 +14,7 @@ from torch import nn
 from genunlearn.errors import UserError
 from genunlearn.eval.concepts import prompt_class
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator
+from genunlearn.tasks.text_to_image import conditioned_parts
 
 
 @dataclass
@@ -98,6 +99,8 @@ def generate_from_embeddings(pipeline: StableDiffusionPipeline, embeds: torch.Te
 
 
 @torch.no_grad()
-def encode_ids(task, ids: torch.Tensor) -> torch.Tensor:
-    """The denoiser's conditioning ``[B, L, D]`` of token ids ``[B, L]`` (the task's frozen encoder)."""
-    return task.encode_tokens(task.text_encoders, [ids])["encoder_hidden_states"]
+def encode_ids(task, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """The denoiser's conditioning ``[B, L, D]`` of token ids ``[B, L]``: by ``model``'s text encoder (the task's
+    frozen one, unless the erasure trained its own: ``conditioned_parts``)."""
+    encoders = task.text_encoders if model is None else conditioned_parts(model, task.text_encoders)[1]
+    return task.encode_tokens(encoders, [ids])["encoder_hidden_states"]

@@ -11,6 +11,7 @@ from torch import nn
 from genunlearn.attacks.base import AttackJudge, AttackOutcome
 from genunlearn.engine.relearn import relearn_curve
 from genunlearn.errors import UserError
+from genunlearn.tasks.text_to_image import TextConditioned
 
 
 @dataclass
@@ -29,12 +30,20 @@ class RelearnConfig:
 
 def relearn(setting: AttackJudge, model: nn.Module, cfg: RelearnConfig, split) -> AttackOutcome:
     """forget_acc before (pre-ASR) and after (post-ASR) ``cfg.steps`` steps of relearning on ``cfg.images`` images of
-    ``split``'s forget set (drawn by the run's seed); ``model`` itself is not changed."""
+    ``split``'s forget set (drawn by the run's seed); the denoiser relearns (a text encoder the erasure trained is held
+    as it left it); ``model`` itself is not changed."""
     if setting.forget_accuracy is None:
         raise UserError("the relearn attack needs the run's forget accuracy")
     started = time.perf_counter()
-    curve = relearn_curve(setting.task, model, split, cfg.steps, setting.forget_accuracy, setting.accelerator,
-                          samples=cfg.images, seed=setting.seed, lr=cfg.lr)
+    encoders = model.text_encoders if isinstance(model, TextConditioned) else nn.ModuleList()
+    trainable = [p.requires_grad for p in encoders.parameters()]
+    encoders.requires_grad_(False)  # the denoiser relearns, for every erasure alike; a trained text encoder stays
+    try:
+        curve = relearn_curve(setting.task, model, split, cfg.steps, setting.forget_accuracy, setting.accelerator,
+                              samples=cfg.images, seed=setting.seed, lr=cfg.lr)
+    finally:
+        for parameter, flag in zip(encoders.parameters(), trainable):
+            parameter.requires_grad_(flag)
     samples = setting.per_prompt * len(setting.forget)
     lr = setting.task.preset.train.lr if cfg.lr is None else cfg.lr
     return AttackOutcome("relearn", curve[0]["forget_acc"], curve[-1]["forget_acc"], samples,

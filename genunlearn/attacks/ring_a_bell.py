@@ -28,26 +28,29 @@ class RingABellConfig:
             raise UserError(f"ringabell strength must be positive, got {self.strength}")
 
 
-def concept_vector(task, with_concept: list[str], without_concept: list[str]) -> torch.Tensor:
+def concept_vector(task, with_concept: list[str], without_concept: list[str], model: nn.Module | None = None) -> torch.Tensor:
     """``[L, D]``: mean encoding of ``with_concept`` minus mean encoding of ``without_concept`` (the pairs' mean
-    difference when every prompt of one list is paired with every prompt of the other)."""
+    difference when every prompt of one list is paired with every prompt of the other), by ``model``'s text encoder
+    (``encode_ids``)."""
     with torch.no_grad():
-        encoded = [encode_ids(task, task.prompt_tokens(prompts)[0]).float().mean(0) for prompts in (with_concept, without_concept)]
+        encoded = [encode_ids(task, task.prompt_tokens(prompts)[0], model).float().mean(0)
+                   for prompts in (with_concept, without_concept)]
     return (encoded[0] - encoded[1]).cpu()
 
 
 def ring_a_bell(setting: AttackJudge, model: nn.Module, cfg: RingABellConfig) -> AttackOutcome:
     """Generate every target prompt from its encoding plus ``cfg.strength`` × the concept vector (the erased prompts
-    against the retained ones) and judge the generations, beside the same seeds' generations of the plain prompts."""
+    against the retained ones) and judge the generations, beside the same seeds' generations of the plain prompts.
+    Both come from the attacked model's text encoder: the erased one when the erasure trained it (AdvUnlearn)."""
     task = setting.task
     require_single_clip(task, "ringabell")
     started = time.perf_counter()
-    vector = concept_vector(task, [task.prompts[i] for i in setting.forget], [task.prompts[i] for i in setting.remain])
+    vector = concept_vector(task, [task.prompts[i] for i in setting.forget], [task.prompts[i] for i in setting.remain], model)
     pipeline = sd_pipeline_for(task, model).to(setting.accelerator.device)
     options = dict(guidance=setting.guidance, steps=setting.steps, seed=setting.seed)
     hits = {"plain": 0, "attacked": 0}
     for prompt_id in setting.targets:
-        plain = encode_ids(task, task.prompt_tokens([task.prompts[prompt_id]])[0]).float().cpu()
+        plain = encode_ids(task, task.prompt_tokens([task.prompts[prompt_id]])[0], model).float().cpu()
         for name, embeds in (("plain", plain), ("attacked", plain + cfg.strength * vector)):
             images = generate_from_embeddings(pipeline, embeds, prompt_id, setting.per_prompt, **options)
             hits[name] += int(setting.recognised(images, prompt_id).sum())

@@ -19,7 +19,9 @@ from torch import nn
 
 from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
 from genunlearn.errors import UserError
+from genunlearn.models.prompt_prefix import encode_with_prefix, with_prefix
 from genunlearn.models.prompt_sampling import generate_prompt, sd_pipeline_for
+from genunlearn.tasks.text_to_image import conditioned_parts
 from genunlearn.progress import progress
 
 ATTACK_SEED_OFFSET = 50_021  # the attack's draws share no seed with data, evaluation or the FID reference
@@ -67,18 +69,13 @@ def simplex_projection(rows: torch.Tensor) -> torch.Tensor:
     return (rows - shift).clamp_min(0)
 
 
-def with_prefix(ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """Token ids ``[L]`` with ``prefix`` ``[k]`` after the start token, the last k cut (the reference's ``prefix_k``)."""
-    return torch.cat([ids[:1], prefix, ids[1:len(ids) - len(prefix)]])
-
-
 def attack_one_image(setting: AttackJudge, model: nn.Module, erased: StableDiffusionPipeline, cfg: UnlearnDiffAtkConfig,
                      prompt_id: int, image: int, target: torch.Tensor) -> tuple[bool, list[int], int]:
     """``(success, adversarial prefix ids, iterations run)`` for one target latent ``[1, C, h, w]``; ``erased``:
     ``model``'s pipeline, which the found prompts are judged through."""
     task, device = setting.task, setting.accelerator.device
-    encoder = task.text_encoders[0]
-    table = encoder.get_input_embeddings().weight.detach()
+    denoiser, encoders = conditioned_parts(model, task.text_encoders)
+    table = encoders[0].get_input_embeddings().weight.detach()
     ids = task.prompt_tokens([task.prompts[prompt_id]])[0][0]
     seed = setting.seed + ATTACK_SEED_OFFSET
     draws = torch.Generator().manual_seed(seed * 1_000_003 + prompt_id * 7_919 + image)
@@ -91,17 +88,11 @@ def attack_one_image(setting: AttackJudge, model: nn.Module, erased: StableDiffu
     for t in grid:
         for _ in range(cfg.iterations):
             one_hot = SampledOneHot.apply(weights, draws)
-            prefixed = with_prefix(ids, one_hot.argmax(-1).cpu())[None].to(device)
-            replaced = lambda module, inputs, output: torch.cat([output[:, :1], (one_hot @ table)[None], output[:, 1 + cfg.tokens:]], 1)
-            hook = encoder.get_input_embeddings().register_forward_hook(replaced)
-            try:
-                conditioning = task.encode_tokens(task.text_encoders, [prefixed])["encoder_hidden_states"]
-            finally:
-                hook.remove()
+            conditioning = encode_with_prefix(task, encoders, ids, one_hot @ table, one_hot.argmax(-1))
             noise = torch.randn(target.shape, generator=draws).to(device)
             timestep = torch.tensor([t], device=device)
             noisy = scheduler.add_noise(target.to(device), noise, timestep)
-            loss = F.mse_loss(task.denoise(model, noisy, timestep, {"encoder_hidden_states": conditioning}).float(), noise)
+            loss = F.mse_loss(task.denoise(denoiser, noisy, timestep, {"encoder_hidden_states": conditioning}).float(), noise)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -109,7 +100,7 @@ def attack_one_image(setting: AttackJudge, model: nn.Module, erased: StableDiffu
                 weights.copy_(simplex_projection(weights))
             run += 1
         prefix = weights.detach().argmax(-1).cpu()
-        embeds = encode_ids(task, with_prefix(ids, prefix)[None].to(device)).float().cpu()
+        embeds = encode_ids(task, with_prefix(ids, prefix)[None].to(device), model).float().cpu()
         generated = generate_from_embeddings(erased, embeds, prompt_id * 1_000 + image, 1, guidance=setting.guidance,
                                              steps=setting.steps, seed=seed)
         if setting.recognised(generated, prompt_id).item():
@@ -136,7 +127,7 @@ def unlearndiffatk(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtkCo
             instance = prompt_id * 1_000 + image
             target = generate_prompt(original, task.prompts[prompt_id], instance, 1, guidance=setting.guidance,
                                      steps=setting.steps, seed=seed, latents=True)
-            generated = generate_from_embeddings(erased, encode_ids(task, ids.to(device)).float().cpu(), instance, 1,
+            generated = generate_from_embeddings(erased, encode_ids(task, ids.to(device), model).float().cpu(), instance, 1,
                                                  guidance=setting.guidance, steps=setting.steps, seed=seed)
             if setting.recognised(generated, prompt_id).item():
                 plain_hits, hits = plain_hits + 1, hits + 1

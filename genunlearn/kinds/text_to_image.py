@@ -28,7 +28,7 @@ from genunlearn.kinds.base import PIPELINE_DIR, GeneratorRun, OracleStore
 from genunlearn.kinds.diffusion_setup import GRID_SAMPLES, Evaluation, cached_evaluation, generated_data_id, job_sampling
 from genunlearn.models.loading import load_datasets
 from genunlearn.models.presets import TextToImagePreset, get_preset
-from genunlearn.models.prompt_sampling import denoiser_of, sd_pipeline_for
+from genunlearn.models.prompt_sampling import denoiser_of, erased_model, sd_pipeline_for
 from genunlearn.models.text_to_image_loading import load_captioned_digits, load_sd_pipeline, load_text_to_image_pipeline
 from genunlearn.models.checkpointing import enable_gradient_checkpointing
 from genunlearn.models.lora_export import LoraExport, lora_from_delta, save_lora
@@ -37,7 +37,7 @@ from genunlearn.runs.job import ForgetJob
 from genunlearn.storage.cache import cache_root
 from genunlearn.storage.pipeline_folder import save_pipeline
 from genunlearn.tasks.concepts import ConceptPrompts, check_prompts, concept_task, images_by_prompt
-from genunlearn.tasks.text_to_image import TextToImageTask
+from genunlearn.tasks.text_to_image import TextConditioned, TextToImageTask
 from genunlearn.tasks.text_to_image_pipelines import text_to_image_task
 
 
@@ -202,14 +202,16 @@ FAMILIES = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x", "StableDiffus
 
 
 def pipeline_loading(pipeline_class: str = "StableDiffusionPipeline", denoiser: str = "UNet2DConditionModel",
-                     lora_trained: int | None = None) -> str:
+                     lora_trained: int | None = None, text_encoder: str | None = None) -> str:
     """The model card's line on loading a run's ``pipeline/`` (a ``pipeline_class`` folder, the full ``denoiser``'s
-    weights; ``lora_trained``: the rank of the LoRA factors the erasure trained, merged into them)."""
-    folder = "transformer" if "Transformer" in denoiser else "unet"
+    weights; ``lora_trained``: the rank of the LoRA factors the erasure trained, merged into them; ``text_encoder``:
+    the class of the text encoder the erasure trained instead, as AdvUnlearn's)."""
+    folder = "text_encoder" if text_encoder else "transformer" if "Transformer" in denoiser else "unet"
     how = "full weights" if lora_trained is None else f"rank-{lora_trained} LoRA factors, merged"
     return (f'`pipeline/` is a diffusers pipeline folder ({pipeline_class}, {FAMILIES.get(pipeline_class, "text-to-image")}; '
             f'the {folder} erased, trained as {how}): `{pipeline_class}.from_pretrained("RUN/pipeline")` loads it with '
-            f'diffusers alone; the {folder} alone: `{denoiser}.from_pretrained("RUN/pipeline", subfolder="{folder}")`.')
+            f'diffusers alone; the {folder} alone: `{text_encoder or denoiser}.from_pretrained("RUN/pipeline", '
+            f'subfolder="{folder}")`.')
 
 
 class TextToImageRun(GeneratorRun):
@@ -292,8 +294,9 @@ class TextToImageRun(GeneratorRun):
         save_samples_figure({"before": before, "after": after}, output_dir / SAMPLES_FILE, self.setup.prompts.table,
                             groups["forget"] + groups["paraphrase"], per_row=GRID_SAMPLES, numbered=False,
                             marked="the erased concept's prompts")
+        trained_encoder = type(model.text_encoders[0]).__name__ if isinstance(model, TextConditioned) else None
         loading = pipeline_loading(self.task.pipeline_class.__name__, type(self.task.model).__name__,
-                                   self.trained_lora_rank)
+                                   self.trained_lora_rank, trained_encoder)
         if self.lora is not None:
             save_lora(self.task.pipeline_class, self.lora, output_dir / LORA_DIR)
             loading += (f' `{LORA_DIR}/` holds the erasure as a rank-{self.lora_rank} LoRA '
@@ -314,6 +317,9 @@ class TextToImageKind:
             retained = job.retain_prompts or get_preset(job.model).retain_prompts
             images_by_prompt(read_captioned_folder(job.data), [*job.concepts, *retained],
                              list(range(len(job.concepts) + len(retained))))
+        if job.export_lora_rank and job.method == "advunlearn" and job.settings.get("train", "text-encoder") == "text-encoder":
+            raise UserError("--export-lora-rank exports a change of the UNet; advunlearn trains the text encoder: drop "
+                            "--export-lora-rank or --set train=unet")
         check_prompts(job.concepts, job.retain_prompts, job.paraphrase_prompts)
         attack_configs(job.attacks, job.attack_settings)
         protocol_options(job).check()
@@ -348,7 +354,8 @@ class TextToImageKind:
         the model (or of ``--attacked``'s pipeline, ``genunlearn attack``: the model then is its original, whose
         generations are the attacks' images of the concept); with ``--attack``, attack it."""
         setup = prepare_concepts(job, preset, accelerator)
-        attacked = None if job.attacked is None else denoiser_of(load_sd_pipeline(job.attacked)).to(accelerator.device).eval()
+        attacked = None if job.attacked is None else erased_model(load_sd_pipeline(job.attacked), setup.task.text_encoders)
+        attacked = None if attacked is None else attacked.to(accelerator.device).eval()
         metrics, generations = setup.evaluate(attacked, accelerator)
         groups = setup.prompts.groups()
         attacks = {"attacks": TextToImageRun(job, setup, accelerator).attack(attacked)} if job.attacks else {}

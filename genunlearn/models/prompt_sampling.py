@@ -9,12 +9,23 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from torch import nn
 
 from genunlearn.models.sampling import SAMPLE_BATCH, class_generator, spread_over_processes
-from genunlearn.tasks.text_to_image import TextToImageTask, sampling_scheduler
+from genunlearn.tasks.text_to_image import TextConditioned, TextToImageTask, conditioned_parts, sampling_scheduler
+
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the pipelines' names, in their order
 
 
 def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
     """A text-to-image pipeline's denoiser: its ``unet``, or SD3's ``transformer``."""
     return pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+
+
+def erased_model(pipeline: DiffusionPipeline, text_encoders: list[nn.Module]) -> nn.Module:
+    """The model a saved erasure's ``pipeline`` holds: its denoiser, or a ``TextConditioned`` of it and the pipeline's
+    text encoders when their weights differ from ``text_encoders`` (the original's: the erasure trained them)."""
+    own = [getattr(pipeline, name) for name in TEXT_ENCODER_COMPONENTS[:len(text_encoders)]]
+    same = all(torch.equal(a, b.to(a.device)) for mine, theirs in zip(own, text_encoders)
+               for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    return denoiser_of(pipeline) if same else TextConditioned(denoiser_of(pipeline), own)
 
 
 def pipeline_with_ddim(pipeline_class: type[DiffusionPipeline], components: dict, noise_schedule: dict) -> DiffusionPipeline:
@@ -37,9 +48,11 @@ def sampler_like(pipeline: DiffusionPipeline) -> DiffusionPipeline:
 
 def sd_pipeline_for(task: TextToImageTask, unet: nn.Module | None = None) -> DiffusionPipeline:
     """``pipeline_with_ddim`` of a text-to-image task (its ``pipeline_class``): its UNet (or ``unet``) with the frozen
-    text encoder(s), tokenizer(s) and VAE, on the task's noise schedule."""
-    return pipeline_with_ddim(task.pipeline_class, task.pipeline_components(task.model if unet is None else unet),
-                              task.scheduler.config)
+    text encoder(s), tokenizer(s) and VAE, on the task's noise schedule; a ``TextConditioned`` ``unet`` brings its
+    own text encoder(s)."""
+    denoiser, encoders = conditioned_parts(task.model if unet is None else unet, task.text_encoders)
+    components = {**task.pipeline_components(denoiser), **dict(zip(TEXT_ENCODER_COMPONENTS, encoders))}
+    return pipeline_with_ddim(task.pipeline_class, components, task.scheduler.config)
 
 
 @torch.no_grad()

@@ -270,6 +270,14 @@ class TextConditioned(nn.Module):
         return predict(self.denoiser, self.text_encoders, noisy, timesteps, tokens, labels)
 
 
+def conditioned_parts(model: nn.Module, text_encoders: Sequence[nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
+    """``(denoiser, text encoders)`` that make up ``model``: a ``TextConditioned``'s own (an erasure that trained its
+    text encoder, as AdvUnlearn's), else ``model`` with ``text_encoders`` (the task's frozen ones)."""
+    if isinstance(model, TextConditioned):
+        return model.denoiser, list(model.text_encoders)
+    return model, list(text_encoders)
+
+
 class JointTextToImageTraining:
     """Pretraining ``task``'s fresh denoiser together with fresh text encoders (a ``TextConditioned``), as latent
     diffusion trains its text-to-image model: each prompt's condition comes from its tokens through the encoders being
