@@ -12,7 +12,7 @@ from genunlearn.methods.advunlearn_parts import accumulated_adam, retain_ids
 from genunlearn.models.prompt_sampling import erased_model, sd_pipeline_for
 from genunlearn.tasks.text_to_image import TextConditioned
 
-PROMPTS = gu.ConceptPrompts(forget=["a photo of a cat"], remain=["a photo of a dog", "a photo of a car", "a photo of a bird"])
+PROMPTS = gu.ConceptPrompts(forget=["a photo of a cat", "a photo of a bird"], remain=["a photo of a dog", "a photo of a car"])
 TINY = {"steps": 3, "warmup": 1, "attack_steps": 2, "ddim_steps": 2, "lr": 1e-3, "retain_batch": 2}
 
 
@@ -98,3 +98,5 @@ def test_advunlearn_refuses_what_it_cannot_do(accelerator, sd_task, tmp_path):
     split = gu.forget_split(sd_task, classes=PROMPTS.groups()["forget"])
     with pytest.raises(gu.UserError, match="text-encoder or unet"):
         gu.unlearn(sd_task, split, "advunlearn", accelerator=accelerator, train="vae")
+    with pytest.raises(gu.UserError, match="batch_size must be 1"):
+        gu.unlearn(sd_task, split, "advunlearn", accelerator=accelerator, batch_size=2)

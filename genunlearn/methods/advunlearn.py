@@ -57,6 +57,8 @@ class AdvUnlearnConfig(LoopConfig):
             raise UserError(f"advunlearn train must be text-encoder or unet, got {self.train!r}")
         if self.attack_init not in ("latest", "random"):
             raise UserError(f"advunlearn attack_init must be latest or random, got {self.attack_init!r}")
+        if self.batch_size != 1:
+            raise UserError("advunlearn attacks one concept prompt per iteration: batch_size must be 1, as the reference's")
         if min(self.attack_tokens, self.retain_batch) < 1 or min(self.warmup, self.attack_steps, self.retain_steps) < 0:
             raise UserError("advunlearn needs attack_tokens, retain_batch >= 1 and warmup, attack_steps, retain_steps >= 0")
 
