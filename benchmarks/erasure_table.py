@@ -23,6 +23,12 @@ CELLS = concept_erasure.RESULTS / "cells"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+def worst_change(cell: dict) -> float:
+    """The largest drop (most negative change) in recognition of any retained digit's plain prompt, after − before."""
+    before, after = cell["before"]["per_prompt"], cell["after"]["per_prompt"]
+    return min(after[p] - before[p] for p in concept_erasure.RETAIN if before.get(p) is not None)
+
+
 def summarise(cells: list[dict]) -> list[dict]:
     """Per row: mean ± std over seeds of every column of the comparison."""
     groups: dict[str, list[dict]] = {}
@@ -40,7 +46,8 @@ def summarise(cells: list[dict]) -> list[dict]:
             "row": row, "method": runs[0]["method"], "seeds": sorted(r["seed"] for r in runs), "device": runs[0]["device"],
             "samples": runs[0]["eval_samples"],
             "forget_acc": stats(lambda r: r["after"]["forget_acc"]), "paraphrase_acc": stats(lambda r: r["after"]["paraphrase_acc"]),
-            "remain_acc": stats(lambda r: r["after"]["remain_acc"]),
+            "remain_acc": stats(lambda r: r["after"]["remain_acc"]), "worst_change": stats(worst_change),
+            "worst_change_min": min(worst_change(r) for r in runs),
             "fid_real_ratio": stats(lambda r: r["after"]["fid_remain_real"] / r["before"]["fid_remain_real"]),
             "attacks": attacks, "method_s": stats(lambda r: r["wall_time_s"]),
             "total_s": stats(lambda r: r["cost"]["total_s"] - r["cost"]["stages_s"].get("attacks", 0.0)),
@@ -57,13 +64,15 @@ def _ms(stats: dict, digits: int = 2) -> str:
 def render(rows: list[dict]) -> str:
     attack_columns = [f"{name} ASR pre → post" for name in concept_erasure.ATTACKS]
     lines = ["| method (row) | seeds | erased prompt | paraphrases | " + " | ".join(attack_columns) +
-             " | retained prompts | retain FID real ratio | method s | run s (attacks aside) | peak RSS MiB |",
-             "|---" * (9 + len(attack_columns)) + "|"]
+             " | retained prompts | worst retained digit's change (min) | retain FID real ratio | method s | "
+             "run s (attacks aside) | peak RSS MiB |",
+             "|---" * (10 + len(attack_columns)) + "|"]
     for r in rows:
         label = concept_erasure.ROWS[r["row"]][3] if r["row"] in concept_erasure.ROWS else r["row"]
         attacks = [f"{_ms(a['pre'])} → {_ms(a['post'])}" for a in r["attacks"].values()]
         lines.append(f"| {label} (`{r['row']}`) | {len(r['seeds'])} | {_ms(r['forget_acc'])} | {_ms(r['paraphrase_acc'])} | "
-                     + " | ".join(attacks) + f" | {_ms(r['remain_acc'])} | {_ms(r['fid_real_ratio'])} | "
+                     + " | ".join(attacks) + f" | {_ms(r['remain_acc'])} | {_ms(r['worst_change'])} "
+                     f"({r['worst_change_min']:.2f}) | {_ms(r['fid_real_ratio'])} | "
                      f"{_ms(r['method_s'], 1)} | {r['total_s']['mean']:.0f} | {r['peak_mib']['mean']:.0f} |")
     if rows:
         samples = rows[0]["attacks"]

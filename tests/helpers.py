@@ -168,12 +168,12 @@ def shapes_folder(root: Path, per_class: int = 40, size: int = 32, seed: int = 0
 
 def text_to_image_methods(unet_only: tuple[str, ...] = ("rece", "uce")) -> list[str]:
     """The registered methods that apply to SD-XL and SD3 models, less ``unet_only`` (pass ``()`` for a UNet's): the
-    closed-form editors of a UNet's cross-attention, which an MMDiT lacks. AdvUnlearn, whose attack lives in SD
-    1.x/2.x's one CLIP encoder, is never among them."""
+    closed-form editors of a UNet's cross-attention, which an MMDiT lacks. AdvUnlearn and uce_adv, whose attacks live in
+    SD 1.x/2.x's one CLIP encoder, are never among them."""
     from genunlearn.methods.registry import METHODS
 
     return sorted(name for name, spec in METHODS.items()
-                  if (spec.kinds is None or "text-to-image" in spec.kinds) and name not in (*unet_only, "advunlearn"))
+                  if (spec.kinds is None or "text-to-image" in spec.kinds) and name not in (*unet_only, "advunlearn", "uce_adv"))
 
 
 def changed_by_two_iterations(task, forget: list[int], method: str, accelerator) -> list[str]:

@@ -22,7 +22,7 @@ from genunlearn.tasks.classifier import build_classifier
 from genunlearn.tasks.diffusion import build_denoiser
 
 CLASSIFIER_ONLY = {"ssd", "lfssd", "fast_ntk"}
-TEXT_TO_IMAGE_ONLY = {"advunlearn", "esd", "uce", "rece"}  # test_text_to_image.py, test_uce.py, test_advunlearn.py run them
+TEXT_TO_IMAGE_ONLY = {"advunlearn", "esd", "uce", "uce_adv", "rece"}  # test_text_to_image, test_uce, test_advunlearn run them
 TWO_STEPS = {"steps": 2, "batch_size": 16}
 
 

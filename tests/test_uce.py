@@ -137,3 +137,28 @@ def test_rece_starts_from_uce_and_its_rounds_edit_cross_attention_only(sd_task, 
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed == {f"{name}.weight" for name in cross_attention_projections(sd_task.model)}
     assert result.info["rounds"] == 3 and result.steps == 0
+
+
+def test_uce_adv_without_rounds_is_uce_with_the_retain_prompts_preserved(sd_task, accelerator):
+    split = gu.forget_split(sd_task, classes=PROMPTS.groups()["forget"])
+    plain = gu.unlearn(sd_task, split, "uce", accelerator=accelerator, preserve="retained").model.state_dict()
+    none = gu.unlearn(sd_task, split, "uce_adv", accelerator=accelerator, rounds=0).model.state_dict()
+    assert all(torch.equal(plain[k], none[k]) for k in plain)
+
+
+def test_uce_adv_erases_each_adversarial_context_it_finds_in_cross_attention_only(sd_task, accelerator):
+    """Two rounds of two contexts per concept: four rows more per concept, found by attacks seeded by the run's seed,
+    and the edit stays UCE's (only the cross-attention keys and values move) but differs from UCE's alone."""
+    split = gu.forget_split(sd_task, classes=PROMPTS.groups()["forget"])
+    settings = {"rounds": 2, "contexts": 2, "attack_steps": 2, "ddim_steps": 2}
+    result = gu.unlearn(sd_task, split, "uce_adv", accelerator=accelerator, **settings)
+    assert result.info["adversarial_rows"] == 2 * 2 * len(PROMPTS.forget)
+    before, after = sd_task.model.state_dict(), result.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{name}.weight" for name in cross_attention_projections(sd_task.model)}
+    plain = gu.unlearn(sd_task, split, "uce_adv", accelerator=accelerator, rounds=0).model.state_dict()
+    assert any(not torch.equal(plain[k], after[k]) for k in changed)
+    again = gu.unlearn(sd_task, split, "uce_adv", accelerator=accelerator, **settings).model.state_dict()
+    other_seed = gu.unlearn(sd_task, split, "uce_adv", accelerator=accelerator, seed=1, **settings).model.state_dict()
+    assert all(torch.equal(again[k], after[k]) for k in after)
+    assert any(not torch.equal(other_seed[k], after[k]) for k in changed)

@@ -104,7 +104,8 @@ def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resu
             inputs = task.model_inputs({"encoder_hidden_states": conditioning}, device)
             return (task.denoise(trained.denoiser, noisy, timesteps, inputs).float() - target.float()).pow(2).mean()
 
-        prefix, loss = accumulated_adam(start, loss_of, cfg.attack_steps, cfg.attack_lr)
+        with accelerator.autocast():
+            prefix, loss = accumulated_adam(start, loss_of, cfg.attack_steps, cfg.attack_lr)
         trained.adversarial.copy_(prefix)
         if accelerator.num_processes > 1:  # every process trains on the main process's prompt (DDP's buffers would too)
             torch.distributed.broadcast(trained.adversarial, src=0)
@@ -117,8 +118,8 @@ def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resu
         figures = {"attack_loss": attack(ctx, trained, concept)} if ctx.step >= cfg.warmup else {}
         trained.denoiser.train(cfg.train == "unet")
         trained.text_encoders.train(cfg.train == "text-encoder")
-        noisy, timesteps = sampled(ctx, concept, trained.denoiser)
-        with torch.no_grad():
+        with accelerator.autocast(), torch.no_grad():
+            noisy, timesteps = sampled(ctx, concept, trained.denoiser)
             target = esd_target(*null_and_concept_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
         if ctx.step >= cfg.warmup:
             ids = task.prompt_tokens([task.prompts[int(concept[0])]])[0][0]
@@ -132,8 +133,8 @@ def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resu
         ctx.backward_step(loss)
         for r in range(cfg.retain_steps):
             prompts = retain_ids(retained, cfg.retain_batch, ctx.step * cfg.retain_steps + r, cfg.seed).to(device)
-            noisy, timesteps = sampled(ctx, prompts, trained.denoiser)
-            with torch.no_grad():
+            with accelerator.autocast(), torch.no_grad():
+                noisy, timesteps = sampled(ctx, prompts, trained.denoiser)
                 target = task.predict_noise(frozen, noisy, timesteps, prompts)
             retain_loss = (task.predict_noise(ctx.model, noisy, timesteps, prompts).float() - target.float()).pow(2).mean()
             ctx.backward_step(retain_loss)
