@@ -95,8 +95,8 @@ def save_scatter(rows: list[dict], path: Path) -> None:
         axis.annotate(r["row"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.axhline(0.2, color="grey", linestyle=":", linewidth=1)
     axis.axvline(1.2, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlabel="retain FID against real digits, after / before", ylabel="post-attack ASR (UnlearnDiffAtk)",
-             title="robustness against utility (lower left is better)")
+    axis.set(xscale="log", ylim=(-0.03, 1.05), xlabel="retain FID against real digits, after / before (log scale)",
+             ylabel="post-attack ASR (UnlearnDiffAtk)", title="robustness against utility (lower left is better)")
     save_figure(figure, path)
 
 
