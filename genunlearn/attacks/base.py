@@ -75,14 +75,6 @@ class AttackOutcome:
                 "seconds": self.seconds, **self.details}
 
 
-def require_single_clip(task, attack: str) -> None:
-    """A UserError unless ``task`` is a Stable Diffusion 1.x/2.x task (one CLIP text encoder): the attacks in the
-    text-embedding space are defined there."""
-    if not issubclass(task.pipeline_class, StableDiffusionPipeline):
-        raise UserError(f"the {attack} attack works in a Stable Diffusion 1.x/2.x text encoder's embedding space; "
-                        f"{task.pipeline_class.__name__} is not served: use --attack relearn")
-
-
 @torch.no_grad()
 def generate_from_embeddings(pipeline: StableDiffusionPipeline, embeds: torch.Tensor, prompt_id: int, count: int, *,
                              guidance: float, steps: int, seed: int) -> torch.Tensor:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
+from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings
 from genunlearn.errors import UserError
+from genunlearn.models.prompt_prefix import require_single_clip
 from genunlearn.models.prompt_sampling import sd_pipeline_for
 
 
@@ -43,7 +44,7 @@ def ring_a_bell(setting: AttackJudge, model: nn.Module, cfg: RingABellConfig) ->
     against the retained ones) and judge the generations, beside the same seeds' generations of the plain prompts.
     Both come from the attacked model's text encoder: the erased one when the erasure trained it (AdvUnlearn)."""
     task = setting.task
-    require_single_clip(task, "ringabell")
+    require_single_clip(task, "the ringabell attack", "use --attack relearn")
     started = time.perf_counter()
     vector = concept_vector(task, [task.prompts[i] for i in setting.forget], [task.prompts[i] for i in setting.remain], model)
     pipeline = sd_pipeline_for(task, model).to(setting.accelerator.device)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings, require_single_clip
+from genunlearn.attacks.base import AttackJudge, AttackOutcome, encode_ids, generate_from_embeddings
 from genunlearn.errors import UserError
-from genunlearn.models.prompt_prefix import encode_with_prefix, with_prefix
+from genunlearn.models.prompt_prefix import encode_with_prefix, require_single_clip, with_prefix
 from genunlearn.models.prompt_sampling import generate_prompt, sd_pipeline_for
 from genunlearn.tasks.text_to_image import conditioned_parts
 from genunlearn.progress import progress
@@ -112,7 +112,7 @@ def unlearndiffatk(setting: AttackJudge, model: nn.Module, cfg: UnlearnDiffAtkCo
     """Attack ``cfg.images`` images of every target prompt; ASR: the fraction whose attack succeeded (an image whose
     plain prompt already shows the concept counts, as the reference stops there). ``model`` is left as it was."""
     task = setting.task
-    require_single_clip(task, "unlearndiffatk")
+    require_single_clip(task, "the unlearndiffatk attack", "use --attack relearn")
     started, device = time.perf_counter(), setting.accelerator.device
     seed = setting.seed + ATTACK_SEED_OFFSET
     trainable = [p.requires_grad for p in model.parameters()]

@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from genunlearn.engine.loop import LoopConfig, StepContext
 from genunlearn.errors import UserError
@@ -21,7 +20,7 @@ from genunlearn.methods.advunlearn_parts import AdversarialTraining, accumulated
 from genunlearn.methods.common import frozen_copy, require_text_to_image, unlearn_with_loop
 from genunlearn.methods.esd import esd_target, null_and_concept_predictions, partially_sampled, sampling_schedule
 from genunlearn.methods.registry import UnlearnResult, register_method
-from genunlearn.models.prompt_prefix import encode_with_prefix
+from genunlearn.models.prompt_prefix import encode_with_prefix, require_single_clip
 from genunlearn.tasks.text_to_image import TextConditioned
 
 
@@ -67,8 +66,7 @@ class AdvUnlearnConfig(LoopConfig):
                  "steps (text-to-image; the text encoder, or the UNet)", AdvUnlearnConfig, kinds=("text-to-image",))
 def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resume) -> UnlearnResult:
     require_text_to_image(task, "advunlearn")
-    if not issubclass(task.pipeline_class, StableDiffusionPipeline):
-        raise UserError(f"advunlearn attacks a Stable Diffusion 1.x/2.x text encoder; {task.pipeline_class.__name__} is not served")
+    require_single_clip(task, "advunlearn", "use esd, salun or sfron")
     retained = list(task.rl_prompts or [])
     if cfg.retain_steps and not retained:
         raise UserError("advunlearn's retain steps need retain prompts (--retain-prompt), or set retain_steps=0")
@@ -87,9 +85,9 @@ def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resu
         noisy = partially_sampled(denoiser, task, cfg.ddim_steps, prompts, steps, cfg.start_guidance)
         return noisy, label.to(device).expand(len(prompts))
 
-    def attack(ctx: StepContext, trained: AdversarialTraining, concept: torch.Tensor) -> float:
-        """Update ``trained.adversarial``: the prefix that most brings the concept back (``soft_prompt_attack``)."""
-        ids = task.prompt_tokens([task.prompts[int(concept[0])]])[0][0]
+    def attack(ctx: StepContext, trained: AdversarialTraining, concept: torch.Tensor, ids: torch.Tensor) -> float:
+        """Update ``trained.adversarial``: the prefix before the concept prompt's tokens ``ids`` ``[L]`` that most
+        brings the concept back (``soft_prompt_attack``)."""
         if cfg.attack_init == "random" or not bool(trained.attacked):
             start = vocabulary[torch.tensor([ctx.noise.shared_randint(len(vocabulary)) for _ in range(cfg.attack_tokens)])]
         else:
@@ -115,14 +113,14 @@ def run(task, split, cfg: AdvUnlearnConfig, accelerator, *, checkpoint_dir, resu
     def step(ctx: StepContext) -> dict[str, float]:
         trained = accelerator.unwrap_model(ctx.model)
         concept = ctx.forget.next()[1].to(device)
-        figures = {"attack_loss": attack(ctx, trained, concept)} if ctx.step >= cfg.warmup else {}
+        ids = task.prompt_tokens([task.prompts[int(concept[0])]])[0][0]
+        figures = {"attack_loss": attack(ctx, trained, concept, ids)} if ctx.step >= cfg.warmup else {}
         trained.denoiser.train(cfg.train == "unet")
         trained.text_encoders.train(cfg.train == "text-encoder")
         with accelerator.autocast(), torch.no_grad():
             noisy, timesteps = sampled(ctx, concept, trained.denoiser)
             target = esd_target(*null_and_concept_predictions(frozen, task, noisy, timesteps, concept), cfg.negative_guidance)
         if ctx.step >= cfg.warmup:
-            ids = task.prompt_tokens([task.prompts[int(concept[0])]])[0][0]
             adversarial = trained.adversarial
             predict = lambda denoiser, encoders, x, t, tokens, labels: task.denoise(denoiser, x, t, task.model_inputs(
                 {"encoder_hidden_states": encode_with_prefix(task, encoders, ids, adversarial)}, device))

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from genunlearn.errors import UserError
 from genunlearn.methods.advunlearn_parts import accumulated_adam
@@ -23,7 +22,7 @@ from genunlearn.methods.common import require_text_to_image, working_copy
 from genunlearn.methods.esd import partially_sampled, sampling_schedule
 from genunlearn.methods.registry import UnlearnResult, register_method
 from genunlearn.methods.uce import UCEConfig, edit_rows, last_word_index, uce_edit
-from genunlearn.models.prompt_prefix import encode_with_prefix
+from genunlearn.models.prompt_prefix import encode_with_prefix, require_single_clip
 from genunlearn.noise import NoiseSource, derive_seed, drawing_from
 
 
@@ -86,8 +85,7 @@ def adversarial_row(task, edited, original, concept: int, cfg: AdversarialUCECon
 def run(task, split, cfg: AdversarialUCEConfig, accelerator, *, checkpoint_dir=None, resume=False) -> UnlearnResult:
     started = time.perf_counter()
     require_text_to_image(task, "uce_adv")
-    if not issubclass(task.pipeline_class, StableDiffusionPipeline):
-        raise UserError(f"uce_adv attacks a Stable Diffusion 1.x/2.x text encoder; {task.pipeline_class.__name__} is not served")
+    require_single_clip(task, "uce_adv", "use uce, esd, salun or sfron")
     concepts = list(split.spec.classes)
     guide = task.anchor or ""
     preserved = [task.prompts[i] for i in (task.rl_prompts or [])] if cfg.preserve == "retained" else []

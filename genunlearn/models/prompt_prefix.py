@@ -6,7 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers import StableDiffusionPipeline
 from torch import nn
+
+from genunlearn.errors import UserError
+
+
+def require_single_clip(task, what: str, instead: str) -> None:
+    """A UserError unless ``task`` is a Stable Diffusion 1.x/2.x task (one CLIP text encoder), where ``what`` (an
+    attack or a method working in its word-embedding space) is defined; ``instead``: what to use otherwise."""
+    if not issubclass(task.pipeline_class, StableDiffusionPipeline):
+        raise UserError(f"{what} works in a Stable Diffusion 1.x/2.x text encoder's embedding space; "
+                        f"{task.pipeline_class.__name__} is not served: {instead}")
 
 
 def with_prefix(ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
